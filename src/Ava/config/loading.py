@@ -1,0 +1,165 @@
+"""Loading configs from YAML, dotted overrides, and turning validation errors into one clear line.
+
+A user error never surfaces as a pydantic traceback: each problem becomes ``key: what is wrong
+(got X); fix`` and all problems of one config are reported together, on one line, in an
+:class:`~Ava.errors.AvaConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import AvaConfigError
+from .feature_compatibility import check_compatibility, raise_on_errors
+from .training_config import EnhancedTrainingConfig
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, check_environment: bool = True
+) -> EnhancedTrainingConfig:
+    """Read ``path``, apply ``overrides``, validate, check compatibility.
+
+    Args:
+        path: YAML file.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars/lists.
+        check_environment: also check things outside the config (files exist, CUDA present).
+
+    Returns:
+        The resolved :class:`EnhancedTrainingConfig`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AvaConfigError(f"config file not found: {path}; pass the path of a YAML file such as configs/tiny.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise AvaConfigError(f"{path}:{where}: invalid YAML ({problem}); fix the syntax there") from err
+    except UnicodeDecodeError as err:
+        raise AvaConfigError(f"{path}: not a UTF-8 text file; save the config as UTF-8 YAML") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AvaConfigError(
+            f"{path}: the top level must be a mapping of sections (model:, training:, ...), got {type(data).__name__}"
+        )
+    for override in overrides or []:
+        apply_override(data, override)
+    config = validate_config(data, str(path))
+    raise_on_errors(check_compatibility(config, environment=check_environment), str(path))
+    return config
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> EnhancedTrainingConfig:
+    """Validate a plain dict into a config, converting every error into one readable line."""
+    try:
+        return EnhancedTrainingConfig.model_validate(data)
+    except ValidationError as err:
+        problems = [_describe(error) for error in err.errors()]
+        raise AvaConfigError(f"{source}: " + "; ".join(problems)) from None
+    except AvaConfigError as err:
+        raise AvaConfigError(f"{source}: {err}") from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict in place (list items by index: ``data.sources.0.path``).
+
+    The value is parsed as YAML (``3``, ``true``, ``null``, ``[0.9, 0.99]``); pydantic then
+    coerces it to the field's type.
+    """
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise AvaConfigError(f"override '{override}' is not key=value; write e.g. training.learning_rate=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, here)
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise AvaConfigError(f"override '{override}': {here} is a value, not a section; drop the rest of the key")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        _list_item(node, last, key)  # validates the index
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _list_item(items: list[Any], part: str, key: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise AvaConfigError(f"override key {key}: '{part}' is not an index of a list of {len(items)} items")
+    return items[int(part)]
+
+
+# --------------------------------------------------------------------------------------------
+# error messages
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        if close:
+            return f"unknown key '{key}'; did you mean '{_join(prefix, close[0])}'?"
+        where = f"'{prefix}'" if prefix else "the top level"
+        return f"unknown key '{key}'; valid keys in {where}: {', '.join(valid)}"
+    message = error.get("msg", "invalid value")
+    message = message.removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"'{key}' is required; add it"
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{key}: {message[0].lower() + message[1:]}{shown}"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at ``loc`` inside the config schema."""
+    cls: type[BaseModel] | None = EnhancedTrainingConfig
+    for part in loc:
+        if cls is None:
+            return None
+        if isinstance(part, int):
+            continue  # list index: the item type was found with the list field
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        cls = _model_in(field.annotation)
+    return cls
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,5 @@
+"""Seed path ``_archived.generation`` → :mod:`Ava.generation`."""
+
+from ...generation import TextGenerator
+
+__all__ = ["TextGenerator"]

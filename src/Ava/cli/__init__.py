@@ -1,0 +1,1 @@
+"""The ``ava`` command line (outermost layer: nothing imports it)."""

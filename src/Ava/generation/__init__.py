@@ -1,0 +1,5 @@
+"""Text generation from a trained model."""
+
+from .generator import TextGenerator
+
+__all__ = ["TextGenerator"]

@@ -1,0 +1,198 @@
+"""Run folders: ``<output_dir>/<name>_<timestamp>/`` with everything needed to reproduce a run.
+
+Layout::
+
+    runs/<name>_<YYYYmmdd-HHMMSS>/
+        config.yaml        resolved config (enough to reproduce the run)
+        metadata.json      versions, git commit, seed, hardware, command line
+        tokenizer.json     the tokenizer the run trained or loaded
+        logs/train.log     every log record of the run
+        metrics.jsonl      one JSON object per logged step / evaluation
+        tensorboard/       TensorBoard event files
+        checkpoints/       step_N/ folders and a ``latest`` link
+        summary.json       final losses, steps, tokens, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import EnhancedTrainingConfig
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files and folders of one run."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / "train.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def create_run_folder(config: EnhancedTrainingConfig, now: datetime | None = None) -> RunPaths:
+    """Make a new, unique run folder and write the resolved config and metadata into it.
+
+    Args:
+        config: the resolved config (``run.output_dir``, ``run.name``, ``run.seed`` are used).
+        now: timestamp of the folder name (default: the current local time).
+
+    Returns:
+        The run's paths.
+    """
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = Path(config.run.output_dir) / f"{config.run.name}_{stamp}"
+    root, n = base, 1
+    while True:
+        try:
+            root.mkdir(parents=True, exist_ok=False)
+            break
+        except FileExistsError:  # two runs started in the same second
+            n += 1
+            root = base.with_name(f"{base.name}-{n}")
+    paths = RunPaths(root)
+    (root / "logs").mkdir()
+    paths.checkpoints.mkdir()
+    config.to_yaml(paths.config)
+    paths.metadata.write_text(json.dumps(collect_metadata(config), indent=2), encoding="utf-8")
+    return paths
+
+
+def collect_metadata(config: EnhancedTrainingConfig) -> dict[str, Any]:
+    """Versions, git state, seed, hardware and command line of the current process."""
+    import safetensors
+    import tokenizers
+
+    from .. import __version__
+
+    return {
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "seed": config.run.seed,
+        "versions": {
+            "ava": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "tokenizers": tokenizers.__version__,
+            "safetensors": safetensors.__version__,
+        },
+        "git": git_state(Path(__file__).resolve().parent),
+        "hardware": hardware_info(),
+    }
+
+
+def git_state(directory: Path) -> dict[str, Any] | None:
+    """Commit and dirty flag of the git checkout holding ``directory`` (None outside git)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=directory, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def hardware_info() -> dict[str, Any]:
+    """CPU, thread and accelerator description of this machine."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` atomically."""
+    tmp = paths.summary.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    os.replace(tmp, paths.summary)
+
+
+class Stopwatch:
+    """Wall-clock seconds since construction."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -63,7 +63,7 @@ class TextGenerator:
             prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, use_cache=use_cache, eos_id=self.tokenizer.eos_id if stop_at_eos else None,
         )
-        return prompt + self.tokenizer.decode(new_ids)
+        return prompt + self.tokenizer.decode(new_ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def generate_ids(

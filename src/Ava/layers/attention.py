@@ -1,0 +1,129 @@
+"""Causal grouped-query self-attention with optional QK-norm and a KV cache.
+
+Legend: B batch, T query positions, S key positions (past + T), D hidden, H query heads,
+G key/value heads (H % G == 0), K head dim.
+
+Attention runs through ``F.scaled_dot_product_attention`` with ``enable_gqa=True``: on torch
+2.13 CPU this matches ``repeat_interleave`` of k/v exactly and is as fast or faster (measured:
+4×256 tokens, 8 q / 2 kv heads, fwd+bwd 8 ms vs 10 ms), and it never materialises the repeated
+k/v, which matters for long caches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, G, S, K)
+
+
+def build_attention_mask(
+    attention_mask_BS: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean mask SDPA needs, or ``None`` where a cheaper path is exact.
+
+    ``None`` is returned in two cases: no padding mask and no past (the caller then uses
+    ``is_causal=True``, the fast kernel), and no padding mask with a single new token (it may
+    attend to every cached key, so no mask is needed).
+
+    Args:
+        attention_mask_BS: (B, S) with 1 = real token, 0 = padding, S = past_len + q_len; or None.
+        q_len: T, new positions in this call.
+        past_len: positions already in the KV cache.
+        device: where the mask lives.
+
+    Returns:
+        (B, 1, T, S) bool, True = may attend; or None.
+    """
+    total = past_len + q_len
+    if attention_mask_BS is None and (past_len == 0 or q_len == 1):
+        return None
+    # Query i sits at absolute position past_len + i and may see keys 0..past_len + i.
+    q_pos_T1 = torch.arange(past_len, total, device=device).unsqueeze(1)  # (T, 1)
+    k_pos_1S = torch.arange(total, device=device).unsqueeze(0)  # (1, S)
+    mask_11TS = (k_pos_1S <= q_pos_T1)[None, None]  # (1, 1, T, S)
+    if attention_mask_BS is None:
+        return mask_11TS
+    mask_B1TS = mask_11TS & attention_mask_BS.bool()[:, None, None, :]  # (B, 1, T, S)
+    # A padding query (left padding) sees no key at all; SDPA would return NaN there, which
+    # would then poison batch statistics (router load, aux loss). Let such rows see every key:
+    # their outputs are never used, and no real token attends to them.
+    return mask_B1TS | ~mask_B1TS.any(dim=-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with grouped-query heads (Qwen3 naming).
+
+    Args:
+        cfg: the resolved model config (``num_heads``, ``num_kv_heads``, ``qk_norm``, ``dropout``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTK: torch.Tensor,
+        sin_BTK: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None = None,
+        past_kv: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Attend causally over the cached and the new positions.
+
+        Args:
+            x_BTD: (B, T, D) normalised hidden states.
+            cos_BTK, sin_BTK: (B, T, K) RoPE tables of the new positions.
+            attn_mask_B1TS: from :func:`build_attention_mask`; None = plain causal (no past) or
+                a single query over the whole cache.
+            past_kv: (k, v) each (B, G, S_past, K) after RoPE, or None.
+
+        Returns:
+            ``(out_BTD, (k, v))`` where k and v (B, G, S, K) hold past and new positions; the
+            caller keeps them only when it asked for a cache.
+        """
+        B, T, _ = x_BTD.shape
+        q_BTHK = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
+        k_BTGK = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        v_BTGK = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BTHK = self.q_norm(q_BTHK)
+            k_BTGK = self.k_norm(k_BTGK)
+        q_BTHK = apply_rotary(q_BTHK, cos_BTK, sin_BTK)
+        k_BTGK = apply_rotary(k_BTGK, cos_BTK, sin_BTK)
+        # The norms return their gain's dtype (fp32); under autocast SDPA wants one dtype.
+        dtype = v_BTGK.dtype
+        q_BHTK = q_BTHK.to(dtype).transpose(1, 2)  # (B, H, T, K)
+        k_BGTK = k_BTGK.to(dtype).transpose(1, 2)  # (B, G, T, K)
+        v_BGTK = v_BTGK.transpose(1, 2)  # (B, G, T, K)
+        if past_kv is not None:
+            k_BGTK = torch.cat([past_kv[0].to(dtype), k_BGTK], dim=2)  # (B, G, S, K)
+            v_BGTK = torch.cat([past_kv[1].to(dtype), v_BGTK], dim=2)  # (B, G, S, K)
+        is_causal = attn_mask_B1TS is None and past_kv is None
+        out_BHTK = F.scaled_dot_product_attention(
+            q_BHTK,
+            k_BGTK,
+            v_BGTK,
+            attn_mask=attn_mask_B1TS,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and T > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        out_BTD = out_BHTK.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·K)
+        return self.o_proj(out_BTD), (k_BGTK, v_BGTK)

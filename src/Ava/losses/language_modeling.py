@@ -1,0 +1,43 @@
+"""Causal language-modelling cross-entropy (HF convention: labels aligned with input ids).
+
+Legend: B batch, T sequence, V vocabulary, N = B·(T-1) predicted positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labels that are not ``ignore_index``.
+
+    Position t predicts ``labels[:, t+1]``; the shift happens here, so callers pass labels equal
+    to (a masked copy of) ``input_ids``. Computed in fp32: a bf16 log-softmax over a large
+    vocabulary loses ~2 digits. With no valid label at all the loss is 0 (not NaN), without a
+    host sync.
+
+    Args:
+        logits_BTV: (B, T, V) logits, any float dtype.
+        labels_BT: (B, T) long targets, ``ignore_index`` where no loss is wanted.
+        ignore_index: label value to skip.
+        label_smoothing: as in ``F.cross_entropy``.
+
+    Returns:
+        fp32 scalar.
+    """
+    vocab = logits_BTV.shape[-1]
+    logits_NV = logits_BTV[:, :-1].reshape(-1, vocab).float()  # (N, V)
+    labels_N = labels_BT[:, 1:].reshape(-1)  # (N,)
+    total = F.cross_entropy(
+        logits_NV, labels_N, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+    )
+    count = (labels_N != ignore_index).sum().clamp(min=1)
+    return total / count

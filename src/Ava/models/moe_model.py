@@ -1,0 +1,410 @@
+"""The decoder-only MoE language model (Qwen3-MoE layout and parameter names).
+
+Legend: B batch, T new positions, S = past + T key positions, D hidden, V vocabulary,
+E experts, G key/value heads, K head dim.
+
+Parameter names follow HF Qwen3-MoE without its ``model.`` prefix (``embed_tokens``,
+``layers.{i}.self_attn.q_proj``, ``layers.{i}.mlp.gate``, ``layers.{i}.mlp.experts.gate_up_proj``,
+``norm``, ``lm_head``), so HF export/import is a rename table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import AvaCheckpointError, AvaConfigError
+from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
+from ..layers.routing import RouterOutput
+from ..losses import causal_lm_loss, load_balancing_loss, router_z_loss
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """Per-MoE-layer routing statistics of one forward pass (all detached).
+
+    Attributes:
+        layer: decoder layer index.
+        tokens_per_expert: (E,) long, token-slots each expert received (sums to tokens·top_k).
+        aux_loss: fp32 scalar, the layer's unweighted load-balancing loss (1 = perfectly uniform).
+        z_loss: fp32 scalar, the layer's unweighted router z-loss.
+    """
+
+    layer: int
+    tokens_per_expert: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+@dataclass
+class MoEModelOutput:
+    """Output of :meth:`EnhancedMoEModel.forward`.
+
+    Attributes:
+        loss: ``lm_loss + sum(aux_losses.values())``; None without labels.
+        lm_loss: fp32 scalar cross-entropy; None without labels.
+        aux_losses: already-weighted terms ``{"load_balance": α·mean_l, "z_loss": β·mean_l}``
+            over MoE layers; a term whose coefficient is 0 is left out; empty without MoE layers.
+        logits: (B, T, V).
+        router_stats: one :class:`RouterStats` per MoE layer.
+        past_key_values: per layer ``(k, v)`` each (B, G, S, K) when ``use_cache``, else None.
+    """
+
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    aux_losses: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    router_stats: list[RouterStats] = field(default_factory=list)
+    past_key_values: list[KVCache] | None = None
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; mlp is MoE or dense.
+
+    Args:
+        cfg: resolved model config.
+        layer_idx: position in the stack (the first ``moe.first_dense_layers`` are dense).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe = layer_idx >= cfg.moe.first_dense_layers
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp: nn.Module = MoEBlock(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTK: torch.Tensor,
+        sin_BTK: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None,
+        past_kv: KVCache | None,
+    ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
+        """(B, T, D) -> ((B, T, D), this layer's (k, v), routing or None for a dense layer)."""
+        attn_BTD, present_kv = self.self_attn(
+            self.input_layernorm(x_BTD), cos_BTK, sin_BTK, attn_mask_B1TS, past_kv
+        )
+        x_BTD = x_BTD + self.resid_dropout(attn_BTD)
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        routing = None
+        if self.is_moe:
+            moe_out = self.mlp(h_BTD)
+            mlp_BTD, routing = moe_out.hidden_states, moe_out.routing
+        else:
+            mlp_BTD = self.mlp(h_BTD)
+        return x_BTD + self.resid_dropout(mlp_BTD), present_kv, routing
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    """Collect every structural problem of ``cfg`` the model cannot run with; raise once."""
+    problems = []
+    if cfg.vocab_size is None:
+        problems.append("model.vocab_size is unset; set it (or load the config through "
+                        "EnhancedTrainingConfig, which takes it from the tokenizer)")
+    if cfg.hidden_size % cfg.num_heads:
+        problems.append(f"model.num_heads={cfg.num_heads} does not divide hidden_size={cfg.hidden_size}")
+    elif cfg.head_dim % 2:
+        problems.append(f"head dim {cfg.head_dim} is odd but RoPE needs it even; change model.num_heads")
+    if cfg.num_heads % cfg.num_kv_heads:
+        problems.append(f"model.num_kv_heads={cfg.num_kv_heads} does not divide num_heads={cfg.num_heads}")
+    if cfg.moe.top_k > cfg.num_experts:
+        problems.append(f"model.moe.top_k={cfg.moe.top_k} exceeds num_experts={cfg.num_experts}")
+    if problems:
+        raise AvaConfigError("; ".join(problems))
+
+
+class EnhancedMoEModel(nn.Module):
+    """Decoder-only Mixture-of-Experts transformer.
+
+    Args:
+        cfg: a resolved :class:`ModelConfig` (``vocab_size`` and derived sizes set).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # -- init --------------------------------------------------------------------------------
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        # Every layer adds two branches (attention, MLP) into the residual stream, so at init its
+        # variance grows like 2·L·Var(branch). Scaling the projections that write into the stream
+        # by 1/sqrt(2·L) keeps it O(1) at any depth (GPT-2 / nanoGPT).
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Attention):
+            nn.init.normal_(module.o_proj.weight, mean=0.0, std=out_std)
+        elif isinstance(module, SwiGLU):
+            nn.init.normal_(module.down_proj.weight, mean=0.0, std=out_std)
+        elif isinstance(module, MoEBlock):
+            nn.init.normal_(module.gate.weight, mean=0.0, std=std)
+            nn.init.normal_(module.experts.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.experts.down_proj, mean=0.0, std=out_std)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: list[KVCache] | None = None,
+        use_cache: bool = False,
+    ) -> MoEModelOutput:
+        """Run the decoder.
+
+        Args:
+            input_ids: (B, T) long.
+            labels: (B, T) long aligned with ``input_ids`` (shifted inside), -100 = ignore.
+            attention_mask: (B, S) 1 = real token, 0 = padding (left padding for generation),
+                S = past + T.
+            position_ids: (B, T) long; default ``past + arange(T)`` for every row. With left
+                padding pass ``cumsum(mask) - 1`` (clamped at 0) for exact positions.
+            past_key_values: one ``(k, v)`` per layer, each (B, G, S_past, K), or None.
+            use_cache: return the updated per-layer ``(k, v)``.
+
+        Returns:
+            :class:`MoEModelOutput`.
+        """
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past_len + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = "
+                f"({B}, {past_len + T}): it must cover the cached positions too"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
+        cos_BTK, sin_BTK = self.rotary(position_ids)
+        attn_mask_B1TS = build_attention_mask(attention_mask, T, past_len, input_ids.device)
+
+        x_BTD = self.embed_tokens(input_ids)  # (B, T, D)
+        presents: list[KVCache] = []
+        routings: list[tuple[int, RouterOutput]] = []
+        for i, layer in enumerate(self.layers):
+            past_kv = past_key_values[i] if past_key_values is not None else None
+            x_BTD, present_kv, routing = layer(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv)
+            if use_cache:
+                presents.append(present_kv)
+            if routing is not None:
+                routings.append((i, routing))
+        logits_BTV = self.lm_head(self.norm(x_BTD))  # (B, T, V)
+
+        aux_losses, router_stats = self._balancing_terms(routings)
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits_BTV, labels)
+            loss = lm_loss + sum(aux_losses.values()) if aux_losses else lm_loss
+        return MoEModelOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_losses=aux_losses,
+            logits=logits_BTV,
+            router_stats=router_stats,
+            past_key_values=presents if use_cache else None,
+        )
+
+    def _balancing_terms(
+        self, routings: list[tuple[int, RouterOutput]]
+    ) -> tuple[dict[str, torch.Tensor], list[RouterStats]]:
+        """Weighted aux/z losses averaged over MoE layers, and the per-layer stats."""
+        moe = self.config.moe
+        if not routings:
+            return {}, []
+        aux_per_layer = [
+            load_balancing_loss(r.probs_TE, r.indices_TK, r.tokens_per_expert_E) for _, r in routings
+        ]
+        z_per_layer = [router_z_loss(r.logits_TE) for _, r in routings]
+        stats = [
+            RouterStats(
+                layer=i,
+                tokens_per_expert=r.tokens_per_expert_E.detach(),
+                aux_loss=aux.detach(),
+                z_loss=z.detach(),
+            )
+            for (i, r), aux, z in zip(routings, aux_per_layer, z_per_layer)
+        ]
+        aux_losses: dict[str, torch.Tensor] = {}
+        if moe.aux_loss_coef > 0:
+            aux_losses["load_balance"] = moe.aux_loss_coef * torch.stack(aux_per_layer).mean()
+        if moe.z_loss_coef > 0:
+            aux_losses["z_loss"] = moe.z_loss_coef * torch.stack(z_per_layer).mean()
+        return aux_losses, stats
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Parameter count (tied weights once).
+
+        Args:
+            active_only: count only ``top_k`` of the E routed experts of each MoE layer (the
+                parameters one token uses).
+
+        Returns:
+            The count.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if active_only:
+            for layer in self.layers:
+                if layer.is_moe:
+                    experts = layer.mlp.experts
+                    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+                    total -= (experts.num_experts - self.config.moe.top_k) * per_expert
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context ``seq_len``.
+
+        Convention (PaLM appendix B, causal): ``6·N + 6·L·seq_len·d_attn`` where N counts the
+        active non-embedding matmul parameters (attention projections, router, the top_k experts
+        or the dense MLP, and the LM head, which is a matmul even when tied; norms and the input
+        embedding lookup are not), and the attention term is PaLM's ``12·L·T·d_attn`` halved
+        because a causal query attends on average to half the context. ``d_attn`` = heads × head
+        dim.
+
+        Args:
+            seq_len: context length T.
+
+        Returns:
+            FLOPs per token.
+        """
+        cfg = self.config
+        matmul_params = 0
+        for layer in self.layers:
+            attn = layer.self_attn
+            matmul_params += sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+            if layer.is_moe:
+                experts = layer.mlp.experts
+                per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+                matmul_params += layer.mlp.gate.weight.numel() + cfg.moe.top_k * per_expert
+            else:
+                matmul_params += sum(p.numel() for p in layer.mlp.parameters())
+        matmul_params += self.lm_head.weight.numel()
+        d_attn = cfg.num_heads * cfg.head_dim
+        return 6.0 * matmul_params + 6.0 * cfg.num_layers * seq_len * d_attn
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``path/model.safetensors`` and ``path/config.yaml`` (``{"model": ...}``).
+
+        Args:
+            path: folder, created if missing.
+
+        Returns:
+            The folder.
+        """
+        import yaml
+        from safetensors.torch import save_model
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        # save_model drops the duplicate of tied tensors; load_model restores the tie.
+        save_model(self, str(folder / WEIGHTS_NAME))
+        text = yaml.safe_dump({"model": self.config.model_dump(mode="json")}, sort_keys=False)
+        (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "EnhancedMoEModel":
+        """Load a model saved by :meth:`save_pretrained`.
+
+        Args:
+            path: a folder holding ``model.safetensors`` and ``config.yaml`` (only its ``model``
+                section is read), or a run folder whose ``checkpoints/latest`` holds them (a
+                missing ``config.yaml`` there falls back to the run folder's).
+            device: where to put the weights.
+
+        Returns:
+            The model, in eval mode.
+
+        Raises:
+            AvaCheckpointError: missing or unreadable files, naming the path and the fix.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        weights_dir, config_path = _resolve_checkpoint(Path(path))
+        cfg = _read_model_config(config_path)
+        model = cls(cfg)
+        try:
+            load_model(model, str(weights_dir / WEIGHTS_NAME), strict=True, device=str(device))
+        except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+            raise AvaCheckpointError(
+                f"{weights_dir / WEIGHTS_NAME}: cannot load weights ({err}); the file is corrupt or "
+                f"does not match {config_path} — re-save it or point at another checkpoint"
+            ) from err
+        return model.to(device).eval()
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(folder with the weights, config.yaml to read) for a checkpoint or run folder."""
+    if (path / WEIGHTS_NAME).is_file():
+        weights_dir = path
+    elif (path / "checkpoints" / "latest" / WEIGHTS_NAME).is_file():
+        weights_dir = path / "checkpoints" / "latest"
+    else:
+        raise AvaCheckpointError(
+            f"{path}: no {WEIGHTS_NAME} here or in {path / 'checkpoints' / 'latest'}; pass a folder "
+            "written by save_pretrained, a checkpoint folder, or a run folder with checkpoints/latest"
+        )
+    for candidate in (weights_dir / CONFIG_NAME, path / CONFIG_NAME):
+        if candidate.is_file():
+            return weights_dir, candidate
+    raise AvaCheckpointError(
+        f"{weights_dir}: no {CONFIG_NAME} next to {WEIGHTS_NAME}; copy the run's config.yaml there "
+        "(it needs a `model:` section)"
+    )
+
+
+def _read_model_config(config_path: Path) -> ModelConfig:
+    """The ``model`` section of a saved config.yaml, validated."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        data: Any = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise AvaCheckpointError(f"{config_path}: unreadable YAML ({err}); restore the file") from err
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise AvaCheckpointError(f"{config_path}: no `model:` section; re-save the checkpoint")
+    try:
+        return ModelConfig.model_validate(data["model"])
+    except ValidationError as err:
+        raise AvaCheckpointError(
+            f"{config_path}: invalid `model:` section ({err.error_count()} problems: "
+            f"{err.errors()[0]['loc']} {err.errors()[0]['msg']}); fix or re-save it"
+        ) from err

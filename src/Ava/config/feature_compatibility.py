@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from ..errors import AvaConfigError
 
 if TYPE_CHECKING:
-    from .training_config import EnhancedTrainingConfig
+    from .training_config import EnhancedTrainingConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def raise_on_errors(issues: list[Issue], source: str) -> list[Issue]:
     return warnings
 
 
-def _model_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
-    m = config.model
+def model_issues(m: "ModelConfig") -> list[Issue]:
+    """Structural rules of the model section alone (also checked when a model is built)."""
     issues = []
     if m.moe.top_k > m.num_experts:
         issues.append(Issue(
@@ -86,6 +86,12 @@ def _model_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
         issues.append(Issue(
             "model.moe.first_dense_layers", "every layer is dense, so the model has no experts", "warning"
         ))
+    return issues
+
+
+def _model_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+    m = config.model
+    issues = model_issues(m)
     if config.data.seq_len > m.max_seq_len:
         issues.append(Issue(
             "data.seq_len",

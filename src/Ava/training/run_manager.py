@@ -21,7 +21,6 @@ import platform
 import random
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -186,13 +185,3 @@ def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
     tmp = paths.summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     os.replace(tmp, paths.summary)
-
-
-class Stopwatch:
-    """Wall-clock seconds since construction."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

@@ -148,6 +148,9 @@ class DataConfig(AvaSection):
     cache_dir: str | None = Field(
         None, description="Where the embedded corpus is downloaded and cached; null = the user cache dir."
     )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes; the batch order does not depend on it."
+    )
 
     @field_validator("tokenizer", mode="before")
     @classmethod
@@ -216,12 +219,40 @@ class PrecisionConfig(AvaSection):
     )
 
 
+class WandbConfig(AvaSection):
+    """Weights & Biases (optional: needs `pip install wandb`)."""
+
+    enabled: bool = Field(False, description="Log metrics to Weights & Biases.")
+    project: str = Field("ava", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); null = your default.")
+    mode: Literal["offline", "online"] = Field("offline", description="offline writes locally; sync later with `wandb sync`.")
+
+
 class LoggingConfig(AvaSection):
     """Console, file and TensorBoard logging."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     tensorboard: bool = Field(True, description="Write TensorBoard events to the run folder.")
     progress_bar: bool = Field(True, description="Show a progress bar (loss, lr, tok/s).")
+    async_metrics: bool = Field(
+        True, description="Write metrics.jsonl/TensorBoard/W&B from a background thread, off the training loop."
+    )
+    time_breakdown: bool = Field(
+        True, description="Time data / forward / backward / optimizer per step (synchronises CUDA when on)."
+    )
+    memory_every: int = Field(
+        0, ge=0, description="Log process RSS and CUDA memory every N steps; 0 = with every metrics record."
+    )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging.")
+
+
+class EarlyStoppingConfig(AvaSection):
+    """Stop when the validation loss stops improving."""
+
+    patience: int | None = Field(
+        None, ge=1, description="Evaluations without improvement before stopping; null = never stop early."
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest decrease of val loss that counts as improvement.")
 
 
 class EvaluationConfig(AvaSection):
@@ -231,6 +262,71 @@ class EvaluationConfig(AvaSection):
     sample_max_new_tokens: int = Field(64, ge=0, description="Length of that sample; 0 = no sample.")
     sample_temperature: float = Field(0.8, ge=0.0, description="Sampling temperature (0 = greedy).")
     sample_top_k: int | None = Field(50, ge=1, description="Top-k filter of that sample.")
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig, description="Early stopping on validation loss."
+    )
+
+
+class CheckpointConfig(AvaSection):
+    """Which checkpoints are written and kept."""
+
+    keep_last: int | None = Field(3, ge=1, description="Keep the N most recent checkpoints; null = keep all.")
+    keep_best: int = Field(
+        1, ge=0, description="Also keep the N checkpoints with the lowest val loss (linked as `best`); 0 = off."
+    )
+    async_save: bool = Field(
+        False, description="Snapshot the state in memory and write it from a background thread."
+    )
+
+
+class HealthConfig(AvaSection):
+    """Gradient health: non-finite and spiking steps are skipped; repeated bad steps roll back."""
+
+    enabled: bool = Field(True, description="Check every step's loss and gradient norm.")
+    spike_zscore: float | None = Field(
+        6.0, gt=0.0, description="A loss this many running std-devs above its running mean is a spike; null = off."
+    )
+    spike_warmup: int = Field(20, ge=1, description="Steps of loss statistics gathered before spikes are flagged.")
+    spike_window: int = Field(100, ge=2, description="Window (EMA span, in steps) of the running loss statistics.")
+    rollback_after: int | None = Field(
+        3, ge=1, description="Consecutive bad steps after which the last good checkpoint is restored; null = never."
+    )
+    layer_grad_norms_every: int = Field(
+        0, ge=0, description="Log per-layer gradient norms every N steps; 0 = off."
+    )
+
+
+class GradientConfig(AvaSection):
+    """Gradient handling beyond clipping (training.grad_clip)."""
+
+    health: HealthConfig = Field(default_factory=HealthConfig, description="NaN/spike detection, skipping, rollback.")
+
+
+class PerformanceConfig(AvaSection):
+    """Presets trading observability for speed; any key set explicitly wins over the preset."""
+
+    mode: Literal["fast", "balanced", "thorough"] = Field(
+        "balanced",
+        description="fast: log every 50 steps, no timing syncs; balanced: the defaults; "
+        "thorough: log every step, per-layer grad norms every 10, eval every 50.",
+    )
+
+
+# (section, key) -> value for each performance mode; "balanced" equals the field defaults.
+PERFORMANCE_PRESETS: dict[str, dict[tuple[str, ...], Any]] = {
+    "fast": {
+        ("training", "log_every"): 50,
+        ("logging", "time_breakdown"): False,
+        ("gradient", "health", "layer_grad_norms_every"): 0,
+    },
+    "balanced": {},
+    "thorough": {
+        ("training", "log_every"): 1,
+        ("training", "eval_every"): 50,
+        ("logging", "time_breakdown"): True,
+        ("gradient", "health", "layer_grad_norms_every"): 10,
+    },
+}
 
 
 class RunConfig(AvaSection):
@@ -270,6 +366,9 @@ class EnhancedTrainingConfig(AvaSection):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig, description="Precision.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    gradient: GradientConfig = Field(default_factory=GradientConfig, description="Gradient health.")
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig, description="Speed presets.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
 
     @model_validator(mode="after")
@@ -278,7 +377,17 @@ class EnhancedTrainingConfig(AvaSection):
             object.__setattr__(self.data, "seq_len", self.model.max_seq_len)
         if self.model.vocab_size is None:
             object.__setattr__(self.model, "vocab_size", _tokenizer_vocab_size(self.data.tokenizer))
+        self._apply_performance_preset()
         return self
+
+    def _apply_performance_preset(self) -> None:
+        """Fill the keys of the chosen performance mode that the user did not set explicitly."""
+        for path, value in PERFORMANCE_PRESETS[self.performance.mode].items():
+            section: BaseModel = self
+            for name in path[:-1]:
+                section = getattr(section, name)
+            if path[-1] not in section.model_fields_set:
+                object.__setattr__(section, path[-1], value)
 
     # -- I/O --------------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "dense SwiGLU": _step_fn(dense, x[0], grad[0], autocast, moe=False),
             "moe loop": backend_step("loop"),
             "moe grouped": backend_step("grouped"),
+            "moe batched": backend_step("batched"),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.warmup):

@@ -22,3 +22,7 @@ class AvaDataError(AvaError, ValueError):
 
 class AvaCheckpointError(AvaError, RuntimeError):
     """A checkpoint or run folder that cannot be loaded."""
+
+
+class AvaTrainingError(AvaError, RuntimeError):
+    """Training stopped on purpose by a health check (e.g. the MoE collapse alarm with action: stop)."""

@@ -73,7 +73,7 @@ def test_bad_values_name_the_key_and_all_problems_at_once(tmp_path):
         load_config(path)
     message = str(err.value)
     assert "model.hidden_size" in message and "greater than or equal to 8" in message
-    assert "model.moe.backend" in message and "'loop' or 'grouped'" in message
+    assert "model.moe.backend" in message and "'grouped' or 'auto'" in message
 
 
 @pytest.mark.parametrize("model, key", [

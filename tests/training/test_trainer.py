@@ -54,7 +54,8 @@ def test_final_checkpoint_is_complete_and_loads_safely(trained_run):
     assert (ckpt.parent / "latest").resolve() == ckpt.resolve()
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert {"model.safetensors", "state.pt", "config.yaml", "tokenizer.json"} <= set(manifest)
+    assert {"model.safetensors", "state.pt", "config.yaml", "tokenizer.json"} <= set(manifest["files"])
+    assert manifest["step"] == 60 and manifest["val_loss"] == pytest.approx(summary.final_val_loss)
     state = load_training_state(ckpt)  # weights_only=True
     assert state["step"] == 60 and state["tokens"] == summary.tokens
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 60

@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     seed_everything(config.run.seed)  # the model's initialisation is part of the run
     model = EnhancedMoEModel(config.model)
-    summary = EnhancedModularTrainer(model, config).train()
+    summary = EnhancedModularTrainer(model, config).train(resume=args.resume)
     print(json.dumps({k: v for k, v in summary.to_dict().items() if k != "sample"}, indent=2))
     return 0
 
@@ -81,21 +81,40 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``ava generate RUN_DIR|CKPT --prompt TEXT``."""
-    from ..generation import TextGenerator
+def cmd_report(args: argparse.Namespace) -> int:
+    """``ava report RUN_DIR``: PNG plots and a markdown summary in RUN_DIR/report/."""
+    from ..training.report import write_report
 
-    generator = TextGenerator.from_pretrained(args.path, device=args.device)
-    text = generator.generate(
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        use_cache=not args.no_cache,
-    )
-    print(text)
+    out = write_report(args.run_dir)
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    """``ava lr-find CONFIG [key=value ...]``: LR range test, plot, optional ``--write``."""
+    import tempfile
+    from pathlib import Path
+
+    from ..config import load_config
+    from ..training.lr_finder import run_lr_finder, save_plot, write_learning_rate
+    from ..utils.logging import setup_logging
+
+    setup_logging()
+    config = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory() as work_dir:
+        result = run_lr_finder(config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
+                               work_dir=work_dir)
+    if not result.suggestions:
+        raise AvaError(f"the sweep diverged after {len(result.lrs)} step(s): lower --max-lr or --min-lr")
+    plot = save_plot(result, args.plot or Path(args.config).with_suffix("").name + "_lr_find.png")
+    print(f"swept {len(result.lrs)} steps from {result.lrs[0]:.2e} to {result.lrs[-1]:.2e}"
+          + (" (stopped: loss diverged)" if result.diverged else ""))
+    for name, lr in result.suggestions.items():
+        print(f"  {name:<15} {lr:.2e}" + ("  <- --pick" if name == args.pick else ""))
+    print(f"plot: {plot}")
+    if args.write:
+        write_learning_rate(args.config, result.suggestions[args.pick])
+        print(f"{args.config}: training.learning_rate = {result.suggestions[args.pick]:.3g}")
     return 0
 
 
@@ -139,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. training.learning_rate=3e-4 model.moe.top_k=1")
+    train.add_argument("--resume", metavar="auto|RUN_DIR|CKPT", default=None,
+                       help="continue a run in its folder: auto = the newest run of this config's "
+                            "run.name with a good checkpoint (a new run if none)")
     train.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", parents=[common], help="check, show or describe configs")
@@ -157,17 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
                               help="print every key with its default and description (configs/reference.yaml)")
     p.set_defaults(func=cmd_config_reference)
 
-    gen = sub.add_parser("generate", parents=[common], help="generate text from a run or checkpoint")
-    gen.add_argument("path", help="run folder (uses checkpoints/latest) or checkpoint folder")
-    gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=100, help="tokens to generate (default 100)")
-    gen.add_argument("--temperature", type=_non_negative, default=0.8, help="0 = greedy (default 0.8)")
-    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
-    gen.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (no KV cache)")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    gen.set_defaults(func=cmd_generate)
+    report = sub.add_parser("report", parents=[common], help="plots and a markdown summary of a run")
+    report.add_argument("run_dir", help="run folder (runs/<name>_<time>)")
+    report.set_defaults(func=cmd_report)
+
+    lrf = sub.add_parser("lr-find", parents=[common], help="LR range test: suggest a learning rate")
+    lrf.add_argument("config", help="YAML config file")
+    lrf.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    lrf.add_argument("--min-lr", type=float, default=1e-6, help="first LR of the sweep (default 1e-6)")
+    lrf.add_argument("--max-lr", type=float, default=1.0, help="last LR of the sweep (default 1)")
+    lrf.add_argument("--steps", type=_positive_int, default=100, help="sweep steps (default 100)")
+    lrf.add_argument("--plot", default=None, help="PNG to write (default <config>_lr_find.png here)")
+    lrf.add_argument("--pick", choices=["valley", "steepest", "min_loss_div10"], default="valley",
+                     help="suggestion --write uses (default valley)")
+    lrf.add_argument("--write", action="store_true", help="set training.learning_rate in CONFIG to the pick")
+    lrf.set_defaults(func=cmd_lr_find)
+
+    # generate, export, import, eval (generation/evaluation/interop commands)
+    from .generation_commands import add_commands as add_generation_commands
+
+    add_generation_commands(sub, common)
     return parser
 
 

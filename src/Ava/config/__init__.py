@@ -4,24 +4,34 @@ from .feature_compatibility import Issue, check_compatibility
 from .loading import apply_override, load_config, validate_config
 from .reference import render_reference_yaml
 from .training_config import (
+    CheckpointConfig,
     DataConfig,
+    EarlyStoppingConfig,
     EnhancedTrainingConfig,
     EvaluationConfig,
+    GradientConfig,
+    HealthConfig,
     LoggingConfig,
     ModelConfig,
+    MoEAlarmConfig,
     MoEConfig,
     OptimizerConfig,
+    PerformanceConfig,
+    PlateauConfig,
     PrecisionConfig,
     RunConfig,
     SchedulerConfig,
     SourceConfig,
+    SurgeryConfig,
     TokenizerConfig,
     TrainingSection,
+    WandbConfig,
 )
 
 __all__ = [
-    "DataConfig", "EnhancedTrainingConfig", "EvaluationConfig", "Issue", "LoggingConfig",
-    "ModelConfig", "MoEConfig", "OptimizerConfig", "PrecisionConfig", "RunConfig",
-    "SchedulerConfig", "SourceConfig", "TokenizerConfig", "TrainingSection", "apply_override",
+    "CheckpointConfig", "EarlyStoppingConfig", "HealthConfig", "PerformanceConfig", "WandbConfig",
+    "DataConfig", "EnhancedTrainingConfig", "EvaluationConfig", "GradientConfig", "Issue", "LoggingConfig",
+    "ModelConfig", "MoEAlarmConfig", "MoEConfig", "OptimizerConfig", "PlateauConfig", "PrecisionConfig", "RunConfig",
+    "SchedulerConfig", "SourceConfig", "SurgeryConfig", "TokenizerConfig", "TrainingSection", "apply_override",
     "check_compatibility", "load_config", "render_reference_yaml", "validate_config",
 ]

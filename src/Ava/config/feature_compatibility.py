@@ -86,6 +86,83 @@ def model_issues(m: "ModelConfig") -> list[Issue]:
         issues.append(Issue(
             "model.moe.first_dense_layers", "every layer is dense, so the model has no experts", "warning"
         ))
+    return issues + _moe_issues(m)
+
+
+_SCORE_ROUTERS = ("softmax", "sigmoid", "switch", "noisy_topk")  # token-choice over learned scores
+
+
+def _moe_issues(m: "ModelConfig") -> list[Issue]:
+    """Contradictions between router, capacity, groups and balancing settings of ``model.moe``."""
+    moe, E = m.moe, m.num_experts
+    issues = []
+    if moe.router == "switch" and moe.top_k != 1:
+        issues.append(Issue(
+            "model.moe.top_k", f"router switch routes each token to one expert but top_k={moe.top_k}; set top_k: 1"
+        ))
+    if moe.router == "expert_choice" and moe.capacity_factor is None:
+        issues.append(Issue(
+            "model.moe.capacity_factor",
+            "router expert_choice needs a capacity factor (each expert takes c = CF·T·top_k/E tokens) but it is "
+            "null (dropless); set capacity_factor, e.g. 1.0",
+        ))
+    if moe.router == "expert_choice":
+        issues.append(Issue(
+            "model.moe.router",
+            "expert_choice picks tokens by comparing them across the whole batch, so a token's routing depends "
+            "on later tokens (a causal leak at training time, and different behaviour at generation)",
+            "warning",
+        ))
+    if (moe.n_groups is None) != (moe.topk_groups is None):
+        issues.append(Issue(
+            "model.moe.topk_groups" if moe.topk_groups is None else "model.moe.n_groups",
+            "group-limited routing needs both n_groups and topk_groups; set both or neither",
+        ))
+    elif moe.n_groups is not None:
+        if moe.router not in _SCORE_ROUTERS:
+            issues.append(Issue(
+                "model.moe.n_groups",
+                f"group-limited routing applies to {list(_SCORE_ROUTERS)} routers, not {moe.router}; "
+                "set n_groups and topk_groups to null",
+            ))
+        if E % moe.n_groups:
+            issues.append(Issue(
+                "model.moe.n_groups",
+                f"num_experts={E} is not divisible by n_groups={moe.n_groups}; pick a divisor of num_experts",
+            ))
+        elif moe.topk_groups > moe.n_groups:
+            issues.append(Issue(
+                "model.moe.topk_groups", f"{moe.topk_groups} is more than n_groups={moe.n_groups}; lower it"
+            ))
+        elif moe.top_k > moe.topk_groups * (E // moe.n_groups):
+            issues.append(Issue(
+                "model.moe.topk_groups",
+                f"the {moe.topk_groups} kept groups hold {moe.topk_groups * (E // moe.n_groups)} experts, fewer "
+                f"than top_k={moe.top_k}; raise topk_groups",
+            ))
+    if moe.aux_free_bias and moe.router not in _SCORE_ROUTERS:
+        issues.append(Issue(
+            "model.moe.aux_free_bias",
+            f"the balancing bias shifts learned scores, but router {moe.router} does not select by them "
+            f"(hash is fixed, expert_choice is balanced by construction); use one of {list(_SCORE_ROUTERS)} "
+            "or set aux_free_bias: false",
+        ))
+    if moe.eval_capacity_factor is not None and moe.capacity_factor is None and moe.router != "expert_choice":
+        issues.append(Issue(
+            "model.moe.eval_capacity_factor",
+            "set but capacity_factor is null: training is dropless while evaluation drops tokens; set "
+            "capacity_factor too or remove eval_capacity_factor",
+            "warning",
+        ))
+    if moe.first_dense_layers < m.num_layers and not any(
+        (i + 1) % moe.moe_every == 0 for i in range(moe.first_dense_layers, m.num_layers)
+    ):
+        issues.append(Issue(
+            "model.moe.moe_every",
+            f"{moe.moe_every} leaves no MoE layer among the {m.num_layers} layers (layer i is MoE when "
+            "(i+1) % moe_every == 0); lower it",
+            "warning",
+        ))
     return issues
 
 
@@ -116,7 +193,77 @@ def _training_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             "scheduler.lr_end",
             f"{s.lr_end} is above training.learning_rate={t.learning_rate}; set lr_end ≤ learning_rate",
         ))
+    return issues + _optimizer_rules(config) + _surgery_rules(config)
+
+
+def _optimizer_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+    t, s, o = config.training, config.scheduler, config.optimizer
+    issues = []
+    if o.name == "lion" and t.learning_rate >= 1e-3:
+        issues.append(Issue(
+            "training.learning_rate",
+            f"{t.learning_rate} is an AdamW-sized LR; Lion's sign updates need a 3-10x smaller one "
+            "(e.g. 3e-4) and a 3-10x larger weight_decay",
+            "warning",
+        ))
+    if s.plateau.enabled:
+        if s.plateau.min_lr > t.learning_rate:
+            issues.append(Issue(
+                "scheduler.plateau.min_lr",
+                f"{s.plateau.min_lr} is above training.learning_rate={t.learning_rate}; lower the floor",
+            ))
+        if config.data.val_fraction == 0:
+            issues.append(Issue(
+                "scheduler.plateau.enabled",
+                "plateau-adaptive LR watches the validation loss but data.val_fraction=0 holds none out; "
+                "set data.val_fraction > 0 or disable the plateau",
+            ))
+    if s.warmup == "radam" and 0 < s.warmup_steps < 6:
+        issues.append(Issue(
+            "scheduler.warmup_steps",
+            f"radam warmup over {s.warmup_steps} steps keeps the LR at 0 for the whole warmup "
+            "(the rectification term is undefined while ρ_t ≤ 4); use ≥ 6 steps",
+            "warning",
+        ))
     return issues
+
+
+def surgery_terms(config: "EnhancedTrainingConfig") -> list[str]:
+    """The loss terms the model produces under ``config`` (those surgery can act on)."""
+    m = config.model
+    terms = ["lm_loss"]
+    if m.moe.first_dense_layers < m.num_layers:  # at least one MoE layer
+        balanced = m.moe.router != "expert_choice"  # balanced by construction: no balance terms
+        if balanced and m.moe.aux_loss_coef > 0:
+            terms.append("load_balance")
+        if balanced and m.moe.seq_aux_loss_coef > 0:
+            terms.append("seq_load_balance")
+        if balanced and m.moe.global_aux_loss_coef > 0:
+            terms.append("global_load_balance")
+        if m.moe.z_loss_coef > 0:
+            terms.append("z_loss")
+    return terms
+
+
+def _surgery_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+    surgery = config.gradient.surgery
+    if surgery.method == "none":
+        return []
+    available = surgery_terms(config)
+    unknown = [term for term in surgery.terms if term not in available]
+    if unknown:
+        return [Issue(
+            "gradient.surgery.terms",
+            f"{unknown} are not loss terms of this model (available: {available}); "
+            "a zero coefficient (e.g. model.moe.aux_loss_coef=0) removes its term",
+        )]
+    if len(set(surgery.terms)) < 2:
+        return [Issue(
+            "gradient.surgery.method",
+            f"{surgery.method} needs at least two loss terms to arbitrate but gradient.surgery.terms="
+            f"{surgery.terms}; list two or more of {available} or set method: none",
+        )]
+    return []
 
 
 def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:

@@ -40,27 +40,86 @@ class MoEConfig(AvaSection):
     """Mixture-of-Experts layer: routing, expert width, balancing losses and kernel backend."""
 
     top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
-    router: Literal["softmax"] = Field(
-        "softmax", description="Router type. softmax: top-k of softmax(x·W_g) (Mixtral/Qwen3-MoE)."
+    router: Literal["softmax", "sigmoid", "switch", "noisy_topk", "expert_choice", "hash"] = Field(
+        "softmax",
+        description="Router type. softmax: top-k of softmax(x·W_g) (Mixtral/Qwen3-MoE); sigmoid: top-k of "
+        "sigmoid scores, weights = normalised selected scores × routed_scaling_factor (DeepSeek-V3); "
+        "switch: top-1 softmax, weight = the probability (Switch Transformer; needs top_k 1); noisy_topk: "
+        "softmax top-k of logits + N(0,1)·softplus(x·W_noise) while training (Shazeer 2017); "
+        "expert_choice: each expert takes its top-c tokens, c = capacity_factor·T·top_k/E (Zhou 2022); "
+        "hash: expert = fixed hash(token id) mod E, then the next top_k-1 experts (Roller 2021).",
     )
     norm_topk_prob: bool = Field(
-        True, description="Renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE)."
+        True, description="Renormalise the top-k router weights to sum to 1 (Qwen3-MoE; DeepSeek-V3 sigmoid)."
+    )
+    routed_scaling_factor: float = Field(
+        1.0, gt=0.0, description="Multiply the routed experts' gate weights by this (DeepSeek-V3 uses 2.5)."
+    )
+    n_groups: int | None = Field(
+        None, ge=1,
+        description="Group-limited routing (DeepSeek-V3): split the experts into this many groups; null = off.",
+    )
+    topk_groups: int | None = Field(
+        None, ge=1,
+        description="Group-limited routing: keep the best topk_groups groups (a group scores the sum of its "
+        "top-2 expert scores) and pick the top_k experts inside them; required with n_groups.",
     )
     moe_intermediate_size: int | None = Field(
         None, ge=1, description="Hidden width of each routed expert; null = 8/3·hidden_size, rounded."
     )
+    num_shared_experts: int = Field(
+        0, ge=0,
+        description="Always-on shared experts (DeepSeek/Qwen2-MoE), run as one dense SwiGLU `mlp.shared_experts` "
+        "of width num_shared_experts × moe_intermediate_size added to the routed output; 0 = none.",
+    )
+    capacity_factor: float | None = Field(
+        None, gt=0.0,
+        description="Training capacity factor CF: each expert takes at most ceil(CF·T·top_k/E) token-slots "
+        "per micro-batch; overflow slots are dropped (the token keeps its residual). null = dropless. "
+        "expert_choice uses it for its per-expert token count c.",
+    )
+    eval_capacity_factor: float | None = Field(
+        None, gt=0.0,
+        description="Capacity factor in eval mode; null = capacity_factor. num_experts/top_k (or more) "
+        "never drops anything.",
+    )
     aux_loss_coef: float = Field(
         0.01, ge=0.0, description="Switch/GShard load-balancing loss coefficient α (0 disables it)."
+    )
+    seq_aux_loss_coef: float = Field(
+        0.0, ge=0.0,
+        description="Sequence-level balancing loss coefficient (DeepSeek-V3, f·P per sequence, averaged; "
+        "V3 uses 1e-4); 0 disables it.",
+    )
+    global_aux_loss_coef: float = Field(
+        0.0, ge=0.0,
+        description="Global-batch balancing loss coefficient (Qwen 2025): f_i counted over all micro-batches "
+        "of the optimizer step so far; 0 disables it.",
     )
     z_loss_coef: float = Field(
         0.001, ge=0.0, description="Router z-loss coefficient (ST-MoE; 0 disables it)."
     )
+    aux_free_bias: bool = Field(
+        False,
+        description="Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias `mlp.gate.expert_bias`, "
+        "added to the scores for selection only, updated after each optimizer step by "
+        "b_i += bias_update_rate·sign(mean load − load_i). Saved in checkpoints.",
+    )
+    bias_update_rate: float = Field(
+        1e-3, gt=0.0, description="γ, the step of the aux-free bias update (DeepSeek-V3: 1e-3)."
+    )
     first_dense_layers: int = Field(
         0, ge=0, description="The first k decoder layers use a dense SwiGLU MLP instead of experts."
     )
-    backend: Literal["loop", "grouped"] = Field(
+    moe_every: int = Field(
+        1, ge=1,
+        description="MoE every n layers: layer i (0-based, past first_dense_layers) is MoE when (i+1) % n == 0 "
+        "(HF decoder_sparse_step), dense otherwise; 1 = every layer.",
+    )
+    backend: Literal["loop", "batched", "grouped", "auto"] = Field(
         "grouped",
-        description="Expert kernel: grouped (sorted tokens + torch._grouped_mm) or loop (reference).",
+        description="Expert kernel: grouped (sorted tokens + torch._grouped_mm), batched (padded bmm), "
+        "loop (reference), or auto (grouped where torch._grouped_mm exists, else batched; see docs/moe.md).",
     )
 
 
@@ -164,6 +223,30 @@ class DataConfig(AvaSection):
 # --------------------------------------------------------------------------------------------
 
 
+class MoEAlarmConfig(AvaSection):
+    """Collapse alarm on routing health, checked after every optimizer step (see docs/moe.md)."""
+
+    enabled: bool = Field(True, description="Watch the routing of MoE layers (no effect without MoE layers).")
+    max_vio: float | None = Field(
+        None, gt=0.0,
+        description="Fire when a layer's MaxVio (max load / mean load − 1) over the step exceeds this; "
+        "null = not checked. A layer with all tokens on one expert has MaxVio E − 1.",
+    )
+    dead_experts: int | None = Field(
+        None, ge=1,
+        description="Fire when at least this many experts (summed over layers) received no token over the "
+        "last `window` steps; null = not checked.",
+    )
+    window: int = Field(50, ge=1, description="Steps over which an expert must stay unused to count as dead.")
+    patience: int = Field(
+        1, ge=1, description="Consecutive steps a MaxVio violation must persist before the alarm fires."
+    )
+    start_step: int = Field(0, ge=0, description="Ignore the first steps (routing is noisy at init).")
+    action: Literal["warn", "stop"] = Field(
+        "warn", description="warn: log a warning; stop: log it and end the run with an AvaTrainingError."
+    )
+
+
 class TrainingSection(AvaSection):
     """The optimisation loop."""
 
@@ -181,34 +264,129 @@ class TrainingSection(AvaSection):
         None, ge=1, description="Save a checkpoint every N steps; a final one is always saved."
     )
     log_every: int = Field(10, ge=1, description="Write metrics every N optimizer steps.")
+    moe_alarm: MoEAlarmConfig = Field(
+        default_factory=MoEAlarmConfig, description="Routing-collapse alarm (MaxVio, dead experts)."
+    )
 
 
 class OptimizerConfig(AvaSection):
-    """Optimizer. Norms, biases and embeddings get no weight decay."""
+    """Optimizer and its parameter groups.
 
-    name: Literal["adamw"] = Field("adamw", description="Optimizer: adamw (fused/foreach where available).")
+    Norms, biases and embeddings get no weight decay; routers (``mlp.gate``) and experts (3-D
+    ``mlp.experts.*``) get their own LR multipliers.
+    """
+
+    name: Literal["adamw", "lion", "sophia", "adafactor", "muon"] = Field(
+        "adamw",
+        description="Optimizer: adamw (fused where available), lion (sign momentum; use 3-10x smaller LR), "
+        "sophia (Sophia-G, clipped Newton step with a sampled-label Hessian estimate), adafactor "
+        "(factored second moments, torch.optim.Adafactor), muon (Newton-Schulz orthogonalised momentum "
+        "for hidden matrices, AdamW for embeddings, head, norms, biases and routers).",
+    )
     weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay of matrices.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam β1, β2.")
-    eps: float = Field(1e-8, gt=0.0, description="Adam ε.")
+    betas: tuple[float, float] | None = Field(
+        None,
+        description="β1, β2; null = the optimizer's published default: adamw/muon (0.9, 0.95), "
+        "lion (0.9, 0.99), sophia (0.965, 0.99). Unused by adafactor.",
+    )
+    eps: float = Field(1e-8, gt=0.0, description="Adam ε (also Sophia's denominator floor).")
+    router_lr_mult: float = Field(
+        1.0, gt=0.0, description="LR multiplier of router weights (mlp.gate) relative to training.learning_rate."
+    )
+    expert_lr_mult: float = Field(
+        1.0, gt=0.0, description="LR multiplier of routed expert weights (mlp.experts.*)."
+    )
+    sophia_rho: float = Field(0.04, gt=0.0, description="Sophia: ρ, the clipping scale of m / (ρ·h).")
+    sophia_hessian_every: int = Field(
+        10, ge=1, description="Sophia: refresh the Hessian estimate every k optimizer steps."
+    )
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon: momentum of the matrix updates.")
+    muon_ns_steps: int = Field(5, ge=1, le=20, description="Muon: Newton-Schulz iterations per update.")
+    muon_lr_mult: float = Field(
+        1.0, gt=0.0,
+        description="Muon: LR of the orthogonalised matrices relative to training.learning_rate "
+        "(updates are RMS-matched to AdamW, so 1.0 works at AdamW's LR).",
+    )
+    muon_experts: Literal["per_expert", "adamw"] = Field(
+        "per_expert",
+        description="Muon on 3-D expert weights [E, out, in]: per_expert = orthogonalise each expert's "
+        "matrix separately (batched Newton-Schulz), adamw = leave experts to AdamW.",
+    )
 
     @field_validator("betas")
     @classmethod
-    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in betas):
+    def _betas_in_range(cls, betas: tuple[float, float] | None) -> tuple[float, float] | None:
+        if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError("each beta must be in [0, 1), e.g. [0.9, 0.95]")
         return betas
 
 
-class SchedulerConfig(AvaSection):
-    """Learning-rate schedule: linear warmup, then the named decay."""
+class PlateauConfig(AvaSection):
+    """Reduce the LR when the validation loss stops improving (applied on top of the schedule)."""
 
-    name: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay after warmup: cosine or linear to lr_end, or constant."
+    enabled: bool = Field(False, description="Turn plateau-adaptive LR on.")
+    factor: float = Field(0.5, gt=0.0, lt=1.0, description="Multiply the LR by this on a plateau.")
+    patience: int = Field(2, ge=0, description="Evaluations without improvement before reducing.")
+    cooldown: int = Field(1, ge=0, description="Evaluations to wait after a reduction before counting again.")
+    threshold: float = Field(
+        1e-3, ge=0.0, description="Relative improvement of the best val loss that counts as progress."
     )
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to the peak LR.")
+    min_lr: float = Field(1e-6, ge=0.0, description="Floor: reductions never take the peak LR below this.")
+
+
+class SchedulerConfig(AvaSection):
+    """Learning-rate schedule: a warmup, then the named decay to ``lr_end``."""
+
+    name: Literal["cosine", "linear", "constant", "wsd", "inverse_sqrt", "polynomial", "cosine_restarts"] = Field(
+        "cosine",
+        description="Decay after warmup, ending at lr_end: cosine, linear, constant (stays at the peak), "
+        "wsd (warmup-stable-decay), inverse_sqrt (rescaled to reach lr_end), polynomial (power), "
+        "cosine_restarts (SGDR cycles).",
+    )
+    warmup: Literal["linear", "exponential", "radam"] = Field(
+        "linear",
+        description="Warmup shape: linear, exponential (1-exp, normalised to reach the peak), or radam "
+        "(RAdam's variance rectification term with β2 = 1 - 2/warmup_steps).",
+    )
+    warmup_steps: int = Field(100, ge=0, description="Warmup steps from 0 to the peak LR.")
     lr_end: float | None = Field(
         None, ge=0.0, description="LR at the last step; null = learning_rate / 10."
     )
+    wsd_decay_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="wsd: share of the post-warmup steps spent decaying (MiniCPM: 0.1-0.2)."
+    )
+    wsd_decay_shape: Literal["exponential", "1-sqrt", "linear"] = Field(
+        "1-sqrt", description="wsd: shape of the final decay."
+    )
+    power: float = Field(2.0, gt=0.0, description="polynomial: decay exponent (1 = linear).")
+    cycle_steps: int | None = Field(
+        None, ge=1, description="cosine_restarts: length of the first cycle; null = a quarter of the decay steps."
+    )
+    cycle_mult: float = Field(
+        1.0, ge=1.0, description="cosine_restarts: each cycle is this many times longer than the previous."
+    )
+    plateau: PlateauConfig = Field(
+        default_factory=PlateauConfig, description="Plateau-adaptive LR on the validation loss."
+    )
+
+
+class SurgeryConfig(AvaSection):
+    """Multi-objective gradient surgery across the loss terms (LM, load balance, z-loss, ...)."""
+
+    method: Literal["none", "pcgrad", "graddrop", "gradnorm", "cagrad", "mgda"] = Field(
+        "none",
+        description="none (one backward of the summed loss), pcgrad (project conflicting gradients), "
+        "graddrop (sign-purity dropout), gradnorm (learned loss weights), cagrad (conflict-averse), "
+        "mgda (min-norm point of the gradients' convex hull).",
+    )
+    terms: list[str] = Field(
+        default_factory=lambda: ["lm_loss", "load_balance"],
+        description="Loss terms treated as tasks: lm_loss and any aux term (load_balance, z_loss); "
+        "terms not listed are added to the combined gradient unchanged.",
+    )
+    cagrad_c: float = Field(0.5, ge=0.0, description="cagrad: radius c of the ball around the mean gradient.")
+    gradnorm_alpha: float = Field(1.5, ge=0.0, description="gradnorm: restoring-force strength α.")
+    gradnorm_lr: float = Field(0.025, gt=0.0, description="gradnorm: learning rate of the loss weights.")
 
 
 class PrecisionConfig(AvaSection):
@@ -300,6 +478,7 @@ class GradientConfig(AvaSection):
     """Gradient handling beyond clipping (training.grad_clip)."""
 
     health: HealthConfig = Field(default_factory=HealthConfig, description="NaN/spike detection, skipping, rollback.")
+    surgery: SurgeryConfig = Field(default_factory=SurgeryConfig, description="Multi-objective gradient surgery.")
 
 
 class PerformanceConfig(AvaSection):

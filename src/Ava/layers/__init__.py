@@ -8,21 +8,40 @@ from .experts import (
     EXPERT_BACKENDS,
     DispatchPlan,
     Experts,
+    batched_swiglu,
     combine_sorted,
     dispatch_sorted,
+    experts_batched,
     experts_grouped,
     experts_loop,
     grouped_swiglu,
+    resolve_backend,
 )
 from .mlp import SwiGLU
 from .moe import MoEBlock, MoEOutput
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding, apply_rotary
-from .routing import RouterOutput, TopKRouter, route_topk
+from .routing import (
+    ROUTERS,
+    Router,
+    RouterOutput,
+    TopKRouter,
+    apply_capacity,
+    expert_capacity,
+    group_limited_mask,
+    hash_experts,
+    route_expert_choice,
+    route_hash,
+    route_sigmoid,
+    route_topk,
+    select_topk,
+)
 
 __all__ = [
-    "EXPERT_BACKENDS", "Attention", "DispatchPlan", "Experts", "KVCache", "MoEBlock", "MoEOutput",
-    "RMSNorm", "RotaryEmbedding", "RouterOutput", "SwiGLU", "TopKRouter", "apply_rotary",
-    "build_attention_mask", "combine_sorted", "dispatch_sorted", "experts_grouped",
-    "experts_loop", "grouped_swiglu", "route_topk",
+    "EXPERT_BACKENDS", "ROUTERS", "Attention", "DispatchPlan", "Experts", "KVCache", "MoEBlock",
+    "MoEOutput", "RMSNorm", "RotaryEmbedding", "Router", "RouterOutput", "SwiGLU", "TopKRouter",
+    "apply_capacity", "apply_rotary", "batched_swiglu", "build_attention_mask", "combine_sorted",
+    "dispatch_sorted", "expert_capacity", "experts_batched", "experts_grouped", "experts_loop",
+    "group_limited_mask", "grouped_swiglu", "hash_experts", "resolve_backend", "route_expert_choice", "route_hash",
+    "route_sigmoid", "route_topk", "select_topk",
 ]

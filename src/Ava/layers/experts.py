@@ -7,13 +7,19 @@ Layout (HF transformers 5.23 Qwen3-MoE): ``gate_up_proj [E, 2I, D]`` (rows ``:I`
 ``I:`` the up projection) and ``down_proj [E, D, I]``, so expert e computes
 ``down[e] @ (silu(gate[e] @ x) * (up[e] @ x))``. Switching backends never changes a checkpoint.
 
-Backends (dropless: every token-slot is computed, no capacity):
+Backends (every slot the router left on is computed; slots off in ``routing.mask_TK``, from
+capacity dropping or expert-choice, are skipped and contribute 0):
 - ``loop``: a Python loop over experts with boolean selection; slow, obviously right, the
   reference the tests compare against.
 - ``grouped``: sort token-slots by expert (dispatch), two ``torch._grouped_mm`` calls over the
   contiguous per-expert row blocks (experts), un-sort and weight-sum (combine).
+- ``batched``: the same dispatch, then the rows are scattered into a zero-padded (E, C_max, D)
+  buffer (C_max = the busiest expert's count) and run through ``torch.bmm``; padding rows are
+  zeros, so they add nothing forward and receive no gradient.
+- ``auto``: :func:`resolve_backend` — ``grouped`` where ``torch._grouped_mm`` exists, else
+  ``batched`` (numbers in docs/moe.md).
 
-Both compute in the autocast dtype when autocast is on (``_grouped_mm`` is not on autocast's
+All compute in the autocast dtype when autocast is on (``_grouped_mm`` is not on autocast's
 op list, so the cast is explicit here) and accumulate the weighted combine in fp32.
 """
 
@@ -65,7 +71,10 @@ def experts_loop(
     inter = down_proj_EDI.shape[-1]
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(gate_up_proj_EID.shape[0]):
-        tok_N, slot_N = torch.where(routing.indices_TK == e)  # N = slots routed to expert e
+        chosen_TK = routing.indices_TK == e
+        if routing.mask_TK is not None:
+            chosen_TK = chosen_TK & routing.mask_TK
+        tok_N, slot_N = torch.where(chosen_TK)  # N = slots expert e computes
         h_N2I = x_TD[tok_N] @ gate_up_proj_EID[e].to(dtype).t()  # (N, 2I)
         act_NI = F.silu(h_N2I[:, :inter]) * h_N2I[:, inter:]  # (N, I)
         y_ND = act_NI @ down_proj_EDI[e].to(dtype).t()  # (N, D)
@@ -83,15 +92,19 @@ def experts_loop(
 class DispatchPlan:
     """How token-slots were sorted by expert, so combine can undo it.
 
+    Slots that are off (``routing.mask_TK`` False) sort after every expert's block and are not
+    gathered: the first ``num_kept`` sorted rows are the computed ones (S_kept = num_kept).
+
     Attributes:
-        token_S: (S,) long, the token of each sorted slot.
+        token_S: (S_kept,) long, the token of each computed sorted slot.
         order_S: (S,) long, the token-major slot (t·K + k) of each sorted row.
         unsort_S: (S,) long, inverse permutation: sorted row of token-major slot s = t·K + k.
-        weights_S: (S,) fp32 gate weight of each sorted slot.
+        weights_S: (S_kept,) fp32 gate weight of each computed sorted slot.
         offsets_E: (E,) int32 cumulative row ends of each expert's block (``_grouped_mm`` offs).
         tokens_per_expert_E: (E,) long rows per expert.
         num_tokens: T.
         top_k: K.
+        num_kept: S_kept = T·K when dropless.
     """
 
     token_S: torch.Tensor
@@ -102,6 +115,7 @@ class DispatchPlan:
     tokens_per_expert_E: torch.Tensor
     num_tokens: int
     top_k: int
+    num_kept: int
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -109,20 +123,29 @@ class _GatherSlots(torch.autograd.Function):
 
     Autograd's own backward of ``x[token_S]`` is an accumulating ``index_put`` (slow on CPU,
     atomic and non-deterministic on GPU); knowing the slots are a permutation of T·K rows lets
-    the backward be one gather and a sum over K instead.
+    the backward be one gather and a sum over K instead. Slots that are off (sorted last, not
+    gathered) get zero gradient rows appended before the gather.
     """
 
     @staticmethod
     def forward(ctx, x_TD, token_S, unsort_S, top_k):  # noqa: D102 (autograd protocol)
         ctx.save_for_backward(unsort_S)
         ctx.top_k = top_k
-        return x_TD.index_select(0, token_S)  # (S, D)
+        return x_TD.index_select(0, token_S)  # (S_kept, D)
 
     @staticmethod
     def backward(ctx, grad_SD):  # noqa: D102
         (unsort_S,) = ctx.saved_tensors
+        grad_SD = _pad_rows(grad_SD, unsort_S.numel())  # (S, D)
         grad_TKD = grad_SD.index_select(0, unsort_S).view(-1, ctx.top_k, grad_SD.shape[-1])  # (T, K, D)
         return grad_TKD.sum(dim=1), None, None, None
+
+
+def _pad_rows(x_ND: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append zero rows up to ``rows`` (the dropped slots); no copy when nothing is missing."""
+    if x_ND.shape[0] == rows:
+        return x_ND
+    return F.pad(x_ND, (0, 0, 0, rows - x_ND.shape[0]))
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -150,22 +173,31 @@ def dispatch_sorted(x_TD: torch.Tensor, routing: RouterOutput) -> tuple[torch.Te
         ``(x_SD, plan)``: (S, D) rows grouped by expert, and the :class:`DispatchPlan`.
     """
     num_tokens, top_k = routing.indices_TK.shape
+    num_experts = routing.tokens_per_expert_E.shape[0]
     expert_S = routing.indices_TK.reshape(-1)  # (S,) token-major
+    num_kept = expert_S.numel()
+    if routing.mask_TK is not None:
+        # Off slots get the id E, so the stable sort puts them after every expert's block. The
+        # kept count sets a shape, so it is read on the host (one sync, only with capacity).
+        expert_S = expert_S.masked_fill(~routing.mask_TK.reshape(-1), num_experts)
+        num_kept = int(routing.tokens_per_expert_E.sum())
     order_S = torch.argsort(expert_S, stable=True)  # sorted row -> token-major slot
     unsort_S = torch.empty_like(order_S)
     unsort_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    token_S = order_S // top_k
+    kept_S = order_S[:num_kept]
+    token_S = kept_S // top_k
     plan = DispatchPlan(
         token_S=token_S,
         order_S=order_S,
         unsort_S=unsort_S,
-        weights_S=routing.weights_TK.reshape(-1)[order_S],
+        weights_S=routing.weights_TK.reshape(-1)[kept_S],
         offsets_E=torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32),
         tokens_per_expert_E=routing.tokens_per_expert_E,
         num_tokens=num_tokens,
         top_k=top_k,
+        num_kept=num_kept,
     )
-    return _GatherSlots.apply(x_TD, token_S, unsort_S, top_k), plan  # (S, D)
+    return _GatherSlots.apply(x_TD, token_S, unsort_S, top_k), plan  # (S_kept, D)
 
 
 def _grouped_matmul(
@@ -229,7 +261,8 @@ def combine_sorted(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     Returns:
         (T, D) in ``y_SD``'s dtype (accumulated in fp32).
     """
-    yw_SD = y_SD.float() * plan.weights_S.unsqueeze(-1)  # (S, D) fp32
+    yw_SD = y_SD.float() * plan.weights_S.unsqueeze(-1)  # (S_kept, D) fp32
+    yw_SD = _pad_rows(yw_SD, plan.order_S.numel())  # (S, D): off slots contribute zeros
     yw_token_major_SD = _PermuteRows.apply(yw_SD, plan.unsort_S, plan.order_S)  # (S, D)
     y_TKD = yw_token_major_SD.view(plan.num_tokens, plan.top_k, -1)  # (T, K, D)
     return y_TKD.sum(dim=1).to(y_SD.dtype)  # (T, D)
@@ -248,11 +281,93 @@ def experts_grouped(
     return combine_sorted(y_SD, plan)  # (T, D)
 
 
+# --------------------------------------------------------------------------------------------
+# batched: dispatch -> zero-padded (E, C_max, D) -> bmm -> combine
+# --------------------------------------------------------------------------------------------
+
+
+def batched_swiglu(
+    x_SD: torch.Tensor,
+    plan: DispatchPlan,
+    gate_up_proj_EID: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """Every expert's SwiGLU as three ``bmm`` over a zero-padded per-expert buffer.
+
+    Row r of expert e's block lands at padded row ``e·C_max + r``; the other rows stay zero, and
+    since SwiGLU(0) = 0 (no biases) they add nothing and get no gradient back. C_max is the
+    busiest expert's count, read on the host (one sync per layer call).
+
+    Args:
+        x_SD: (S_kept, D) rows sorted by expert, in the compute dtype.
+        plan: from :func:`dispatch_sorted`.
+        gate_up_proj_EID: (E, 2I, D).
+        down_proj_EDI: (E, D, I).
+
+    Returns:
+        (S_kept, D) expert outputs, unweighted, in sorted order.
+    """
+    dtype = x_SD.dtype
+    num_experts, hidden = gate_up_proj_EID.shape[0], x_SD.shape[-1]
+    inter = down_proj_EDI.shape[-1]
+    counts_E = plan.tokens_per_expert_E
+    cap = max(int(counts_E.max()), 1) if x_SD.shape[0] else 1
+    starts_E = plan.offsets_E.long() - counts_E
+    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=x_SD.device), counts_E,
+                                       output_size=x_SD.shape[0])  # (S_kept,)
+    row_S = torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[expert_S]
+    padded_S = expert_S * cap + row_S  # (S_kept,) row in the (E·C_max) buffer
+    x_pad_ND = x_SD.new_zeros(num_experts * cap, hidden).index_copy(0, padded_S, x_SD)
+    x_ECD = x_pad_ND.view(num_experts, cap, hidden)  # (E, C_max, D)
+    gate_up_EID = gate_up_proj_EID.to(dtype)
+    gate_ECI = torch.bmm(x_ECD, gate_up_EID[:, :inter].transpose(1, 2))  # (E, C_max, I)
+    up_ECI = torch.bmm(x_ECD, gate_up_EID[:, inter:].transpose(1, 2))  # (E, C_max, I)
+    act_ECI = F.silu(gate_ECI) * up_ECI
+    y_ECD = torch.bmm(act_ECI, down_proj_EDI.to(dtype).transpose(1, 2))  # (E, C_max, D)
+    return y_ECD.reshape(num_experts * cap, hidden).index_select(0, padded_S)  # (S_kept, D)
+
+
+def experts_batched(
+    x_TD: torch.Tensor,
+    routing: RouterOutput,
+    gate_up_proj_EID: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """Batched backend: dispatch -> padded bmm SwiGLU -> combine. Same contract as :func:`experts_loop`."""
+    x_TD = x_TD.to(_compute_dtype(x_TD))
+    x_SD, plan = dispatch_sorted(x_TD, routing)  # (S_kept, D)
+    y_SD = batched_swiglu(x_SD, plan, gate_up_proj_EID, down_proj_EDI)  # (S_kept, D)
+    return combine_sorted(y_SD, plan)  # (T, D)
+
+
 ExpertsFn = Callable[[torch.Tensor, RouterOutput, torch.Tensor, torch.Tensor], torch.Tensor]
 
 EXPERT_BACKENDS: "MappingProxyType[str, ExpertsFn]" = MappingProxyType(
-    {"loop": experts_loop, "grouped": experts_grouped}
+    {"loop": experts_loop, "batched": experts_batched, "grouped": experts_grouped}
 )
+BACKEND_CHOICES = (*EXPERT_BACKENDS, "auto")
+
+
+def resolve_backend(name: str) -> str:
+    """The concrete backend for ``name``; ``auto`` = ``grouped`` where ``torch._grouped_mm``
+    exists, else ``batched``.
+
+    The rule comes from interleaved timings on the 2-core CPU (docs/moe.md has the table): at
+    balanced load the two are within noise of each other (batched/grouped 0.7–0.9), but batched
+    pads every expert to the busiest one, so under skewed load (max/mean 4–8, as early in training
+    or in a collapsing router) it was 1.3–2.3× slower, while grouped's cost tracks the routed
+    slots. A fixed rule also gives every run and rank the same kernel, which a timing would not.
+    Without the kernel, grouped falls back to a host-split Python loop; batched has none.
+
+    Args:
+        name: a key of :data:`EXPERT_BACKENDS` or ``"auto"``.
+
+    Returns:
+        A key of :data:`EXPERT_BACKENDS`.
+    """
+    if name != "auto":
+        return name
+    return "grouped" if hasattr(torch, "_grouped_mm") else "batched"
 
 
 class Experts(nn.Module):
@@ -262,13 +377,13 @@ class Experts(nn.Module):
         num_experts: E.
         hidden_size: D.
         intermediate_size: I, each expert's width.
-        backend: a key of :data:`EXPERT_BACKENDS`; may be reassigned at any time.
+        backend: a key of :data:`EXPERT_BACKENDS` or ``auto``; may be reassigned at any time.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "grouped") -> None:
         super().__init__()
-        if backend not in EXPERT_BACKENDS:
-            raise ValueError(f"unknown experts backend {backend!r}; use one of {sorted(EXPERT_BACKENDS)}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"unknown experts backend {backend!r}; use one of {sorted(BACKEND_CHOICES)}")
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
         self.backend = backend
@@ -280,7 +395,7 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Run the routed experts; (T, D) -> (T, D) weighted sum over each token's K experts."""
-        return EXPERT_BACKENDS[self.backend](x_TD, routing, self.gate_up_proj, self.down_proj)
+        return EXPERT_BACKENDS[resolve_backend(self.backend)](x_TD, routing, self.gate_up_proj, self.down_proj)
 
     def extra_repr(self) -> str:
         return (

@@ -12,7 +12,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .experts import Experts
-from .routing import RouterOutput, TopKRouter
+from .mlp import SwiGLU
+from .routing import Router, RouterOutput
 
 
 @dataclass(frozen=True)
@@ -31,34 +32,46 @@ class MoEOutput:
 
 
 class MoEBlock(nn.Module):
-    """Sparse SwiGLU MLP: each token goes to its top-k experts (dropless).
+    """Sparse SwiGLU MLP: each token goes to its routed experts, plus the always-on shared ones.
 
-    Submodules: ``gate`` (:class:`TopKRouter`, weight [E, D]) and ``experts``
-    (:class:`Experts`, ``gate_up_proj`` [E, 2I, D], ``down_proj`` [E, D, I]).
+    Submodules: ``gate`` (:class:`Router`, weight [E, D]), ``experts`` (:class:`Experts`,
+    ``gate_up_proj`` [E, 2I, D], ``down_proj`` [E, D, I]) and, when ``moe.num_shared_experts``
+    > 0, ``shared_experts`` (a dense :class:`SwiGLU` of width num_shared × I, DeepSeek-V3 naming).
 
     Args:
-        cfg: the resolved model config (``num_experts``, ``moe.top_k``, ``moe.norm_topk_prob``,
-            ``moe.moe_intermediate_size``, ``moe.backend``).
+        cfg: the resolved model config (``num_experts`` and ``moe.*``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.moe.top_k, cfg.moe.norm_topk_prob)
-        self.experts = Experts(
-            cfg.num_experts, cfg.hidden_size, cfg.moe.moe_intermediate_size, backend=cfg.moe.backend
+        moe = cfg.moe
+        self.gate = Router(
+            cfg.hidden_size, cfg.num_experts, moe.top_k, moe.norm_topk_prob, kind=moe.router,
+            routed_scaling_factor=moe.routed_scaling_factor, n_groups=moe.n_groups,
+            topk_groups=moe.topk_groups, aux_free_bias=moe.aux_free_bias,
+            capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
+        )
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, moe.moe_intermediate_size, backend=moe.backend)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, moe.num_shared_experts * moe.moe_intermediate_size)
+            if moe.num_shared_experts > 0 else None
         )
 
-    def forward(self, x_BTD: torch.Tensor) -> MoEOutput:
+    def forward(self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None) -> MoEOutput:
         """Route and run the experts.
 
         Args:
             x_BTD: (B, T, D) normalised hidden states.
+            token_ids_BT: (B, T) token ids of the same positions (the hash router needs them).
 
         Returns:
             :class:`MoEOutput` with (B, T, D) hidden states and the routing over B·T tokens.
         """
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
-        routing = self.gate(x_ND)
+        token_ids_N = token_ids_BT.reshape(B * T) if token_ids_BT is not None else None
+        routing = self.gate(x_ND, token_ids_N)
         y_ND = self.experts(x_ND, routing)  # (N, D)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
         return MoEOutput(hidden_states=y_ND.view(B, T, D), routing=routing)

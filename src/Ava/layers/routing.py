@@ -1,15 +1,32 @@
-"""Top-k softmax router (Mixtral / Qwen3-MoE), always computed in fp32.
+"""Routers: learned scores -> chosen experts and gate weights, always computed in fp32.
 
-Legend: T tokens (batch × sequence, flattened), D hidden, E routed experts, K experts per token.
+Legend: T tokens (batch × sequence, flattened), D hidden, E routed experts, K slots per token
+(``top_k``; E for expert-choice), G expert groups, C per-expert capacity.
+
+Every router returns the same :class:`RouterOutput`, so dispatch, experts, losses and metrics
+never depend on the routing rule. The pure functions here hold the math; :class:`Router` (held as
+``mlp.gate``) owns the parameters and buffers and picks the function from the config. The
+rules are token-choice (softmax, sigmoid, switch, noisy top-k, hash: each token picks K experts)
+or expert-choice (each expert picks c tokens); capacity dropping and expert-choice both turn
+slots off, which ``RouterOutput.mask_TK`` records for the expert backends.
+
+Autocast is switched off inside every router: in bf16 the logits of near-tied experts round to the
+same value, top-k then flips between them from step to step, and the softmax/z-loss lose
+precision exactly where balancing needs it (ST-MoE, torchtitan and HF all keep the router in fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ROUTERS = ("softmax", "sigmoid", "switch", "noisy_topk", "expert_choice", "hash")
+_HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (golden ratio · 2^32)
 
 
 @dataclass(frozen=True)
@@ -18,12 +35,15 @@ class RouterOutput:
 
     Attributes:
         indices_TK: (T, K) long, chosen experts per token, best first.
-        weights_TK: (T, K) fp32 gate weights of the chosen experts (renormalised to sum 1 when
-            ``norm_topk_prob``).
-        logits_TE: (T, E) fp32 router logits (the z-loss reads them).
-        probs_TE: (T, E) fp32 softmax over all experts (the balancing loss reads them).
-        tokens_per_expert_E: (E,) long, token-slots assigned to each expert (sums to T·K);
-            no gradient.
+        weights_TK: (T, K) fp32 gate weights of the chosen experts (0 on slots that are off).
+        logits_TE: (T, E) fp32 router logits (the z-loss and the logit-norm metric read them).
+        probs_TE: (T, E) fp32 router probabilities over all experts (the balancing losses read
+            them): the softmax, or for ``sigmoid`` the scores normalised to sum 1 per token.
+        tokens_per_expert_E: (E,) long, token-slots each expert computes (sums to T·K when
+            dropless); no gradient.
+        mask_TK: (T, K) bool, False where a slot is off (dropped by capacity, or not picked by
+            expert-choice); None = every slot is on (dropless token-choice, the fast path).
+        dropped_E: (E,) long, slots routed to each expert but dropped by capacity; None = none.
     """
 
     indices_TK: torch.Tensor
@@ -31,75 +51,441 @@ class RouterOutput:
     logits_TE: torch.Tensor
     probs_TE: torch.Tensor
     tokens_per_expert_E: torch.Tensor
+    mask_TK: torch.Tensor | None = None
+    dropped_E: torch.Tensor | None = None
+
+    @property
+    def routed_per_expert_E(self) -> torch.Tensor:
+        """(E,) long, slots the router sent to each expert before capacity dropping."""
+        if self.dropped_E is None:
+            return self.tokens_per_expert_E
+        return self.tokens_per_expert_E + self.dropped_E
 
 
-class TopKRouter(nn.Module):
-    """``softmax(x · Wᵀ)`` then top-k; the weight is ``[E, D]`` like an ``nn.Linear`` without bias.
+def _fp32(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
-    Held as ``mlp.gate`` so its state-dict key (``mlp.gate.weight``) matches HF Qwen3-MoE.
+
+def _count(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(indices_TK.reshape(-1), minlength=num_experts)  # (E,)
+
+
+# --------------------------------------------------------------------------------------------
+# selection: top-k, optionally biased and group-limited
+# --------------------------------------------------------------------------------------------
+
+
+def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """Keep only experts in each token's best ``topk_groups`` of ``n_groups`` groups.
+
+    A group scores the sum of its top-2 expert scores (DeepSeek-V3; the max when a group holds
+    one expert). Experts are grouped contiguously: group g holds experts ``g·E/G .. (g+1)·E/G − 1``.
 
     Args:
-        hidden_size: D.
-        num_experts: E.
-        top_k: K experts per token (≤ E).
-        norm_topk_prob: renormalise the K chosen probabilities to sum to 1.
+        scores_TE: (T, E) selection scores (already biased, if a bias is used).
+        n_groups: G, divides E.
+        topk_groups: M ≤ G groups kept per token.
+
+    Returns:
+        (T, E) bool, True for experts inside a kept group.
     """
+    T, E = scores_TE.shape
+    scores_TGe = scores_TE.view(T, n_groups, E // n_groups)  # (T, G, E/G)
+    group_TG = scores_TGe.topk(min(2, E // n_groups), dim=-1).values.sum(dim=-1)  # (T, G)
+    keep_TM = group_TG.topk(topk_groups, dim=-1).indices  # (T, M)
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TM, True)
+    return keep_TG.repeat_interleave(E // n_groups, dim=1)  # (T, E)
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = True) -> None:
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.norm_topk_prob = norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        """Route each token.
+def select_topk(
+    scores_TE: torch.Tensor,
+    top_k: int,
+    bias_E: torch.Tensor | None = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+) -> torch.Tensor:
+    """Indices of the top-k experts by ``scores + bias``, within the kept groups.
 
-        Args:
-            x_TD: (T, D) hidden states, any dtype.
+    The bias only moves the choice; callers read the gate weights from the unbiased scores.
 
-        Returns:
-            A :class:`RouterOutput`; every float tensor in it is fp32.
-        """
-        return route_topk(x_TD, self.weight, self.top_k, self.norm_topk_prob)
+    Args:
+        scores_TE: (T, E) fp32 scores (probabilities or sigmoid scores).
+        top_k: K.
+        bias_E: (E,) balancing bias, or None.
+        n_groups / topk_groups: group-limited routing, or None.
 
-    def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
+    Returns:
+        (T, K) long, best first.
+    """
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if n_groups is not None and topk_groups is not None and n_groups > 1:
+        keep_TE = group_limited_mask(choice_TE, n_groups, topk_groups)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    return choice_TE.topk(top_k, dim=-1).indices  # (T, K)
+
+
+# --------------------------------------------------------------------------------------------
+# token-choice routers
+# --------------------------------------------------------------------------------------------
 
 
 def route_topk(
-    x_TD: torch.Tensor, weight_ED: torch.Tensor, top_k: int, norm_topk_prob: bool = True
+    x_TD: torch.Tensor,
+    weight_ED: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    *,
+    bias_E: torch.Tensor | None = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    noise_weight_ED: torch.Tensor | None = None,
 ) -> RouterOutput:
-    """Top-k softmax routing in fp32.
-
-    Autocast is switched off here: in bf16 the logits of near-tied experts round to the same
-    value, top-k then flips between them from step to step, and the softmax/z-loss lose precision
-    exactly where balancing needs it (ST-MoE, torchtitan and HF all keep the router in fp32).
+    """Top-k softmax routing in fp32 (Mixtral / Qwen3-MoE; Switch with K=1; noisy top-k).
 
     Args:
         x_TD: (T, D) hidden states.
         weight_ED: (E, D) router weight.
         top_k: K.
         norm_topk_prob: renormalise the K chosen probabilities to sum to 1.
+        bias_E: (E,) aux-free balancing bias, added to the probabilities for selection only.
+        n_groups / topk_groups: group-limited selection.
+        routed_scaling_factor: multiply the gate weights by this.
+        noise_weight_ED: (E, D) noisy top-k (Shazeer 2017): when given, the softmax is taken over
+            ``logits + N(0,1)·softplus(x·W_noise)``; pass it only in training.
+
+    Returns:
+        :class:`RouterOutput`; ``logits_TE`` are the clean logits (the z-loss and logit norms
+        watch what the router learned, not the noise).
+    """
+    with _fp32(x_TD):
+        x_TD = x_TD.float()
+        logits_TE = F.linear(x_TD, weight_ED.float())  # (T, E)
+        noisy_TE = logits_TE
+        if noise_weight_ED is not None:
+            noise_std_TE = F.softplus(F.linear(x_TD, noise_weight_ED.float()))  # (T, E)
+            noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        probs_TE = noisy_TE.softmax(dim=-1)
+        indices_TK = select_topk(probs_TE, top_k, bias_E, n_groups, topk_groups)
+        weights_TK = probs_TE.gather(1, indices_TK)  # (T, K)
+        if norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * routed_scaling_factor
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, _count(indices_TK, weight_ED.shape[0]))
+
+
+def route_sigmoid(
+    x_TD: torch.Tensor,
+    weight_ED: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    *,
+    bias_E: torch.Tensor | None = None,
+    n_groups: int | None = None,
+    topk_groups: int | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> RouterOutput:
+    """DeepSeek-V3 routing: sigmoid scores, top-k of ``scores + bias``, normalised selected scores.
+
+    Args:
+        x_TD: (T, D) hidden states.
+        weight_ED: (E, D) router weight.
+        top_k: K.
+        norm_topk_prob: divide the K selected scores by their sum (V3 does).
+        bias_E: (E,) aux-free balancing bias, selection only.
+        n_groups / topk_groups: group-limited (node-limited) selection.
+        routed_scaling_factor: multiply the gate weights by this (2.5 in V3), so with
+            normalisation they sum to exactly this factor.
+
+    Returns:
+        :class:`RouterOutput`; ``probs_TE`` holds the scores normalised to sum 1 per token (the
+        "normalised affinities" V3's sequence-wise balancing loss uses).
+    """
+    with _fp32(x_TD):
+        logits_TE = F.linear(x_TD.float(), weight_ED.float())  # (T, E)
+        scores_TE = logits_TE.sigmoid()
+        indices_TK = select_topk(scores_TE, top_k, bias_E, n_groups, topk_groups)
+        weights_TK = scores_TE.gather(1, indices_TK)  # (T, K) unbiased scores
+        if norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * routed_scaling_factor
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, _count(indices_TK, weight_ED.shape[0]))
+
+
+def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """Fixed expert assignment of each token id (Roller et al. 2021, "Hash Layers").
+
+    Expert ``h(id) mod E`` with Knuth's multiplicative hash ``h``, then the next ``K − 1``
+    experts cyclically, so the K experts of a token are distinct. Depends on the id only.
+
+    Args:
+        token_ids_T: (T,) long token ids.
+        num_experts: E.
+        top_k: K ≤ E.
+
+    Returns:
+        (T, K) long.
+    """
+    h_T = (token_ids_T.long() * _HASH_MULTIPLIER) % (1 << 32)  # (T,) fits int64
+    first_T1 = (h_T % num_experts).unsqueeze(-1)  # (T, 1)
+    return (first_T1 + torch.arange(top_k, device=token_ids_T.device)) % num_experts  # (T, K)
+
+
+def route_hash(
+    x_TD: torch.Tensor,
+    weight_ED: torch.Tensor,
+    top_k: int,
+    token_ids_T: torch.Tensor,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> RouterOutput:
+    """Hash routing: experts fixed by the token id; gate weights from the softmax router.
+
+    The softmax still runs so the gate weights (and the z-loss/metrics) stay learned signals; with
+    ``top_k=1`` and ``norm_topk_prob`` the weight is exactly 1, i.e. plain hash layers.
+
+    Args:
+        x_TD: (T, D) hidden states.
+        weight_ED: (E, D) router weight.
+        top_k: K.
+        token_ids_T: (T,) token ids of the same tokens.
+        norm_topk_prob: renormalise the K gathered probabilities to sum 1.
+        routed_scaling_factor: multiply the gate weights by this.
 
     Returns:
         :class:`RouterOutput`.
     """
-    num_experts = weight_ED.shape[0]
-    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+    with _fp32(x_TD):
         logits_TE = F.linear(x_TD.float(), weight_ED.float())  # (T, E)
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = probs_TE.topk(top_k, dim=-1)  # (T, K)
+        indices_TK = hash_experts(token_ids_T, weight_ED.shape[0], top_k)
+        weights_TK = probs_TE.gather(1, indices_TK)
         if norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    tokens_per_expert_E = torch.bincount(indices_TK.reshape(-1), minlength=num_experts)  # (E,)
+        weights_TK = weights_TK * routed_scaling_factor
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, _count(indices_TK, weight_ED.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# capacity and expert-choice: slots that are off
+# --------------------------------------------------------------------------------------------
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """``C = ceil(CF · T · K / E)``, the most token-slots one expert computes (at least 1)."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def apply_capacity(routing: RouterOutput, capacity_factor: float) -> RouterOutput:
+    """Drop the token-slots that overflow each expert's capacity C.
+
+    Priority is GShard's: every token's first choice before any second choice, and within a
+    choice rank, earlier tokens first. A dropped slot gets weight 0 and is not computed; a token
+    whose every slot is dropped passes through the residual unchanged. The decision depends only
+    on the routing, so every expert backend drops the same slots.
+
+    Args:
+        routing: a token-choice decision without a mask.
+        capacity_factor: CF.
+
+    Returns:
+        The routing with ``mask_TK``, zeroed weights on dropped slots, ``tokens_per_expert_E`` =
+        computed slots and ``dropped_E`` = dropped slots; unchanged when C ≥ T (nothing can
+        overflow: an expert gets at most one slot per token).
+    """
+    T, K = routing.indices_TK.shape
+    E = routing.tokens_per_expert_E.shape[0]
+    cap = expert_capacity(T, K, E, capacity_factor)
+    if cap >= T:
+        return routing
+    expert_P = routing.indices_TK.t().reshape(-1)  # (P = K·T,) choice-major priority order
+    order_P = torch.argsort(expert_P, stable=True)  # grouped by expert, priority kept inside
+    counts_E = routing.tokens_per_expert_E
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    rank_sorted_P = torch.arange(expert_P.numel(), device=expert_P.device) - starts_E[expert_P[order_P]]
+    rank_P = torch.empty_like(rank_sorted_P).scatter_(0, order_P, rank_sorted_P)  # place in its expert's queue
+    keep_TK = (rank_P < cap).view(K, T).t().contiguous()  # (T, K)
+    kept_E = counts_E.clamp(max=cap)
     return RouterOutput(
-        indices_TK=indices_TK,
-        weights_TK=weights_TK,
+        indices_TK=routing.indices_TK,
+        weights_TK=routing.weights_TK.masked_fill(~keep_TK, 0.0),
+        logits_TE=routing.logits_TE,
+        probs_TE=routing.probs_TE,
+        tokens_per_expert_E=kept_E,
+        mask_TK=keep_TK,
+        dropped_E=counts_E - kept_E,
+    )
+
+
+def route_expert_choice(
+    x_TD: torch.Tensor,
+    weight_ED: torch.Tensor,
+    top_k: int,
+    capacity_factor: float,
+    routed_scaling_factor: float = 1.0,
+) -> RouterOutput:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-c tokens.
+
+    ``c = min(T, ceil(CF · T · K / E))``, so on average a token gets CF·K experts but any one
+    token may get 0..E. The decision is expressed with K = E slots per token (slot e is expert e)
+    and ``mask_TK`` marking the chosen ones; the backends compute only those E·c slots.
+
+    Args:
+        x_TD: (T, D) hidden states.
+        weight_ED: (E, D) router weight.
+        top_k: K, the average experts per token at CF = 1.
+        capacity_factor: CF.
+        routed_scaling_factor: multiply the gate weights by this.
+
+    Returns:
+        :class:`RouterOutput` with (T, E) indices/weights/mask; every expert computes exactly c.
+    """
+    T = x_TD.shape[0]
+    E = weight_ED.shape[0]
+    cap = min(T, expert_capacity(T, top_k, E, capacity_factor))
+    with _fp32(x_TD):
+        logits_TE = F.linear(x_TD.float(), weight_ED.float())  # (T, E)
+        probs_TE = logits_TE.softmax(dim=-1)
+        token_CE = probs_TE.topk(cap, dim=0).indices  # (c, E): expert e's tokens
+        mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, token_CE, True)
+        weights_TE = probs_TE.masked_fill(~mask_TE, 0.0) * routed_scaling_factor
+    indices_TE = torch.arange(E, device=x_TD.device).expand(T, E)
+    return RouterOutput(
+        indices_TK=indices_TE,
+        weights_TK=weights_TE,
         logits_TE=logits_TE,
         probs_TE=probs_TE,
-        tokens_per_expert_E=tokens_per_expert_E,
+        tokens_per_expert_E=torch.full((E,), cap, dtype=torch.long, device=x_TD.device),
+        mask_TK=mask_TE,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the module
+# --------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """The router of one MoE layer (``mlp.gate``): weight ``[E, D]`` like an ``nn.Linear``.
+
+    Parameters and buffers (state-dict keys under ``mlp.gate.``): ``weight`` always (HF Qwen3-MoE
+    name); ``noise_weight`` [E, D] for ``noisy_topk`` (zero-initialised, Shazeer 2017);
+    ``expert_bias`` [E] fp32 buffer when ``aux_free_bias`` (selection only, updated by
+    :meth:`update_bias`, saved with the weights).
+
+    Args:
+        hidden_size: D.
+        num_experts: E.
+        top_k: K experts per token (≤ E).
+        norm_topk_prob: renormalise the chosen weights to sum to 1.
+        kind: one of :data:`ROUTERS`.
+        routed_scaling_factor: multiply gate weights by this.
+        n_groups / topk_groups: group-limited routing (score routers only).
+        aux_free_bias: keep a per-expert selection bias.
+        capacity_factor / eval_capacity_factor: per-expert capacity in train / eval mode; None =
+            dropless (``eval_capacity_factor`` None = ``capacity_factor``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        norm_topk_prob: bool = True,
+        kind: str = "softmax",
+        routed_scaling_factor: float = 1.0,
+        n_groups: int | None = None,
+        topk_groups: int | None = None,
+        aux_free_bias: bool = False,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if kind not in ROUTERS:
+            raise ValueError(f"unknown router {kind!r}; use one of {list(ROUTERS)}")
+        if kind == "expert_choice" and capacity_factor is None:
+            raise ValueError("router expert_choice needs a capacity_factor")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.kind = kind
+        self.routed_scaling_factor = routed_scaling_factor
+        self.n_groups = n_groups
+        self.topk_groups = topk_groups
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size)) if kind == "noisy_topk" else None
+        if aux_free_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor of the current mode (train or eval)."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
+        """Route each token (and apply capacity when a capacity factor is set).
+
+        Args:
+            x_TD: (T, D) hidden states, any dtype.
+            token_ids_T: (T,) token ids; required by the ``hash`` router, ignored by the others.
+
+        Returns:
+            A :class:`RouterOutput`; every float tensor in it is fp32.
+        """
+        cf = self.active_capacity_factor
+        if self.kind == "expert_choice":
+            return route_expert_choice(x_TD, self.weight, self.top_k, cf, self.routed_scaling_factor)
+        if self.kind == "hash":
+            if token_ids_T is None:
+                raise ValueError("the hash router needs the token ids: call the MoE block with token_ids_BT")
+            out = route_hash(x_TD, self.weight, self.top_k, token_ids_T, self.norm_topk_prob,
+                             self.routed_scaling_factor)
+        else:
+            common = dict(bias_E=self.expert_bias, n_groups=self.n_groups, topk_groups=self.topk_groups,
+                          routed_scaling_factor=self.routed_scaling_factor)
+            if self.kind == "sigmoid":
+                out = route_sigmoid(x_TD, self.weight, self.top_k, self.norm_topk_prob, **common)
+            else:  # softmax, switch (top-1, raw probability), noisy_topk
+                norm = self.norm_topk_prob and self.kind != "switch"
+                noise = self.noise_weight if self.training else None
+                out = route_topk(x_TD, self.weight, self.top_k, norm, noise_weight_ED=noise, **common)
+        return out if cf is None else apply_capacity(out, cf)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing step: ``b_i += rate · sign(mean load − load_i)``.
+
+        Underloaded experts become more attractive, overloaded ones less; the bias never enters
+        the gate weights, so it steers load without a gradient term (Wang et al. 2024).
+
+        Args:
+            load_E: (E,) token-slots routed to each expert over the optimizer step.
+            rate: γ.
+        """
+        if self.expert_bias is None:
+            return
+        load_E = load_E.to(self.expert_bias.device, torch.float32)
+        self.expert_bias.add_(rate * torch.sign(load_E.mean() - load_E))
+
+    def extra_repr(self) -> str:
+        parts = [f"kind={self.kind}", f"experts={self.num_experts}", f"top_k={self.top_k}",
+                 f"norm_topk_prob={self.norm_topk_prob}"]
+        if self.n_groups:
+            parts.append(f"groups={self.topk_groups}/{self.n_groups}")
+        if self.capacity_factor is not None:
+            parts.append(f"capacity_factor={self.capacity_factor}/{self.eval_capacity_factor}")
+        if self.expert_bias is not None:
+            parts.append("aux_free_bias")
+        return ", ".join(parts)
+
+
+TopKRouter = Router  # the Foundation's name, kept for imports and tests

@@ -23,7 +23,13 @@ from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
 from ..layers.routing import RouterOutput
-from ..losses import causal_lm_loss, load_balancing_loss, router_z_loss
+from ..losses import (
+    causal_lm_loss,
+    global_balancing_loss,
+    load_balancing_loss,
+    router_z_loss,
+    sequence_balancing_loss,
+)
 from ..utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 
 
@@ -34,15 +40,24 @@ class RouterStats:
 
     Attributes:
         layer: decoder layer index.
-        tokens_per_expert: (E,) long, token-slots each expert received (sums to tokens·top_k).
+        tokens_per_expert: (E,) long, token-slots the router sent to each expert, before capacity
+            dropping (sums to tokens·top_k; c per expert for expert-choice). Load metrics and
+            the aux-free bias read this.
         aux_loss: fp32 scalar, the layer's unweighted load-balancing loss (1 = perfectly uniform).
         z_loss: fp32 scalar, the layer's unweighted router z-loss.
+        dropped_tokens: long scalar, token-slots dropped by capacity (0 when dropless).
+        router_entropy: fp32 scalar, mean over tokens of the entropy of the router probabilities
+            (ln E = undecided, 0 = one-hot).
+        logit_norm: fp32 scalar, mean over tokens of the L2 norm of the router logits.
     """
 
     layer: int
     tokens_per_expert: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    dropped_tokens: torch.Tensor | None = None
+    router_entropy: torch.Tensor | None = None
+    logit_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,8 +67,11 @@ class MoEModelOutput:
     Attributes:
         loss: ``lm_loss + sum(aux_losses.values())``; None without labels.
         lm_loss: fp32 scalar cross-entropy; None without labels.
-        aux_losses: already-weighted terms ``{"load_balance": α·mean_l, "z_loss": β·mean_l}``
-            over MoE layers; a term whose coefficient is 0 is left out; empty without MoE layers.
+        aux_losses: already-weighted terms averaged over MoE layers: ``load_balance``
+            (aux_loss_coef), ``seq_load_balance`` (seq_aux_loss_coef), ``global_load_balance``
+            (global_aux_loss_coef), ``z_loss`` (z_loss_coef); a term whose coefficient is 0 is left
+            out (the balance terms also with expert-choice, balanced by construction); empty
+            without MoE layers.
         logits: (B, T, V).
         router_stats: one :class:`RouterStats` per MoE layer.
         past_key_values: per layer ``(k, v)`` each (B, G, S, K) when ``use_cache``, else None.
@@ -72,13 +90,14 @@ class DecoderLayer(nn.Module):
 
     Args:
         cfg: resolved model config.
-        layer_idx: position in the stack (the first ``moe.first_dense_layers`` are dense).
+        layer_idx: position in the stack (the first ``moe.first_dense_layers`` are dense; after
+            them, layer i is MoE when ``(i + 1) % moe.moe_every == 0``).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.is_moe = layer_idx >= cfg.moe.first_dense_layers
+        self.is_moe = layer_idx >= cfg.moe.first_dense_layers and (layer_idx + 1) % cfg.moe.moe_every == 0
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -92,8 +111,11 @@ class DecoderLayer(nn.Module):
         sin_BTK: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None,
         past_kv: KVCache | None,
+        token_ids_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
-        """(B, T, D) -> ((B, T, D), this layer's (k, v), routing or None for a dense layer)."""
+        """(B, T, D) -> ((B, T, D), this layer's (k, v), routing or None for a dense layer).
+
+        ``token_ids_BT`` (B, T) are the input ids, for the hash router."""
         attn_BTD, present_kv = self.self_attn(
             self.input_layernorm(x_BTD), cos_BTK, sin_BTK, attn_mask_B1TS, past_kv
         )
@@ -101,7 +123,7 @@ class DecoderLayer(nn.Module):
         h_BTD = self.post_attention_layernorm(x_BTD)
         routing = None
         if self.is_moe:
-            moe_out = self.mlp(h_BTD)
+            moe_out = self.mlp(h_BTD, token_ids_BT)
             mlp_BTD, routing = moe_out.hidden_states, moe_out.routing
         else:
             mlp_BTD = self.mlp(h_BTD)
@@ -173,6 +195,7 @@ class EnhancedMoEModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: list[KVCache] | None = None,
         use_cache: bool = False,
+        moe_load_prefix: list[torch.Tensor] | None = None,
     ) -> MoEModelOutput:
         """Run the decoder.
 
@@ -185,6 +208,9 @@ class EnhancedMoEModel(nn.Module):
                 padding pass ``cumsum(mask) - 1`` (clamped at 0) for exact positions.
             past_key_values: one ``(k, v)`` per layer, each (B, G, S_past, K), or None.
             use_cache: return the updated per-layer ``(k, v)``.
+            moe_load_prefix: per MoE layer, (E,) routed counts of the earlier micro-batches of
+                this optimizer step; the global-batch balancing loss counts f over them plus
+                this batch (see :func:`~Ava.losses.global_balancing_loss`). None = this batch only.
 
         Returns:
             :class:`MoEModelOutput`.
@@ -208,14 +234,14 @@ class EnhancedMoEModel(nn.Module):
         routings: list[tuple[int, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
-            x_BTD, present_kv, routing = layer(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv)
+            x_BTD, present_kv, routing = layer(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv, input_ids)
             if use_cache:
                 presents.append(present_kv)
             if routing is not None:
                 routings.append((i, routing))
         logits_BTV = self.lm_head(self.norm(x_BTD))  # (B, T, V)
 
-        aux_losses, router_stats = self._balancing_terms(routings)
+        aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix)
         lm_loss = loss = None
         if labels is not None:
             lm_loss = causal_lm_loss(logits_BTV, labels)
@@ -230,31 +256,83 @@ class EnhancedMoEModel(nn.Module):
         )
 
     def _balancing_terms(
-        self, routings: list[tuple[int, RouterOutput]]
+        self,
+        routings: list[tuple[int, RouterOutput]],
+        batch_size: int,
+        load_prefix: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[RouterStats]]:
-        """Weighted aux/z losses averaged over MoE layers, and the per-layer stats."""
+        """Weighted balancing/z losses averaged over MoE layers, and the per-layer stats.
+
+        Args:
+            routings: (layer index, routing) of each MoE layer.
+            batch_size: B (the sequence-level loss splits the B·T tokens into sequences).
+            load_prefix: per MoE layer, routed counts of earlier micro-batches (global-batch loss).
+
+        Returns:
+            ``(aux_losses, router_stats)`` as in :class:`MoEModelOutput`.
+        """
         moe = self.config.moe
         if not routings:
             return {}, []
+        routed = [r.routed_per_expert_E for _, r in routings]  # (E,) per layer, before dropping
         aux_per_layer = [
-            load_balancing_loss(r.probs_TE, r.indices_TK, r.tokens_per_expert_E) for _, r in routings
+            load_balancing_loss(r.probs_TE, r.indices_TK, counts) for (_, r), counts in zip(routings, routed)
         ]
         z_per_layer = [router_z_loss(r.logits_TE) for _, r in routings]
-        stats = [
-            RouterStats(
-                layer=i,
-                tokens_per_expert=r.tokens_per_expert_E.detach(),
-                aux_loss=aux.detach(),
-                z_loss=z.detach(),
-            )
-            for (i, r), aux, z in zip(routings, aux_per_layer, z_per_layer)
-        ]
+        stats = []
+        with torch.no_grad():
+            for (i, r), counts, aux, z in zip(routings, routed, aux_per_layer, z_per_layer):
+                p_TE = r.probs_TE
+                stats.append(RouterStats(
+                    layer=i,
+                    tokens_per_expert=counts.detach(),
+                    aux_loss=aux.detach(),
+                    z_loss=z.detach(),
+                    dropped_tokens=r.dropped_E.sum() if r.dropped_E is not None else torch.zeros(
+                        (), dtype=torch.long, device=counts.device),
+                    router_entropy=-(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean(),
+                    logit_norm=r.logits_TE.norm(dim=-1).mean(),
+                ))
         aux_losses: dict[str, torch.Tensor] = {}
-        if moe.aux_loss_coef > 0:
+        balance = moe.router != "expert_choice"  # expert-choice is balanced by construction
+        if balance and moe.aux_loss_coef > 0:
             aux_losses["load_balance"] = moe.aux_loss_coef * torch.stack(aux_per_layer).mean()
+        if balance and moe.seq_aux_loss_coef > 0:
+            seq = [sequence_balancing_loss(r.probs_TE, r.indices_TK, batch_size) for _, r in routings]
+            aux_losses["seq_load_balance"] = moe.seq_aux_loss_coef * torch.stack(seq).mean()
+        if balance and moe.global_aux_loss_coef > 0:
+            prefix = load_prefix if load_prefix else [None] * len(routings)
+            glob = [
+                global_balancing_loss(r.probs_TE, counts if before is None else counts + before.to(counts.device))
+                for (_, r), counts, before in zip(routings, routed, prefix)
+            ]
+            aux_losses["global_load_balance"] = moe.global_aux_loss_coef * torch.stack(glob).mean()
         if moe.z_loss_coef > 0:
             aux_losses["z_loss"] = moe.z_loss_coef * torch.stack(z_per_layer).mean()
         return aux_losses, stats
+
+    # -- balancing state ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: list[torch.Tensor]) -> None:
+        """Aux-loss-free balancing: nudge each MoE layer's expert bias toward uniform load.
+
+        Call once per optimizer step, after ``optimizer.step()``, with the step's routed counts
+        summed over its micro-batches (``RouterStats.tokens_per_expert``). A no-op unless
+        ``model.moe.aux_free_bias``. ``b_i += γ · sign(mean load − load_i)``, γ =
+        ``moe.bias_update_rate``; the bias is a buffer, so it is saved with the weights.
+
+        Args:
+            tokens_per_expert: one (E,) count per MoE layer, in layer order.
+        """
+        moe_cfg = self.config.moe
+        if not moe_cfg.aux_free_bias:
+            return
+        moe_layers = [layer for layer in self.layers if layer.is_moe]
+        if len(tokens_per_expert) != len(moe_layers):
+            raise ValueError(f"got {len(tokens_per_expert)} load vectors for {len(moe_layers)} MoE layers")
+        for layer, load_E in zip(moe_layers, tokens_per_expert):
+            layer.mlp.gate.update_bias(load_E, moe_cfg.bias_update_rate)
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -302,6 +380,8 @@ class EnhancedMoEModel(nn.Module):
                 experts = layer.mlp.experts
                 per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
                 matmul_params += layer.mlp.gate.weight.numel() + cfg.moe.top_k * per_expert
+                if layer.mlp.shared_experts is not None:
+                    matmul_params += sum(p.numel() for p in layer.mlp.shared_experts.parameters())
             else:
                 matmul_params += sum(p.numel() for p in layer.mlp.parameters())
         matmul_params += self.lm_head.weight.numel()

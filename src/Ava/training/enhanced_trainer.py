@@ -1,8 +1,10 @@
 """The trainer: orchestrates run folder, data, optimisation loop, evaluation and checkpoints.
 
-``train()`` reads like the pipeline in DESIGN.md; ``train_step()`` holds forward, backward, clip
-and optimizer step; every concern it touches (schedules, metrics, checkpoints, run folders, data)
-lives in its own module.
+``train()`` reads like the pipeline in DESIGN.md; ``train_step()`` holds forward, backward,
+health check, clip and optimizer step; every concern it touches (schedules, gradient health,
+metrics, checkpoints, run folders, data order) lives in its own module. Everything that changes
+during training is gathered by :meth:`EnhancedModularTrainer.training_state` and restored by
+:meth:`_restore`, which is what makes ``--resume`` bit-exact on CPU.
 """
 
 from __future__ import annotations
@@ -10,26 +12,60 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 from tqdm import tqdm
 
-from ..config import EnhancedTrainingConfig, check_compatibility
+from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
-from ..errors import AvaConfigError, AvaDataError
+from ..data.sampling import EpochSampler
+from ..errors import AvaConfigError, AvaDataError, AvaError
 from ..optimization import build_optimizer
-from ..utils.checkpoint import rng_state, save_checkpoint
+from ..utils.async_logging import AsyncSink
+from ..utils.checkpoint import (
+    CheckpointWriter,
+    load_training_state,
+    load_weights,
+    rng_state,
+    set_rng_state,
+)
 from ..utils.logging import setup_logging
+from .adaptive_lr import PlateauLR, build_plateau
+from .early_stopping import EarlyStopping
+from .gradient_health import GradientHealthMonitor, layer_grad_norms
+from .gradient_surgery import build_surgery
 from .lr_manager import build_scheduler
-from .metrics import MetricsWriter, expert_load_summary
-from .run_manager import RunPaths, create_run_folder, resolve_device, seed_everything, write_summary
+from .memory_monitor import memory_snapshot, oom_hint
+from .metrics import (
+    MetricsWriter,
+    MoECollapseAlarm,
+    StepTimer,
+    accumulate_router_stats,
+    expert_load_summary,
+    measure_matmul_peak,
+    moe_diagnostics,
+    start_wandb,
+)
+from .run_manager import (
+    RunPaths,
+    check_resume_config,
+    create_run_folder,
+    resolve_device,
+    resolve_resume,
+    seed_everything,
+    write_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +84,10 @@ class TrainingSummary:
     wall_time_s: float
     tokens_per_second: float
     sample: str | None
+    skipped_steps: list[list[Any]] = field(default_factory=list)
+    rollbacks: list[int] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,131 +113,226 @@ class EnhancedModularTrainer:
         self.device = resolve_device(config.run.device)
         self.step = 0
         self.tokens = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of the current epoch handed out by the loader
+        self._cursor = (0, 0)  # (epoch, batches_in_epoch) after the last completed step
+        self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
+        self.best_val: float | None = None
+        self.last_val: float | None = None
         self.paths: RunPaths | None = None
         self.data: PreparedData | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.health = GradientHealthMonitor(config.gradient.health)
+        self.moe_alarm = MoECollapseAlarm(config.training.moe_alarm)
+        self.early_stopping = EarlyStopping(config.evaluation.early_stopping)
+        self.plateau: PlateauLR | None = None
+        self.surgery = build_surgery(config.gradient.surgery, config.run.seed)
+        self.checkpoints: CheckpointWriter | None = None
+        self._last_good_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------------------------
     # the loop
     # ------------------------------------------------------------------------------------
 
-    def train(self) -> TrainingSummary:
+    def train(self, resume: str | Path | None = None) -> TrainingSummary:
         """Run training to the end and return its summary.
 
+        Args:
+            resume: ``"auto"`` (the newest run of this config's name with a good checkpoint;
+                a fresh run when there is none), a run folder or a checkpoint folder. The run
+                continues in the same run folder, bit-exactly on CPU.
+
         Raises:
-            AvaConfigError / AvaDataError: a config or data problem, before any training step.
+            AvaConfigError / AvaDataError / AvaCheckpointError: a problem found before the first
+                step, named with its key, file or checkpoint.
         """
         cfg = self.config
         start = time.perf_counter()
         raise_on_errors(check_compatibility(cfg, environment=True), "config")
-        self.paths = paths = create_run_folder(cfg)
+        run_dir, checkpoint = resolve_resume(cfg, resume) if resume is not None else (None, None)
+        if run_dir is not None:
+            changes = check_resume_config(run_dir, cfg)
+            self.paths = paths = RunPaths(run_dir)
+            cfg.to_yaml(paths.config)
+        else:
+            self.paths = paths = create_run_folder(cfg)
+            changes = []
         setup_logging(cfg.logging.level, paths.log_file)
-        logger.info("run folder: %s", paths.root)
+        if checkpoint is not None:
+            logger.info("resuming %s from %s", paths.root, checkpoint)
+            for change in changes:
+                logger.info("config change on resume: %s", change)
+        else:
+            logger.info("run folder: %s", paths.root)
         seed_everything(cfg.run.seed)
         if cfg.run.num_threads is not None:
             torch.set_num_threads(cfg.run.num_threads)
 
-        self.data = data = prepare_data(cfg.data, cfg.run.seed, paths.tokenizer)
+        data_cfg = cfg.data
+        if checkpoint is not None:  # the run's own tokenizer, never a retrained one
+            data_cfg = cfg.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(paths.tokenizer))})
+        self.data = data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer)
         self._check_vocab(data)
         self.model.to(self.device)
         total_steps = self._total_steps(len(data.train))
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.learning_rate, total_steps)
+        self.plateau = build_plateau(self.scheduler, cfg.scheduler.plateau, cfg.training.learning_rate)
+        self.checkpoints = CheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
+                                            cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self._log_plan(total_steps)
 
-        writer = MetricsWriter(paths.metrics, paths.tensorboard if cfg.logging.tensorboard else None)
-        val_loss = best_val = None
+        peak = measure_matmul_peak(self.device, torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32)
+        flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        sink = MetricsWriter(paths.metrics, paths.tensorboard if cfg.logging.tensorboard else None,
+                             resume_step=self.step if checkpoint is not None else None,
+                             wandb_run=start_wandb(cfg, paths.root, resume=checkpoint is not None))
+        writer = AsyncSink(sink) if cfg.logging.async_metrics else sink
+        timer = StepTimer(self.device, cfg.logging.time_breakdown)
         train_loss = float("nan")
+        stopped_early = False
         try:
             bar = self._progress_bar(total_steps)
             window_tokens, window_start = 0, time.perf_counter()
-            for micro_batches in self._optimizer_steps(total_steps):
-                metrics = self.train_step(micro_batches)
+            for micro_batches in self._stop_on_signals(self._optimizer_steps(total_steps)):
+                timer.mark("data")
+                metrics = self._guarded_step(micro_batches, timer)
+                self._cursor = (self.epoch, self.batches_in_epoch)
                 window_tokens += metrics.pop("tokens")
                 bar.update(1)
                 if self.step % cfg.training.log_every == 0 or self.step == total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     values = _to_floats(metrics)
                     values["tokens_per_s"] = window_tokens / elapsed
+                    values["mfu"] = values["tokens_per_s"] * flops_per_token / peak
                     values["tokens"] = self.tokens
+                    values.update(timer.read())
+                    if cfg.logging.memory_every == 0:
+                        values.update(memory_snapshot(self.device))
                     train_loss = values["loss"]
                     writer.write(self.step, "train", values)
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}", lr=f"{values['lr']:.2e}",
                                     tok_s=f"{values['tokens_per_s']:,.0f}")
                     window_tokens, window_start = 0, time.perf_counter()
+                if cfg.logging.memory_every and self.step % cfg.logging.memory_every == 0:
+                    writer.write(self.step, "memory", memory_snapshot(self.device))
+                evaluated = False
                 if data.val is not None and (self.step % cfg.training.eval_every == 0 or self.step == total_steps):
                     val = self.evaluate()
-                    val_loss = val["loss"]
-                    best_val = val_loss if best_val is None else min(best_val, val_loss)
+                    evaluated = True
+                    self.last_val = val["loss"]
+                    self.best_val = val["loss"] if self.best_val is None else min(self.best_val, val["loss"])
                     writer.write(self.step, "val", val)
-                    logger.info("step %d/%d  val loss %.4f  ppl %.1f", self.step, total_steps, val_loss, val["ppl"])
-                if cfg.training.save_every and self.step % cfg.training.save_every == 0 and self.step < total_steps:
-                    self.save_checkpoint()
+                    logger.info("step %d/%d  val loss %.4f  ppl %.1f", self.step, total_steps, val["loss"], val["ppl"])
+                    stopped_early = self.early_stopping.update(val["loss"])
+                    self._adapt_lr(val["loss"])
+                save_every = cfg.training.save_every
+                if stopped_early or (save_every and self.step % save_every == 0 and self.step < total_steps):
+                    self.save_checkpoint(val_loss=self.last_val if evaluated else None)
+                if stopped_early:
+                    logger.info("early stopping at step %d: no val-loss improvement in %d evaluations",
+                                self.step, self.early_stopping.bad_evals)
+                    break
+                if self._stop_signal is not None:
+                    self._stop_after_signal(bar)
+                timer.mark("data")  # bookkeeping above is not charged to the next step's phases
             bar.close()
-            checkpoint = self.save_checkpoint()
+            checkpoint_dir = self.save_checkpoint(val_loss=self.last_val) if not stopped_early else self.checkpoints.last_path
+            self.checkpoints.wait()
         finally:
             writer.close()
 
         sample = self._sample()
         wall = time.perf_counter() - start
         summary = TrainingSummary(
-            run_dir=str(paths.root),
-            checkpoint=str(checkpoint),
-            steps=self.step,
-            tokens=self.tokens,
-            final_train_loss=train_loss,
-            final_val_loss=val_loss,
-            best_val_loss=best_val,
-            wall_time_s=wall,
-            tokens_per_second=self.tokens / wall,
-            sample=sample,
+            run_dir=str(paths.root), checkpoint=str(checkpoint_dir), steps=self.step, tokens=self.tokens,
+            final_train_loss=train_loss, final_val_loss=self.last_val, best_val_loss=self.best_val,
+            wall_time_s=wall, tokens_per_second=self.tokens / wall, sample=sample,
+            skipped_steps=self.health.skipped, rollbacks=self.health.rollbacks,
+            stopped_early=stopped_early, resumed_from=str(checkpoint) if checkpoint else None,
         )
         write_summary(paths, summary.to_dict())
-        val_text = "n/a" if val_loss is None else f"{val_loss:.4f}"
+        if self.health.skipped:
+            logger.warning("%d step(s) skipped by the gradient health check: %s", len(self.health.skipped),
+                           ", ".join(f"{s} ({r})" for s, r in self.health.skipped[:10]))
+        if self.health.rollbacks:
+            logger.warning("rolled back to the last good checkpoint at step(s) %s", self.health.rollbacks)
+        val_text = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
         logger.info("done: %d steps, %s tokens in %.0f s; final val loss %s; run folder %s",
                     self.step, f"{self.tokens:,}", wall, val_text, paths.root)
         return summary
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
+    def train_step(self, micro_batches: list[torch.Tensor], timer: StepTimer | None = None) -> dict[str, Any]:
         """One optimizer step over ``micro_batches`` (gradient accumulation).
+
+        The step's loss and gradient norm go through the gradient health check: a non-finite
+        or spiking step is skipped (no update), and after ``rollback_after`` bad steps in a row
+        the last good checkpoint's model and optimizer state are restored.
 
         Args:
             micro_batches: ``grad_accum_steps`` tensors of token ids, each ``(B, T)``.
+            timer: optional phase timer (forward / backward / optimizer).
 
         Returns:
-            Step metrics as tensors/floats (``loss``, ``lm_loss``, each aux term, ``grad_norm``,
-            ``lr``, ``max_vio``) and ``tokens`` (an int). Tensors stay on the device so that no
-            host sync happens unless the caller reads them.
+            Step metrics (``loss``, ``lm_loss``, each aux term, ``grad_norm``, ``lr``,
+            ``max_vio``, ``skipped``) and ``tokens`` (an int).
         """
+        timer = timer or StepTimer(self.device, enabled=False)
         self.model.train()
         accum = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         loads: list[torch.Tensor] = []
+        router_acc: dict[str, torch.Tensor] = {}
         tokens = 0
         for input_ids in micro_batches:
             input_ids = input_ids.to(self.device, non_blocking=True)  # (B, T)
             with self._autocast():
-                out = self.model(input_ids, labels=input_ids)
-            (out.loss / accum).backward()
+                out = self.model(input_ids, labels=input_ids, moe_load_prefix=loads or None)
+            timer.mark("forward")
+            if self.surgery is None:
+                (out.loss / accum).backward()
+            else:
+                self._surgery_backward(out, accum)
+            timer.mark("backward")
             terms = {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
             loads = _add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
+            router_acc = accumulate_router_stats(router_acc, out.router_stats)
             tokens += input_ids.numel()
 
         grad_clip = self.config.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        verdict = self.health.check(self.step + 1, float(totals["loss"]), float(grad_norm))
+        extra: dict[str, Any] = {}
+        every = self.config.gradient.health.layer_grad_norms_every
+        if every and (self.step + 1) % every == 0:
+            extra = layer_grad_norms(self.model)
+        if verdict.ok:
+            self.optimizer.step()
+            if loads:  # aux-loss-free balancing: bias update from this step's load (no-op if off)
+                self.model.update_expert_bias(loads)
+        else:
+            logger.warning("step %d skipped: %s", self.step + 1, verdict.reason)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if verdict.ok and hasattr(self.optimizer, "update_hessian"):
+            self._update_hessian(micro_batches[-1])
+        timer.mark("optimizer")
         self.step += 1
         self.tokens += tokens
-        metrics: dict[str, Any] = {**totals, "grad_norm": grad_norm, "lr": lr, "tokens": tokens}
+        if verdict.rollback:
+            self._rollback()
+        metrics: dict[str, Any] = {**totals, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                                   "skipped": 0.0 if verdict.ok else 1.0, **extra}
         if loads:
-            metrics["max_vio"] = expert_load_summary(loads)["max_vio"]
+            metrics.update(moe_diagnostics(loads, router_acc))
+            self.moe_alarm.on_step(self.step, loads)
         return metrics
 
     @torch.no_grad()
@@ -209,6 +344,7 @@ class EnhancedModularTrainer:
                             sampler=SequentialSampler(self.data.val))
         loss_sum, count = 0.0, 0
         loads: list[torch.Tensor] = []
+        router_acc: dict[str, torch.Tensor] = {}
         for i, input_ids in enumerate(loader):
             if i >= self.config.training.eval_batches:
                 break
@@ -219,22 +355,177 @@ class EnhancedModularTrainer:
             loss_sum += out.lm_loss.item() * n
             count += n
             loads = _add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
+            router_acc = accumulate_router_stats(router_acc, out.router_stats)
         loss = loss_sum / count
         result = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
         if loads:
             result.update(expert_load_summary(loads))
+            result.update({k: float(v) for k, v in moe_diagnostics(loads, router_acc).items()})
         return result
 
-    def save_checkpoint(self):
-        """Save the model and the whole training state to ``checkpoints/step_<step>``."""
-        state = {
+    # ------------------------------------------------------------------------------------
+    # state: checkpoints, resume, rollback
+    # ------------------------------------------------------------------------------------
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that a bit-exact resume needs (weights_only-safe)."""
+        return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "tokens": self.tokens,
+            "data_cursor": {"epoch": self._cursor[0], "batches_in_epoch": self._cursor[1]},
+            "health": self.health.state_dict(),
+            "early_stopping": self.early_stopping.state_dict(),
+            "best_val": self.best_val,
+            "last_val": self.last_val,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "surgery": self.surgery.state_dict() if self.surgery is not None else None,
+            "moe_alarm": self.moe_alarm.state_dict(),
         }
-        return save_checkpoint(self.paths.checkpoints, self.step, self.model, self.config.to_yaml(),
-                               state, self.paths.tokenizer)
+
+    def save_checkpoint(self, val_loss: float | None = None) -> Path:
+        """Save the model and the whole training state to ``checkpoints/step_<step>``."""
+        path = self.checkpoints.save(self.step, self.model, self.config.to_yaml(), self.training_state(),
+                                     self.paths.tokenizer, val_loss)
+        self._last_good_checkpoint = path
+        return path
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Load weights and training state of ``checkpoint`` into this trainer."""
+        state = load_training_state(checkpoint)
+        load_weights(self.model, checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.epoch = state["data_cursor"]["epoch"]
+        self.batches_in_epoch = state["data_cursor"]["batches_in_epoch"]
+        self._cursor = (self.epoch, self.batches_in_epoch)
+        self.health.load_state_dict(state["health"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.moe_alarm.load_state_dict(state["moe_alarm"])
+        self.best_val, self.last_val = state["best_val"], state["last_val"]
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        if self.surgery is not None and state.get("surgery"):
+            self.surgery.load_state_dict(state["surgery"])
+        self._last_good_checkpoint = checkpoint
+
+    def _rollback(self) -> None:
+        """Restore model and optimizer from the last good checkpoint; keep the data moving on."""
+        self.checkpoints.wait()
+        if self._last_good_checkpoint is None:
+            logger.error("%d bad steps in a row at step %d and no checkpoint to roll back to; "
+                         "continuing (set training.save_every to enable rollback)",
+                         self.config.gradient.health.rollback_after, self.step)
+            return
+        state = load_training_state(self._last_good_checkpoint)
+        load_weights(self.model, self._last_good_checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        logger.warning("rolled back model and optimizer to %s after %d bad steps; continuing at step %d "
+                       "with the next data", self._last_good_checkpoint,
+                       self.config.gradient.health.rollback_after, self.step)
+
+    # ------------------------------------------------------------------------------------
+    # optional optimisation features (off by default; each one small call from the loop/step)
+    # ------------------------------------------------------------------------------------
+
+    def _adapt_lr(self, val_loss: float) -> None:
+        """Plateau-adaptive LR: lower the schedule's peak when the val loss stalls (if enabled)."""
+        if self.plateau is not None:
+            self.plateau.step(val_loss)
+
+    def _update_hessian(self, input_ids: torch.Tensor) -> None:
+        """Sophia-G: refresh the Hessian estimate every ``optimizer.sophia_hessian_every`` steps.
+
+        Labels are sampled from the model's own predictions; the gradient of the loss on them
+        gives ĥ = B·ĝ⊙ĝ (Gauss–Newton–Bartlett), B = the number of predicted tokens.
+
+        Args:
+            input_ids: ``(B, T)`` token ids of this step's last micro-batch.
+        """
+        if (self.step + 1) % self.config.optimizer.sophia_hessian_every:
+            return
+        input_ids = input_ids.to(self.device, non_blocking=True)  # (B, T)
+        with self._autocast():
+            logits_BTV = self.model(input_ids).logits[:, :-1].float()
+        with torch.no_grad():
+            sampled_BT = torch.distributions.Categorical(logits=logits_BTV).sample()
+        loss = torch.nn.functional.cross_entropy(logits_BTV.flatten(0, 1), sampled_BT.flatten())
+        loss.backward()
+        self.optimizer.update_hessian(scale=float(sampled_BT.numel()))
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _surgery_backward(self, out: Any, accum: int) -> None:
+        """Per-term backward on the shared parameters, combined by ``gradient.surgery``.
+
+        Terms listed in ``gradient.surgery.terms`` get their own gradient; the combined
+        direction (plus the plain gradient of any unlisted term) is added to ``p.grad``.
+
+        Args:
+            out: the model output (``lm_loss``, ``aux_losses``, ``loss``).
+            accum: micro-batches per optimizer step (the gradient is divided by it).
+        """
+        named = {"lm_loss": out.lm_loss, **out.aux_losses}
+        terms = [named[name] for name in self.surgery.terms]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flat = []
+        for term in terms:
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for p, g in zip(params, grads)]))
+        combined_P = self.surgery.combine(torch.stack(flat), torch.stack([t.detach() for t in terms]))
+        rest = [value for name, value in named.items() if name not in self.surgery.terms]
+        if rest:  # unlisted terms keep their plain gradient
+            (sum(rest) / accum).backward(retain_graph=True)
+        offset = 0
+        for p in params:
+            g = combined_P[offset:offset + p.numel()].view_as(p) / accum
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            offset += p.numel()
+
+    def _stop_on_signals(self, steps: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+        """Iterate ``steps`` with SIGINT/SIGTERM turned into "stop after this step".
+
+        The first signal lets the step in flight finish, so the checkpoint written on the way out
+        is exact; a second SIGINT stops at once. Signal handlers exist only in the main thread;
+        elsewhere the default behaviour stays.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield from steps
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            logger.warning("%s: finishing step %d, then saving a checkpoint and stopping "
+                           "(press Ctrl-C again to stop at once)", self._stop_signal, self.step + 1)
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield from steps
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_after_signal(self, bar: tqdm) -> None:
+        """Save the completed step and leave as an interrupted run (``--resume auto`` continues it)."""
+        bar.close()
+        path = self.save_checkpoint(val_loss=None)
+        self.checkpoints.wait()
+        logger.warning("stopped by %s at step %d; checkpoint %s; continue with --resume auto",
+                       self._stop_signal, self.step, path)
+        raise KeyboardInterrupt(self._stop_signal)
+
+    def _guarded_step(self, micro_batches: list[torch.Tensor], timer: StepTimer) -> dict[str, Any]:
+        try:
+            return self.train_step(micro_batches, timer)
+        except torch.OutOfMemoryError as err:
+            raise AvaError(f"out of memory at step {self.step + 1}: {oom_hint(self.config, self.device)}") from err
 
     # ------------------------------------------------------------------------------------
     # helpers
@@ -243,25 +534,34 @@ class EnhancedModularTrainer:
     def _optimizer_steps(self, total_steps: int) -> Iterator[list[torch.Tensor]]:
         """Yield ``grad_accum_steps`` micro-batches per optimizer step, epoch after epoch.
 
-        Each epoch shuffles the windows with a generator seeded by (seed, epoch), so the order
-        depends on nothing but the config.
+        The order comes from :class:`EpochSampler` (seeded by seed + epoch), resumed at
+        ``batches_in_epoch``, so the batches do not depend on worker count or interruptions.
         """
         cfg = self.config.training
-        epoch = 0
-        while True:
-            generator = torch.Generator().manual_seed(self.config.run.seed + epoch)
-            loader = DataLoader(self.data.train, batch_size=cfg.batch_size, drop_last=True,
-                                sampler=RandomSampler(self.data.train, generator=generator),
+        workers = self.config.data.num_workers
+        if workers:
+            # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        while self.step < total_steps:
+            sampler = EpochSampler(len(self.data.train), self.config.run.seed, self.epoch,
+                                   start=self.batches_in_epoch * cfg.batch_size)
+            loader = DataLoader(self.data.train, batch_size=cfg.batch_size, drop_last=True, sampler=sampler,
+                                num_workers=workers, persistent_workers=False,
                                 pin_memory=self.device.type == "cuda")
+            batches_left = len(loader) - len(loader) % cfg.grad_accum_steps
             pending: list[torch.Tensor] = []
-            for batch in loader:
+            for i, batch in enumerate(loader):
+                if i >= batches_left:
+                    break  # a partial accumulation group at the epoch's end is dropped
                 pending.append(batch)
+                self.batches_in_epoch += 1
                 if len(pending) == cfg.grad_accum_steps:
                     yield pending
                     pending = []
                     if self.step >= total_steps:
                         return
-            epoch += 1
+            self.epoch += 1
+            self.batches_in_epoch = 0
 
     def _total_steps(self, num_windows: int) -> int:
         cfg = self.config.training
@@ -291,7 +591,7 @@ class EnhancedModularTrainer:
 
     def _progress_bar(self, total_steps: int) -> tqdm:
         interactive = sys.stderr.isatty()
-        return tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+        return tqdm(total=total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not self.config.logging.progress_bar,
                     mininterval=0.5 if interactive else 15.0)
 
@@ -305,8 +605,8 @@ class EnhancedModularTrainer:
         )
         per_step = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
         logger.info(
-            "training: %d steps × %s tokens on %s (%s, %d threads), lr %.2e %s",
-            total_steps, f"{per_step:,}", self.device, cfg.precision.dtype, torch.get_num_threads(),
+            "training: steps %d→%d × %s tokens on %s (%s, %d threads), lr %.2e %s",
+            self.step, total_steps, f"{per_step:,}", self.device, cfg.precision.dtype, torch.get_num_threads(),
             cfg.training.learning_rate, cfg.scheduler.name,
         )
 

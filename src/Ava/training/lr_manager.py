@@ -1,47 +1,79 @@
-"""Learning-rate schedules: linear warmup, then cosine / linear decay to ``lr_end``, or constant.
+"""The LR schedule builder: a warmup shape composed with a decay shape, as one ``LambdaLR``.
 
-The schedule is a small callable object (so ``LambdaLR.state_dict`` captures it) that maps an
-optimizer step to a multiplier of the peak LR.
+``scheduler.warmup`` picks the warmup (:mod:`.advanced_warmup`), ``scheduler.name`` the decay
+(:mod:`.advanced_schedulers`); both end where the next begins, so any pair composes. The
+schedule object holds only plain numbers and strings: ``LambdaLR.state_dict`` stores its
+``__dict__``, and the checkpoint state is loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..config import SchedulerConfig
+from .advanced_schedulers import DECAYS
+from .advanced_warmup import WARMUPS
 
 
-@dataclass
-class WarmupDecay:
-    """LR multiplier at step ``s``: linear warmup over ``warmup_steps``, then decay.
+class ComposedSchedule:
+    """LR multiplier at optimizer step ``s``: warmup for ``warmup_steps``, then the decay.
 
-    Attributes:
-        warmup_steps: steps of linear warmup (the first step already has a non-zero LR).
-        total_steps: steps of the whole run; decay ends there.
+    Args:
+        warmup: warmup shape name (a key of ``WARMUPS``).
+        warmup_steps: steps of warmup (the first step already has a non-zero LR, except radam's).
+        decay: decay shape name (a key of ``DECAYS``).
+        total_steps: optimizer steps of the run; the decay ends at its last step.
         end_ratio: lr_end / peak LR.
-        shape: "cosine", "linear" or "constant".
+        options: the decay's extra parameters (floats, ints, strings only).
     """
 
-    warmup_steps: int
-    total_steps: int
-    end_ratio: float
-    shape: str
+    def __init__(self, warmup: str, warmup_steps: int, decay: str, total_steps: int, end_ratio: float,
+                 options: dict[str, Any] | None = None) -> None:
+        if warmup not in WARMUPS or decay not in DECAYS:
+            raise ValueError(f"unknown warmup {warmup!r} or decay {decay!r}")
+        self.warmup = warmup
+        self.warmup_steps = warmup_steps
+        self.decay = decay
+        self.total_steps = total_steps
+        self.end_ratio = end_ratio
+        self.options = dict(options or {})
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.shape == "constant":
-            return 1.0
-        decay_steps = max(1, self.total_steps - self.warmup_steps - 1)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        if self.shape == "cosine":
-            weight = 0.5 * (1.0 + math.cos(math.pi * progress))
-        else:
-            weight = 1.0 - progress
-        return self.end_ratio + (1.0 - self.end_ratio) * weight
+            return WARMUPS[self.warmup](step, self.warmup_steps)
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        return DECAYS[self.decay](step - self.warmup_steps, decay_steps, self.end_ratio, **self.options)
+
+
+def build_schedule(config: SchedulerConfig, peak_lr: float, total_steps: int) -> ComposedSchedule:
+    """The multiplier function of ``config`` over ``total_steps`` optimizer steps.
+
+    Args:
+        config: scheduler section.
+        peak_lr: the peak learning rate (``training.learning_rate``).
+        total_steps: number of optimizer steps of the run.
+
+    Returns:
+        A picklable callable step → multiplier of the peak LR.
+    """
+    lr_end = peak_lr / 10 if config.lr_end is None else config.lr_end
+    options: dict[str, Any] = {}
+    if config.name == "wsd":
+        options = {"wsd_decay_fraction": config.wsd_decay_fraction, "wsd_decay_shape": config.wsd_decay_shape}
+    elif config.name == "polynomial":
+        options = {"power": config.power}
+    elif config.name == "cosine_restarts":
+        options = {"cycle_steps": config.cycle_steps, "cycle_mult": config.cycle_mult}
+    return ComposedSchedule(
+        warmup=config.warmup,
+        warmup_steps=min(config.warmup_steps, max(total_steps - 1, 0)),
+        decay=config.name,
+        total_steps=total_steps,
+        end_ratio=lr_end / peak_lr,
+        options=options,
+    )
 
 
 def build_scheduler(
@@ -49,17 +81,15 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` implementing ``config`` over ``total_steps`` optimizer steps.
 
+    Each param group's LR is its own ``lr`` (peak LR × the group's multiplier) times the schedule.
+
     Args:
         optimizer: optimizer whose groups hold the peak LR (times any group multiplier).
         config: scheduler section.
         peak_lr: the peak learning rate (``training.learning_rate``).
         total_steps: number of optimizer steps of the run.
+
+    Returns:
+        The scheduler; call ``step()`` once per optimizer step.
     """
-    lr_end = peak_lr / 10 if config.lr_end is None else config.lr_end
-    schedule = WarmupDecay(
-        warmup_steps=min(config.warmup_steps, max(total_steps - 1, 0)),
-        total_steps=total_steps,
-        end_ratio=lr_end / peak_lr,
-        shape=config.name,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, build_schedule(config, peak_lr, total_steps))

@@ -9,44 +9,157 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import AvaConfigError, AvaTrainingError
+
 logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    """Append metric records to ``metrics.jsonl`` and, optionally, TensorBoard.
+    """Append metric records to ``metrics.jsonl`` and, optionally, TensorBoard and W&B.
 
     Args:
         jsonl_path: the metrics file (appended to, flushed after every record).
         tensorboard_dir: folder for TensorBoard events; None disables TensorBoard.
+        resume_step: when continuing a run, records after this step (written by the interrupted
+            run after its last checkpoint) are dropped from the file and from TensorBoard, so
+            the curves show each step once.
+        wandb_run: an initialised ``wandb`` run, or None.
     """
 
-    def __init__(self, jsonl_path: Path, tensorboard_dir: Path | None = None) -> None:
+    def __init__(self, jsonl_path: Path, tensorboard_dir: Path | None = None,
+                 resume_step: int | None = None, wandb_run: Any = None) -> None:
+        if resume_step is not None:
+            truncate_metrics(jsonl_path, resume_step)
         self._file = open(jsonl_path, "a", encoding="utf-8")
         self._tb = None
+        self._wandb = wandb_run
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge)
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         """Record ``values`` (numbers; nested lists allowed in the JSON only) at ``step``."""
         record = {"step": step, "split": split, **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        scalars = {f"{split}/{k}": v for k, v in values.items()
+                   if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{split}/{key}", value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop records with ``step > last_step`` from a metrics.jsonl (atomically); returns how many."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def start_wandb(config: Any, run_dir: Path, resume: bool) -> Any:
+    """Initialise a W&B run from ``logging.wandb`` (None when disabled).
+
+    Raises:
+        AvaConfigError: W&B is enabled but the ``wandb`` package is not installed.
+    """
+    section = config.logging.wandb
+    if not section.enabled:
+        return None
+    try:
+        import wandb
+    except ImportError as err:
+        raise AvaConfigError(
+            "logging.wandb.enabled is true but the wandb package is not installed; "
+            "`pip install wandb` or set logging.wandb.enabled: false"
+        ) from err
+    return wandb.init(project=section.project, entity=section.entity, mode=section.mode,
+                      dir=str(run_dir), name=run_dir.name, id=run_dir.name, config=config.to_dict(),
+                      resume="allow" if resume else None)
+
+
+class StepTimer:
+    """Wall time per phase (data / forward / backward / optimizer) of the steps since the last read.
+
+    With ``sync=True`` on CUDA, each phase ends with ``torch.cuda.synchronize`` so the split is
+    true (costs some overlap); otherwise times are what the host saw.
+    """
+
+    PHASES = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.sync = enabled and device.type == "cuda"
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """End ``phase`` now (the time since the previous mark is charged to it)."""
+        if not self.enabled:
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] += now - self._last
+        self._last = now
+
+    def read(self) -> dict[str, float]:
+        """Seconds per phase since the last read, as ``time_<phase>`` keys; resets."""
+        if not self.enabled:
+            return {}
+        out = {f"time_{k}": v for k, v in self.totals.items()}
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        return out
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32,
+                        size: int = 1024, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of a square matmul on ``device`` (the MFU denominator; REFERENCES.md).
+
+    Measured in the same process as the run it normalises, so machine speed and thread count
+    cancel out of MFU.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2.0 * size**3 * n / (time.perf_counter() - start)
 
 
 def expert_load_summary(tokens_per_expert: list[torch.Tensor]) -> dict[str, Any]:
@@ -66,3 +179,189 @@ def expert_load_summary(tokens_per_expert: list[torch.Tensor]) -> dict[str, Any]
     mean = loads.mean(dim=1).clamp_min(1e-9)
     max_vio = (loads.max(dim=1).values / mean - 1.0).mean().item()
     return {"max_vio": max_vio, "expert_load": [[round(v, 4) for v in row] for row in share.tolist()]}
+
+
+# --------------------------------------------------------------------------------------------
+# MoE routing diagnostics and the collapse alarm
+# --------------------------------------------------------------------------------------------
+# Legend: L MoE layers, E experts. Counts are routed token-slots (before capacity dropping).
+
+
+def max_vio(counts_LE: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer: ``max_i load_i / mean load − 1`` (Wang et al. 2024).
+
+    Args:
+        counts_LE: (L, E) or (E,) token counts.
+
+    Returns:
+        (L,) or scalar fp32: 0 = perfectly balanced, E − 1 = everything on one expert.
+    """
+    loads = counts_LE.float()
+    return loads.max(dim=-1).values / loads.mean(dim=-1).clamp_min(1e-9) - 1.0
+
+
+def load_entropy(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of the load shares per layer: 1 = uniform, 0 = one expert takes all.
+
+    Args:
+        counts_LE: (L, E) or (E,) token counts (E ≥ 2).
+
+    Returns:
+        (L,) or scalar fp32, ``H(share) / ln E``.
+    """
+    loads = counts_LE.float()
+    share = loads / loads.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+    entropy = -(share * share.clamp_min(1e-20).log()).sum(dim=-1)
+    return entropy / math.log(max(loads.shape[-1], 2))
+
+
+def dead_experts(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Experts that received no token, per layer.
+
+    Args:
+        counts_LE: (L, E) or (E,) token counts over the window of interest.
+
+    Returns:
+        (L,) or scalar long.
+    """
+    return (counts_LE == 0).sum(dim=-1)
+
+
+def token_drop_rate(dropped: torch.Tensor | float, routed: torch.Tensor | float) -> torch.Tensor:
+    """Share of routed token-slots dropped by capacity (0 when dropless)."""
+    return torch.as_tensor(dropped, dtype=torch.float32) / max(float(routed), 1.0)
+
+
+def accumulate_router_stats(acc: dict[str, torch.Tensor], router_stats: list[Any]) -> dict[str, torch.Tensor]:
+    """Running sums of the scalar router statistics over the micro-batches of a step (or an eval).
+
+    Args:
+        acc: the previous result ({} at the start).
+        router_stats: ``MoEModelOutput.router_stats`` of one batch (one entry per MoE layer).
+
+    Returns:
+        ``{"dropped": (L,) long, "router_entropy": (L,), "router_logit_norm": (L,), "batches": ()}``
+        sums on the device; :func:`moe_diagnostics` averages entropy and norm over ``batches``.
+    """
+    if not router_stats:
+        return acc
+    new = {
+        "dropped": torch.stack([s.dropped_tokens for s in router_stats]),
+        "router_entropy": torch.stack([s.router_entropy for s in router_stats]),
+        "router_logit_norm": torch.stack([s.logit_norm for s in router_stats]),
+        "batches": torch.ones(()),
+    }
+    return {k: acc[k] + v if k in acc else v for k, v in new.items()}
+
+
+def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
+                    router_acc: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Scalar routing diagnostics of one step (or one evaluation) for metrics.jsonl / TensorBoard.
+
+    Args:
+        tokens_per_expert: one (E,) routed count per MoE layer, summed over the micro-batches.
+        router_acc: from :func:`accumulate_router_stats`, or None.
+
+    Returns:
+        ``max_vio`` (mean over layers), ``max_vio_worst`` (worst layer), ``load_entropy`` (mean
+        normalised), ``dead_experts`` (summed over layers, this step), ``token_drop_rate``, and
+        when ``router_acc`` is given ``router_entropy`` and ``router_logit_norm`` (means over
+        layers); plus per layer ``moe/l{k}/max_vio`` and ``moe/l{k}/load_entropy`` (k = the
+        k-th MoE layer). 0-dim tensors, read (synced) by the caller when it logs.
+    """
+    if not tokens_per_expert:
+        return {}
+    counts_LE = torch.stack([t.detach().float() for t in tokens_per_expert])  # (L, E)
+    vio_L, ent_L = max_vio(counts_LE), load_entropy(counts_LE)
+    out: dict[str, Any] = {
+        "max_vio": vio_L.mean(),
+        "max_vio_worst": vio_L.max(),
+        "load_entropy": ent_L.mean(),
+        "dead_experts": dead_experts(counts_LE).sum(),
+    }
+    if router_acc:
+        out["token_drop_rate"] = token_drop_rate(router_acc["dropped"].sum().float(), counts_LE.sum())
+        batches = float(router_acc["batches"])
+        out["router_entropy"] = router_acc["router_entropy"].mean() / batches
+        out["router_logit_norm"] = router_acc["router_logit_norm"].mean() / batches
+    for k in range(counts_LE.shape[0]):
+        out[f"moe/l{k}/max_vio"] = vio_L[k]
+        out[f"moe/l{k}/load_entropy"] = ent_L[k]
+    return out
+
+
+class MoECollapseAlarm:
+    """Warns, or stops the run, when routing collapses (``training.moe_alarm``).
+
+    Two checks, each off when its threshold is null: a layer's MaxVio above ``max_vio`` for
+    ``patience`` consecutive steps, and at least ``dead_experts`` experts (over all layers) that
+    received no token in the last ``window`` steps (checked once the window is full). Steps
+    before ``start_step`` are ignored. ``action: stop`` raises :class:`~Ava.errors.AvaTrainingError`
+    after logging; the trainer lets it end the run.
+
+    Args:
+        cfg: a :class:`~Ava.config.MoEAlarmConfig`.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._window: list[torch.Tensor] = []  # (L, E) counts of the last `window` steps
+        self._violations = 0
+        self.fired: list[str] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.cfg.enabled and (self.cfg.max_vio is not None or self.cfg.dead_experts is not None))
+
+    def on_step(self, step: int, tokens_per_expert: list[torch.Tensor]) -> str | None:
+        """Check one optimizer step.
+
+        Args:
+            step: the optimizer step just taken (1-based).
+            tokens_per_expert: one (E,) routed count per MoE layer over that step.
+
+        Returns:
+            The alarm message when it fired (after logging it), else None.
+
+        Raises:
+            AvaTrainingError: when it fired and ``action`` is ``stop``.
+        """
+        if not self.active or not tokens_per_expert or step < self.cfg.start_step:
+            return None
+        counts_LE = torch.stack([t.detach().float() for t in tokens_per_expert]).cpu()  # (L, E)
+        problems = []
+        if self.cfg.max_vio is not None:
+            vio_L = max_vio(counts_LE)
+            worst = int(vio_L.argmax())
+            if vio_L[worst] > self.cfg.max_vio:
+                self._violations += 1
+                if self._violations >= self.cfg.patience:
+                    problems.append(f"MaxVio {vio_L[worst]:.2f} > {self.cfg.max_vio} in MoE layer {worst} "
+                                    f"for {self._violations} step(s)")
+            else:
+                self._violations = 0
+        if self.cfg.dead_experts is not None:
+            self._window = (self._window + [counts_LE])[-self.cfg.window:]
+            if len(self._window) == self.cfg.window:
+                dead = int(dead_experts(torch.stack(self._window).sum(dim=0)).sum())
+                if dead >= self.cfg.dead_experts:
+                    problems.append(f"{dead} experts got no token in the last {self.cfg.window} steps "
+                                    f"(threshold {self.cfg.dead_experts})")
+        if not problems:
+            return None
+        message = f"MoE collapse alarm at step {step}: " + "; ".join(problems)
+        self.fired.append(message)
+        logger.warning("%s", message)
+        if self.cfg.action == "stop":
+            raise AvaTrainingError(
+                message + " — stopping (training.moe_alarm.action: stop); raise the thresholds, enable "
+                "balancing (model.moe.aux_loss_coef / aux_free_bias) or set action: warn"
+            )
+        return message
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": [t.clone() for t in self._window], "violations": self._violations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._window = list(state["window"])
+        self._violations = int(state["violations"])

@@ -16,6 +16,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import random
@@ -29,7 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 
+import yaml
+
 from ..config import EnhancedTrainingConfig
+from ..errors import AvaCheckpointError, AvaConfigError
+from ..utils.checkpoint import find_good_checkpoint, list_checkpoints, verify_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Keys that may change when a run is resumed: they steer how long it runs and what it records,
+# not what one step computes. Prefixes end with a dot.
+RESUMABLE_CHANGES = (
+    "training.max_steps", "training.num_epochs", "training.eval_every", "training.eval_batches",
+    "training.save_every", "training.log_every", "logging.", "checkpoint.", "evaluation.",
+    "performance.", "gradient.health.", "run.output_dir", "run.num_threads", "run.device",
+    "data.num_workers", "data.cache_dir",
+)
 
 
 @dataclass(frozen=True)
@@ -185,3 +201,94 @@ def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
     tmp = paths.summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     os.replace(tmp, paths.summary)
+
+
+def resolve_resume(config: EnhancedTrainingConfig, resume: str | Path) -> tuple[Path | None, Path | None]:
+    """The run folder and checkpoint to resume from.
+
+    Args:
+        config: the run's config (``run.output_dir`` and ``run.name`` locate ``auto`` runs).
+        resume: ``"auto"``, a run folder or a checkpoint folder.
+
+    Returns:
+        ``(run_dir, checkpoint)``, or ``(None, None)`` for ``auto`` when there is nothing to
+        resume (a fresh run starts).
+
+    Raises:
+        AvaCheckpointError: an explicit path with no usable checkpoint.
+    """
+    if str(resume) == "auto":
+        base = Path(config.run.output_dir)
+        runs = sorted(base.glob(f"{config.run.name}_*"), reverse=True) if base.is_dir() else []
+        for run_dir in runs:
+            checkpoint = find_good_checkpoint(run_dir / "checkpoints")
+            if checkpoint is not None:
+                return run_dir, checkpoint
+        logger.info("--resume auto: no run of '%s' with a checkpoint in %s; starting a new run", config.run.name, base)
+        return None, None
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():
+        run_dir = path
+        checkpoint = find_good_checkpoint(path / "checkpoints")
+    elif path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        run_dir = path.parent.parent
+        checkpoint = path.resolve() if path.is_dir() and not verify_checkpoint(path) else None
+        if checkpoint is None:
+            logger.error("checkpoint %s is missing or damaged; using the newest good one before it", path)
+            older = [c for c in list_checkpoints(path.parent) if _step_of(c) < _step_of(path)]
+            checkpoint = next((c for c in older if not verify_checkpoint(c)), None)
+    else:
+        raise AvaCheckpointError(
+            f"--resume {path}: not a run folder (with checkpoints/) or a checkpoint folder "
+            "(runs/<run>/checkpoints/step_N); pass one of those, or --resume auto"
+        )
+    if checkpoint is None:
+        raise AvaCheckpointError(f"--resume {path}: no usable checkpoint in {run_dir / 'checkpoints'}")
+    return run_dir, checkpoint
+
+
+def check_resume_config(run_dir: Path, config: EnhancedTrainingConfig) -> list[str]:
+    """Compare ``config`` with the run's saved one; refuse changes that break the run.
+
+    Returns:
+        ``"key: old -> new"`` for each allowed change (to be logged).
+
+    Raises:
+        AvaConfigError: a change of any key outside :data:`RESUMABLE_CHANGES`, listing them all.
+    """
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise AvaCheckpointError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({err})") from err
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    allowed, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        if key.startswith(RESUMABLE_CHANGES):
+            allowed.append(change)
+        else:
+            refused.append(change)
+    if refused:
+        raise AvaConfigError(
+            f"cannot resume {run_dir} with a changed " + "; ".join(refused)
+            + ": these change what training computes; restore them, or start a new run without --resume"
+        )
+    return allowed
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _step_of(folder: Path) -> int:
+    try:
+        return int(folder.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1

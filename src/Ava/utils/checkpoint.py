@@ -1,16 +1,19 @@
-"""Atomic checkpoints: safetensors weights + a ``weights_only``-loadable state file.
+"""Atomic, verified checkpoints: safetensors weights + a ``weights_only``-loadable state file.
 
 A checkpoint is a folder ``checkpoints/step_N/``::
 
-    model.safetensors   weights (safetensors; tied weights stored once)
+    model.safetensors   weights (safetensors; tied weights stored once; buffers such as router
+                        biases included)
     config.yaml         the run's resolved config (its ``model`` section rebuilds the model)
     tokenizer.json      the tokenizer, so the folder alone is enough to generate
-    state.pt            optimizer, scheduler, RNG states, step, tokens (torch.load(weights_only=True))
-    manifest.json       size and sha256 of every file above
+    state.pt            optimizer, scheduler, RNG states, data cursor, health state, step, tokens
+                        (``torch.load(weights_only=True)``)
+    manifest.json       step, val loss, and size + sha256 of every file above
 
 It is written into a hidden temporary folder, every file fsynced, then renamed into place, and
 only then is ``checkpoints/latest`` (a symlink) switched to it: a crash at any moment leaves the
-previous checkpoint intact and never a half-written one under a real name.
+previous checkpoint intact and never a half-written one under a real name. On load the manifest
+is checked; a truncated or corrupted checkpoint is reported and the previous good one is used.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_file
 
 from ..errors import AvaCheckpointError
 
@@ -38,7 +45,104 @@ CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
+BEST = "best"
 STATE_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class CheckpointSnapshot:
+    """Everything a checkpoint holds, detached from the live training objects.
+
+    Attributes:
+        step: optimizer step.
+        weights: name → tensor (CPU copies when taken for an asynchronous save; shared
+            tensors appear once).
+        state: training state (tensors, numbers, strings, lists, dicts only).
+        config_yaml: the resolved config as YAML text.
+        tokenizer_file: tokenizer.json to copy in.
+        val_loss: validation loss at this step (for keep-best), if known.
+    """
+
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    config_yaml: str
+    tokenizer_file: Path | None = None
+    val_loss: float | None = None
+
+
+def take_snapshot(
+    step: int,
+    model: torch.nn.Module,
+    config_yaml: str,
+    state: dict[str, Any],
+    tokenizer_file: Path | None = None,
+    val_loss: float | None = None,
+    copy: bool = False,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> CheckpointSnapshot:
+    """Capture the model and training state for :func:`write_checkpoint`.
+
+    Args:
+        copy: copy every tensor to CPU, so training may go on while the snapshot is written.
+        buffers: CPU tensors of an earlier snapshot to copy into when shapes match (reusing
+            them avoids allocating, and page-faulting, hundreds of MiB per save); updated in
+            place with any new allocation.
+    """
+    weights = _unique_tensors(model.state_dict())
+    if copy:
+        buffers = {} if buffers is None else buffers
+        weights = {k: _copy_into(v, buffers, f"weights/{k}") for k, v in weights.items()}
+        state = _copy_tensors(state, buffers, "state")
+    return CheckpointSnapshot(step, weights, state, config_yaml, tokenizer_file, val_loss)
+
+
+def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
+    """Write ``directory/step_{step}`` atomically and point ``directory/latest`` at it.
+
+    Returns:
+        The final checkpoint folder.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{snap.step}"
+    tmp = directory / f".tmp-step_{snap.step}-{os.getpid()}-{threading.get_ident()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        # Hashing and fsyncing a file (both release the GIL) overlap with writing the next one.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ava-ckpt-hash") as pool:
+            pending = {}
+            save_file({k: v.contiguous() for k, v in snap.weights.items()}, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "pt"})
+            pending[WEIGHTS_FILE] = pool.submit(_describe_and_sync, tmp / WEIGHTS_FILE)
+            torch.save({"version": STATE_VERSION, "step": snap.step, **snap.state}, tmp / STATE_FILE)
+            pending[STATE_FILE] = pool.submit(_describe_and_sync, tmp / STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(snap.config_yaml, encoding="utf-8")
+            pending[CONFIG_FILE] = pool.submit(_describe_and_sync, tmp / CONFIG_FILE)
+            if snap.tokenizer_file is not None:
+                shutil.copyfile(snap.tokenizer_file, tmp / TOKENIZER_FILE)
+                pending[TOKENIZER_FILE] = pool.submit(_describe_and_sync, tmp / TOKENIZER_FILE)
+            files = {name: pending[name].result() for name in sorted(pending)}
+        manifest = {"step": snap.step, "val_loss": snap.val_loss, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        _fsync_file(tmp / MANIFEST_FILE)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving the same step: move the old one aside first
+        old = directory / f".old-step_{snap.step}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _point_link(directory, LATEST, final.name)
+    _fsync_dir(directory)
+    logger.info("saved checkpoint %s", final)
+    return final
 
 
 def save_checkpoint(
@@ -48,48 +152,165 @@ def save_checkpoint(
     config_yaml: str,
     state: dict[str, Any],
     tokenizer_file: Path | None = None,
+    val_loss: float | None = None,
 ) -> Path:
-    """Write ``directory/step_{step}`` atomically and point ``directory/latest`` at it.
+    """Synchronous :func:`take_snapshot` + :func:`write_checkpoint`."""
+    snap = take_snapshot(step, model, config_yaml, state, tokenizer_file, val_loss)
+    return write_checkpoint(directory, snap)
+
+
+class CheckpointWriter:
+    """Writes checkpoints, optionally from a background thread, and prunes old ones.
+
+    With ``asynchronous=True`` a save copies the state to CPU memory (the only part that blocks
+    training) and a thread writes it; the next save, :meth:`wait` or :meth:`close` waits for the
+    previous write, so at most one is in flight and a failed write is raised, not lost.
 
     Args:
         directory: the run's ``checkpoints/`` folder.
-        step: optimizer step the checkpoint belongs to.
-        model: the model (its ``state_dict`` goes to safetensors).
-        config_yaml: the resolved config as YAML text.
-        state: training state (tensors, numbers, strings, lists, dicts only: it is loaded with
-            ``weights_only=True``).
-        tokenizer_file: tokenizer.json to copy in.
-
-    Returns:
-        The final checkpoint folder.
+        keep_last: keep the N newest checkpoints (None = all).
+        keep_best: also keep the N with the lowest val loss, linked as ``best`` (0 = off).
+        asynchronous: write from a background thread.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step}"
-    tmp = directory / f".tmp-step_{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS_FILE))
-    torch.save({"version": STATE_VERSION, "step": step, **state}, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-    manifest = {name: _describe_file(tmp / name) for name in sorted(os.listdir(tmp))}
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    for name in os.listdir(tmp):
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step: move the old one aside first
-        old = directory / f".old-step_{step}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _point_latest(directory, final.name)
-    _fsync_dir(directory)
-    logger.info("saved checkpoint %s", final)
-    return final
+
+    def __init__(self, directory: Path, keep_last: int | None = 3, keep_best: int = 1,
+                 asynchronous: bool = False) -> None:
+        self.directory = directory
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.asynchronous = asynchronous
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_path: Path | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # reused by every asynchronous snapshot
+        remove_stale_temporaries(directory)
+
+    def save(self, step: int, model: torch.nn.Module, config_yaml: str, state: dict[str, Any],
+             tokenizer_file: Path | None = None, val_loss: float | None = None) -> Path:
+        """Save ``step``; returns the folder the checkpoint has (or will have, when async)."""
+        self.wait()
+        snap = take_snapshot(step, model, config_yaml, state, tokenizer_file, val_loss,
+                             copy=self.asynchronous, buffers=self._buffers)
+        final = self.directory / f"step_{step}"
+        if self.asynchronous:
+            self._thread = threading.Thread(target=self._write, args=(snap,), name="ava-checkpoint",
+                                            daemon=False)
+            self._thread.start()
+        else:
+            self._write(snap)
+            self._raise_pending()
+        self.last_path = final
+        return final
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_pending()
+
+    close = wait
+
+    def _write(self, snap: CheckpointSnapshot) -> None:
+        try:
+            write_checkpoint(self.directory, snap)
+            prune_checkpoints(self.directory, self.keep_last, self.keep_best)
+        except BaseException as err:  # surfaced by wait() on the training thread
+            self._error = err
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+# --------------------------------------------------------------------------------------------
+# reading, verifying, pruning
+# --------------------------------------------------------------------------------------------
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete what a killed save left behind (hidden ``.tmp-*``/``.old-*`` folders, link temps)."""
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.name.startswith((".tmp-", ".old-", f".{LATEST}-", f".{BEST}-"))]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        logger.warning("removed %d unfinished checkpoint file(s) left by an interrupted save in %s", len(stale), directory)
+    return stale
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """Problems of a checkpoint folder (missing manifest or files, size or sha256 mismatch)."""
+    manifest_path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{manifest_path} is missing or unreadable"]
+    problems = []
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        actual = _describe_file(path)
+        if actual["bytes"] != expected["bytes"]:
+            problems.append(f"{name} has {actual['bytes']} bytes, expected {expected['bytes']} (truncated?)")
+        elif actual["sha256"] != expected["sha256"]:
+            problems.append(f"{name} fails its sha256 check (corrupted)")
+    return problems
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """``step_N`` folders of ``directory``, newest step first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_good_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint of ``directory`` that passes :func:`verify_checkpoint`.
+
+    Bad ones are reported in the log and skipped, so a run whose last save was corrupted
+    resumes from the one before.
+    """
+    for folder in list_checkpoints(directory):
+        problems = verify_checkpoint(folder)
+        if not problems:
+            return folder
+        logger.error("checkpoint %s is damaged (%s); falling back to an earlier one", folder, "; ".join(problems))
+    return None
+
+
+def prune_checkpoints(directory: Path, keep_last: int | None, keep_best: int) -> list[Path]:
+    """Delete checkpoints that are neither among the newest ``keep_last`` nor the best ``keep_best``.
+
+    Also points ``best`` at the lowest-val-loss checkpoint. Returns the deleted folders.
+    """
+    folders = list_checkpoints(directory)
+    keep = set(folders if keep_last is None else folders[:keep_last])
+    scored = []
+    for folder in folders:
+        loss = _manifest(folder).get("val_loss")
+        if loss is not None:
+            scored.append((loss, folder))
+    scored.sort(key=lambda item: item[0])
+    if keep_best > 0 and scored:
+        keep.update(folder for _, folder in scored[:keep_best])
+        _point_link(directory, BEST, scored[0][1].name)
+    latest = directory / LATEST
+    if latest.is_symlink():
+        keep.add(directory / os.readlink(latest))
+    deleted = [folder for folder in folders if folder not in keep]
+    for folder in deleted:
+        shutil.rmtree(folder)
+    return deleted
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
@@ -101,6 +322,15 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt files
         raise AvaCheckpointError(f"{path} cannot be loaded ({err}); use an earlier checkpoint") from err
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``model`` (strict)."""
+    path = Path(checkpoint) / WEIGHTS_FILE
+    try:
+        load_model(model, str(path), strict=True)
+    except Exception as err:  # safetensors/torch raise several types
+        raise AvaCheckpointError(f"{path}: cannot load weights ({err}); use another checkpoint") from err
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -140,12 +370,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _point_latest(directory: Path, target: str) -> None:
-    tmp_link = directory / f".{LATEST}-{os.getpid()}"
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second name of tensors that share storage (tied weights), keeping the first.
+
+    ``safetensors.torch.load_model`` restores the tie from the model's own structure.
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    unique = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach()
+    return unique
+
+
+def _copy_into(tensor: torch.Tensor, buffers: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A CPU copy of ``tensor``, written into ``buffers[key]`` when that fits."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return buffer.copy_(tensor.detach())
+
+
+def _copy_tensors(value: Any, buffers: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _copy_into(value, buffers, path)
+    if isinstance(value, dict):
+        return {k: _copy_tensors(v, buffers, f"{path}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_tensors(v, buffers, f"{path}/{i}") for i, v in enumerate(value))
+    return value
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _point_link(directory: Path, name: str, target: str) -> None:
+    tmp_link = directory / f".{name}-{os.getpid()}-{threading.get_ident()}"
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
     os.symlink(target, tmp_link)
-    os.replace(tmp_link, directory / LATEST)
+    os.replace(tmp_link, directory / name)
 
 
 def _describe_file(path: Path) -> dict[str, Any]:
@@ -154,6 +430,13 @@ def _describe_file(path: Path) -> dict[str, Any]:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _describe_and_sync(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a freshly written file, which is then fsynced."""
+    description = _describe_file(path)
+    _fsync_file(path)
+    return description
 
 
 def _fsync_file(path: Path) -> None:

@@ -1,0 +1,132 @@
+"""Every expert backend agrees with `loop`: top-1/2/8, shared experts, capacity dropping, bf16."""
+
+import pytest
+import torch
+
+from Ava.config import ModelConfig
+from Ava.layers import EXPERT_BACKENDS, MoEBlock, resolve_backend
+
+BACKENDS = ["batched", "grouped"]
+
+
+def _block(top_k: int, num_experts: int = 8, seed: int = 0, **moe) -> MoEBlock:
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_experts=num_experts,
+        moe={"top_k": top_k, "moe_intermediate_size": 24, **moe},
+    )
+    torch.manual_seed(seed)
+    block = MoEBlock(cfg)
+    torch.nn.init.normal_(block.gate.weight, std=0.5)
+    return block
+
+
+def _fwd_bwd(block: MoEBlock, backend: str, x, grad_out, autocast: bool = False):
+    block.zero_grad(set_to_none=True)
+    block.experts.backend = backend
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = block(x)
+    (out.hidden_states.float() * grad_out).sum().backward()
+    grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
+    return out, x.grad.clone(), grads
+
+
+def _assert_same(ref, got, **tol):
+    (out_r, gx_r, gp_r), (out_g, gx_g, gp_g) = ref, got
+    torch.testing.assert_close(out_g.hidden_states.float(), out_r.hidden_states.float(), **tol)
+    torch.testing.assert_close(gx_g, gx_r, **tol)
+    assert set(gp_g) == set(gp_r)
+    for name in gp_r:
+        torch.testing.assert_close(gp_g[name], gp_r[name], **tol, msg=name)
+
+
+CASES = {
+    "top1": dict(top_k=1),
+    "top2": dict(top_k=2),
+    "top8": dict(top_k=8),
+    "top2+shared": dict(top_k=2, num_shared_experts=2),
+    "top2+capacity": dict(top_k=2, capacity_factor=0.5),
+    "top1+capacity+shared": dict(top_k=1, capacity_factor=0.75, num_shared_experts=1),
+    "sigmoid+groups": dict(top_k=2, router="sigmoid", n_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+    "expert_choice": dict(top_k=2, router="expert_choice", capacity_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_loop_fp32(case, backend):
+    block = _block(**CASES[case])
+    torch.manual_seed(1)
+    x, g = torch.randn(2, 24, 32), torch.randn(2, 24, 32)
+    ref = _fwd_bwd(block, "loop", x, g)
+    got = _fwd_bwd(block, backend, x, g)
+    _assert_same(ref, got, atol=1e-5, rtol=1e-5)
+    assert ref[2]["gate.weight"].abs().sum() > 0  # the router learns through the gate weights
+    if "shared" in case:
+        assert ref[2]["shared_experts.gate_proj.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["loop", *BACKENDS])
+def test_dropped_slots_are_the_same_and_contribute_nothing(backend):
+    block = _block(top_k=1, capacity_factor=0.5)
+    torch.manual_seed(2)
+    x = torch.randn(1, 32, 32)
+    block.experts.backend = backend
+    out = block(x)
+    routing = out.routing
+    assert routing.dropped_E.sum() > 0
+    dropped_tokens = ~routing.mask_TK[:, 0]
+    # A token whose only slot was dropped gets exactly zero from the MoE (residual passes through).
+    assert out.hidden_states.view(32, 32)[dropped_tokens].abs().max() == 0
+    assert (out.hidden_states.view(32, 32)[~dropped_tokens].abs().sum(-1) > 0).all()
+    # Capacity is decided before the experts run, so every backend drops these same slots.
+    loop_routing = _block(top_k=1, capacity_factor=0.5).gate(x.view(32, 32))
+    assert torch.equal(loop_routing.mask_TK, routing.mask_TK)
+
+
+def test_busy_and_idle_experts_batched():
+    # Biased router: most tokens on one expert, several experts idle (empty and max-size blocks).
+    block = _block(top_k=2)
+    with torch.no_grad():
+        block.gate.weight[0] += 3.0 * block.gate.weight[0].sign()
+    torch.manual_seed(3)
+    x, g = torch.randn(1, 40, 32), torch.randn(1, 40, 32)
+    x = x + block.gate.weight[0] * 0.5
+    ref = _fwd_bwd(block, "loop", x, g)
+    assert (ref[0].routing.tokens_per_expert_E == 0).any()
+    _assert_same(ref, _fwd_bwd(block, "batched", x, g), atol=1e-5, rtol=1e-5)
+
+
+# bf16 keeps 8 mantissa bits (relative rounding 2^-8 ≈ 0.4%); all backends round at the same
+# places but sum in different orders, so they agree to a few bf16 ulps (2e-2 abs/rel on outputs
+# of size ~1; weight gradients within 3% of their largest entry).
+BF16_TOL = {"atol": 2e-2, "rtol": 2e-2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["top1", "top2", "top8", "top2+capacity"])
+def test_backend_matches_loop_bf16(case, backend):
+    block = _block(**CASES[case])
+    torch.manual_seed(4)
+    x, g = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    out_r, gx_r, gp_r = _fwd_bwd(block, "loop", x, g, autocast=True)
+    out_g, gx_g, gp_g = _fwd_bwd(block, backend, x, g, autocast=True)
+    assert out_g.hidden_states.dtype == torch.bfloat16
+    torch.testing.assert_close(out_g.hidden_states.float(), out_r.hidden_states.float(), **BF16_TOL)
+    torch.testing.assert_close(gx_g, gx_r, **BF16_TOL)
+    for name in gp_r:
+        assert gp_g[name].dtype == torch.float32  # master weights stay fp32
+        assert (gp_g[name] - gp_r[name]).abs().max() <= 3e-2 * gp_r[name].abs().max(), name
+
+
+def test_auto_resolves_to_a_concrete_backend():
+    assert resolve_backend("auto") == ("grouped" if hasattr(torch, "_grouped_mm") else "batched")
+    assert resolve_backend("loop") == "loop"
+    block = _block(top_k=2, backend="auto")
+    assert block.experts.backend == "auto"
+    torch.manual_seed(5)
+    x = torch.randn(1, 8, 32)
+    y_auto = block(x).hidden_states
+    block.experts.backend = "loop"
+    torch.testing.assert_close(y_auto, block(x).hidden_states, atol=1e-5, rtol=1e-5)
+    assert set(EXPERT_BACKENDS) == {"loop", "batched", "grouped"}

@@ -1,0 +1,63 @@
+"""Damaged checkpoints are detected and skipped; resume refuses incompatible config changes."""
+
+import pytest
+import torch
+
+from Ava.errors import AvaConfigError
+from Ava.models import EnhancedMoEModel
+from Ava.training import EnhancedModularTrainer
+from Ava.training.run_manager import resolve_resume
+from Ava.utils.checkpoint import find_good_checkpoint, verify_checkpoint
+from tests.conftest import tiny_config
+
+SHORT = ("training.max_steps=20", "training.save_every=10", "evaluation.sample_max_new_tokens=0",
+         "checkpoint.keep_last=null")
+
+
+def _run(tmp_path, cache, *overrides, resume=None):
+    config = tiny_config(tmp_path / "runs", cache, *SHORT, *overrides)
+    torch.manual_seed(0)
+    return EnhancedModularTrainer(EnhancedMoEModel(config.model), config).train(resume=resume), config
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_latest_falls_back_to_previous(tmp_path, corpus_cache, damage):
+    summary, config = _run(tmp_path, corpus_cache)
+    ckpts = tmp_path / "runs" / summary.run_dir.rsplit("/", 1)[-1] / "checkpoints"
+    weights = ckpts / "step_20" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        data[-10] ^= 0xFF
+        weights.write_bytes(data)
+    assert verify_checkpoint(ckpts / "step_20")
+    assert find_good_checkpoint(ckpts) == ckpts / "step_10"
+    run_dir, checkpoint = resolve_resume(config, "auto")
+    assert checkpoint == ckpts / "step_10"
+    resumed, _ = _run(tmp_path, corpus_cache, resume="auto")
+    assert resumed.resumed_from.endswith("step_10") and resumed.steps == 20
+
+
+def test_resume_allows_run_length_changes_and_refuses_model_changes(tmp_path, corpus_cache):
+    summary, _ = _run(tmp_path, corpus_cache)
+    longer, _ = _run(tmp_path, corpus_cache, "training.max_steps=30", resume=summary.run_dir)
+    assert longer.steps == 30 and longer.run_dir == summary.run_dir
+    with pytest.raises(AvaConfigError, match=r"training.learning_rate.*model.moe.top_k|model.moe.top_k.*training.learning_rate"):
+        _run(tmp_path, corpus_cache, "training.max_steps=30", "training.learning_rate=0.01",
+             "model.moe.top_k=1", resume=summary.run_dir)
+
+
+def test_resume_auto_without_runs_starts_fresh(tmp_path, corpus_cache):
+    summary, _ = _run(tmp_path, corpus_cache, resume="auto")
+    assert summary.resumed_from is None and summary.steps == 20
+
+
+def test_keep_last_and_best(tmp_path, corpus_cache):
+    summary, _ = _run(tmp_path, corpus_cache, "training.max_steps=40", "checkpoint.keep_last=1",
+                      "checkpoint.keep_best=1", "training.eval_every=10")
+    ckpts = tmp_path / "runs" / summary.run_dir.rsplit("/", 1)[-1] / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir())
+    best = (ckpts / "best").resolve().name
+    assert "step_40" in names and best in names and "latest" in names and "best" in names
+    assert len([n for n in names if n.startswith("step_")]) == len({"step_40", best})

@@ -1,0 +1,123 @@
+"""Routing diagnostics on hand-made counts, the collapse alarm, and their wiring into the trainer."""
+
+import logging
+import math
+import types
+
+import pytest
+import torch
+
+from Ava.config import EnhancedTrainingConfig, MoEAlarmConfig
+from Ava.errors import AvaTrainingError
+from Ava.models import EnhancedMoEModel
+from Ava.training import EnhancedModularTrainer
+from Ava.training.metrics import (
+    MoECollapseAlarm,
+    dead_experts,
+    load_entropy,
+    max_vio,
+    moe_diagnostics,
+    token_drop_rate,
+)
+
+
+def test_values_on_hand_made_counts():
+    counts = torch.tensor([[4, 4, 4, 4], [16, 0, 0, 0], [8, 4, 4, 0]])
+    torch.testing.assert_close(max_vio(counts), torch.tensor([0.0, 3.0, 1.0]))
+    ent = load_entropy(counts)
+    torch.testing.assert_close(ent[:2], torch.tensor([1.0, 0.0]))
+    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / math.log(4)
+    assert ent[2].item() == pytest.approx(expected)
+    assert dead_experts(counts).tolist() == [0, 3, 1]
+    assert token_drop_rate(torch.tensor(3), 12).item() == pytest.approx(0.25)
+
+
+def test_moe_diagnostics_summary():
+    loads = [torch.tensor([4, 4, 4, 4]), torch.tensor([16, 0, 0, 0])]
+    acc = {"dropped": torch.tensor([0, 8]), "router_entropy": torch.tensor([2.0, 1.0]),
+           "router_logit_norm": torch.tensor([4.0, 8.0]), "batches": torch.tensor(2.0)}
+    d = {k: float(v) for k, v in moe_diagnostics(loads, acc).items()}
+    assert d["max_vio"] == pytest.approx(1.5) and d["max_vio_worst"] == pytest.approx(3.0)
+    assert d["load_entropy"] == pytest.approx(0.5) and d["dead_experts"] == 3
+    assert d["token_drop_rate"] == pytest.approx(8 / 32)
+    assert d["router_entropy"] == pytest.approx(0.75) and d["router_logit_norm"] == pytest.approx(3.0)
+    assert d["moe/l1/max_vio"] == pytest.approx(3.0) and d["moe/l0/load_entropy"] == pytest.approx(1.0)
+    assert moe_diagnostics([]) == {}
+
+
+def test_alarm_warns_on_max_vio_after_patience(caplog):
+    alarm = MoECollapseAlarm(MoEAlarmConfig(max_vio=2.0, patience=2))
+    skewed, fine = [torch.tensor([16, 0, 0, 0])], [torch.tensor([5, 4, 4, 3])]
+    with caplog.at_level(logging.WARNING):
+        assert alarm.on_step(1, skewed) is None  # 1 of 2
+        assert alarm.on_step(2, fine) is None  # resets
+        assert alarm.on_step(3, skewed) is None
+        message = alarm.on_step(4, skewed)
+    assert message and "MaxVio 3.00 > 2.0 in MoE layer 0" in message
+    assert "MoE collapse alarm at step 4" in caplog.text
+
+
+def test_alarm_counts_dead_experts_over_the_window_and_can_stop():
+    cfg = MoEAlarmConfig(dead_experts=2, window=3, action="stop")
+    alarm = MoECollapseAlarm(cfg)
+    # Experts 2 and 3 unused for 3 steps; expert 1 used once inside the window -> alive.
+    assert alarm.on_step(1, [torch.tensor([5, 0, 0, 0])]) is None
+    assert alarm.on_step(2, [torch.tensor([4, 1, 0, 0])]) is None  # window not yet full
+    with pytest.raises(AvaTrainingError, match="2 experts got no token in the last 3 steps"):
+        alarm.on_step(3, [torch.tensor([5, 0, 0, 0])])
+
+
+def test_alarm_respects_start_step_and_is_off_by_default():
+    assert not MoECollapseAlarm(MoEAlarmConfig()).active
+    alarm = MoECollapseAlarm(MoEAlarmConfig(max_vio=0.5, start_step=10))
+    assert alarm.on_step(5, [torch.tensor([9, 0])]) is None
+    assert alarm.on_step(10, [torch.tensor([9, 0])]) is not None
+    state = alarm.state_dict()
+    fresh = MoECollapseAlarm(MoEAlarmConfig(max_vio=0.5, start_step=10))
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["violations"] == 1
+
+
+def _trainer(**overrides) -> EnhancedModularTrainer:
+    data = {"model": {"vocab_size": 40, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_experts": 4,
+                      "max_seq_len": 16, "moe": {"top_k": 2, "moe_intermediate_size": 32,
+                                                 **overrides.get("moe", {})}},
+            "training": {"moe_alarm": overrides.get("alarm", {}), "eval_batches": 2, "batch_size": 2},
+            "run": {"device": "cpu"}}
+    config = EnhancedTrainingConfig.model_validate(data)
+    torch.manual_seed(0)
+    trainer = EnhancedModularTrainer(EnhancedMoEModel(config.model), config)
+    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-3)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+    return trainer
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 40, (2, 16), generator=g) for _ in range(n)]
+
+
+def test_train_step_reports_diagnostics_and_updates_the_expert_bias():
+    trainer = _trainer(moe={"router": "sigmoid", "aux_free_bias": True, "capacity_factor": 1.0,
+                            "global_aux_loss_coef": 0.01})
+    metrics = trainer.train_step(_batches(2))
+    for key in ("max_vio", "max_vio_worst", "load_entropy", "dead_experts", "token_drop_rate",
+                "router_entropy", "router_logit_norm", "moe/l0/max_vio", "moe/l1/load_entropy",
+                "global_load_balance"):
+        assert key in metrics, key
+    assert 0.0 <= float(metrics["token_drop_rate"]) < 1.0
+    assert float(metrics["router_entropy"]) <= math.log(4) + 1e-6
+    bias = trainer.model.layers[0].mlp.gate.expert_bias
+    assert bias.abs().sum() > 0  # one γ step (1e-3) per expert, up or down, after optimizer.step()
+    assert all(v == 0.0 or v == pytest.approx(1e-3) for v in bias.abs().tolist())
+    # evaluate() carries the same diagnostics.
+    trainer.data = types.SimpleNamespace(val=torch.randint(0, 40, (6, 16)))
+    val = trainer.evaluate()
+    assert {"max_vio", "dead_experts", "router_entropy", "token_drop_rate"} <= set(val)
+    assert all(isinstance(v, float) for k, v in val.items() if k != "expert_load")
+
+
+def test_train_step_alarm_can_stop_the_run():
+    trainer = _trainer(alarm={"max_vio": 1e-6, "action": "stop"})
+    with pytest.raises(AvaTrainingError, match="MoE collapse alarm at step 1"):
+        trainer.train_step(_batches(1))

@@ -1,5 +1,6 @@
-"""Text generation from a trained model."""
+"""Text generation from a trained model: sampling, batched prompts, streaming, beam search."""
 
-from .generator import TextGenerator
+from .generator import GenerationOutput, TextGenerator
+from .sampling import SamplingParams
 
-__all__ = ["TextGenerator"]
+__all__ = ["GenerationOutput", "SamplingParams", "TextGenerator"]

@@ -1,13 +1,20 @@
-"""Autoregressive text generation with a KV cache.
+"""Autoregressive text generation: batched, streamed, sampled or beam-searched, with a KV cache.
 
-Sampling order per step: temperature → top-k → top-p (nucleus), then a draw from a seeded
-``torch.Generator`` (temperature 0 = greedy argmax). With the KV cache each new token costs one
-position of compute; without it the whole prefix is recomputed (kept for testing the cache).
+Legend: B prompts (rows), T positions, V vocabulary.
+
+Batched prompts are left-padded to one length; the padding is masked out (``attention_mask``)
+and every row gets its own positions (``cumsum(mask) - 1``), so a row's tokens are the same
+as when it is generated alone. With the KV cache each new token costs one position of compute;
+without it the whole (windowed) prefix is recomputed, which the tests use as the reference.
+Sampling options and their order are in :mod:`.sampling`; beam search is in :mod:`.beam`;
+stop strings and incremental decoding in :mod:`.streaming`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +23,44 @@ from ..data import AvaTokenizer
 from ..errors import AvaCheckpointError
 from ..models import EnhancedMoEModel
 from ..utils.checkpoint import TOKENIZER_FILE, resolve_checkpoint
+from .beam import BeamHypothesis, beam_search
+from .sampling import SamplingParams, choose_tokens, process_logits, sample_next_token
+from .streaming import TextTracker
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["GenerationOutput", "TextGenerator", "sample_next_token"]
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One prompt's continuation.
+
+    Attributes:
+        text: the generated text (without the prompt; cut before a stop string).
+        token_ids: the generated ids (EOS not included; with a stop string, up to and including
+            the token that completed it).
+        finish_reason: ``eos``, ``stop_string``, ``length`` (max_new_tokens reached) or
+            ``context`` (the model's ``max_seq_len`` reached).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class _Row:
+    """Generation state of one prompt."""
+
+    def __init__(self, prompt: list[int], tracker: TextTracker | None) -> None:
+        self.prompt = prompt
+        self.new: list[int] = []
+        self.tracker = tracker
+        self.finish_reason: str | None = None
+
+    def output(self) -> GenerationOutput:
+        text = self.tracker.text if self.tracker is not None else ""
+        return GenerationOutput(text, list(self.new), self.finish_reason or "length")
 
 
 class TextGenerator:
@@ -25,11 +68,13 @@ class TextGenerator:
 
     Args:
         model: a trained :class:`EnhancedMoEModel`.
-        tokenizer: the tokenizer it was trained with.
+        tokenizer: the tokenizer it was trained with (None: only the id-level methods work).
         device: where to run (default: the model's device).
     """
 
-    def __init__(self, model: EnhancedMoEModel, tokenizer: AvaTokenizer, device: torch.device | None = None) -> None:
+    def __init__(
+        self, model: EnhancedMoEModel, tokenizer: AvaTokenizer | None, device: torch.device | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
@@ -44,6 +89,8 @@ class TextGenerator:
         model = EnhancedMoEModel.from_pretrained(checkpoint).to(device)
         return cls(model, AvaTokenizer.from_file(tokenizer_file), torch.device(device))
 
+    # -- text API ----------------------------------------------------------------------------
+
     def generate(
         self,
         prompt: str,
@@ -54,16 +101,130 @@ class TextGenerator:
         seed: int | None = None,
         use_cache: bool = True,
         stop_at_eos: bool = True,
+        *,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        stop_strings: Sequence[str] = (),
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """Continue ``prompt``; returns the prompt followed by the generated text."""
-        prompt_ids = self.tokenizer.encode(prompt)
-        if not prompt_ids:  # an empty prompt starts from the document separator
-            prompt_ids = [self.tokenizer.eos_id]
-        new_ids = self.generate_ids(
-            prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, use_cache=use_cache, eos_id=self.tokenizer.eos_id if stop_at_eos else None,
-        )
-        return prompt + self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        """Continue ``prompt``; returns the prompt followed by the generated text.
+
+        Args:
+            prompt: the text to continue (empty = start from the end-of-text token).
+            max_new_tokens: tokens to generate at most.
+            temperature / top_k / top_p / min_p / repetition_penalty / no_repeat_ngram_size /
+                stop_strings: see :class:`~Ava.generation.sampling.SamplingParams`.
+            seed: seed of the sampling generator (None = a fresh random seed).
+            use_cache: reuse keys/values of earlier positions.
+            stop_at_eos: end when the end-of-text token is generated.
+            num_beams: > 1 = beam search (deterministic; the sampling filters are ignored).
+            length_penalty: beam search length normalisation exponent.
+            on_text: called with each stable piece of new text as it is generated (streaming).
+
+        Returns:
+            ``prompt + generated text``.
+        """
+        params = self.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
+                              stop_strings, stop_at_eos)
+        if num_beams > 1:
+            text = self.beam_search(prompt, num_beams, max_new_tokens, params, length_penalty, use_cache).text
+            if on_text is not None and text:
+                on_text(text)
+            return prompt + text
+        pieces = self.stream(prompt, max_new_tokens, params=params, seed=seed, use_cache=use_cache)
+        text = ""
+        for piece in pieces:
+            text += piece
+            if on_text is not None:
+                on_text(piece)
+        return prompt + text
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        params: SamplingParams | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` in text pieces as tokens arrive.
+
+        A piece never ends inside a multi-byte character or inside a possible stop string, so
+        ``"".join(stream(...))`` is exactly :meth:`generate_batch`'s text.
+
+        Args:
+            prompt: the text to continue.
+            max_new_tokens: tokens to generate at most.
+            params: sampling settings (default: temperature 1, stop at EOS).
+            seed: sampling seed.
+            use_cache: reuse keys/values.
+
+        Yields:
+            Non-empty text pieces.
+        """
+        params = params or self.sampling_params(stop_at_eos=True)
+        row = self._row(prompt, params)
+        for pieces in self._decode_rows([row], max_new_tokens, params, self._generator(seed), use_cache):
+            if pieces[0]:
+                yield pieces[0]
+        tail = row.tracker.finish()
+        if tail:
+            yield tail
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        params: SamplingParams | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> list[GenerationOutput]:
+        """Continue several prompts at once (left-padded into one batch).
+
+        Args:
+            prompts: the texts to continue.
+            max_new_tokens: tokens to generate at most per prompt.
+            params: sampling settings (default: temperature 1, stop at EOS).
+            seed: sampling seed (one generator for the batch).
+            use_cache: reuse keys/values.
+
+        Returns:
+            One :class:`GenerationOutput` per prompt, in order.
+        """
+        params = params or self.sampling_params(stop_at_eos=True)
+        rows = [self._row(p, params) for p in prompts]
+        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache):
+            pass
+        for row in rows:
+            row.tracker.finish()
+        return [row.output() for row in rows]
+
+    def beam_search(
+        self,
+        prompt: str,
+        num_beams: int = 4,
+        max_new_tokens: int = 64,
+        params: SamplingParams | None = None,
+        length_penalty: float = 1.0,
+        use_cache: bool = True,
+    ) -> GenerationOutput:
+        """Beam search continuation of ``prompt`` (see :mod:`Ava.generation.beam`).
+
+        Returns:
+            The best hypothesis as a :class:`GenerationOutput` (text cut before a stop string).
+        """
+        params = params or self.sampling_params(stop_at_eos=True)
+        best = self.beam_search_ids(self._encode(prompt), num_beams, max_new_tokens, params, length_penalty,
+                                    use_cache)[0]
+        tracker = TextTracker(self._decode, params.stop_strings)
+        for token in best.token_ids:
+            tracker.add(token)
+        return GenerationOutput(tracker.text, best.token_ids, best.finish_reason)
+
+    # -- id API ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate_ids(
@@ -76,6 +237,7 @@ class TextGenerator:
         seed: int | None = None,
         use_cache: bool = True,
         eos_id: int | None = None,
+        **options,
     ) -> list[int]:
         """Generate up to ``max_new_tokens`` token ids after ``prompt_ids``.
 
@@ -90,61 +252,234 @@ class TextGenerator:
             seed: seed of the sampling generator (reproducible output).
             use_cache: reuse keys/values of earlier positions.
             eos_id: stop when this token is generated (it is not returned).
+            **options: further :class:`SamplingParams` fields (``min_p``, ``repetition_penalty``,
+                ``no_repeat_ngram_size``).
 
         Returns:
             The generated ids (without the prompt).
         """
-        if not prompt_ids:
+        return self.generate_ids_batch([prompt_ids], max_new_tokens, SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, **options,
+        ), seed=seed, use_cache=use_cache)[0]
+
+    @torch.no_grad()
+    def generate_ids_batch(
+        self,
+        prompts_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Id-level batched generation (no tokenizer needed unless ``params.stop_strings``).
+
+        Args:
+            prompts_ids: B non-empty prompts.
+            max_new_tokens: tokens to generate at most per prompt.
+            params: sampling settings.
+            seed: sampling seed.
+            use_cache: reuse keys/values.
+
+        Returns:
+            B lists of generated ids.
+        """
+        rows = [_Row(list(p), self._tracker(params)) for p in prompts_ids]
+        if any(not row.prompt for row in rows):
             raise ValueError("prompt_ids must not be empty")
+        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache):
+            pass
+        return [row.new for row in rows]
+
+    @torch.no_grad()
+    def beam_search_ids(
+        self,
+        prompt_ids: Sequence[int],
+        num_beams: int,
+        max_new_tokens: int,
+        params: SamplingParams,
+        length_penalty: float = 1.0,
+        use_cache: bool = True,
+    ) -> list[BeamHypothesis]:
+        """Id-level beam search; returns the finished hypotheses, best first."""
         was_training = self.model.training
         self.model.eval()
-        generator = torch.Generator(device=self.device)
-        if seed is not None:
-            generator.manual_seed(seed)
-        max_len = self.model.config.max_seq_len
-        ids = torch.tensor([prompt_ids[-max_len:]], device=self.device)  # (1, T)
-        past = None
-        new: list[int] = []
         try:
-            for _ in range(max_new_tokens):
-                if use_cache:
-                    if ids.shape[1] >= max_len:
-                        break
-                    step_input = ids if past is None else ids[:, -1:]
-                    out = self.model(step_input, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
-                else:
-                    out = self.model(ids[:, -max_len:])
-                logits = out.logits[0, -1].float()  # (V,)
-                token = sample_next_token(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None and token == eos_id:
-                    break
-                new.append(token)
-                ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+            decode = self._decode if self.tokenizer is not None else None
+            return beam_search(self.model, prompt_ids, num_beams, max_new_tokens, params, length_penalty,
+                               use_cache, decode)
         finally:
             self.model.train(was_training)
-        return new
 
+    @torch.no_grad()
+    def sequence_logprob(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> float:
+        """Summed log-probability of ``continuation_ids`` after ``prompt_ids`` under the model."""
+        ids = list(prompt_ids) + list(continuation_ids)
+        logits_TV = self.model(torch.tensor([ids], device=self.device)).logits[0].float()
+        logprobs_TV = logits_TV.log_softmax(dim=-1)
+        start = len(prompt_ids)
+        return float(sum(logprobs_TV[start - 1 + i, t] for i, t in enumerate(continuation_ids)))
 
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Pick the next token from ``logits`` (V,) with temperature, top-k and top-p filtering."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass before it already reaches top_p (always keeps the first)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # -- the decoding loop -------------------------------------------------------------------
+
+    def _decode_rows(
+        self,
+        rows: list[_Row],
+        max_new_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+        use_cache: bool,
+    ) -> Iterator[list[str]]:
+        """Generate for every row until all are finished; yields each step's text pieces."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # no_grad is entered per step inside the loop, never across a yield: grad mode is
+            # thread state and would otherwise leak into the caller between stream pieces.
+            yield from self._decode_loop(rows, max_new_tokens, params, generator, use_cache)
+        finally:
+            self.model.train(was_training)
+
+    def _decode_loop(
+        self,
+        rows: list[_Row],
+        max_new_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+        use_cache: bool,
+    ) -> Iterator[list[str]]:
+        B = len(rows)
+        max_len = self.model.config.max_seq_len
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        prompts = [row.prompt[-max_len:] for row in rows]
+        width = max(len(p) for p in prompts)
+        ids_BT = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask_BT = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        lengths = [len(p) for p in prompts]  # real tokens per row
+        seen_BV = None
+        if params.repetition_penalty != 1.0:
+            seen_BV = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            for b, p in enumerate(prompts):
+                seen_BV[b, p] = True
+        past = None
+        if max_new_tokens <= 0:
+            for row in rows:
+                row.finish_reason = "length"
+            return
+        for _ in range(max_new_tokens):
+            with torch.no_grad():
+                logits_BV, past = self._next_logits(ids_BT, mask_BT, lengths, past, use_cache)
+                histories = [row.prompt + row.new for row in rows] if params.no_repeat_ngram_size > 0 else None
+                logits_BV = process_logits(logits_BV, params, histories, seen_BV)
+                tokens = choose_tokens(logits_BV, params.temperature, generator).tolist()
+            pieces = [""] * B
+            step_mask = []
+            for b, row in enumerate(rows):
+                if row.finish_reason is not None:
+                    tokens[b] = pad
+                    step_mask.append(0)
+                    continue
+                token = tokens[b]
+                if params.eos_id is not None and token == params.eos_id:
+                    row.finish_reason = "eos"
+                    step_mask.append(0)
+                    continue
+                row.new.append(token)
+                lengths[b] += 1
+                step_mask.append(1)
+                if seen_BV is not None:
+                    seen_BV[b, token] = True
+                if row.tracker is not None:
+                    pieces[b] = row.tracker.add(token)
+                    if row.tracker.stopped:
+                        row.finish_reason = "stop_string"
+                if row.finish_reason is None and len(row.new) >= max_new_tokens:
+                    row.finish_reason = "length"
+                if row.finish_reason is None and use_cache and lengths[b] >= max_len:
+                    row.finish_reason = "context"
+            ids_BT = torch.cat([ids_BT, ids_BT.new_tensor(tokens)[:, None]], dim=1)
+            mask_BT = torch.cat([mask_BT, mask_BT.new_tensor(step_mask)[:, None]], dim=1)
+            yield pieces
+            if all(row.finish_reason is not None for row in rows):
+                break
+
+    def _next_logits(
+        self,
+        ids_BT: torch.Tensor,
+        mask_BT: torch.Tensor,
+        lengths: list[int],
+        past: list | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, list | None]:
+        """(B, V) logits of every row's next token, and the updated cache.
+
+        Args:
+            ids_BT: (B, T) left-padded ids so far; mask_BT: (B, T) 1 = real token.
+            lengths: real tokens per row (the last one sits at position ``length - 1``).
+            past: the cache of ``ids_BT[:, :-1]``, or None before the first step.
+            use_cache: False = recompute the last ``max_seq_len`` positions.
+        """
+        max_len = self.model.config.max_seq_len
+        padded = bool((mask_BT == 0).any())
+        if not use_cache:
+            window_ids_BT, window_mask_BT = ids_BT[:, -max_len:], mask_BT[:, -max_len:]
+            positions_BT = (window_mask_BT.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(window_ids_BT, attention_mask=window_mask_BT if padded else None,
+                             position_ids=positions_BT)
+            return out.logits[:, -1], None
+        if past is None:
+            step_ids_BT, positions_BT = ids_BT, (mask_BT.cumsum(-1) - 1).clamp(min=0)
+        else:
+            step_ids_BT = ids_BT[:, -1:]  # (B, 1)
+            positions_BT = torch.tensor([[n - 1] for n in lengths], device=self.device)  # (B, 1)
+        out = self.model(step_ids_BT, attention_mask=mask_BT if padded else None, position_ids=positions_BT,
+                         past_key_values=past, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def sampling_params(
+        self,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        stop_strings: Sequence[str] = (),
+        stop_at_eos: bool = True,
+    ) -> SamplingParams:
+        """:class:`SamplingParams` with this tokenizer's EOS id."""
+        eos = self.tokenizer.eos_id if stop_at_eos and self.tokenizer is not None else None
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                              stop_strings=tuple(stop_strings), eos_id=eos)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()  # a fresh nondeterministic seed
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def _encode(self, prompt: str) -> list[int]:
+        ids = self._require_tokenizer().encode(prompt)
+        return ids or [self.tokenizer.eos_id]  # an empty prompt starts from the document separator
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._require_tokenizer().decode(ids, skip_special_tokens=True)
+
+    def _tracker(self, params: SamplingParams) -> TextTracker | None:
+        if self.tokenizer is None:
+            if params.stop_strings:
+                raise ValueError("stop strings need a tokenizer: build TextGenerator with one")
+            return None
+        return TextTracker(self._decode, params.stop_strings)
+
+    def _row(self, prompt: str, params: SamplingParams) -> _Row:
+        return _Row(self._encode(prompt), self._tracker(params))
+
+    def _require_tokenizer(self) -> AvaTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this TextGenerator has no tokenizer; use the *_ids methods or pass one")
+        return self.tokenizer

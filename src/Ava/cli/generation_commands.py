@@ -1,0 +1,327 @@
+"""``ava generate``, ``ava export``, ``ava import`` and ``ava eval``: parsers and plain functions.
+
+Registered by :func:`add_commands` from :func:`Ava.cli.main.build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import AvaConfigError, AvaDataError, AvaError
+
+# option name → (type, help); the REPL's `:set` accepts the same names
+_REPL_OPTIONS: dict[str, Callable[[str], object]] = {
+    "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+    "repetition_penalty": float, "no_repeat_ngram_size": int, "num_beams": int, "length_penalty": float,
+    "seed": int,
+}
+_REPL_HELP = """commands:
+  :set NAME VALUE   change an option ({names}); VALUE none clears top_k/top_p/min_p/seed
+  :stop TEXT        add a stop string (:stop with nothing clears them)
+  :show             print the current options
+  :help             this text
+  :quit             leave (or Ctrl-D)
+anything else is a prompt; write \\n for a newline inside it"""
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in _REPL_OPTIONS} | {"stop_strings": list(args.stop or [])}
+
+
+def _run_one(generator, prompt: str, opts: dict, stream_to: TextIO | None, use_cache: bool, stop_at_eos: bool) -> str:
+    """Generate the continuation of ``prompt``; streams it to ``stream_to`` when given."""
+    def on_text(piece: str) -> None:
+        stream_to.write(piece)
+        stream_to.flush()
+
+    full = generator.generate(
+        prompt, max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_k=opts["top_k"],
+        top_p=opts["top_p"], seed=opts["seed"], use_cache=use_cache, stop_at_eos=stop_at_eos,
+        min_p=opts["min_p"], repetition_penalty=opts["repetition_penalty"],
+        no_repeat_ngram_size=opts["no_repeat_ngram_size"], stop_strings=opts["stop_strings"],
+        num_beams=opts["num_beams"], length_penalty=opts["length_penalty"],
+        on_text=on_text if stream_to is not None else None,
+    )
+    return full[len(prompt):]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``ava generate RUN_DIR|CKPT --prompt TEXT | --file FILE | --interactive``."""
+    from ..generation import TextGenerator
+
+    generator = TextGenerator.from_pretrained(args.path, device=args.device)
+    opts = _options(args)
+    use_cache, stop_at_eos = not args.no_cache, not args.ignore_eos
+    try:
+        if args.interactive:
+            return _repl(generator, opts, use_cache, stop_at_eos, sys.stdin, sys.stdout)
+        if args.file is not None:
+            return _generate_file(generator, args, opts, use_cache, stop_at_eos)
+        if args.stream:
+            sys.stdout.write(args.prompt)
+            _run_one(generator, args.prompt, opts, sys.stdout, use_cache, stop_at_eos)
+            sys.stdout.write("\n")
+        else:
+            print(args.prompt + _run_one(generator, args.prompt, opts, None, use_cache, stop_at_eos))
+    except ValueError as err:  # invalid sampling option combination
+        raise AvaConfigError(f"ava generate: {err}") from err
+    return 0
+
+
+def _generate_file(generator, args, opts: dict, use_cache: bool, stop_at_eos: bool) -> int:
+    """One prompt per non-empty line of ``--file`` → JSONL ``{prompt, completion, finish_reason}``."""
+    from ..generation.sampling import SamplingParams
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise AvaDataError(f"--file {path}: no such file; give a text file with one prompt per line")
+    prompts = [line.replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        if opts["num_beams"] > 1:
+            for prompt in prompts:
+                result = generator.beam_search(prompt, opts["num_beams"], opts["max_new_tokens"], generator.sampling_params(
+                    repetition_penalty=opts["repetition_penalty"], no_repeat_ngram_size=opts["no_repeat_ngram_size"],
+                    stop_strings=opts["stop_strings"], stop_at_eos=stop_at_eos), opts["length_penalty"], use_cache)
+                out.write(json.dumps({"prompt": prompt, "completion": result.text,
+                                      "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
+            return 0
+        params: SamplingParams = generator.sampling_params(
+            opts["temperature"], opts["top_k"], opts["top_p"], opts["min_p"], opts["repetition_penalty"],
+            opts["no_repeat_ngram_size"], opts["stop_strings"], stop_at_eos)
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            seed = None if opts["seed"] is None else opts["seed"] + start
+            for prompt, result in zip(chunk, generator.generate_batch(chunk, opts["max_new_tokens"], params, seed,
+                                                                      use_cache)):
+                out.write(json.dumps({"prompt": prompt, "completion": result.text,
+                                      "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _repl(generator, opts: dict, use_cache: bool, stop_at_eos: bool, stdin: TextIO, stdout: TextIO) -> int:
+    """Read prompts and ``:commands`` from ``stdin`` until ``:quit`` or end of input.
+
+    A bad command or option prints ``error: ...`` to stderr and the loop goes on.
+    """
+    interactive = stdin.isatty()
+    stdout.write("Ava interactive generation; :help for commands, :quit to leave\n")
+    while True:
+        if interactive:
+            stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            if line.startswith(":"):
+                if _repl_command(line, opts, stdout):
+                    break
+                continue
+            prompt = line.replace("\\n", "\n")
+            stdout.write(prompt)
+            _run_one(generator, prompt, opts, stdout, use_cache, stop_at_eos)
+            stdout.write("\n")
+        except (ValueError, AvaError) as err:
+            print(f"error: {err}", file=sys.stderr)
+    return 0
+
+
+def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
+    """Apply one ``:command``; returns True to quit. Raises ValueError on bad input."""
+    try:
+        parts = shlex.split(line[1:])
+    except ValueError as err:
+        raise ValueError(f"cannot parse {line!r}: {err}") from None
+    name, rest = (parts[0], parts[1:]) if parts else ("", [])
+    if name in ("quit", "exit", "q"):
+        return True
+    if name == "help":
+        stdout.write(_REPL_HELP.format(names=", ".join(_REPL_OPTIONS)) + "\n")
+    elif name == "show":
+        stdout.write(json.dumps(opts, ensure_ascii=False) + "\n")
+    elif name == "stop":
+        if rest:
+            opts["stop_strings"].append(" ".join(rest).replace("\\n", "\n"))
+        else:
+            opts["stop_strings"].clear()
+    elif name == "set":
+        if len(rest) != 2 or rest[0] not in _REPL_OPTIONS:
+            raise ValueError(f"usage: :set NAME VALUE with NAME one of {', '.join(_REPL_OPTIONS)}")
+        key, text = rest
+        if text.lower() == "none" and key in ("top_k", "top_p", "min_p", "seed"):
+            opts[key] = None
+            return False
+        try:
+            value = _REPL_OPTIONS[key](text)
+        except ValueError:
+            raise ValueError(f":set {key}: {text!r} is not a valid {_REPL_OPTIONS[key].__name__}") from None
+        from ..generation.sampling import SamplingParams
+
+        sampling_keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size")
+        if key in sampling_keys:  # validate the new combination; raises ValueError with the reason
+            SamplingParams(**({k: opts[k] for k in sampling_keys} | {key: value}))
+        if key in ("max_new_tokens", "num_beams") and value < 1:
+            raise ValueError(f":set {key}: must be ≥ 1, got {value}")
+        opts[key] = value
+    else:
+        raise ValueError(f"unknown command {line!r}; :help lists the commands")
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# export / import / eval
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``ava export RUN_DIR --format hf --out DIR``."""
+    from ..interop import export_hf
+
+    out = export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    print(f"exported {config['architectures'][0]} to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``ava import HF_DIR --out DIR``."""
+    from ..interop import import_hf
+
+    model = import_hf(args.hf_dir, args.out)
+    print(f"imported {model.num_parameters():,} parameters ({model.config.num_layers} layers, "
+          f"{model.config.num_experts} experts) to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``ava eval RUN_DIR|CKPT [--data FILE ...] [--mc FILE] [--out DIR]``."""
+    from ..evaluation import run_evaluation
+
+    report = run_evaluation(
+        args.path, data=args.data, mc_file=args.mc, out=args.out, max_tokens=args.max_tokens,
+        num_samples=args.samples, sample_max_new_tokens=args.sample_tokens, device=args.device,
+    )
+    for name, source in report.results["sources"].items():
+        print(f"{name}: loss {source['loss']:.4f}  ppl {source['perplexity']:.2f}  ({source['tokens']:,} tokens)")
+    if report.results.get("calibration"):
+        print(f"ECE {report.results['calibration']['ece']:.4f}")
+    if report.results.get("multiple_choice"):
+        mc = report.results["multiple_choice"]
+        print(f"multiple choice: accuracy {mc['accuracy']:.3f} on {mc['questions']} questions")
+    print(f"report: {report.json_path} and {report.markdown_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parsers
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Register ``generate``, ``export``, ``import`` and ``eval`` on the ``ava`` subparsers."""
+    gen = sub.add_parser("generate", parents=[common], help="generate text from a run or checkpoint")
+    gen.add_argument("path", help="run folder (uses checkpoints/latest), checkpoint folder or imported model")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to continue")
+    what.add_argument("--file", help="one prompt per line (\\n inside a line = newline); JSONL out")
+    what.add_argument("--interactive", action="store_true", help="a REPL: type prompts, :help for commands")
+    gen.add_argument("--out", default=None, help="with --file: the JSONL to write (default stdout)")
+    gen.add_argument("--batch-size", type=_positive_int, default=8, help="with --file: prompts per batch (default 8)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("--temperature", type=_non_negative, default=0.8, help="0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass")
+    gen.add_argument("--min-p", type=_probability, default=None, help="keep tokens with p ≥ min_p · max p")
+    gen.add_argument("--repetition-penalty", type=_positive, default=1.0,
+                     help="> 1 discourages tokens already present (default 1 = off)")
+    gen.add_argument("--no-repeat-ngram-size", type=_non_negative_int, default=0,
+                     help="never repeat an n-gram of this size (default 0 = off)")
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); output ends before it")
+    gen.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams (1 = off)")
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logp / length^this (default 1)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (no KV cache)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", parents=[common], help="export a checkpoint as a Hugging Face folder")
+    exp.add_argument("path", help="run folder, checkpoint folder or Ava model folder")
+    exp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf = transformers folder)")
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--arch", choices=["auto", "qwen3_moe", "mixtral"], default="auto",
+                     help="HF architecture (auto = Mixtral when the model fits it, else Qwen3-MoE)")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default: as saved)")
+    exp.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import", parents=[common], help="import a HF Mixtral / Qwen3-MoE / OLMoE folder")
+    imp.add_argument("hf_dir", help="Hugging Face model folder (config.json + *.safetensors)")
+    imp.add_argument("--out", required=True, help="Ava model folder to write")
+    imp.set_defaults(func=cmd_import)
+
+    ev = sub.add_parser("eval", parents=[common], help="loss, perplexity, expert use, calibration, MC accuracy")
+    ev.add_argument("path", help="run folder, checkpoint folder or Ava model folder")
+    ev.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                    help=".txt/.jsonl files (one source each; default: the run's validation split)")
+    ev.add_argument("--mc", default=None, metavar="FILE", help="multiple-choice JSONL {question, choices, answer}")
+    ev.add_argument("--out", default=None, help="report folder (default: the checkpoint folder)")
+    ev.add_argument("--max-tokens", type=_positive_int, default=200_000, help="tokens scored per source at most")
+    ev.add_argument("--samples", type=_non_negative_int, default=3, help="generation samples in the report")
+    ev.add_argument("--sample-tokens", type=_positive_int, default=48, help="tokens per generation sample")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ev.set_defaults(func=cmd_eval)

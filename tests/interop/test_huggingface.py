@@ -1,0 +1,155 @@
+"""HF export/import: transformers loads Ava's export with equal logits; import → export is lossless."""
+
+import json
+
+import pytest
+import torch
+
+from Ava.cli.main import main
+from Ava.config import ModelConfig
+from Ava.data import AvaTokenizer
+from Ava.errors import AvaConfigError
+from Ava.interop import export_hf, import_hf
+from Ava.interop.huggingface import read_hf_tensors
+from Ava.models import EnhancedMoEModel
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["the king loves the stars and the queen fears the night"] * 20 + ["héllo wörld: ünïcode"] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AvaTokenizer.train(TEXTS, vocab_size=300, min_frequency=1)
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm gains around 1
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if name.endswith("gate.weight") else 0.1))
+
+
+def _ava_checkpoint(tmp_path, tokenizer, **overrides) -> tuple[EnhancedMoEModel, object]:
+    cfg = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+               num_experts=4, max_seq_len=64, intermediate_size=48, rope_theta=10000.0)
+    moe = {"top_k": 2, "moe_intermediate_size": 24, **overrides.pop("moe", {})}
+    model = EnhancedMoEModel(ModelConfig(**{**cfg, **overrides}, moe=moe)).eval()
+    _randomize(model)
+    folder = model.save_pretrained(tmp_path / "ava")
+    tokenizer.save(folder / "tokenizer.json")
+    return model, folder
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(2, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("shape, arch_class", [
+    ({"qk_norm": True, "tie_embeddings": True, "moe": {"first_dense_layers": 1, "norm_topk_prob": False}},
+     "Qwen3MoeForCausalLM"),
+    ({"qk_norm": False, "moe": {"norm_topk_prob": True}}, "MixtralForCausalLM"),
+])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer, shape, arch_class):
+    model, folder = _ava_checkpoint(tmp_path, tokenizer, **shape)
+    out = export_hf(folder, tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == arch_class
+    ids = _ids(tokenizer.vocab_size)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # left-padded batch with an attention mask agrees too
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=pos).logits
+        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
+    assert (ours - theirs)[mask.bool()].abs().max().item() <= 1e-4
+    # the tokenizer loads through AutoTokenizer and encodes like Ava's
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the queen loves héllo"
+    assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
+    assert hf_tok.eos_token_id == tokenizer.eos_id and hf_tok.decode(tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"qk_norm": False, "moe": {"num_shared_experts": 1}}, "num_shared_experts"),
+    ({"moe": {"router": "sigmoid"}}, "router=sigmoid"),
+    ({"qk_norm": False, "moe": {"capacity_factor": 1.0}}, "eval_capacity_factor"),
+])
+def test_export_refuses_features_no_hf_architecture_has(tmp_path, tokenizer, overrides, message):
+    _, folder = _ava_checkpoint(tmp_path, tokenizer, **overrides)
+    with pytest.raises(AvaConfigError, match=message):
+        export_hf(folder, tmp_path / "hf")
+
+
+def test_export_as_mixtral_refuses_dense_layers_and_qk_norm(tmp_path, tokenizer, capsys):
+    _, folder = _ava_checkpoint(tmp_path, tokenizer, qk_norm=True, moe={"first_dense_layers": 1})
+    with pytest.raises(AvaConfigError, match="first_dense_layers=1.*qwen3_moe") as err:
+        export_hf(folder, tmp_path / "hf", arch="mixtral")
+    assert "qk_norm" in str(err.value) and "\n" not in str(err.value)
+    assert main(["export", str(folder), "--format", "hf", "--out", str(tmp_path / "x"), "--arch", "mixtral"]) == 2
+    assert "first_dense_layers" in capsys.readouterr().err
+
+
+def _hf_model(kind: str, **extra):
+    base = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**base, head_dim=8, intermediate_size=40, moe_intermediate_size=24,
+                                          num_experts=4, norm_topk_prob=True, mlp_only_layers=[0], **extra)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **base, intermediate_size=24, num_local_experts=4, **extra))
+    else:
+        model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            **{**base, "num_attention_heads": 1, "num_key_value_heads": 1}, intermediate_size=24, num_experts=4,
+            **extra))
+    _randomize(model, seed=3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "olmoe"])
+def test_import_matches_transformers_and_round_trips_losslessly(tmp_path, kind):
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")  # 5.23 writes the older per-expert naming
+    saved = read_hf_tensors(tmp_path / "hf")
+    assert any(".experts.0." in k for k in saved)
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ava")]) == 0
+    model = EnhancedMoEModel.from_pretrained(tmp_path / "ava")
+    ids = _ids(120)
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+    if kind == "olmoe":
+        return  # OLMoE's full-width QK-norm is exported as Qwen3-MoE, not OLMoE
+    export_hf(tmp_path / "ava", tmp_path / "back", arch=kind)
+    again = type(hf).from_pretrained(tmp_path / "back").eval()
+    ref = hf.state_dict()
+    assert set(again.state_dict()) == set(ref)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, ref[name]), name
+    # and Ava → HF → Ava gives back the same tensors
+    reimported = import_hf(tmp_path / "back")
+    for name, tensor in reimported.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_import_refuses_what_ava_cannot_compute(tmp_path):
+    hf = _hf_model("olmoe")
+    hf.save_pretrained(tmp_path / "olmoe")
+    config = json.loads((tmp_path / "olmoe" / "config.json").read_text())
+    config.update(num_attention_heads=4, num_key_value_heads=4)
+    (tmp_path / "olmoe" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AvaConfigError, match="one .*head"):
+        import_hf(tmp_path / "olmoe")
+    (tmp_path / "olmoe" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(AvaConfigError, match="not importable"):
+        import_hf(tmp_path / "olmoe")

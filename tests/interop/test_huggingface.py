@@ -153,3 +153,14 @@ def test_import_refuses_what_ava_cannot_compute(tmp_path):
     (tmp_path / "olmoe" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(AvaConfigError, match="not importable"):
         import_hf(tmp_path / "olmoe")
+
+
+def test_export_refuses_mtp_heads_and_uncertainty_weights():
+    from Ava.config import ModelConfig
+    from Ava.interop.huggingface import hf_export_problems
+    from Ava.models import EnhancedMoEModel
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_experts=4,
+                      mtp={"num_heads": 1}, loss={"uncertainty_weighting": ["lm_loss", "load_balance"]})
+    problems = " ".join(hf_export_problems(EnhancedMoEModel(cfg), "qwen3_moe"))
+    assert "model.mtp.num_heads" in problems and "uncertainty_weighting" in problems

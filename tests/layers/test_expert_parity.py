@@ -130,3 +130,22 @@ def test_auto_resolves_to_a_concrete_backend():
     block.experts.backend = "loop"
     torch.testing.assert_close(y_auto, block(x).hidden_states, atol=1e-5, rtol=1e-5)
     assert set(EXPERT_BACKENDS) == {"loop", "batched", "grouped"}
+
+
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (3, 2)])
+def test_decode_fast_path_matches_loop(tokens, top_k):
+    """Inference on fewer slots than experts reads only the chosen experts; same result as loop."""
+    from Ava.layers.experts import Experts, _use_gathered, experts_loop
+    from Ava.layers.routing import route_topk
+
+    torch.manual_seed(0)
+    experts = Experts(8, 32, 48)
+    gate = torch.randn(8, 32)
+    x = torch.randn(tokens, 32)
+    routing = route_topk(x, gate, top_k, True)
+    with torch.no_grad():
+        assert _use_gathered(x, routing, 8)
+        fast = experts(x, routing)
+        reference = experts_loop(x, routing, experts.gate_up_proj, experts.down_proj)
+    assert torch.allclose(fast, reference, atol=1e-5)
+    assert not _use_gathered(x, routing, 8)  # with autograd on, the training backends run

@@ -12,13 +12,16 @@ from .training_config import (
     GradientConfig,
     HealthConfig,
     LoggingConfig,
+    LossConfig,
     ModelConfig,
     MoEAlarmConfig,
     MoEConfig,
+    MTPConfig,
     OptimizerConfig,
     PerformanceConfig,
     PlateauConfig,
     PrecisionConfig,
+    ProgressiveConfig,
     RunConfig,
     SchedulerConfig,
     SourceConfig,
@@ -30,8 +33,8 @@ from .training_config import (
 
 __all__ = [
     "CheckpointConfig", "EarlyStoppingConfig", "HealthConfig", "PerformanceConfig", "WandbConfig",
-    "DataConfig", "EnhancedTrainingConfig", "EvaluationConfig", "GradientConfig", "Issue", "LoggingConfig",
-    "ModelConfig", "MoEAlarmConfig", "MoEConfig", "OptimizerConfig", "PlateauConfig", "PrecisionConfig", "RunConfig",
+    "DataConfig", "EnhancedTrainingConfig", "EvaluationConfig", "GradientConfig", "Issue", "LoggingConfig", "LossConfig",
+    "ModelConfig", "MoEAlarmConfig", "MoEConfig", "MTPConfig", "OptimizerConfig", "PlateauConfig", "PrecisionConfig", "ProgressiveConfig", "RunConfig",
     "SchedulerConfig", "SourceConfig", "SurgeryConfig", "TokenizerConfig", "TrainingSection", "apply_override",
     "check_compatibility", "load_config", "render_reference_yaml", "validate_config",
 ]

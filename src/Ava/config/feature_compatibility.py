@@ -86,7 +86,41 @@ def model_issues(m: "ModelConfig") -> list[Issue]:
         issues.append(Issue(
             "model.moe.first_dense_layers", "every layer is dense, so the model has no experts", "warning"
         ))
-    return issues + _moe_issues(m)
+    return issues + _moe_issues(m) + _loss_issues(m)
+
+
+def _loss_issues(m: "ModelConfig") -> list[Issue]:
+    """Rules of ``model.mtp`` and ``model.loss``."""
+    issues = []
+    if m.mtp.num_heads >= m.max_seq_len - 1:
+        issues.append(Issue(
+            "model.mtp.num_heads",
+            f"{m.mtp.num_heads} heads need sequences longer than num_heads + 1 (head j predicts token i+j+1) but "
+            f"model.max_seq_len={m.max_seq_len}; lower num_heads (V3 uses 1)",
+        ))
+    if m.mtp.num_heads > 0 and m.mtp.loss_weight == 0:
+        issues.append(Issue(
+            "model.mtp.loss_weight", "0 with MTP heads on: the heads cost compute but are never trained; "
+            "set loss_weight > 0 (e.g. 0.3) or num_heads: 0", "warning",
+        ))
+    if m.loss.focal_gamma > 0 and m.loss.label_smoothing > 0:
+        issues.append(Issue(
+            "model.loss.focal_gamma",
+            f"focal_gamma={m.loss.focal_gamma} with label_smoothing={m.loss.label_smoothing}: focal loss scales the "
+            "true token's log-likelihood, smoothing replaces that target; set one of them to 0",
+        ))
+    weighted = m.loss.uncertainty_weighting
+    available = [term for term in model_loss_terms(m) if term != "uncertainty"]
+    unknown = [term for term in weighted if term not in available]
+    if unknown:
+        issues.append(Issue(
+            "model.loss.uncertainty_weighting",
+            f"{unknown} are not loss terms of this model (available: {available}); a zero coefficient "
+            "(or mtp.num_heads 0) removes a term",
+        ))
+    if len(set(weighted)) != len(weighted):
+        issues.append(Issue("model.loss.uncertainty_weighting", f"{weighted} lists a term twice; list each once"))
+    return issues
 
 
 _SCORE_ROUTERS = ("softmax", "sigmoid", "switch", "noisy_topk")  # token-choice over learned scores
@@ -175,6 +209,20 @@ def _model_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             f"{config.data.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
             "lower data.seq_len or raise model.max_seq_len",
         ))
+    elif m.mtp.num_heads >= config.data.seq_len - 1:
+        issues.append(Issue(
+            "model.mtp.num_heads",
+            f"{m.mtp.num_heads} heads need training sequences longer than num_heads + 1 but data.seq_len="
+            f"{config.data.seq_len}; lower num_heads or raise data.seq_len",
+        ))
+    chunk = m.loss.chunk_size
+    if chunk is not None and chunk >= config.data.seq_len - 1:
+        issues.append(Issue(
+            "model.loss.chunk_size",
+            f"{chunk} covers the whole training sequence (data.seq_len={config.data.seq_len}), so chunking saves "
+            "no memory and only adds the backward recomputation; use a smaller chunk or null",
+            "warning",
+        ))
     return issues
 
 
@@ -193,7 +241,7 @@ def _training_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             "scheduler.lr_end",
             f"{s.lr_end} is above training.learning_rate={t.learning_rate}; set lr_end ≤ learning_rate",
         ))
-    return issues + _optimizer_rules(config) + _surgery_rules(config)
+    return issues + _optimizer_rules(config) + _surgery_rules(config) + _progressive_rules(config)
 
 
 def _optimizer_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
@@ -230,7 +278,11 @@ def _optimizer_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
 
 def surgery_terms(config: "EnhancedTrainingConfig") -> list[str]:
     """The loss terms the model produces under ``config`` (those surgery can act on)."""
-    m = config.model
+    return model_loss_terms(config.model)
+
+
+def model_loss_terms(m: "ModelConfig") -> list[str]:
+    """``lm_loss`` and the keys of ``aux_losses`` a model built from ``m`` produces with labels."""
     terms = ["lm_loss"]
     if m.moe.first_dense_layers < m.num_layers:  # at least one MoE layer
         balanced = m.moe.router != "expert_choice"  # balanced by construction: no balance terms
@@ -242,6 +294,10 @@ def surgery_terms(config: "EnhancedTrainingConfig") -> list[str]:
             terms.append("global_load_balance")
         if m.moe.z_loss_coef > 0:
             terms.append("z_loss")
+    if m.mtp.num_heads > 0:
+        terms.append("mtp")
+    if m.loss.uncertainty_weighting:
+        terms.append("uncertainty")
     return terms
 
 
@@ -264,6 +320,62 @@ def _surgery_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             f"{surgery.terms}; list two or more of {available} or set method: none",
         )]
     return []
+
+
+def _progressive_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+    """Sequence-length warmup, batch-size ramp and curriculum against the run they schedule."""
+    p, t = config.progressive, config.training
+    issues = []
+    ramps = (
+        ("progressive.seq_len_warmup", p.seq_len_warmup.start, p.seq_len_warmup.steps, config.data.seq_len,
+         "data.seq_len"),
+        ("progressive.batch_size_ramp", p.batch_size_ramp.start, p.batch_size_ramp.steps, t.batch_size,
+         "training.batch_size"),
+    )
+    for key, start, steps, target, target_key in ramps:
+        if start is None:
+            continue
+        if start > target:
+            issues.append(Issue(
+                f"{key}.start", f"{start} is above {target_key}={target}, the value it ramps up to; lower it"
+            ))
+        elif start == target or steps == 0:
+            issues.append(Issue(
+                f"{key}.start",
+                f"has no effect ({'start equals ' + target_key if start == target else 'steps is 0'}); "
+                "set steps > 0 and start below the target, or start: null",
+                "warning",
+            ))
+        if t.max_steps is not None and steps >= t.max_steps:
+            issues.append(Issue(
+                f"{key}.steps",
+                f"{steps} ≥ training.max_steps={t.max_steps}: {target_key} is never reached; lower steps",
+                "warning",
+            ))
+    if p.seq_len_warmup.start is not None and p.seq_len_warmup.start < 2:
+        issues.append(Issue(
+            "progressive.seq_len_warmup.start",
+            f"{p.seq_len_warmup.start} leaves no next token to predict in a row; use at least 2 (e.g. 16)",
+        ))
+    if p.curriculum.by != "none":
+        if p.curriculum.steps == 0:
+            issues.append(Issue(
+                "progressive.curriculum.steps", f"0 with curriculum.by={p.curriculum.by}: no step is ordered; "
+                "set steps > 0 or by: none", "warning",
+            ))
+        elif t.max_steps is not None and p.curriculum.steps >= t.max_steps:
+            issues.append(Issue(
+                "progressive.curriculum.steps",
+                f"{p.curriculum.steps} ≥ training.max_steps={t.max_steps}: the whole run is ordered easy to hard "
+                "(no random phase); lower steps",
+                "warning",
+            ))
+    elif p.curriculum.steps:
+        issues.append(Issue(
+            "progressive.curriculum.by", f"none, so curriculum.steps={p.curriculum.steps} has no effect; "
+            "choose distinct_tokens or rarity", "warning",
+        ))
+    return issues
 
 
 def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:

@@ -123,6 +123,50 @@ class MoEConfig(AvaSection):
     )
 
 
+class MTPConfig(AvaSection):
+    """Multi-token prediction heads (DeepSeek-V3), trained alongside the next-token objective."""
+
+    num_heads: int = Field(
+        0, ge=0,
+        description="D sequential MTP modules; module j (1..D) predicts token t+j+1 from the previous module's "
+        "hidden state and the embedding of token t+j, through one decoder block and the shared output "
+        "head. 0 = off (no parameters, no extra compute).",
+    )
+    loss_weight: float = Field(
+        0.3, ge=0.0,
+        description="λ of L_MTP = (λ / D)·Σ_j L_j, logged and added to the loss as `mtp` (DeepSeek-V3: 0.3 "
+        "early in training, 0.1 later).",
+    )
+
+
+class LossConfig(AvaSection):
+    """The language-modelling objective (applied to the main head and every MTP head) and loss weighting."""
+
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Label smoothing ε of the cross-entropy (target (1−ε)·one-hot + ε/V); 0 = off. lm_loss "
+        "(and so the val loss/perplexity) is then the smoothed loss.",
+    )
+    focal_gamma: float = Field(
+        0.0, ge=0.0,
+        description="Focal loss γ: each token's loss is (1 − p_true)^γ · (−log p_true) (Lin 2017); 0 = plain "
+        "cross-entropy. Not combinable with label_smoothing.",
+    )
+    chunk_size: int | None = Field(
+        None, ge=1,
+        description="Chunked cross-entropy: compute the loss over this many sequence positions at a time "
+        "(each chunk B·chunk_size rows) and recompute each chunk in backward, so fp32 log-probabilities exist "
+        "for one chunk at a time instead of all B·T·V; same value and gradient as the plain loss. null = off.",
+    )
+    uncertainty_weighting: list[str] = Field(
+        default_factory=list,
+        description="Loss terms weighted by learned log-variances s_i (Kendall 2018): term L_i becomes "
+        "exp(−s_i)·L_i + s_i/2, parameters `loss_weighting.log_vars` on the model (trained and checkpointed "
+        "with it). Names: lm_loss, mtp, load_balance, seq_load_balance, global_load_balance, z_loss. The "
+        "change is logged as the `uncertainty` term; empty = off.",
+    )
+
+
 class ModelConfig(AvaSection):
     """Decoder-only MoE transformer."""
 
@@ -147,6 +191,12 @@ class ModelConfig(AvaSection):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residual branches.")
     initializer_range: float = Field(0.02, gt=0.0, description="Std of the normal weight init.")
     moe: MoEConfig = Field(default_factory=MoEConfig, description="Mixture-of-Experts settings.")
+    mtp: MTPConfig = Field(default_factory=MTPConfig, description="Multi-token prediction heads (DeepSeek-V3).")
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="LM objective (label smoothing, focal, chunked CE) and uncertainty weighting; under model "
+        "because uncertainty weighting adds parameters to the model.",
+    )
 
     @model_validator(mode="after")
     def _derive_sizes(self) -> "ModelConfig":
@@ -381,8 +431,9 @@ class SurgeryConfig(AvaSection):
     )
     terms: list[str] = Field(
         default_factory=lambda: ["lm_loss", "load_balance"],
-        description="Loss terms treated as tasks: lm_loss and any aux term (load_balance, z_loss); "
-        "terms not listed are added to the combined gradient unchanged.",
+        description="Loss terms treated as tasks: lm_loss and any aux term (load_balance, seq_load_balance, "
+        "global_load_balance, z_loss, mtp, uncertainty); terms not listed are added to the combined gradient "
+        "unchanged.",
     )
     cagrad_c: float = Field(0.5, ge=0.0, description="cagrad: radius c of the ball around the mean gradient.")
     gradnorm_alpha: float = Field(1.5, ge=0.0, description="gradnorm: restoring-force strength α.")
@@ -481,6 +532,60 @@ class GradientConfig(AvaSection):
     surgery: SurgeryConfig = Field(default_factory=SurgeryConfig, description="Multi-objective gradient surgery.")
 
 
+class SeqLenWarmupConfig(AvaSection):
+    """Sequence-length warmup: train on shorter rows first, same tokens per step."""
+
+    start: int | None = Field(
+        None, ge=1,
+        description="Row length at step 0; it grows linearly to data.seq_len over `steps` optimizer steps, "
+        "rounded down to a multiple of `multiple_of` (never below start). Each data.seq_len window is cut "
+        "into floor(seq_len/t) rows of t tokens (the remainder of a window is not trained on). null = off.",
+    )
+    steps: int = Field(0, ge=0, description="Optimizer steps over which the row length reaches data.seq_len.")
+    multiple_of: int = Field(8, ge=1, description="Round the scheduled row length down to a multiple of this.")
+
+
+class BatchSizeRampConfig(AvaSection):
+    """Batch-size ramp: fewer windows per micro-batch early in training."""
+
+    start: int | None = Field(
+        None, ge=1,
+        description="Windows per micro-batch at step 0; grows linearly (rounded down) to training.batch_size "
+        "over `steps` optimizer steps. grad_accum_steps stays fixed. null = off.",
+    )
+    steps: int = Field(0, ge=0, description="Optimizer steps over which the micro-batch reaches training.batch_size.")
+
+
+class CurriculumConfig(AvaSection):
+    """Curriculum: the first steps see their windows ordered from easy to hard."""
+
+    by: Literal["none", "distinct_tokens", "rarity"] = Field(
+        "none",
+        description="Difficulty score of a training window. distinct_tokens: number of distinct token ids; "
+        "rarity: mean -log p(token) under the training split's unigram counts. (Windows all have data.seq_len "
+        "tokens, so a length curriculum is seq_len_warmup.) none = off.",
+    )
+    steps: int = Field(
+        0, ge=0,
+        description="The windows of the first `steps` optimizer steps of epoch 0 (those the seeded random "
+        "order would give them) are sorted easy to hard; the rest of the run keeps the seeded random order.",
+    )
+
+
+class ProgressiveConfig(AvaSection):
+    """Progressive training (training/progressive_training.py); everything off by default."""
+
+    seq_len_warmup: SeqLenWarmupConfig = Field(
+        default_factory=SeqLenWarmupConfig, description="Sequence-length warmup."
+    )
+    batch_size_ramp: BatchSizeRampConfig = Field(
+        default_factory=BatchSizeRampConfig, description="Micro-batch size ramp."
+    )
+    curriculum: CurriculumConfig = Field(
+        default_factory=CurriculumConfig, description="Easy-to-hard ordering of the first steps."
+    )
+
+
 class PerformanceConfig(AvaSection):
     """Presets trading observability for speed; any key set explicitly wins over the preset."""
 
@@ -547,6 +652,9 @@ class EnhancedTrainingConfig(AvaSection):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     gradient: GradientConfig = Field(default_factory=GradientConfig, description="Gradient health.")
+    progressive: ProgressiveConfig = Field(
+        default_factory=ProgressiveConfig, description="Sequence-length warmup, batch-size ramp, curriculum."
+    )
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig, description="Speed presets.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
 

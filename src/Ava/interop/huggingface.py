@@ -85,6 +85,12 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
     if eval_cf is not None and eval_cf < cfg.num_experts / moe.top_k:
         problems.append(f"model.moe.eval_capacity_factor={eval_cf}: HF models are dropless; set it ≥ "
                         f"num_experts/top_k = {cfg.num_experts / moe.top_k:g} to export")
+    if cfg.mtp.num_heads > 0:
+        problems.append(f"model.mtp.num_heads={cfg.mtp.num_heads}: HF Qwen3-MoE/Mixtral have no multi-token "
+                        "prediction heads; export a model trained without them")
+    if cfg.loss.uncertainty_weighting:
+        problems.append("model.loss.uncertainty_weighting: its learned loss weights are training-only state "
+                        "with no HF equivalent; export a model trained without it")
     if arch == "qwen3_moe" and not cfg.qk_norm:
         problems.append("model.qk_norm=false: Qwen3-MoE always normalises queries and keys; export as mixtral "
                         "(--arch mixtral) instead")

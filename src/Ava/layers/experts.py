@@ -342,6 +342,44 @@ def experts_batched(
 
 ExpertsFn = Callable[[torch.Tensor, RouterOutput, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# --------------------------------------------------------------------------------------------
+# gathered: the decode fast path (a few tokens, no autograd)
+# --------------------------------------------------------------------------------------------
+
+
+def _use_gathered(x_TD: torch.Tensor, routing: RouterOutput, num_experts: int) -> bool:
+    """Inference on fewer token-slots than experts (decoding): read only the chosen experts."""
+    return (not torch.is_grad_enabled() and routing.mask_TK is None
+            and routing.indices_TK.numel() < num_experts)
+
+
+def experts_gathered(
+    x_TD: torch.Tensor,
+    routing: RouterOutput,
+    gate_up_proj_EID: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """One SwiGLU per token-slot with that slot's expert weights gathered: (T, D) -> (T, D).
+
+    With S = T·K < E (one to a few decoded tokens) the grouped kernels still walk every expert's
+    weights; gathering the S chosen expert matrices reads S/E of the memory instead. Used by
+    :class:`Experts` for inference only (no autograd, no dropped slots); the math is the same
+    as the other backends (tests compare it with ``loop``).
+    """
+    dtype = _compute_dtype(x_TD)
+    T, K = routing.indices_TK.shape
+    idx_S = routing.indices_TK.reshape(-1)  # (S,)
+    x_S1D = x_TD.to(dtype).repeat_interleave(K, dim=0).unsqueeze(1)  # (S, 1, D)
+    w1_SID = gate_up_proj_EID.index_select(0, idx_S).to(dtype)  # (S, 2I, D)
+    h_S2I = torch.bmm(x_S1D, w1_SID.transpose(1, 2)).squeeze(1)  # (S, 2I)
+    inter = down_proj_EDI.shape[-1]
+    act_S1I = (F.silu(h_S2I[:, :inter]) * h_S2I[:, inter:]).unsqueeze(1)  # (S, 1, I)
+    w2_SDI = down_proj_EDI.index_select(0, idx_S).to(dtype)  # (S, D, I)
+    y_SD = torch.bmm(act_S1I, w2_SDI.transpose(1, 2)).squeeze(1)  # (S, D)
+    w_S1 = routing.weights_TK.reshape(-1, 1)  # (S, 1) fp32
+    return (y_SD.float() * w_S1).view(T, K, -1).sum(dim=1).to(dtype)  # (T, D)
+
+
 EXPERT_BACKENDS: "MappingProxyType[str, ExpertsFn]" = MappingProxyType(
     {"loop": experts_loop, "batched": experts_batched, "grouped": experts_grouped}
 )
@@ -395,6 +433,8 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Run the routed experts; (T, D) -> (T, D) weighted sum over each token's K experts."""
+        if _use_gathered(x_TD, routing, self.num_experts):
+            return experts_gathered(x_TD, routing, self.gate_up_proj, self.down_proj)
         return EXPERT_BACKENDS[resolve_backend(self.backend)](x_TD, routing, self.gate_up_proj, self.down_proj)
 
     def extra_repr(self) -> str:

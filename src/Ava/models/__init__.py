@@ -1,5 +1,10 @@
 """The MoE language model."""
 
-from .moe_model import DecoderLayer, EnhancedMoEModel, MoEModelOutput, RouterStats
+from .decoder_layer import DecoderLayer
+from .moe_model import EnhancedMoEModel, MoEModelOutput, RouterStats
+from .mtp import MTPModule, MTPOutput, MultiTokenPrediction
 
-__all__ = ["DecoderLayer", "EnhancedMoEModel", "MoEModelOutput", "RouterStats"]
+__all__ = [
+    "DecoderLayer", "EnhancedMoEModel", "MTPModule", "MTPOutput", "MoEModelOutput", "MultiTokenPrediction",
+    "RouterStats",
+]

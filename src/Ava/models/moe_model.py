@@ -24,13 +24,16 @@ from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
 from ..layers.routing import RouterOutput
 from ..losses import (
-    causal_lm_loss,
+    UncertaintyWeighting,
+    assemble_losses,
     global_balancing_loss,
     load_balancing_loss,
     router_z_loss,
     sequence_balancing_loss,
 )
 from ..utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
+from .decoder_layer import DecoderLayer
+from .mtp import MultiTokenPrediction
 
 
 
@@ -65,16 +68,23 @@ class MoEModelOutput:
     """Output of :meth:`EnhancedMoEModel.forward`.
 
     Attributes:
-        loss: ``lm_loss + sum(aux_losses.values())``; None without labels.
-        lm_loss: fp32 scalar cross-entropy; None without labels.
-        aux_losses: already-weighted terms averaged over MoE layers: ``load_balance``
-            (aux_loss_coef), ``seq_load_balance`` (seq_aux_loss_coef), ``global_load_balance``
-            (global_aux_loss_coef), ``z_loss`` (z_loss_coef); a term whose coefficient is 0 is left
-            out (the balance terms also with expert-choice, balanced by construction); empty
-            without MoE layers.
+        loss: ``lm_loss + sum(aux_losses.values())`` (:func:`~Ava.losses.total_loss`); None
+            without labels.
+        lm_loss: fp32 scalar, the main head's objective (cross-entropy unless ``model.loss``
+            sets label smoothing or focal); None without labels.
+        aux_losses: already-weighted terms. Balance terms averaged over MoE layers (those of
+            the MTP blocks included): ``load_balance`` (aux_loss_coef), ``seq_load_balance``
+            (seq_aux_loss_coef), ``global_load_balance`` (global_aux_loss_coef), ``z_loss``
+            (z_loss_coef); a term whose coefficient is 0 is left out (the balance terms also with
+            expert-choice, balanced by construction). With labels also ``mtp`` (``model.mtp``
+            on: (λ/D)·Σ_j L_j) and ``uncertainty`` (``model.loss.uncertainty_weighting``: the
+            change the learned weights make to the plain sum).
         logits: (B, T, V).
-        router_stats: one :class:`RouterStats` per MoE layer.
+        router_stats: one :class:`RouterStats` per MoE layer (main stack, then MTP blocks); empty,
+            like ``aux_losses``, in cached inference without labels (decoding).
         past_key_values: per layer ``(k, v)`` each (B, G, S, K) when ``use_cache``, else None.
+        mtp_logits: one (B, T, V) per MTP depth j (position i predicts token i + j + 1) when
+            the heads ran (labels given or ``return_mtp``), else None.
     """
 
     loss: torch.Tensor | None
@@ -83,51 +93,7 @@ class MoEModelOutput:
     logits: torch.Tensor
     router_stats: list[RouterStats] = field(default_factory=list)
     past_key_values: list[KVCache] | None = None
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; mlp is MoE or dense.
-
-    Args:
-        cfg: resolved model config.
-        layer_idx: position in the stack (the first ``moe.first_dense_layers`` are dense; after
-            them, layer i is MoE when ``(i + 1) % moe.moe_every == 0``).
-    """
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.is_moe = layer_idx >= cfg.moe.first_dense_layers and (layer_idx + 1) % cfg.moe.moe_every == 0
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp: nn.Module = MoEBlock(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        cos_BTK: torch.Tensor,
-        sin_BTK: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None,
-        past_kv: KVCache | None,
-        token_ids_BT: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
-        """(B, T, D) -> ((B, T, D), this layer's (k, v), routing or None for a dense layer).
-
-        ``token_ids_BT`` (B, T) are the input ids, for the hash router."""
-        attn_BTD, present_kv = self.self_attn(
-            self.input_layernorm(x_BTD), cos_BTK, sin_BTK, attn_mask_B1TS, past_kv
-        )
-        x_BTD = x_BTD + self.resid_dropout(attn_BTD)
-        h_BTD = self.post_attention_layernorm(x_BTD)
-        routing = None
-        if self.is_moe:
-            moe_out = self.mlp(h_BTD, token_ids_BT)
-            mlp_BTD, routing = moe_out.hidden_states, moe_out.routing
-        else:
-            mlp_BTD = self.mlp(h_BTD)
-        return x_BTD + self.resid_dropout(mlp_BTD), present_kv, routing
+    mtp_logits: list[torch.Tensor] | None = None
 
 
 def _check_config(cfg: ModelConfig) -> None:
@@ -159,6 +125,15 @@ class EnhancedMoEModel(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Built and initialised after the main stack, so the main weights are the same draw
+        # with or without MTP heads (and num_heads 0 leaves the model exactly as it was).
+        self.mtp: MultiTokenPrediction | None = None
+        if cfg.mtp.num_heads > 0:
+            self.mtp = MultiTokenPrediction(cfg)
+            self.mtp.apply(self._init_weights)
+        self.loss_weighting: UncertaintyWeighting | None = None
+        if cfg.loss.uncertainty_weighting:
+            self.loss_weighting = UncertaintyWeighting(cfg.loss.uncertainty_weighting)
 
     # -- init --------------------------------------------------------------------------------
 
@@ -196,6 +171,7 @@ class EnhancedMoEModel(nn.Module):
         past_key_values: list[KVCache] | None = None,
         use_cache: bool = False,
         moe_load_prefix: list[torch.Tensor] | None = None,
+        return_mtp: bool = False,
     ) -> MoEModelOutput:
         """Run the decoder.
 
@@ -211,9 +187,16 @@ class EnhancedMoEModel(nn.Module):
             moe_load_prefix: per MoE layer, (E,) routed counts of the earlier micro-batches of
                 this optimizer step; the global-batch balancing loss counts f over them plus
                 this batch (see :func:`~Ava.losses.global_balancing_loss`). None = this batch only.
+            return_mtp: run the MTP heads without labels too (their logits, for drafting). The
+                heads run when labels are given or this is set, never with ``past_key_values``
+                (they keep no KV cache); a no-op without ``model.mtp``.
 
         Returns:
             :class:`MoEModelOutput`.
+
+        Raises:
+            ValueError: MTP heads requested (labels or ``return_mtp``) together with
+                ``past_key_values``.
         """
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
@@ -223,6 +206,12 @@ class EnhancedMoEModel(nn.Module):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = "
                 f"({B}, {past_len + T}): it must cover the cached positions too"
+            )
+        run_mtp = self.mtp is not None and (labels is not None or return_mtp)
+        if run_mtp and past_key_values is not None:
+            raise ValueError(
+                "the MTP heads run over the whole sequence and keep no KV cache; call without "
+                "past_key_values (or without labels and return_mtp)"
             )
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
@@ -240,12 +229,25 @@ class EnhancedMoEModel(nn.Module):
             if routing is not None:
                 routings.append((i, routing))
         logits_BTV = self.lm_head(self.norm(x_BTD))  # (B, T, V)
+        mtp_logits = None
+        if run_mtp:
+            mtp_out = self.mtp(x_BTD, input_ids, self.embed_tokens, self.lm_head, cos_BTK, sin_BTK, attn_mask_B1TS)
+            mtp_logits = mtp_out.logits
+            routings += mtp_out.routings
 
-        aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix)
+        if use_cache and labels is None and not self.training:
+            # Cached decoding: nobody reads balancing terms or router statistics there, and
+            # computing them per generated token costs more than the experts of that token.
+            aux_losses, router_stats = {}, []
+        else:
+            aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix)
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = causal_lm_loss(logits_BTV, labels)
-            loss = lm_loss + sum(aux_losses.values()) if aux_losses else lm_loss
+            terms = assemble_losses(
+                logits_BTV, labels, aux_losses, mtp_logits, self.config.mtp.loss_weight, self.config.loss,
+                self.loss_weighting,
+            )
+            loss, lm_loss, aux_losses = terms.loss, terms.lm_loss, terms.aux_losses
         return MoEModelOutput(
             loss=loss,
             lm_loss=lm_loss,
@@ -253,6 +255,7 @@ class EnhancedMoEModel(nn.Module):
             logits=logits_BTV,
             router_stats=router_stats,
             past_key_values=presents if use_cache else None,
+            mtp_logits=mtp_logits,
         )
 
     def _balancing_terms(
@@ -323,12 +326,13 @@ class EnhancedMoEModel(nn.Module):
         ``moe.bias_update_rate``; the bias is a buffer, so it is saved with the weights.
 
         Args:
-            tokens_per_expert: one (E,) count per MoE layer, in layer order.
+            tokens_per_expert: one (E,) count per MoE layer, in layer order (main stack, then
+                the MTP blocks, as in ``router_stats``).
         """
         moe_cfg = self.config.moe
         if not moe_cfg.aux_free_bias:
             return
-        moe_layers = [layer for layer in self.layers if layer.is_moe]
+        moe_layers = [layer for layer in self._decoder_layers() if layer.is_moe]
         if len(tokens_per_expert) != len(moe_layers):
             raise ValueError(f"got {len(tokens_per_expert)} load vectors for {len(moe_layers)} MoE layers")
         for layer, load_E in zip(moe_layers, tokens_per_expert):
@@ -336,8 +340,17 @@ class EnhancedMoEModel(nn.Module):
 
     # -- accounting --------------------------------------------------------------------------
 
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        """The main stack's layers, then the MTP blocks (the order of ``router_stats``)."""
+        blocks = [module.block for module in self.mtp] if self.mtp is not None else []
+        return [*self.layers, *blocks]
+
     def num_parameters(self, active_only: bool = False) -> int:
-        """Parameter count (tied weights once).
+        """Parameter count (tied weights once), MTP modules and loss weights included.
+
+        The MTP heads are counted because they are trained and saved with the model; a
+        deployment that drops them has ``num_parameters() - sum(p.numel() for p in
+        model.mtp.parameters())``.
 
         Args:
             active_only: count only ``top_k`` of the E routed experts of each MoE layer (the
@@ -348,7 +361,7 @@ class EnhancedMoEModel(nn.Module):
         """
         total = sum(p.numel() for p in self.parameters())
         if active_only:
-            for layer in self.layers:
+            for layer in self._decoder_layers():
                 if layer.is_moe:
                     experts = layer.mlp.experts
                     per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
@@ -365,6 +378,11 @@ class EnhancedMoEModel(nn.Module):
         because a causal query attends on average to half the context. ``d_attn`` = heads × head
         dim.
 
+        With MTP heads (which run in every training step) each depth adds its ``eh_proj``, its
+        block (counted like a layer, attention term included) and one more pass through the
+        shared LM head; the figure is the training cost. Inference without the heads costs what
+        the same model with ``model.mtp.num_heads: 0`` reports.
+
         Args:
             seq_len: context length T.
 
@@ -373,7 +391,7 @@ class EnhancedMoEModel(nn.Module):
         """
         cfg = self.config
         matmul_params = 0
-        for layer in self.layers:
+        for layer in self._decoder_layers():
             attn = layer.self_attn
             matmul_params += sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
             if layer.is_moe:
@@ -384,9 +402,12 @@ class EnhancedMoEModel(nn.Module):
                     matmul_params += sum(p.numel() for p in layer.mlp.shared_experts.parameters())
             else:
                 matmul_params += sum(p.numel() for p in layer.mlp.parameters())
-        matmul_params += self.lm_head.weight.numel()
+        heads = 1 + cfg.mtp.num_heads  # the main head, then once per MTP depth
+        matmul_params += heads * self.lm_head.weight.numel()
+        if self.mtp is not None:
+            matmul_params += sum(module.eh_proj.weight.numel() for module in self.mtp)
         d_attn = cfg.num_heads * cfg.head_dim
-        return 6.0 * matmul_params + 6.0 * cfg.num_layers * seq_len * d_attn
+        return 6.0 * matmul_params + 6.0 * (cfg.num_layers + cfg.mtp.num_heads) * seq_len * d_attn
 
     # -- persistence -------------------------------------------------------------------------
 

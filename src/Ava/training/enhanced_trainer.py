@@ -29,7 +29,6 @@ from tqdm import tqdm
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
-from ..data.sampling import EpochSampler
 from ..errors import AvaConfigError, AvaDataError, AvaError
 from ..optimization import build_optimizer
 from ..utils.async_logging import AsyncSink
@@ -57,6 +56,7 @@ from .metrics import (
     moe_diagnostics,
     start_wandb,
 )
+from .progressive_training import ProgressiveSchedule
 from .run_manager import (
     RunPaths,
     check_resume_config,
@@ -128,6 +128,7 @@ class EnhancedModularTrainer:
         self.early_stopping = EarlyStopping(config.evaluation.early_stopping)
         self.plateau: PlateauLR | None = None
         self.surgery = build_surgery(config.gradient.surgery, config.run.seed)
+        self.progressive = ProgressiveSchedule(config)  # batch size, row length, epoch order per step
         self.checkpoints: CheckpointWriter | None = None
         self._last_good_checkpoint: Path | None = None
 
@@ -209,6 +210,7 @@ class EnhancedModularTrainer:
                     values["tokens_per_s"] = window_tokens / elapsed
                     values["mfu"] = values["tokens_per_s"] * flops_per_token / peak
                     values["tokens"] = self.tokens
+                    values.update(self.progressive.metrics())
                     values.update(timer.read())
                     if cfg.logging.memory_every == 0:
                         values.update(memory_snapshot(self.device))
@@ -382,6 +384,7 @@ class EnhancedModularTrainer:
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
             "surgery": self.surgery.state_dict() if self.surgery is not None else None,
             "moe_alarm": self.moe_alarm.state_dict(),
+            "progressive": self.progressive.state_dict(),
         }
 
     def save_checkpoint(self, val_loss: float | None = None) -> Path:
@@ -410,6 +413,8 @@ class EnhancedModularTrainer:
             self.plateau.load_state_dict(state["plateau"])
         if self.surgery is not None and state.get("surgery"):
             self.surgery.load_state_dict(state["surgery"])
+        if state.get("progressive") is not None:
+            self.progressive.load_state_dict(state["progressive"])
         self._last_good_checkpoint = checkpoint
 
     def _rollback(self) -> None:
@@ -534,8 +539,11 @@ class EnhancedModularTrainer:
     def _optimizer_steps(self, total_steps: int) -> Iterator[list[torch.Tensor]]:
         """Yield ``grad_accum_steps`` micro-batches per optimizer step, epoch after epoch.
 
-        The order comes from :class:`EpochSampler` (seeded by seed + epoch), resumed at
-        ``batches_in_epoch``, so the batches do not depend on worker count or interruptions.
+        The order comes from :class:`~Ava.data.sampling.EpochSampler` (seeded by seed + epoch;
+        epoch 0's first steps sorted by a curriculum if one is set), resumed at
+        ``batches_in_epoch``, so the batches do not depend on worker count or interruptions. A
+        partial accumulation group at the epoch's end is dropped. Micro-batch size and row length
+        follow ``self.progressive`` (constant ``(batch_size, seq_len)`` unless configured).
         """
         cfg = self.config.training
         workers = self.config.data.num_workers
@@ -543,20 +551,15 @@ class EnhancedModularTrainer:
             # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         while self.step < total_steps:
-            sampler = EpochSampler(len(self.data.train), self.config.run.seed, self.epoch,
-                                   start=self.batches_in_epoch * cfg.batch_size)
-            loader = DataLoader(self.data.train, batch_size=cfg.batch_size, drop_last=True, sampler=sampler,
-                                num_workers=workers, persistent_workers=False,
-                                pin_memory=self.device.type == "cuda")
-            batches_left = len(loader) - len(loader) % cfg.grad_accum_steps
+            sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.step, self.batches_in_epoch)
+            loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=workers,
+                                persistent_workers=False, pin_memory=self.device.type == "cuda")
             pending: list[torch.Tensor] = []
-            for i, batch in enumerate(loader):
-                if i >= batches_left:
-                    break  # a partial accumulation group at the epoch's end is dropped
+            for batch in loader:
                 pending.append(batch)
                 self.batches_in_epoch += 1
                 if len(pending) == cfg.grad_accum_steps:
-                    yield pending
+                    yield self.progressive.shape(pending, self.step)
                     pending = []
                     if self.step >= total_steps:
                         return
@@ -573,7 +576,7 @@ class EnhancedModularTrainer:
                 f"tokens, fewer than one step needs (batch_size × grad_accum_steps = {per_step}); "
                 "lower training.batch_size or data.seq_len, or add data"
             )
-        total = steps_per_epoch * cfg.num_epochs
+        total = self.progressive.steps_in_epochs(num_windows, cfg.num_epochs)  # a batch ramp adds steps
         return min(total, cfg.max_steps) if cfg.max_steps else total
 
     def _check_vocab(self, data: PreparedData) -> None:

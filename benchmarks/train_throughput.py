@@ -1,0 +1,307 @@
+"""Training tokens/s: Ava versus transformers ``Qwen3MoeForCausalLM`` built with the same configuration.
+
+One Ava model is built per shape; its configuration is translated with Ava's own HF exporter
+(``Ava.interop.huggingface.hf_config``) into a ``Qwen3MoeConfig`` and its weights are loaded into
+every HF variant (``hf_state_dict``), so all variants start from identical weights and the init
+LM losses printed before timing must agree. Each variant then runs the same full training step on
+the same random token batch: forward with labels (LM loss + load-balancing aux loss with the same
+coefficient, ``output_router_logits=True`` for HF; z-loss off on both, Qwen3-MoE has none),
+backward, ``clip_grad_norm_(1.0)``, fused AdamW step, ``zero_grad``. Ava uses its own optimizer
+builder (fused AdamW, decay/no-decay groups, as ``ava train``); HF uses fused ``torch.optim.AdamW``
+(what its ``Trainer`` defaults to).
+
+Variants per dtype:
+- Ava with each expert backend in ``--ava-backends`` (``grouped``, ``batched``); bf16 is Ava's
+  ``precision.dtype: bf16``: ``torch.autocast("cpu", bfloat16)`` over fp32 master weights.
+- HF with each ``experts_implementation`` of transformers' ``ExpertsInterface`` (``eager`` plus the
+  registered ones) that runs here; the others are skipped with the reason. bf16: the same autocast
+  over fp32 weights, and (``--hf-bf16-weights``, on by default) the model cast to bf16 weights
+  with no autocast, which is sometimes HF's fastest CPU mode.
+
+All variants of one shape and dtype run interleaved (round-robin, the order rotated every
+repeat) after ``--warmup`` rounds; each sample is ``--steps`` consecutive steps, and the table
+reports the median of ``--repeats`` samples, so machine noise hits every variant alike. ``× best
+HF`` divides by the fastest HF variant of that dtype (bf16-weights included). MFU = model FLOPs/s
+(``EnhancedMoEModel.flops_per_token``, the same numerator for Ava and HF) ÷ the matmul peak of the
+dtype measured with ``measure_matmul_peak`` once per round in the same run (median).
+
+Needs the ``bench`` extra (``pip install -e ".[bench]"``).
+
+    python benchmarks/train_throughput.py                                  # both shapes, fp32 + bf16
+    python benchmarks/train_throughput.py --shapes 8x2 --dtypes bf16 --repeats 2
+    python benchmarks/train_throughput.py --profile                         # + torch.profiler of Ava, 8x2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from Ava.config import ModelConfig, OptimizerConfig
+from Ava.interop.huggingface import hf_config, hf_state_dict
+from Ava.models import EnhancedMoEModel
+from Ava.optimization import DEFAULT_BETAS, build_optimizer
+from Ava.training.metrics import measure_matmul_peak
+
+# name → (experts, top_k, moe_intermediate_size); both have the same active expert parameters.
+SHAPES = {"8x2": (8, 2, 512), "64x8": (64, 8, 128)}
+# (shape, dtype) → Ava ÷ best HF goal, from issue 4.
+GOALS = {("8x2", "fp32"): 1.25, ("8x2", "bf16"): 2.0, ("64x8", "fp32"): 2.0, ("64x8", "bf16"): 3.0}
+LR = 3e-4
+
+
+@dataclass
+class Variant:
+    """One model + optimizer + step under test."""
+
+    name: str
+    family: str  # "ava" or "hf"
+    step: Callable[[], torch.Tensor]
+    times: list[float]
+
+
+def ava_config(args: argparse.Namespace, shape: str, backend: str) -> ModelConfig:
+    experts, top_k, inter = SHAPES[shape]
+    return ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, num_experts=experts, max_seq_len=args.seq_len,
+        moe={"top_k": top_k, "moe_intermediate_size": inter, "backend": backend,
+             "aux_loss_coef": args.aux_loss_coef, "z_loss_coef": 0.0},
+    )
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+              autocast: bool) -> Callable[[], torch.Tensor]:
+    """The full training step, identical for Ava and HF (both take ``labels`` and shift inside)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return step
+
+
+def build_ava(args: argparse.Namespace, shape: str, backend: str, batch: torch.Tensor, autocast: bool,
+              seed_model: EnhancedMoEModel) -> tuple[Variant, EnhancedMoEModel]:
+    model = EnhancedMoEModel(ava_config(args, shape, backend))
+    model.load_state_dict(seed_model.state_dict())
+    model.train()
+    optimizer = build_optimizer(model, OptimizerConfig(name="adamw"), LR, torch.device("cpu"))
+    return Variant(f"Ava `{backend}`", "ava", make_step(model, optimizer, batch, autocast), []), model
+
+
+def build_hf(args: argparse.Namespace, seed_model: EnhancedMoEModel, impl: str, batch: torch.Tensor,
+             autocast: bool, bf16_weights: bool) -> tuple[Variant, torch.nn.Module]:
+    import transformers
+
+    cfg_dict = hf_config(seed_model, "qwen3_moe", None, torch.float32)
+    cfg_dict.update(output_router_logits=True, use_cache=False, pad_token_id=None, eos_token_id=None)
+    for key in ("architectures", "model_type", "dtype"):
+        cfg_dict.pop(key)
+    config = transformers.Qwen3MoeConfig(**cfg_dict)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation=impl)
+    missing, unexpected = model.load_state_dict(hf_state_dict(seed_model), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight" or not seed_model.config.tie_embeddings]:
+        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    if model.config._experts_implementation != impl:
+        raise RuntimeError(f"asked for {impl!r}, transformers chose {model.config._experts_implementation!r}")
+    if bf16_weights:
+        model = model.to(torch.bfloat16)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=DEFAULT_BETAS["adamw"], weight_decay=0.1, fused=True)
+    label = f"HF `{impl}`" + (" bf16 weights" if bf16_weights else "")
+    return Variant(label, "hf", make_step(model, optimizer, batch, autocast), []), model
+
+
+def hf_experts_implementations() -> list[str]:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ["eager"] + sorted(ALL_EXPERTS_FUNCTIONS.keys())
+
+
+def init_lm_loss(family: str, model: torch.nn.Module, batch: torch.Tensor) -> float:
+    """LM cross-entropy at the shared init (fp32, no grad): Ava and HF must agree."""
+    with torch.no_grad():
+        if family == "ava":
+            return model(batch, labels=batch).lm_loss.item()
+        out = model(input_ids=batch, labels=batch)
+        return (out.loss - model.router_aux_loss_coef * out.aux_loss).item()
+
+
+def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor) -> dict:
+    """Build, check, warm up and time every variant of one shape and dtype."""
+    bf16 = dtype == "bf16"
+    torch.manual_seed(0)
+    seed_model = EnhancedMoEModel(ava_config(args, shape, "grouped"))
+    variants: list[Variant] = []
+    losses: dict[str, float] = {}
+    for backend in args.ava_backends:
+        v, model = build_ava(args, shape, backend, batch, bf16, seed_model)
+        if not bf16:
+            losses[v.name] = init_lm_loss("ava", model, batch)
+        variants.append(v)
+    weight_modes = [False, True] if bf16 and args.hf_bf16_weights else [False]
+    experts, top_k, inter = SHAPES[shape]
+    for impl in args.hf_impls or hf_experts_implementations():
+        # batched_mm gathers every token-slot's expert matrices, (T·k, 3·I·D) floats per layer,
+        # kept for backward: at training batch sizes that exhausts memory (the OOM killer ends the
+        # whole run instead of raising), so it is skipped above --hf-gather-limit-gb.
+        gathered_gb = batch.numel() * top_k * 3 * inter * args.hidden * 4 * args.layers / 2**30
+        if impl == "batched_mm" and gathered_gb > args.hf_gather_limit_gb:
+            print(f"  skipped HF `batched_mm` ({shape}, {dtype}): it would gather ~{gathered_gb:.0f} GiB of expert "
+                  f"weights per step (> --hf-gather-limit-gb {args.hf_gather_limit_gb:g})")
+            continue
+        for bf16_weights in weight_modes:
+            try:
+                v, model = build_hf(args, seed_model, impl, batch, bf16 and not bf16_weights, bf16_weights)
+                if not bf16:
+                    losses[v.name] = init_lm_loss("hf", model, batch)
+                v.step()  # first step here so that a backend that cannot run is skipped, not timed
+            except Exception as err:  # noqa: BLE001 - any failure of an optional backend means "skip"
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                print(f"  skipped HF `{impl}`{' bf16 weights' if bf16_weights else ''} ({shape}, {dtype}): "
+                      f"{type(err).__name__}: {first[:160]}")
+                continue
+            variants.append(v)
+    if losses:
+        print(f"  init LM loss ({shape}, fp32, shared weights): "
+              + ", ".join(f"{k} {val:.5f}" for k, val in losses.items()))
+
+    peaks: list[float] = []
+    peak_dtype = torch.bfloat16 if bf16 else torch.float32
+    for _ in range(args.warmup):
+        for v in variants:
+            v.step()
+    for r in range(args.repeats):
+        peaks.append(measure_matmul_peak(torch.device("cpu"), peak_dtype))
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                v.step()
+            v.times.append((time.perf_counter() - start) / args.steps)
+    tokens = batch.numel()
+    rows = [{"name": v.name, "family": v.family, "tok_s": tokens / statistics.median(v.times)} for v in variants]
+    return {"shape": shape, "dtype": dtype, "rows": rows, "peak": statistics.median(peaks),
+            "flops_per_token": seed_model.flops_per_token(args.seq_len),
+            "params": seed_model.num_parameters(), "active": seed_model.num_parameters(active_only=True)}
+
+
+def print_block(block: dict, repeats: int, steps: int) -> dict:
+    shape, dtype, rows = block["shape"], block["dtype"], block["rows"]
+    experts, top_k, inter = SHAPES[shape]
+    hf_rows = [r for r in rows if r["family"] == "hf"]
+    ava_rows = [r for r in rows if r["family"] == "ava"]
+    best_hf = max(hf_rows, key=lambda r: r["tok_s"]) if hf_rows else None
+    print(f"\n### {experts} experts top-{top_k} (moe_intermediate_size {inter}), {dtype}\n")
+    print(f"{block['params'] / 1e6:.1f}M parameters ({block['active'] / 1e6:.1f}M active); "
+          f"{block['flops_per_token'] / 1e6:.1f} MFLOP/token; matmul peak {block['peak'] / 1e9:.0f} GFLOP/s "
+          f"{dtype} (median of {repeats}); median of {repeats} samples × {steps} step(s)\n")
+    print("| variant | tok/s | × best HF | MFU |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['tok_s'] / best_hf['tok_s']:.2f}×" if best_hf else "n/a"
+        mfu = r["tok_s"] * block["flops_per_token"] / block["peak"]
+        print(f"| {r['name']} | {r['tok_s']:,.0f} | {ratio} | {mfu:.0%} |")
+    verdict = {"shape": shape, "dtype": dtype}
+    if best_hf and ava_rows:
+        best_ava = max(ava_rows, key=lambda r: r["tok_s"])
+        ratio = best_ava["tok_s"] / best_hf["tok_s"]
+        goal = GOALS.get((shape, dtype))
+        met = "n/a" if goal is None else ("**met**" if ratio >= goal else "**not met**")
+        print(f"\nAva (best: {best_ava['name']}) ÷ best HF ({best_hf['name']}) = {ratio:.2f}×; "
+              f"goal ≥ {goal}×: {met}")
+        verdict.update(ratio=ratio, goal=goal, met=met, ava=best_ava["name"], hf=best_hf["name"])
+    return verdict
+
+
+def profile_ava(args: argparse.Namespace, dtype: str, batch: torch.Tensor, top: int) -> None:
+    """torch.profiler of one Ava training step (8x2 shape, default backend) by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    seed = EnhancedMoEModel(ava_config(args, "8x2", args.ava_backends[0]))
+    variant, _ = build_ava(args, "8x2", args.ava_backends[0], batch, dtype == "bf16", seed)
+    for _ in range(2):
+        variant.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        variant.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n### Profile: one Ava step, 8 experts top-2, `{args.ava_backends[0]}`, {dtype} "
+          f"(total self CPU {total / 1e3:.0f} ms)\n")
+    print("| op | self CPU ms | share | calls |")
+    print("|---|---:|---:|---:|")
+    for e in events[:top]:
+        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e3:.1f} | {e.self_cpu_time_total / total:.0%} | {e.count} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["8x2", "64x8"])
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=1, help="training steps per timed sample")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed round-robin rounds first")
+    parser.add_argument("--ava-backends", nargs="+", default=["grouped", "batched"],
+                        choices=["grouped", "batched", "loop", "auto"])
+    parser.add_argument("--hf-impls", nargs="+", default=None,
+                        help="HF experts_implementation values; default: eager + every registered one")
+    parser.add_argument("--hf-gather-limit-gb", type=float, default=4.0,
+                        help="skip HF batched_mm when its per-step gathered expert weights exceed this")
+    parser.add_argument("--no-hf-bf16-weights", dest="hf_bf16_weights", action="store_false",
+                        help="bf16: skip the HF variants with bf16 weights (no autocast)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01,
+                        help="Ava aux_loss_coef = HF router_aux_loss_coef")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one Ava step (8x2) per dtype and print the top ops by self CPU time")
+    parser.add_argument("--profile-top", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, vocab "
+          f"{args.vocab}, batch {args.batch} × {args.seq_len} tokens, AdamW, aux loss {args.aux_loss_coef}, "
+          f"z-loss off")
+    verdicts = []
+    for shape in args.shapes:
+        for dtype in args.dtypes:
+            block = run_block(args, shape, dtype, batch)
+            verdicts.append(print_block(block, args.repeats, args.steps))
+    print("\n### Goals (Ava ÷ best HF)\n")
+    print("| shape | dtype | Ava | best HF | ratio | goal | |")
+    print("|---|---|---|---|---:|---:|---|")
+    for v in verdicts:
+        if "ratio" in v:
+            print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | "
+                  f"≥ {v['goal']}× | {v['met']} |")
+    if args.profile:
+        for dtype in args.dtypes:
+            profile_ava(args, dtype, batch, args.profile_top)
+
+
+if __name__ == "__main__":
+    main()

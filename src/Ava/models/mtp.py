@@ -1,0 +1,144 @@
+"""Multi-token prediction heads (DeepSeek-V3 §2.2).
+
+Legend: B batch, T positions, D hidden, V vocabulary; j = 1..num_heads is the prediction depth.
+
+Module j keeps the full causal chain of V3: at position i it combines the previous depth's hidden
+state h^{j-1}_i (h^0 = the main stack's last hidden state, before its final norm) with the
+embedding of token i + j, runs one decoder block, and predicts token i + j + 1 through the
+model's *shared* output head (the embedding is shared too)::
+
+    h'_i  = eh_proj([enorm(Emb(t_{i+j})); hnorm(h^{j-1}_i)])      # (B, T, 2D) -> (B, T, D)
+    h^j   = block(h')                                            # causal, same RoPE positions
+    logits^j_i = lm_head(norm(h^j_i))                            # predicts t_{i+j+1}
+
+Sequences keep length T at every depth (so ``mtp_logits[j-1]`` is (B, T, V), aligned with the
+inputs like the main logits); the last j positions have no token i + j and are fed a copy of the
+last token. Causality makes them harmless: no earlier position attends to them, and their
+targets are ignored by the loss. The concatenation order [embedding; hidden] and the names
+``enorm``, ``hnorm``, ``eh_proj`` follow DeepSeek-V3's checkpoints; V3's ``shared_head.norm`` is
+``norm`` here, and the block is ``block`` (V3 stores its tensors at the module's top level).
+
+The block is a :class:`DecoderLayer` with layer index ``num_layers + j - 1``: its MLP is dense or
+MoE by the same ``model.moe.first_dense_layers`` / ``moe_every`` rule as if it were the next layer
+of the stack (so MoE with the defaults, as in V3). Its routing joins the model's balancing terms,
+router statistics and aux-free bias updates after the main layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers import RMSNorm
+from ..layers.routing import RouterOutput
+from .decoder_layer import DecoderLayer
+
+
+@dataclass(frozen=True)
+class MTPOutput:
+    """What the MTP heads return.
+
+    Attributes:
+        logits: one (B, T, V) tensor per depth j = 1..D; position i predicts token i + j + 1.
+        routings: (layer index, routing) of each MoE block among the heads (index num_layers + j - 1).
+    """
+
+    logits: list[torch.Tensor]
+    routings: list[tuple[int, RouterOutput]]
+
+
+class MTPModule(nn.Module):
+    """One prediction depth: norms, projection, decoder block and output norm.
+
+    Args:
+        cfg: the model config.
+        depth: j, 1-based.
+    """
+
+    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderLayer(cfg, cfg.num_layers + depth - 1)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(
+        self,
+        h_BTD: torch.Tensor,
+        emb_BTD: torch.Tensor,
+        cos_BTK: torch.Tensor,
+        sin_BTK: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None,
+        token_ids_BT: torch.Tensor,
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
+        """Next depth's hidden state.
+
+        Args:
+            h_BTD: (B, T, D) previous depth's hidden state h^{j-1} (un-normalised).
+            emb_BTD: (B, T, D) embeddings of the tokens j positions ahead.
+            cos_BTK, sin_BTK: RoPE tables of the positions (as in the main stack).
+            attn_mask_B1TS: the main stack's attention mask, or None (causal).
+            token_ids_BT: (B, T) the ids behind ``emb_BTD`` (for the hash router).
+
+        Returns:
+            ``(h^j (B, T, D), routing or None for a dense block)``.
+        """
+        x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
+        x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
+        x_BTD, _, routing = self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, None, token_ids_BT)
+        return x_BTD, routing
+
+
+class MultiTokenPrediction(nn.ModuleList):
+    """The D sequential MTP modules, ``mtp.{j-1}`` for depth j.
+
+    Args:
+        cfg: the model config (``cfg.mtp.num_heads`` ≥ 1 modules).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(MTPModule(cfg, depth) for depth in range(1, cfg.mtp.num_heads + 1))
+
+    def forward(
+        self,
+        hidden_BTD: torch.Tensor,
+        input_ids_BT: torch.Tensor,
+        embed_tokens: nn.Embedding,
+        lm_head: nn.Linear,
+        cos_BTK: torch.Tensor,
+        sin_BTK: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None,
+    ) -> MTPOutput:
+        """Run every depth and the shared head.
+
+        Args:
+            hidden_BTD: (B, T, D) the main stack's last hidden state, before its final norm.
+            input_ids_BT: (B, T) the input ids.
+            embed_tokens: the model's (shared) input embedding.
+            lm_head: the model's (shared) output head.
+            cos_BTK, sin_BTK: the main stack's RoPE tables.
+            attn_mask_B1TS: the main stack's attention mask, or None.
+
+        Returns:
+            :class:`MTPOutput`.
+        """
+        T = input_ids_BT.shape[1]
+        emb_BTD = embed_tokens(input_ids_BT)  # (B, T, D)
+        h_BTD = hidden_BTD
+        logits: list[torch.Tensor] = []
+        routings: list[tuple[int, RouterOutput]] = []
+        for module in self:
+            j = min(module.depth, T)
+            # Tokens j positions ahead; the last j positions (no such token) repeat the last one.
+            ids_BT = torch.cat([input_ids_BT[:, j:], input_ids_BT[:, -1:].expand(-1, j)], dim=1)  # (B, T)
+            ahead_BTD = torch.cat([emb_BTD[:, j:], emb_BTD[:, -1:].expand(-1, j, -1)], dim=1)  # (B, T, D)
+            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, ids_BT)
+            logits.append(lm_head(module.norm(h_BTD)))  # (B, T, V)
+            if routing is not None:
+                routings.append((module.block.layer_idx, routing))
+        return MTPOutput(logits=logits, routings=routings)

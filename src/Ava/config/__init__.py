@@ -1,22 +1,24 @@
-"""Configuration: pydantic schema, YAML loading with overrides, compatibility rules."""
+"""Configuration: pydantic schema, YAML loading with overrides, compatibility rules.
 
+The schema is split by section: ``model_config.py`` (model, MoE, MTP, losses), ``data_config.py``
+(data), ``training_sections.py`` (everything that steers a run) and ``training_config.py`` (the
+whole :class:`EnhancedTrainingConfig` with its cross-section resolution and YAML I/O).
+"""
+
+from .data_config import DataConfig, SourceConfig, TokenizerConfig
 from .feature_compatibility import Issue, check_compatibility
 from .loading import apply_override, load_config, validate_config
+from .model_config import LossConfig, ModelConfig, MoEConfig, MTPConfig
 from .reference import render_reference_yaml
-from .training_config import (
+from .training_config import EnhancedTrainingConfig
+from .training_sections import (
     CheckpointConfig,
-    DataConfig,
     EarlyStoppingConfig,
-    EnhancedTrainingConfig,
     EvaluationConfig,
     GradientConfig,
     HealthConfig,
     LoggingConfig,
-    LossConfig,
-    ModelConfig,
     MoEAlarmConfig,
-    MoEConfig,
-    MTPConfig,
     OptimizerConfig,
     PerformanceConfig,
     PlateauConfig,
@@ -24,17 +26,16 @@ from .training_config import (
     ProgressiveConfig,
     RunConfig,
     SchedulerConfig,
-    SourceConfig,
     SurgeryConfig,
-    TokenizerConfig,
     TrainingSection,
     WandbConfig,
 )
 
 __all__ = [
-    "CheckpointConfig", "EarlyStoppingConfig", "HealthConfig", "PerformanceConfig", "WandbConfig",
-    "DataConfig", "EnhancedTrainingConfig", "EvaluationConfig", "GradientConfig", "Issue", "LoggingConfig", "LossConfig",
-    "ModelConfig", "MoEAlarmConfig", "MoEConfig", "MTPConfig", "OptimizerConfig", "PlateauConfig", "PrecisionConfig", "ProgressiveConfig", "RunConfig",
-    "SchedulerConfig", "SourceConfig", "SurgeryConfig", "TokenizerConfig", "TrainingSection", "apply_override",
-    "check_compatibility", "load_config", "render_reference_yaml", "validate_config",
+    "CheckpointConfig", "DataConfig", "EarlyStoppingConfig", "EnhancedTrainingConfig", "EvaluationConfig",
+    "GradientConfig", "HealthConfig", "Issue", "LoggingConfig", "LossConfig", "MTPConfig", "ModelConfig",
+    "MoEAlarmConfig", "MoEConfig", "OptimizerConfig", "PerformanceConfig", "PlateauConfig", "PrecisionConfig",
+    "ProgressiveConfig", "RunConfig", "SchedulerConfig", "SourceConfig", "SurgeryConfig", "TokenizerConfig",
+    "TrainingSection", "WandbConfig", "apply_override", "check_compatibility", "load_config",
+    "render_reference_yaml", "validate_config",
 ]

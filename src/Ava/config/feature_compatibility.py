@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Literal
 from ..errors import AvaConfigError
 
 if TYPE_CHECKING:
-    from .training_config import EnhancedTrainingConfig, ModelConfig
+    from .model_config import ModelConfig
+    from .training_config import EnhancedTrainingConfig
 
 logger = logging.getLogger(__name__)
 

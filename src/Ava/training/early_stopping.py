@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config.training_config import EarlyStoppingConfig
+from ..config import EarlyStoppingConfig
 
 
 class EarlyStopping:

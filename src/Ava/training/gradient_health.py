@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..config.training_config import HealthConfig
+from ..config import HealthConfig
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""The ``model`` section: decoder, MoE layer, multi-token prediction and loss settings.
+
+Sizes left unset are derived from the ones given (SPEC §3): ``num_heads = max(1, hidden_size // 64)``,
+``num_kv_heads = num_heads``, ``intermediate_size = moe_intermediate_size ≈ 8/3 · hidden_size``
+(rounded up to a multiple of 32).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import AvaSection
+
+
+def _swiglu_width(hidden_size: int) -> int:
+    """SwiGLU hidden width ≈ 8/3 · hidden (same parameter count as a 4·hidden GELU MLP)."""
+    width = (8 * hidden_size + 2) // 3
+    return ((width + 31) // 32) * 32
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+class MoEConfig(AvaSection):
+    """Mixture-of-Experts layer: routing, expert width, balancing losses and kernel backend."""
+
+    top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
+    router: Literal["softmax", "sigmoid", "switch", "noisy_topk", "expert_choice", "hash"] = Field(
+        "softmax",
+        description="Router type. softmax: top-k of softmax(x·W_g) (Mixtral/Qwen3-MoE); sigmoid: top-k of "
+        "sigmoid scores, weights = normalised selected scores × routed_scaling_factor (DeepSeek-V3); "
+        "switch: top-1 softmax, weight = the probability (Switch Transformer; needs top_k 1); noisy_topk: "
+        "softmax top-k of logits + N(0,1)·softplus(x·W_noise) while training (Shazeer 2017); "
+        "expert_choice: each expert takes its top-c tokens, c = capacity_factor·T·top_k/E (Zhou 2022); "
+        "hash: expert = fixed hash(token id) mod E, then the next top_k-1 experts (Roller 2021).",
+    )
+    norm_topk_prob: bool = Field(
+        True, description="Renormalise the top-k router weights to sum to 1 (Qwen3-MoE; DeepSeek-V3 sigmoid)."
+    )
+    routed_scaling_factor: float = Field(
+        1.0, gt=0.0, description="Multiply the routed experts' gate weights by this (DeepSeek-V3 uses 2.5)."
+    )
+    n_groups: int | None = Field(
+        None, ge=1,
+        description="Group-limited routing (DeepSeek-V3): split the experts into this many groups; null = off.",
+    )
+    topk_groups: int | None = Field(
+        None, ge=1,
+        description="Group-limited routing: keep the best topk_groups groups (a group scores the sum of its "
+        "top-2 expert scores) and pick the top_k experts inside them; required with n_groups.",
+    )
+    moe_intermediate_size: int | None = Field(
+        None, ge=1, description="Hidden width of each routed expert; null = 8/3·hidden_size, rounded."
+    )
+    num_shared_experts: int = Field(
+        0, ge=0,
+        description="Always-on shared experts (DeepSeek/Qwen2-MoE), run as one dense SwiGLU `mlp.shared_experts` "
+        "of width num_shared_experts × moe_intermediate_size added to the routed output; 0 = none.",
+    )
+    capacity_factor: float | None = Field(
+        None, gt=0.0,
+        description="Training capacity factor CF: each expert takes at most ceil(CF·T·top_k/E) token-slots "
+        "per micro-batch; overflow slots are dropped (the token keeps its residual). null = dropless. "
+        "expert_choice uses it for its per-expert token count c.",
+    )
+    eval_capacity_factor: float | None = Field(
+        None, gt=0.0,
+        description="Capacity factor in eval mode; null = capacity_factor. num_experts/top_k (or more) "
+        "never drops anything.",
+    )
+    aux_loss_coef: float = Field(
+        0.01, ge=0.0, description="Switch/GShard load-balancing loss coefficient α (0 disables it)."
+    )
+    seq_aux_loss_coef: float = Field(
+        0.0, ge=0.0,
+        description="Sequence-level balancing loss coefficient (DeepSeek-V3, f·P per sequence, averaged; "
+        "V3 uses 1e-4); 0 disables it.",
+    )
+    global_aux_loss_coef: float = Field(
+        0.0, ge=0.0,
+        description="Global-batch balancing loss coefficient (Qwen 2025): f_i counted over all micro-batches "
+        "of the optimizer step so far; 0 disables it.",
+    )
+    z_loss_coef: float = Field(
+        0.001, ge=0.0, description="Router z-loss coefficient (ST-MoE; 0 disables it)."
+    )
+    aux_free_bias: bool = Field(
+        False,
+        description="Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias `mlp.gate.expert_bias`, "
+        "added to the scores for selection only, updated after each optimizer step by "
+        "b_i += bias_update_rate·sign(mean load − load_i). Saved in checkpoints.",
+    )
+    bias_update_rate: float = Field(
+        1e-3, gt=0.0, description="γ, the step of the aux-free bias update (DeepSeek-V3: 1e-3)."
+    )
+    first_dense_layers: int = Field(
+        0, ge=0, description="The first k decoder layers use a dense SwiGLU MLP instead of experts."
+    )
+    moe_every: int = Field(
+        1, ge=1,
+        description="MoE every n layers: layer i (0-based, past first_dense_layers) is MoE when (i+1) % n == 0 "
+        "(HF decoder_sparse_step), dense otherwise; 1 = every layer.",
+    )
+    backend: Literal["loop", "batched", "grouped", "auto"] = Field(
+        "grouped",
+        description="Expert kernel: grouped (sorted tokens + torch._grouped_mm), batched (padded bmm), "
+        "loop (reference), or auto (grouped where torch._grouped_mm exists, else batched; see docs/moe.md).",
+    )
+
+
+class MTPConfig(AvaSection):
+    """Multi-token prediction heads (DeepSeek-V3), trained alongside the next-token objective."""
+
+    num_heads: int = Field(
+        0, ge=0,
+        description="D sequential MTP modules; module j (1..D) predicts token t+j+1 from the previous module's "
+        "hidden state and the embedding of token t+j, through one decoder block and the shared output "
+        "head. 0 = off (no parameters, no extra compute).",
+    )
+    loss_weight: float = Field(
+        0.3, ge=0.0,
+        description="λ of L_MTP = (λ / D)·Σ_j L_j, logged and added to the loss as `mtp` (DeepSeek-V3: 0.3 "
+        "early in training, 0.1 later).",
+    )
+
+
+class LossConfig(AvaSection):
+    """The language-modelling objective (applied to the main head and every MTP head) and loss weighting."""
+
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Label smoothing ε of the cross-entropy (target (1−ε)·one-hot + ε/V); 0 = off. lm_loss "
+        "(and so the val loss/perplexity) is then the smoothed loss.",
+    )
+    focal_gamma: float = Field(
+        0.0, ge=0.0,
+        description="Focal loss γ: each token's loss is (1 − p_true)^γ · (−log p_true) (Lin 2017); 0 = plain "
+        "cross-entropy. Not combinable with label_smoothing.",
+    )
+    chunk_size: int | None = Field(
+        None, ge=1,
+        description="Chunked cross-entropy: compute the loss over this many sequence positions at a time "
+        "(each chunk B·chunk_size rows) and recompute each chunk in backward, so fp32 log-probabilities exist "
+        "for one chunk at a time instead of all B·T·V; same value and gradient as the plain loss. null = off.",
+    )
+    uncertainty_weighting: list[str] = Field(
+        default_factory=list,
+        description="Loss terms weighted by learned log-variances s_i (Kendall 2018): term L_i becomes "
+        "exp(−s_i)·L_i + s_i/2, parameters `loss_weighting.log_vars` on the model (trained and checkpointed "
+        "with it). Names: lm_loss, mtp, load_balance, seq_load_balance, global_load_balance, z_loss. The "
+        "change is logged as the `uncertainty` term; empty = off.",
+    )
+
+
+class ModelConfig(AvaSection):
+    """Decoder-only MoE transformer."""
+
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size; null = the tokenizer's (or data.tokenizer.vocab_size)."
+    )
+    hidden_size: int = Field(256, ge=8, description="Model width d.")
+    num_layers: int = Field(4, ge=1, description="Number of decoder layers.")
+    num_heads: int | None = Field(None, ge=1, description="Attention heads; null = max(1, hidden_size // 64).")
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; null = num_heads."
+    )
+    max_seq_len: int = Field(256, ge=2, description="Longest sequence (context length) the model handles.")
+    num_experts: int = Field(8, ge=1, description="Routed experts per MoE layer.")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="Hidden width of dense MLP layers; null = 8/3·hidden_size, rounded."
+    )
+    rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-6, gt=0.0, description="RMSNorm epsilon.")
+    qk_norm: bool = Field(True, description="RMSNorm on queries and keys per head (Qwen3 style).")
+    tie_embeddings: bool = Field(False, description="Share the input embedding with the output head.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residual branches.")
+    initializer_range: float = Field(0.02, gt=0.0, description="Std of the normal weight init.")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="Mixture-of-Experts settings.")
+    mtp: MTPConfig = Field(default_factory=MTPConfig, description="Multi-token prediction heads (DeepSeek-V3).")
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="LM objective (label smoothing, focal, chunked CE) and uncertainty weighting; under model "
+        "because uncertainty weighting adds parameters to the model.",
+    )
+
+    @model_validator(mode="after")
+    def _derive_sizes(self) -> "ModelConfig":
+        # Fill derived sizes once, so the resolved config saved in a run folder is explicit.
+        # object.__setattr__ avoids re-entering validation (validate_assignment=True).
+        if self.num_heads is None:
+            object.__setattr__(self, "num_heads", max(1, self.hidden_size // 64))
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.intermediate_size is None:
+            object.__setattr__(self, "intermediate_size", _swiglu_width(self.hidden_size))
+        if self.moe.moe_intermediate_size is None:
+            object.__setattr__(self.moe, "moe_intermediate_size", _swiglu_width(self.hidden_size))
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads

@@ -58,6 +58,58 @@ def run_one(name: str, overrides: list[str], steps: int, out_dir: Path) -> dict:
     }
 
 
+def step_times(repeats: int) -> str:
+    """Optimizer-step time of each optimizer on the demo model, interleaved in one process.
+
+    Whole-run tokens/s above comes from sequential runs, so machine noise hits each run
+    differently; this table is the robust comparison: every optimizer steps its own copy of the
+    demo model (same gradients) in round-robin, and the median step time is reported next to a
+    forward+backward of one demo batch measured in the same rounds.
+    """
+    import copy
+    import statistics
+
+    import torch
+
+    from Ava.config import load_config
+    from Ava.models import EnhancedMoEModel
+    from Ava.optimization import build_optimizer
+
+    config = load_config(REPO / "configs" / "demo.yaml", check_environment=False)
+    torch.manual_seed(0)
+    base = EnhancedMoEModel(config.model)
+    ids = torch.randint(0, config.model.vocab_size, (config.training.batch_size, config.data.seq_len))
+    base(ids, labels=ids).loss.backward()
+    names = ["adamw", "lion", "sophia", "adafactor", "muon"]
+    models = {n: copy.deepcopy(base) for n in names}
+    for model in models.values():  # deepcopy does not carry .grad: give every copy the same gradients
+        for p, ref in zip(model.parameters(), base.parameters()):
+            p.grad = ref.grad.clone()
+    optimizers = {n: build_optimizer(models[n], config.optimizer.model_copy(update={"name": n}),
+                                     config.training.learning_rate, torch.device("cpu")) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in ["forward+backward", *names]}
+    for round_ in range(repeats + 1):  # round 0 warms up (allocates optimizer state)
+        start = time.perf_counter()
+        base(ids, labels=ids).loss.backward()  # accumulates; only its time is used
+        fwd_bwd = time.perf_counter() - start
+        for n in names:
+            start = time.perf_counter()
+            optimizers[n].step()
+            elapsed = time.perf_counter() - start
+            if round_:
+                times[n].append(elapsed)
+        if round_:
+            times["forward+backward"].append(fwd_bwd)
+    ref = statistics.median(times["forward+backward"])
+    adamw = statistics.median(times["adamw"])
+    lines = [f"median of {repeats} interleaved rounds; demo model, batch {tuple(ids.shape)}",
+             "| optimizer | step ms | ÷ AdamW step | ÷ forward+backward |", "|---|---:|---:|---:|"]
+    for n, values in times.items():
+        med = statistics.median(values)
+        lines.append(f"| {n} | {med * 1e3:.1f} | {med / adamw:.2f} | {med / ref:.3f} |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     """The Markdown table of ``results``."""
     lines = ["| run | val loss | train loss | tokens/s | optimizer state (MB) |", "|---|---|---|---|---|"]
@@ -72,8 +124,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--only", default=None, help="comma-separated prefixes of run names")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--step-times-only", action="store_true",
+                        help="only the interleaved optimizer-step timing (about a minute)")
+    parser.add_argument("--repeats", type=int, default=10, help="rounds of the step timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    print(step_times(args.repeats), flush=True)
+    if args.step_times_only:
+        return
     runs = {k: v for k, v in RUNS.items()
             if args.only is None or any(k.startswith(p) for p in args.only.split(","))}
     results = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import AvaConfigError, AvaDataError, AvaError
+from .arg_types import non_negative, non_negative_int, positive, positive_int, probability
 
 # option name → (type, help); the REPL's `:set` accepts the same names
 _REPL_OPTIONS: dict[str, Callable[[str], object]] = {
@@ -236,41 +237,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``generate``, ``export``, ``import`` and ``eval`` on the ``ava`` subparsers."""
     gen = sub.add_parser("generate", parents=[common], help="generate text from a run or checkpoint")
@@ -280,18 +246,18 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     what.add_argument("--file", help="one prompt per line (\\n inside a line = newline); JSONL out")
     what.add_argument("--interactive", action="store_true", help="a REPL: type prompts, :help for commands")
     gen.add_argument("--out", default=None, help="with --file: the JSONL to write (default stdout)")
-    gen.add_argument("--batch-size", type=_positive_int, default=8, help="with --file: prompts per batch (default 8)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=100, help="tokens to generate (default 100)")
-    gen.add_argument("--temperature", type=_non_negative, default=0.8, help="0 = greedy (default 0.8)")
-    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
-    gen.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass")
-    gen.add_argument("--min-p", type=_probability, default=None, help="keep tokens with p ≥ min_p · max p")
-    gen.add_argument("--repetition-penalty", type=_positive, default=1.0,
+    gen.add_argument("--batch-size", type=positive_int, default=8, help="with --file: prompts per batch (default 8)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass")
+    gen.add_argument("--min-p", type=probability, default=None, help="keep tokens with p ≥ min_p · max p")
+    gen.add_argument("--repetition-penalty", type=positive, default=1.0,
                      help="> 1 discourages tokens already present (default 1 = off)")
-    gen.add_argument("--no-repeat-ngram-size", type=_non_negative_int, default=0,
+    gen.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=0,
                      help="never repeat an n-gram of this size (default 0 = off)")
     gen.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); output ends before it")
-    gen.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams (1 = off)")
+    gen.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (1 = off)")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logp / length^this (default 1)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -320,8 +286,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                     help=".txt/.jsonl files (one source each; default: the run's validation split)")
     ev.add_argument("--mc", default=None, metavar="FILE", help="multiple-choice JSONL {question, choices, answer}")
     ev.add_argument("--out", default=None, help="report folder (default: the checkpoint folder)")
-    ev.add_argument("--max-tokens", type=_positive_int, default=200_000, help="tokens scored per source at most")
-    ev.add_argument("--samples", type=_non_negative_int, default=3, help="generation samples in the report")
-    ev.add_argument("--sample-tokens", type=_positive_int, default=48, help="tokens per generation sample")
+    ev.add_argument("--max-tokens", type=positive_int, default=200_000, help="tokens scored per source at most")
+    ev.add_argument("--samples", type=non_negative_int, default=3, help="generation samples in the report")
+    ev.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per generation sample")
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ev.set_defaults(func=cmd_eval)

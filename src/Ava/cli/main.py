@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import AvaError
+from .arg_types import positive_int
 
 EXIT_USER_ERROR = 2
 
@@ -123,27 +124,6 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``ava`` argument parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -188,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     lrf.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     lrf.add_argument("--min-lr", type=float, default=1e-6, help="first LR of the sweep (default 1e-6)")
     lrf.add_argument("--max-lr", type=float, default=1.0, help="last LR of the sweep (default 1)")
-    lrf.add_argument("--steps", type=_positive_int, default=100, help="sweep steps (default 100)")
+    lrf.add_argument("--steps", type=positive_int, default=100, help="sweep steps (default 100)")
     lrf.add_argument("--plot", default=None, help="PNG to write (default <config>_lr_find.png here)")
     lrf.add_argument("--pick", choices=["valley", "steepest", "min_loss_div10"], default="valley",
                      help="suggestion --write uses (default valley)")

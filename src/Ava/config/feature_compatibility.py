@@ -42,14 +42,20 @@ def check_compatibility(config: "EnhancedTrainingConfig", *, environment: bool =
     return issues
 
 
-def raise_on_errors(issues: list[Issue], source: str) -> list[Issue]:
-    """Raise one :class:`AvaConfigError` listing every error; log and return the warnings."""
+def raise_on_errors(issues: list[Issue], source: str, log_warnings: bool = True) -> list[Issue]:
+    """Raise one :class:`AvaConfigError` listing every error; return (and log) the warnings.
+
+    Args:
+        log_warnings: log each warning. Loading a config does not (the trainer, which checks the
+            config again against the machine, logs them once; ``ava config check`` prints them).
+    """
     errors = [issue for issue in issues if issue.severity == "error"]
     warnings = [issue for issue in issues if issue.severity == "warning"]
     if errors:
         raise AvaConfigError(f"{source}: " + "; ".join(str(issue) for issue in errors))
-    for issue in warnings:
-        logger.warning("%s: %s", source, issue)
+    if log_warnings:
+        for issue in warnings:
+            logger.warning("%s: %s", source, issue)
     return warnings
 
 

@@ -54,7 +54,7 @@ def load_config(
     for override in overrides or []:
         apply_override(data, override)
     config = validate_config(data, str(path))
-    raise_on_errors(check_compatibility(config, environment=check_environment), str(path))
+    raise_on_errors(check_compatibility(config, environment=check_environment), str(path), log_warnings=False)
     return config
 
 

@@ -51,7 +51,7 @@ from .metrics import (
     MoECollapseAlarm,
     StepTimer,
     accumulate_router_stats,
-    expert_load_summary,
+    expert_load_shares,
     measure_matmul_peak,
     moe_diagnostics,
     start_wandb,
@@ -361,7 +361,7 @@ class EnhancedModularTrainer:
         loss = loss_sum / count
         result = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
         if loads:
-            result.update(expert_load_summary(loads))
+            result.update(expert_load_shares(loads))
             result.update({k: float(v) for k, v in moe_diagnostics(loads, router_acc).items()})
         return result
 

@@ -162,23 +162,22 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2.0 * size**3 * n / (time.perf_counter() - start)
 
 
-def expert_load_summary(tokens_per_expert: list[torch.Tensor]) -> dict[str, Any]:
-    """Load-balance numbers from per-layer token counts.
+def expert_load_shares(tokens_per_expert: list[torch.Tensor]) -> dict[str, Any]:
+    """Per-layer share of routed assignments per expert, for the expert-load heatmap.
+
+    (MaxVio and the other scalars come from :func:`moe_diagnostics`.)
 
     Args:
         tokens_per_expert: one ``(E,)`` tensor of routed token counts per MoE layer.
 
     Returns:
-        ``max_vio`` (mean over layers of max_load/mean_load − 1, Wang et al. 2024) and
-        ``expert_load`` (per layer, share of assignments per expert).
+        ``{"expert_load": [[share per expert] per layer]}``, or {} without MoE layers.
     """
     if not tokens_per_expert:
         return {}
     loads = torch.stack([t.float() for t in tokens_per_expert])  # (L, E)
     share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1.0)
-    mean = loads.mean(dim=1).clamp_min(1e-9)
-    max_vio = (loads.max(dim=1).values / mean - 1.0).mean().item()
-    return {"max_vio": max_vio, "expert_load": [[round(v, 4) for v in row] for row in share.tolist()]}
+    return {"expert_load": [[round(v, 4) for v in row] for row in share.tolist()]}
 
 
 # --------------------------------------------------------------------------------------------

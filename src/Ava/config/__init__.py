@@ -5,7 +5,7 @@ The schema is split by section: ``model_config.py`` (model, MoE, MTP, losses), `
 whole :class:`EnhancedTrainingConfig` with its cross-section resolution and YAML I/O).
 """
 
-from .data_config import DataConfig, SourceConfig, TokenizerConfig
+from .data_config import ChatConfig, DataConfig, SourceConfig, TemplateConfig, TokenizerConfig
 from .feature_compatibility import Issue, check_compatibility
 from .loading import apply_override, load_config, validate_config
 from .model_config import LossConfig, ModelConfig, MoEConfig, MTPConfig
@@ -35,7 +35,7 @@ __all__ = [
     "CheckpointConfig", "DataConfig", "EarlyStoppingConfig", "EnhancedTrainingConfig", "EvaluationConfig",
     "GradientConfig", "HealthConfig", "Issue", "LoggingConfig", "LossConfig", "MTPConfig", "ModelConfig",
     "MoEAlarmConfig", "MoEConfig", "OptimizerConfig", "PerformanceConfig", "PlateauConfig", "PrecisionConfig",
-    "ProgressiveConfig", "RunConfig", "SchedulerConfig", "SourceConfig", "SurgeryConfig", "TokenizerConfig",
+    "ProgressiveConfig", "RunConfig", "SchedulerConfig", "SourceConfig", "SurgeryConfig", "TokenizerConfig", "TemplateConfig", "ChatConfig",
     "TrainingSection", "WandbConfig", "apply_override", "check_compatibility", "load_config",
     "render_reference_yaml", "validate_config",
 ]

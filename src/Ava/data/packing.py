@@ -11,13 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import AvaDataError
-from .readers import Document
+from .records import Document
+
+if TYPE_CHECKING:
+    from .tokenizer import AvaTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,80 @@ def split_documents(
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds ids below ``vocab_size`` (uint16 up to 65536 ids)."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class TokenStream:
+    """The documents of one split of one source as one flat token stream.
+
+    Every document is followed by EOS. Arrays may be in memory or ``numpy.memmap`` views of
+    prepared shards (``shards.py``); nothing here copies them.
+
+    Attributes:
+        tokens: ``(N,)`` uint16/uint32 token ids.
+        doc_starts: ``(D,)`` int64 offset of each document's first token (``doc_starts[0] == 0``).
+        loss_mask: ``(N,)`` uint8, 1 where the token may be a label (predicted), 0 for prompt
+            tokens of instruction/chat data; None = every token is a label.
+        source_name: the source these documents came from.
+    """
+
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+    loss_mask: np.ndarray | None = None
+    source_name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_starts.shape[0])
+
+
+def tokenize_documents(tokenizer: "AvaTokenizer", docs: Sequence[Document], source_name: str = "") -> TokenStream:
+    """Encode documents into one stream, each followed by EOS, with a loss mask for segmented ones.
+
+    Plain documents are encoded with one ``encode_batch`` call (Rust threads). A document with
+    ``segments`` is encoded segment by segment; its tokens carry loss where the segment trains,
+    and its EOS carries loss when the last segment does (so the model learns to stop answering).
+
+    Args:
+        tokenizer: the tokenizer.
+        docs: the documents, in stream order.
+        source_name: recorded on the stream.
+
+    Returns:
+        The stream; ``loss_mask`` is None when no document has segments.
+    """
+    segmented = any(d.segments is not None for d in docs)
+    if not segmented:
+        ids = tokenizer.encode_batch([d.text for d in docs])
+        tokens = pack_documents(ids, tokenizer.eos_id)
+        return TokenStream(tokens, _starts(ids), None, source_name)
+    pieces: list[tuple[str, bool]] = []
+    counts: list[int] = []
+    for doc in docs:
+        segments = doc.segments if doc.segments is not None else ((doc.text, True),)
+        pieces.extend(segments)
+        counts.append(len(segments))
+    encoded = tokenizer.encode_batch([text for text, _ in pieces])
+    doc_ids: list[list[int]] = []
+    masks: list[np.ndarray] = []
+    cursor = 0
+    for count in counts:
+        parts = encoded[cursor:cursor + count]
+        trains = [t for _, t in pieces[cursor:cursor + count]]
+        cursor += count
+        doc_ids.append([i for part in parts for i in part])
+        mask = [np.full(len(part), t, dtype=np.uint8) for part, t in zip(parts, trains)]
+        masks.append(np.concatenate(mask + [np.array([trains[-1]], dtype=np.uint8)]))
+    tokens = pack_documents(doc_ids, tokenizer.eos_id)
+    return TokenStream(tokens, _starts(doc_ids), np.concatenate(masks), source_name)
+
+
+def _starts(token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else np.zeros(0, np.int64)
 
 
 def pack_documents(token_lists: Sequence[Sequence[int]], eos_id: int) -> np.ndarray:

@@ -17,28 +17,12 @@ from pathlib import Path
 
 from ..config import DataConfig, SourceConfig
 from ..errors import AvaDataError
+from .records import Document
 
 logger = logging.getLogger(__name__)
 
 _FORMAT_BY_SUFFIX = {".txt": "txt", ".jsonl": "jsonl"}
 _GLOB_MAGIC = ("*", "?", "[")
-
-
-@dataclass(frozen=True)
-class Document:
-    """One training document.
-
-    Attributes:
-        name: stable identifier used for sorting and the train/validation split; relative to the
-            source root (``plays/hamlet.txt``, ``notes.jsonl:12``), never an absolute path, so the
-            split does not depend on where the data lives.
-        text: the full text.
-        source: where it was read from (a file path, ``file:line`` or ``archive:member``).
-    """
-
-    name: str
-    text: str
-    source: str
 
 
 def read_source(source: SourceConfig) -> list[Document]:

@@ -46,10 +46,11 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
     names = [f"d{i}.txt" for i in range(4)]
-    _, val = split_documents([Document(n, "", "") for n in names], 0.25, seed=0)
+    # documents are named after their source (the folder): src/d0.txt, ...
+    _, val = split_documents([Document(f"src/{n}", "", "") for n in names], 0.25, seed=0)
     for name in names:
         # The validation document is the only one with this word.
-        text = "zyxwvutsrq " * 200 if name == val[0].name else "common words here. " * 40
+        text = "zyxwvutsrq " * 200 if f"src/{name}" == val[0].name else "common words here. " * 40
         (src / name).write_text(text)
     data = DataConfig(sources=[{"path": str(src)}], seq_len=8, val_fraction=0.25,
                       tokenizer={"vocab_size": 300, "min_frequency": 1})
@@ -100,4 +101,4 @@ def test_seq_len_comes_from_model_max_seq_len(fake_cache: Path):
          "data": {"cache_dir": str(fake_cache), "tokenizer": {"vocab_size": 300}}}
     )
     prepared = prepare_data(cfg.data, seed=cfg.run.seed)
-    assert prepared.train[0].shape == (24,)
+    assert prepared.train[0]["input_ids"].shape == (24,)

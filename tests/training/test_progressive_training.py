@@ -71,7 +71,8 @@ def test_default_batches_are_the_epoch_sampler_chunks(tmp_path):
         got = list(s.batch_sampler(ds, epoch, step, batches_in_epoch))
         order = EpochSampler(len(ds), 0, epoch, start=batches_in_epoch * 8).order()[batches_in_epoch * 8:]
         usable = (len(order) // 8) // 3 * 3  # whole accumulation groups only
-        assert got == [order[i * 8:(i + 1) * 8].tolist() for i in range(usable)]
+        # indices carry the epoch (epoch · len + window) so a mixture can draw new windows
+        assert got == [(order[i * 8:(i + 1) * 8] + epoch * len(ds)).tolist() for i in range(usable)]
 
 
 def _difficulty_dataset(n: int = 120, T: int = 64) -> PackedDataset:
@@ -151,7 +152,7 @@ class _RecordingTrainer(EnhancedModularTrainer):
     """Keeps a copy of every step's micro-batches."""
 
     def train_step(self, micro_batches, timer=None):
-        self.seen = getattr(self, "seen", []) + [[mb.clone() for mb in micro_batches]]
+        self.seen = getattr(self, "seen", []) + [[mb["input_ids"].clone() for mb in micro_batches]]
         return super().train_step(micro_batches, timer)
 
 
@@ -173,7 +174,7 @@ def test_a_run_trains_on_the_scheduled_batches(tmp_path, corpus_cache):
         assert len(micro_batches) == 2
         for mb in micro_batches:
             assert mb.shape == (b * (64 // t), t), (step, mb.shape)
-            windows = torch.stack([ds[i] for i in order[pos:pos + b].tolist()])
+            windows = torch.stack([ds[i]["input_ids"] for i in order[pos:pos + b].tolist()])
             assert torch.equal(mb, s.shape([windows], step)[0])
             pos += b
             tokens += mb.numel()

@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .generation_commands import add_commands as add_generation_commands
 
     add_generation_commands(sub, common)
+
+    # tokenizer train, prepare (data commands)
+    from .data_commands import add_commands as add_data_commands
+
+    add_data_commands(sub, common)
     return parser
 
 

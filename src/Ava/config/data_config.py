@@ -88,6 +88,11 @@ class DataConfig(AvaSection):
     streaming: bool = Field(
         False, description="Tokenize sources on the fly instead of in memory (data too big to prepare)."
     )
+    chunk_documents: int = Field(
+        256, ge=1,
+        description="data.streaming: documents tokenized and packed together (one DataLoader item; the tail "
+        "shorter than seq_len of each chunk is dropped).",
+    )
     seq_len: int | None = Field(None, ge=2, description="Training sequence length; null = model.max_seq_len.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer settings.")
     val_fraction: float = Field(

@@ -248,7 +248,29 @@ def _training_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             "scheduler.lr_end",
             f"{s.lr_end} is above training.learning_rate={t.learning_rate}; set lr_end ≤ learning_rate",
         ))
-    return issues + _optimizer_rules(config) + _surgery_rules(config) + _progressive_rules(config)
+    return issues + _optimizer_rules(config) + _surgery_rules(config) + _progressive_rules(config) + _data_rules(config)
+
+
+def _data_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+    d, t = config.data, config.training
+    issues = []
+    if d.streaming:
+        if not d.sources:
+            issues.append(Issue("data.streaming", "streaming reads data.sources; add sources or set streaming: false"))
+        if t.max_steps is None:
+            issues.append(Issue(
+                "training.max_steps",
+                "data.streaming has no length known in advance, so epochs cannot be counted; set training.max_steps",
+            ))
+        if config.progressive.curriculum.by != "none" or config.progressive.batch_size_ramp.start is not None:
+            issues.append(Issue(
+                "progressive", "the curriculum and batch-size ramp need indexed data; turn them off with "
+                "data.streaming or prepare the data (`ava prepare`) and use data.prepared",
+            ))
+    names = [s.name for s in d.sources if s.name is not None]
+    if len(names) != len(set(names)):
+        issues.append(Issue("data.sources", f"source names must be unique (got {names}); rename one"))
+    return issues
 
 
 def _optimizer_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
@@ -396,6 +418,12 @@ def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
                 f"'{source.path}' matches no file or folder; fix the path (relative paths start at the "
                 "current directory)",
             ))
+    if config.data.prepared is not None and not (Path(config.data.prepared) / "manifest.json").is_file():
+        issues.append(Issue(
+            "data.prepared",
+            f"'{config.data.prepared}' holds no manifest.json; run `ava prepare CONFIG --out "
+            f"{config.data.prepared}` first or fix the path",
+        ))
     tok_path = config.data.tokenizer.path
     if tok_path is not None:
         if not Path(tok_path).is_file():

@@ -1,17 +1,20 @@
-"""Data: readers, the embedded corpus, the byte-level BPE tokenizer, splitting and packing.
+"""Data: readers, encodings, templates, the tokenizer, packing, mixtures, shards and the pipeline.
 
 ``prepare_data(config.data, seed)`` is the entry point training uses; the pieces are public for
-generation (``AvaTokenizer``), tools and tests.
+generation (``AvaTokenizer``), ``ava prepare``, tools and tests.
 """
 
 from .corpus import embedded_corpus
-from .packing import PackedDataset, pack_documents, split_documents
-from .pipeline import PreparedData, prepare_data
-from .readers import Document, load_documents, read_source
+from .mixture import MixtureDataset
+from .packing import PackedDataset, TokenStream, pack_documents, split_documents, tokenize_documents, window_sample
+from .pipeline import PreparedData, SplitDocuments, build_tokenizer, collect_documents, prepare_data
+from .readers import load_documents, read_source
+from .records import DataReport, Document, Row
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, AvaTokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "EOS_TOKEN", "PAD_TOKEN", "AvaTokenizer", "Document", "PackedDataset", "PreparedData",
-    "embedded_corpus", "load_documents", "load_tokenizer", "pack_documents", "prepare_data",
-    "read_source", "split_documents", "train_tokenizer",
+    "EOS_TOKEN", "PAD_TOKEN", "AvaTokenizer", "DataReport", "Document", "MixtureDataset", "PackedDataset",
+    "PreparedData", "Row", "SplitDocuments", "TokenStream", "build_tokenizer", "collect_documents",
+    "embedded_corpus", "load_documents", "load_tokenizer", "pack_documents", "prepare_data", "read_source",
+    "split_documents", "tokenize_documents", "train_tokenizer", "window_sample",
 ]

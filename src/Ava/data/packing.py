@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100  # label of a token that is not predicted (PyTorch's cross_entropy default)
+
 
 def split_documents(
     docs: Sequence[Document], val_fraction: float, seed: int
@@ -167,56 +169,133 @@ def pack_documents(token_lists: Sequence[Sequence[int]], eos_id: int) -> np.ndar
     return out
 
 
-class PackedDataset(Dataset):
-    """Non-overlapping windows of ``seq_len`` tokens over a packed token stream.
+def window_sample(stream: TokenStream, start: int, seq_len: int, source_id: int = 0) -> dict[str, torch.Tensor]:
+    """The training sample of ``stream.tokens[start : start + seq_len]``.
 
-    ``len`` is the number of full windows; the tail shorter than ``seq_len`` is dropped.
-    ``dataset[i]`` is an int64 tensor ``(seq_len,)`` = ``tokens[i·seq_len : (i+1)·seq_len]``.
+    Position ids restart at 0 at every document start inside the window (and at the window
+    start); ``document_ids`` number the documents of the window 0, 1, … (for the block-diagonal
+    attention mask); labels are the ids, with -100 where the loss mask is 0.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids``, ``document_ids`` (each ``(seq_len,)`` int64)
+        and ``source`` (a 0-d int64 tensor, the source's index in a mixture).
+    """
+    end = start + seq_len
+    input_ids = torch.from_numpy(np.asarray(stream.tokens[start:end], dtype=np.int64))
+    starts = stream.doc_starts
+    inner = starts[np.searchsorted(starts, start, side="right"):np.searchsorted(starts, end, side="left")] - start
+    marker = np.zeros(seq_len, dtype=np.int64)
+    marker[inner] = 1
+    document_ids = np.cumsum(marker)  # (T,) document index within the window
+    first = np.concatenate([[0], inner])[document_ids]  # (T,) where each token's document starts
+    labels = input_ids.clone()
+    if stream.loss_mask is not None:
+        labels[torch.from_numpy(np.asarray(stream.loss_mask[start:end]) == 0)] = IGNORE_INDEX
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": torch.from_numpy(np.arange(seq_len, dtype=np.int64) - first),
+        "document_ids": torch.from_numpy(document_ids),
+        "source": torch.tensor(source_id, dtype=torch.int64),
+    }
+
+
+def positions_from_documents(document_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at each row start and each change of document id.
+
+    Args:
+        document_ids_BT: ``(B, T)`` document ids (equal within a document).
+
+    Returns:
+        ``(B, T)`` int64 positions.
+    """
+    B, T = document_ids_BT.shape
+    t_BT = torch.arange(T, device=document_ids_BT.device).expand(B, T)
+    is_start_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+    is_start_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    start_BT = torch.cummax(torch.where(is_start_BT, t_BT, 0), dim=1).values
+    return t_BT - start_BT
+
+
+class PackedDataset(Dataset):
+    """Non-overlapping windows of ``seq_len`` tokens over packed token streams.
+
+    Each stream (one in memory, or one per prepared shard) is cut into ``⌊len / seq_len⌋``
+    windows; a tail shorter than ``seq_len`` is dropped. ``dataset[i]`` is the dict of
+    :func:`window_sample`. Indices past ``len`` wrap around (``i mod len``), so samplers may
+    encode an epoch as ``epoch · len + i``.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train") -> None:
-        """Wrap a packed stream.
+    def __init__(
+        self, streams: TokenStream | np.ndarray | Sequence[TokenStream], seq_len: int, split: str = "train",
+        source_id: int = 0,
+    ) -> None:
+        """Wrap packed streams.
 
         Args:
-            tokens: ``(N,)`` token ids from :func:`pack_documents`.
+            streams: a :class:`TokenStream`, a list of them (shards), or a bare ``(N,)`` id array
+                (one stream without known document boundaries).
             seq_len: tokens per sample.
             split: split name, for error messages.
+            source_id: the source's index, reported in each sample's ``source``.
 
         Raises:
-            AvaDataError: fewer than ``seq_len`` tokens (not a single window).
+            AvaDataError: fewer than ``seq_len`` tokens in every stream (not a single window).
         """
         if seq_len < 2:
             raise AvaDataError(f"data.seq_len={seq_len} must be at least 2")
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise AvaDataError(f"packed tokens must be 1-D, got shape {tokens.shape}")
-        if tokens.size < seq_len:
+        if isinstance(streams, np.ndarray):
+            if streams.ndim != 1:
+                raise AvaDataError(f"packed tokens must be 1-D, got shape {streams.shape}")
+            streams = [TokenStream(streams, np.zeros(1, dtype=np.int64))]
+        elif isinstance(streams, TokenStream):
+            streams = [streams]
+        self.streams = list(streams)
+        self.seq_len = seq_len
+        self.split = split
+        self.source_id = source_id
+        windows = np.array([len(s) // seq_len for s in self.streams], dtype=np.int64)
+        self._first_window = np.concatenate([[0], np.cumsum(windows)])  # (S+1,)
+        self._num_windows = int(self._first_window[-1])
+        if self._num_windows == 0:
             raise AvaDataError(
-                f"the {split} split has {tokens.size} tokens, fewer than one window of "
+                f"the {split} split has {self.num_tokens} tokens, fewer than one window of "
                 f"data.seq_len={seq_len}; lower data.seq_len or add data"
                 + (" (or raise data.val_fraction)" if split == "val" else "")
             )
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.split = split
-        self._num_windows = tokens.size // seq_len
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The token ids of the windows, concatenated (a view when there is one stream)."""
+        if len(self.streams) == 1:
+            return self.streams[0].tokens
+        return np.concatenate([s.tokens[: (len(s) // self.seq_len) * self.seq_len] for s in self.streams])
 
     @property
     def num_tokens(self) -> int:
-        """Tokens in the stream (including the dropped tail)."""
-        return int(self.tokens.size)
+        """Tokens in the streams (including the dropped tails)."""
+        return int(sum(len(s) for s in self.streams))
+
+    @property
+    def num_documents(self) -> int:
+        return int(sum(s.num_documents for s in self.streams))
 
     def __len__(self) -> int:
         return self._num_windows
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def locate(self, index: int) -> tuple[TokenStream, int]:
+        """The stream holding window ``index`` and the window's first token offset in it."""
         if index < 0:
             index += self._num_windows
-        if not 0 <= index < self._num_windows:
+        if index < 0:
             raise IndexError(f"window {index} out of range for {self._num_windows} windows")
-        start = index * self.seq_len
-        window = self.tokens[start:start + self.seq_len]  # (seq_len,)
-        return torch.from_numpy(window.astype(np.int64))
+        index %= self._num_windows
+        s = int(np.searchsorted(self._first_window, index, side="right")) - 1
+        return self.streams[s], int(index - self._first_window[s]) * self.seq_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        stream, start = self.locate(int(index))
+        return window_sample(stream, start, self.seq_len, self.source_id)
 
     def __repr__(self) -> str:
         return (

@@ -1,78 +1,278 @@
-"""Reading text sources into documents.
+"""Reading data sources into rows and documents.
 
-A source (``data.sources[i]``) is a file, a folder (read recursively, in sorted order) or a glob
-pattern. Each file is read as ``txt`` (the whole file is one document) or ``jsonl`` (one document
-per line, from ``text_field``). Every problem is raised as :class:`AvaDataError` naming the file,
-the line (and byte offset for undecodable bytes) and the fix; nothing is dropped silently.
+A source (``data.sources[i]``) is a file, a folder (read recursively in sorted order, hidden files
+skipped) or a glob. Each file is read in its format, by extension with ``format: auto``:
+
+- txt (.txt): the whole file is one row, ``{text_field: contents}``; row name ``a.txt``.
+- jsonl (.jsonl, .ndjson): one JSON object per line, blank lines are not rows; ``a.jsonl:12``.
+- json (.json): the elements of the top-level array of objects, or of the one list inside a
+  top-level object (``{"version": 1, "data": [...]}``); ``a.json:row 0``.
+- csv (.csv, .tsv = tab-separated): the header row names the columns; ``a.csv:12``.
+- parquet (.parquet): table rows, streamed by record batch; ``a.parquet:row 0``.
+- arrow (.arrow, .feather, .ipc): rows of an Arrow IPC file or stream; ``a.arrow:row 0``.
+
+Line numbers are 1-based (a CSV record's is the line it starts on), ``row N`` is the 0-based index.
+A file may be compressed, ``.gz`` or ``.zst`` (``data.jsonl.gz``); the format is then the suffix
+before it. Parquet compresses internally and takes no outer compression. Only JSON (one value) and
+txt (one document) files are read whole; the others are streamed.
+
+Names: a row's name is ``<source name>/<file name relative to the source root>[:line | :row N]``,
+so documents of different sources never share a name, and names never depend on where the data
+lives; its location is the same with the real path (for messages).
+
+Policies (every problem names the file and the line/row, and the fix):
+
+- ``bad_rows: error`` raises at the first bad row (malformed JSON, not an object, a CSV record
+  with the wrong number of fields, a missing or non-text field); ``skip`` counts it in the
+  :class:`DataReport` as ``"skipped rows (<why>)"``. Empty files follow the same policy
+  (``"skipped files (empty)"``); empty-text rows are always counted (``"empty rows"``).
+- Whole-file problems raise under every policy: a binary file, a JSON document that does not
+  parse or is not a list of objects, a missing column in a CSV/Parquet/Arrow file read for
+  ``text_field`` alone, a corrupt compressed stream, an unreadable Parquet/Arrow file.
+- Text encodings: see :mod:`.encoding_detector`; the encoding is decided once per file from its
+  first 64 KiB, and ``encoding_errors`` (strict/replace/skip) applies per line (JSONL, CSV) or
+  per file (txt, JSON). A CSV line skipped as undecodable is left out of the record it is in.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import gzip
+import io
 import json
 import logging
 import random
-from dataclasses import dataclass
+import re
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
 
 from ..config import DataConfig, SourceConfig
 from ..errors import AvaDataError
-from .records import Document
+# The module, not the function: multi_column_data imports data.records, so importing it first runs
+# this module while it is still half-initialised.
+from .. import multi_column_data
+from .arrow_reader import check_columns, iter_arrow_rows, iter_parquet_rows
+from .encoding_detector import decode_bytes, encoding_label, is_wide, looks_binary, resolve_encoding
+from .records import DataReport, Document, Row
 
 logger = logging.getLogger(__name__)
 
-_FORMAT_BY_SUFFIX = {".txt": "txt", ".jsonl": "jsonl"}
+CORPUS_SOURCE_NAME = "shakespeare"
+_FORMAT_BY_SUFFIX = {
+    ".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+    ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+}
+_COMPRESSIONS = (".gz", ".zst")
 _GLOB_MAGIC = ("*", "?", "[")
+_UNSAFE_NAME = re.compile(r"[^\w.-]+")
+_HEAD_BYTES = 64 * 1024  # what the encoding is decided from
+_CHUNK_BYTES = 1 << 20
+_ZSTD_MAX_WINDOW = 1 << 31  # files written with `zstd --long=31`
+_JSON_ROW = 'each line must be one JSON object, e.g. {"text": "..."}'
 
 
-def read_source(source: SourceConfig) -> list[Document]:
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+
+def source_name(source: SourceConfig, index: int) -> str:
+    """The name of a source in row names, logs, token accounting and shard folders.
+
+    Args:
+        source: the source.
+        index: its position in ``data.sources`` (the name of last resort is ``source<index>``).
+
+    Returns:
+        ``source.name``, else the file's name without format/compression suffixes
+        (``wiki.jsonl.gz`` → ``wiki``), the folder's name, or a glob's fixed leading folder
+        (``data/wiki/*.jsonl`` → ``wiki``); made filesystem-safe (runs of characters other than
+        letters, digits, ``.``, ``_`` and ``-`` become ``_``).
+    """
+    if source.name:
+        raw = source.name
+    else:
+        path = Path(source.path).expanduser()
+        if _is_glob(source.path):
+            root = _glob_root(path)
+            raw = (root if root.name else root.resolve()).name
+        elif path.is_dir():
+            raw = (path if path.name else path.resolve()).name
+        else:
+            raw = _strip_data_suffixes(path.name)
+    return _UNSAFE_NAME.sub("_", raw).strip("._") or f"source{index}"
+
+
+def source_names(sources: Sequence[SourceConfig]) -> list[str]:
+    """:func:`source_name` of each source, checked to be distinct.
+
+    Raises:
+        AvaDataError: two sources with the same name (their documents and shards would mix).
+    """
+    names = [source_name(source, i) for i, source in enumerate(sources)]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = names.index(name)
+            raise AvaDataError(
+                f"data.sources[{first}] ({sources[first].path!r}) and data.sources[{i}] "
+                f"({sources[i].path!r}) are both named {name!r}; set a distinct name: on one of them"
+            )
+    return names
+
+
+def resolve_files(pattern: str) -> list[tuple[Path, str]]:
+    """Expand a source path to its files.
+
+    Args:
+        pattern: a file, a folder (read recursively; hidden files and folders are skipped) or a
+            glob (``**`` matches folders recursively).
+
+    Returns:
+        ``(file, name)`` pairs in sorted path order; ``name`` is relative to the folder, or to
+        the glob's fixed leading folder (the file name for a single file).
+
+    Raises:
+        AvaDataError: the path does not exist, the folder holds no files, or the glob matches
+            no file.
+    """
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        return [(path, path.name)]
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            # Hidden files (.DS_Store, .gitkeep) are never data.
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise AvaDataError(f"data source folder {pattern!r} holds no files; add data files to it")
+        return [(p, p.relative_to(path).as_posix()) for p in files]
+    if _is_glob(pattern):
+        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file())
+        if not files:
+            raise AvaDataError(
+                f"data source glob {pattern!r} matches no file (relative to {Path.cwd()}); "
+                "fix the pattern in data.sources"
+            )
+        root = _glob_root(path)
+        return [(p, _relative_name(p, root)) for p in files]
+    raise AvaDataError(
+        f"data source {pattern!r} does not exist (relative to {Path.cwd()}); "
+        "fix data.sources[].path or create the file"
+    )
+
+
+def iter_rows(source: SourceConfig, report: DataReport, name: str) -> Iterator[Row]:
+    """Stream the rows of a source, file by file in sorted order, each file in its format.
+
+    Args:
+        source: the source config.
+        report: where skipped rows/files and replaced bytes are counted.
+        name: the source's name (:func:`source_name`); it prefixes the row names.
+
+    Yields:
+        The rows, in file order.
+
+    Raises:
+        AvaDataError: see the module docstring; every message names the file and line/row.
+    """
+    columns = [source.text_field] if source.template is None and source.chat is None else None
+    for path, relative in resolve_files(source.path):
+        fmt, compression, suffix = _file_format(path, source.format)
+        file = _File(path, f"{name}/{relative}", suffix, compression, source, report, name, columns)
+        try:
+            yield from _READERS[fmt](file)
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
+            raise AvaDataError(
+                f"{path}: cannot read ({type(err).__name__}: {err}); check that the file is complete "
+                "and readable (re-download or recompress it)"
+            ) from None
+
+
+def iter_documents(source: SourceConfig, report: DataReport, name: str) -> Iterator[Document]:
+    """Stream the documents of a source: its rows rendered by ``row_to_document``.
+
+    Rows that render to nothing (empty text, bad rows under ``bad_rows: skip``) are counted in
+    ``report`` and left out. Arguments as :func:`iter_rows`.
+    """
+    for row in iter_rows(source, report, name):
+        document = multi_column_data.row_to_document(row, source, name, report)
+        if document is not None:
+            yield document
+
+
+def read_source(source: SourceConfig, report: DataReport | None = None, name: str | None = None) -> list[Document]:
     """Read every document of one source.
 
     Args:
-        source: the source config (``path`` is a file, folder or glob; ``format`` auto/txt/jsonl).
+        source: the source config.
+        report: where skipped rows and replaced bytes are counted; None = a report of its own,
+            logged at the end.
+        name: the source's name; None = :func:`source_name` ``(source, 0)``.
 
     Returns:
-        The documents, files in sorted path order, JSONL lines in file order.
+        The documents, files in sorted path order, rows in file order.
 
     Raises:
-        AvaDataError: missing path, glob matching no file, unknown extension with ``format: auto``,
-            undecodable bytes, malformed JSONL row, empty file or no documents at all.
+        AvaDataError: any reader error (see the module docstring), or no documents at all.
     """
-    files = _resolve_files(source.path)
-    documents: list[Document] = []
-    for file, name in files:
-        fmt = _file_format(file, source.format)
-        if fmt == "txt":
-            documents.append(_read_txt(file, name))
-        else:
-            documents.extend(_read_jsonl(file, name, source.text_field))
+    own_report = report is None
+    report = DataReport() if report is None else report
+    name = source_name(source, 0) if name is None else name
+    documents = list(iter_documents(source, report, name))
+    if own_report:
+        report.log()
     if not documents:
+        counted = ", ".join(f"{n} {kind}" for kind, n in report.to_dict().get(name, {}).items())
         raise AvaDataError(
-            f"data source {source.path!r} holds no documents (every file is empty or every JSONL "
-            f"row has empty {source.text_field!r}); add text or remove the source from data.sources"
+            f"data source {source.path!r} holds no documents ({counted or 'no rows'}); add text or "
+            "remove the source from data.sources"
         )
-    logger.info("read %d documents from %s (%d files)", len(documents), source.path, len(files))
+    logger.info("read %d documents from %s (source %s)", len(documents), source.path, name)
     return documents
 
 
-def load_documents(data: DataConfig, seed: int = 0) -> list[Document]:
+def load_documents(data: DataConfig, seed: int = 0, report: DataReport | None = None) -> list[Document]:
     """All documents of a data config: its sources, or the embedded corpus when it has none.
 
     Args:
         data: the ``data`` config section.
         seed: seed of the shuffle that picks ``data.max_documents`` documents.
+        report: where skipped rows and replaced bytes are counted; None = a report of its own,
+            logged after reading.
 
     Returns:
         The documents sorted by name (then text), at most ``data.max_documents`` of them, chosen
-        by a deterministic shuffle so the subset does not favour the first files.
+        by a deterministic shuffle so the subset does not favour the first files. Each carries
+        its ``source_name`` (``shakespeare`` for the embedded corpus, whose document names stay
+        ``hamlet``, ``sonnets``, ...).
+
+    Raises:
+        AvaDataError: any reader error, or two sources with the same name.
     """
     if data.sources:
-        documents = [doc for source in data.sources for doc in read_source(source)]
+        own_report = report is None
+        report = DataReport() if report is None else report
+        names = source_names(data.sources)
+        documents = [
+            doc for source, name in zip(data.sources, names) for doc in read_source(source, report, name)
+        ]
+        if own_report:
+            report.log()
     else:
         # Imported here: corpus.py imports Document from this module.
         from .corpus import embedded_corpus
 
-        documents = embedded_corpus(cache_dir=data.cache_dir)
+        documents = [
+            replace(doc, source_name=CORPUS_SOURCE_NAME) for doc in embedded_corpus(cache_dir=data.cache_dir)
+        ]
     documents = sorted(documents, key=lambda d: (d.name, d.text))
     if data.max_documents is not None and len(documents) > data.max_documents:
         order = list(range(len(documents)))
@@ -88,41 +288,62 @@ def load_documents(data: DataConfig, seed: int = 0) -> list[Document]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_files(pattern: str) -> list[tuple[Path, str]]:
-    """Expand a source path to ``(file, name)`` pairs in sorted order."""
-    path = Path(pattern).expanduser()
-    if path.is_file():
-        return [(path, path.name)]
-    if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*")
-            # Hidden files (.DS_Store, .gitkeep) are never data.
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+@dataclass(frozen=True)
+class _File:
+    """One file of a source being read, with what its rows and errors need."""
+
+    path: Path
+    prefix: str  # row-name prefix: "<source name>/<relative name>"
+    suffix: str  # the format's suffix (".tsv"), compression suffix removed
+    compression: str | None  # ".gz", ".zst" or None
+    source: SourceConfig
+    report: DataReport
+    source_name: str
+    columns: list[str] | None  # columns needed when known (text_field alone), else None = all
+
+    def row(self, fields: dict[str, Any], where: str | None = None) -> Row:
+        """A row at ``where`` (``"12"``, ``"row 3"``; None = the whole file)."""
+        if where is None:
+            return Row(fields, self.prefix, str(self.path))
+        return Row(fields, f"{self.prefix}:{where}", f"{self.path}:{where}")
+
+    def bad_row(self, where: str, kind: str, message: str) -> None:
+        """Count a bad row under ``bad_rows: skip``, else raise naming the file and line/row."""
+        location = f"{self.path}:{where}"
+        if self.source.bad_rows == "skip":
+            self.report.add(self.source_name, f"skipped rows ({kind})", location)
+            return
+        raise AvaDataError(
+            f"{location}: {message} (or set bad_rows: skip on this source to count and skip such rows)"
         )
-        if not files:
-            raise AvaDataError(f"data source folder {pattern!r} holds no files; add .txt/.jsonl files to it")
-        return [(p, p.relative_to(path).as_posix()) for p in files]
-    if any(ch in pattern for ch in _GLOB_MAGIC):
-        matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
-        files = [p for p in matches if p.is_file()]
-        if not files:
-            raise AvaDataError(
-                f"data source glob {pattern!r} matches no file (relative to {Path.cwd()}); "
-                "fix the pattern in data.sources"
-            )
-        root = _glob_root(path)
-        return [(p, _relative_name(p, root)) for p in files]
-    raise AvaDataError(
-        f"data source {pattern!r} does not exist (relative to {Path.cwd()}); "
-        "fix data.sources[].path or create the file"
-    )
+
+    def empty(self) -> None:
+        """Count an empty file under ``bad_rows: skip``, else raise."""
+        if self.source.bad_rows == "skip":
+            self.report.add(self.source_name, "skipped files (empty)", str(self.path))
+            return
+        raise AvaDataError(
+            f"{self.path}: empty file (no text or rows); add data or remove it from the source "
+            "(or set bad_rows: skip on this source to count and skip empty files)"
+        )
+
+    def decode(self, raw: bytes, encoding: str, line: int | None, offset: int) -> str | None:
+        """:func:`decode_bytes` under this source's ``encoding_errors``."""
+        return decode_bytes(
+            raw, encoding, self.source.encoding_errors, file=self.path, report=self.report,
+            source_name=self.source_name, line=line, byte_offset=offset,
+        )
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in _GLOB_MAGIC)
 
 
 def _glob_root(pattern: Path) -> Path:
     """The leading part of a glob pattern without wildcards (names are relative to it)."""
     parts: list[str] = []
     for part in pattern.parts:
-        if any(ch in part for ch in _GLOB_MAGIC):
+        if _is_glob(part):
             break
         parts.append(part)
     return Path(*parts) if parts else Path(".")
@@ -135,90 +356,275 @@ def _relative_name(file: Path, root: Path) -> str:
         return file.as_posix()
 
 
-def _file_format(file: Path, fmt: str) -> str:
+def _strip_data_suffixes(name: str) -> str:
+    """``wiki.jsonl.gz`` → ``wiki``: a compression suffix, then a known format suffix."""
+    path = Path(name)
+    if path.suffix.lower() in _COMPRESSIONS:
+        path = Path(path.stem)
+    if path.suffix.lower() in _FORMAT_BY_SUFFIX:
+        path = Path(path.stem)
+    return path.name
+
+
+def _file_format(path: Path, fmt: str) -> tuple[str, str | None, str]:
+    """``(format, compression suffix or None, format suffix)`` of a file."""
+    compression = path.suffix.lower() if path.suffix.lower() in _COMPRESSIONS else None
+    suffix = Path(path.stem).suffix.lower() if compression else path.suffix.lower()
     if fmt != "auto":
-        return fmt
-    found = _FORMAT_BY_SUFFIX.get(file.suffix.lower())
+        return fmt, compression, suffix
+    found = _FORMAT_BY_SUFFIX.get(suffix)
     if found is None:
+        known = ", ".join(_FORMAT_BY_SUFFIX)
         raise AvaDataError(
-            f"{file}: cannot tell the format from the extension {file.suffix or '(none)'!r} "
-            "(auto knows .txt and .jsonl); set format: txt or format: jsonl on this source"
+            f"{path}: cannot tell the format from the extension {suffix or '(none)'!r} (auto knows "
+            f"{known}, optionally + .gz/.zst); set format: txt|jsonl|json|csv|parquet|arrow on this source"
         )
-    return found
+    return found, compression, suffix
 
 
-def _decode(raw: bytes, file: Path, line_offset: int = 0, byte_offset: int = 0) -> str:
-    """Strict UTF-8 decode; errors name the file, line and byte offset."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = line_offset + raw.count(b"\n", 0, err.start) + 1
-        raise AvaDataError(
-            f"{file}:{line}: invalid UTF-8 at byte offset {byte_offset + err.start} "
-            f"({raw[err.start:err.start + 4]!r}); convert the file to UTF-8 "
-            "(e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+def _open_binary(file: _File) -> BinaryIO:
+    """The file's decompressed bytes as a stream that supports ``peek``."""
+    if file.compression == ".gz":
+        return gzip.open(file.path, "rb")  # type: ignore[return-value]
+    if file.compression == ".zst":
+        decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        # read_across_frames: `zstd -T0`/pzstd output is several concatenated frames.
+        reader = decompressor.stream_reader(open(file.path, "rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=_CHUNK_BYTES)  # type: ignore[arg-type]
+    return open(file.path, "rb")
 
 
-def _read_bytes(file: Path) -> bytes:
-    try:
-        return file.read_bytes()
-    except OSError as err:
-        raise AvaDataError(f"{file}: cannot read ({err.strerror}); check the path and permissions") from None
+# ---------------------------------------------------------------------------------------------
+# text files: encoding, lines
+# ---------------------------------------------------------------------------------------------
 
 
-def _read_txt(file: Path, name: str) -> Document:
-    raw = _read_bytes(file)
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM is an encoding marker, not text
-        raw = raw[3:]
-    text = _decode(raw, file)
-    if not text.strip():
-        raise AvaDataError(f"{file}: empty file (no text); add text or remove it from the source")
-    return Document(name=name, text=text, source=str(file))
+@dataclass(frozen=True)
+class _Text:
+    """An open text file whose encoding is decided."""
+
+    stream: BinaryIO  # positioned after ``head``
+    head: bytes  # the first bytes after the BOM
+    start: int  # byte offset of head[0] in the (decompressed) file: the BOM's length
+    encoding: str
+    empty: bool  # nothing but white space
 
 
-def _read_jsonl(file: Path, name: str, text_field: str) -> list[Document]:
-    raw = _read_bytes(file)
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    if not raw.strip():
-        raise AvaDataError(f"{file}: empty file (no JSON lines); add rows or remove it from the source")
-    documents: list[Document] = []
-    empty_rows = 0
-    offset = 0
-    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        start, offset = offset, offset + len(line_bytes) + 1
-        if not line_bytes.strip():
-            continue  # blank lines (e.g. a trailing newline) are not rows
-        line = _decode(line_bytes, file, line_offset=lineno - 1, byte_offset=start)
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
+@contextmanager
+def _open_text(file: _File) -> Iterator[_Text]:
+    """Open a text file: decompress, decide the encoding from its head, refuse binary data."""
+    with _open_binary(file) as stream:
+        head = stream.read(_HEAD_BYTES)  # buffered readers: short only at the end
+        detected = resolve_encoding(head, file.source.encoding, file=file.path)
+        if not is_wide(detected.encoding) and looks_binary(head):
             raise AvaDataError(
-                f"{file}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
-                "each line must be one JSON object, e.g. {\"text\": \"...\"}"
-            ) from None
-        if not isinstance(row, dict):
-            raise AvaDataError(
-                f"{file}:{lineno}: expected a JSON object, got {type(row).__name__}; "
-                "each line must be one JSON object, e.g. {\"text\": \"...\"}"
+                f"{file.path}: looks like a binary file, not text (NUL or control bytes in its first "
+                f"{len(head)} bytes); remove it from the source or set format: to its real format "
+                "(a UTF-16 file without a BOM needs encoding: utf-16-le)"
             )
-        if text_field not in row:
-            fields = ", ".join(repr(k) for k in row) or "none"
-            raise AvaDataError(
-                f"{file}:{lineno}: no field {text_field!r} (fields: {fields}); "
-                "set text_field on this source to the field that holds the text"
+        if detected.encoding != "utf-8":
+            logger.info(
+                "%s: reading as %s (%s, confidence %.2f)",
+                file.path, encoding_label(detected.encoding), detected.reason, detected.confidence,
             )
-        value = row[text_field]
-        if not isinstance(value, str):
-            raise AvaDataError(
-                f"{file}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string; "
-                "fix the row or point text_field at a text field"
-            )
-        if not value:
-            empty_rows += 1
+        body = head[detected.bom_length:]
+        empty = len(head) < _HEAD_BYTES and not str(body, detected.encoding, "replace").strip()
+        yield _Text(stream, body, detected.bom_length, detected.encoding, empty)
+
+
+def _read_whole(file: _File) -> str | None:
+    """A whole text file decoded; None when it is empty or skipped (both counted)."""
+    with _open_text(file) as text:
+        raw = b"" if text.empty else text.head + text.stream.read()
+    content = file.decode(raw, text.encoding, None, text.start)
+    if content is not None and not content.strip():
+        file.empty()
+        return None
+    return content
+
+
+def _lines(text: _Text) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number, byte offset, bytes)`` of each line, the newline included, read in chunks.
+
+    The newline is ``"\\n"`` in the file's encoding; for UTF-16/32 a match must start on a code
+    unit boundary (``0A 00`` can also be the tail of one character and the head of the next).
+    """
+    newline = "\n".encode(text.encoding)
+    unit = len(newline)
+    buf, start, search, offset, lineno = text.head, 0, 0, text.start, 0
+    while True:
+        pos = buf.find(newline, search)
+        if pos < 0:
+            # Read at least as much as is buffered, so a very long line costs O(n), not O(n²).
+            chunk = text.stream.read(max(_CHUNK_BYTES, len(buf) - start))
+            if not chunk:
+                break
+            search = max(0, min(search, len(buf) - unit + 1) - start)
+            buf, start = buf[start:] + chunk, 0
             continue
-        documents.append(Document(name=f"{name}:{lineno}", text=value, source=f"{file}:{lineno}"))
-    if empty_rows:
-        logger.warning("%s: skipped %d rows with empty %r", file, empty_rows, text_field)
-    return documents
+        if (pos - start) % unit:
+            search = pos + 1
+            continue
+        end = pos + unit
+        lineno += 1
+        yield lineno, offset, buf[start:end]
+        offset += end - start
+        start = search = end
+    if start < len(buf):
+        yield lineno + 1, offset, buf[start:]
+
+
+class _DecodedLines:
+    """The decoded lines of a text file (undecodable ones skipped under ``skip``), and the number
+    of the line handed out last."""
+
+    def __init__(self, file: _File, text: _Text) -> None:
+        self._file, self._text, self.lineno = file, text, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for lineno, offset, raw in _lines(self._text):
+            self.lineno = lineno
+            line = self._file.decode(raw, self._text.encoding, lineno, offset)
+            if line is not None:
+                yield line
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_txt(file: _File) -> Iterator[Row]:
+    content = _read_whole(file)
+    if content is not None:
+        yield file.row({file.source.text_field: content})
+
+
+def _read_jsonl(file: _File) -> Iterator[Row]:
+    with _open_text(file) as text:
+        if text.empty:
+            file.empty()
+            return
+        lines = _DecodedLines(file, text)
+        for line in lines:
+            if not line or line.isspace():
+                continue  # blank lines (e.g. a trailing newline) are not rows
+            where = str(lines.lineno)
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as err:
+                message = f"malformed JSON ({err.msg} at column {err.colno}); {_JSON_ROW}"
+                file.bad_row(where, "malformed JSON", message)
+                continue
+            if not isinstance(fields, dict):
+                message = f"expected a JSON object, got {_json_kind(fields)}; {_JSON_ROW}"
+                file.bad_row(where, "not an object", message)
+                continue
+            yield file.row(fields, where)
+
+
+def _read_json(file: _File) -> Iterator[Row]:
+    content = _read_whole(file)
+    if content is None:
+        return
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise AvaDataError(
+            f"{file.path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}); a .json source "
+            "must be one JSON array of objects (use .jsonl for one object per line)"
+        ) from None
+    records = _json_records(file, data)
+    if not records:
+        file.empty()
+    for index, fields in enumerate(records):
+        where = f"row {index}"
+        if isinstance(fields, dict):
+            yield file.row(fields, where)
+        else:
+            file.bad_row(where, "not an object", f"expected a JSON object, got {_json_kind(fields)}; "
+                         'the array must hold objects, e.g. [{"text": "..."}]')
+
+
+def _json_records(file: _File, data: Any) -> list[Any]:
+    """The record list of a JSON document: the array itself, or the one list in a top-level object."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) == 1:
+            logger.info("%s: reading the records under key %r", file.path, lists[0])
+            return data[lists[0]]
+        keys = ", ".join(repr(k) for k in data) or "none"
+        raise AvaDataError(
+            f"{file.path}: expected a JSON array of objects, got an object (keys: {keys}) that does not "
+            "hold exactly one list; make the file an array, or one object per line as .jsonl"
+        )
+    raise AvaDataError(
+        f"{file.path}: expected a JSON array of objects, got {_json_kind(data)}; make the file an "
+        'array such as [{"text": "..."}]'
+    )
+
+
+def _read_csv(file: _File) -> Iterator[Row]:
+    delimiter = "\t" if file.suffix == ".tsv" else ","
+    with _open_text(file) as text:
+        lines = _DecodedLines(file, text)
+        reader = csv.reader(lines, delimiter=delimiter)
+        try:
+            header = next((r for r in reader if r), None)  # blank lines before the header are not rows
+            if header is None:
+                file.empty()
+                return
+            check_columns(file.path, header, file.columns)
+            start = lines.lineno + 1
+            for record in reader:
+                where, start = str(start), lines.lineno + 1
+                if not record:
+                    continue  # a blank line
+                if len(record) != len(header):
+                    file.bad_row(where, "wrong field count",
+                                 f"{len(record)} fields, but the header has {len(header)}; quote fields "
+                                 f"that contain {delimiter!r}, quotes or newlines")
+                    continue
+                yield file.row(dict(zip(header, record)), where)
+        except csv.Error as err:
+            raise AvaDataError(
+                f"{file.path}:{lines.lineno}: unreadable CSV ({err}); fix the file, or convert it to "
+                "JSONL or Parquet"
+            ) from None
+
+
+def _read_parquet(file: _File) -> Iterator[Row]:
+    if file.compression:
+        raise AvaDataError(
+            f"{file.path}: Parquet compresses internally and is read without an outer {file.compression}; "
+            f"decompress it, or write it with pyarrow.parquet.write_table(..., compression='zstd')"
+        )
+    yield from _count_rows(file, iter_parquet_rows(file.path, file.prefix, file.columns))
+
+
+def _read_arrow(file: _File) -> Iterator[Row]:
+    with _open_binary(file) as stream:
+        yield from _count_rows(file, iter_arrow_rows(file.path, file.prefix, file.columns, stream=stream))
+
+
+def _count_rows(file: _File, rows: Iterator[Row]) -> Iterator[Row]:
+    """Pass rows through; a file without any is empty."""
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        file.empty()
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+_READERS: dict[str, Callable[[_File], Iterator[Row]]] = {
+    "txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv,
+    "parquet": _read_parquet, "arrow": _read_arrow,
+}

@@ -25,7 +25,9 @@ _EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", 
 _PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
     """Train a byte-level BPE.
 
     Args:
@@ -33,9 +35,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
         vocab_size: target vocabulary size including the 256 bytes and the special tokens; a
             small corpus may yield fewer tokens.
         min_frequency: minimum count of a pair for it to be merged.
+        special_tokens: extra special tokens (e.g. ``<|im_start|>``), given ids 2, 3, ... in
+            order after Ava's two; repeats and Ava's own two are ignored.
 
     Returns:
-        The trained ``tokenizers.Tokenizer`` (``<|endoftext|>`` = 0, ``<|pad|>`` = 1).
+        The trained ``tokenizers.Tokenizer`` (``<|endoftext|>`` = 0, ``<|pad|>`` = 1, then
+        ``special_tokens``).
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,7 +49,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(dict.fromkeys([*SPECIAL_TOKENS, *special_tokens])),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -108,9 +113,12 @@ class AvaTokenizer:
         self._pad_id = eos if pad is None else pad
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> "AvaTokenizer":
+    def train(
+        cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2, special_tokens: Sequence[str] = ()
+    ) -> "AvaTokenizer":
         """Train a byte-level BPE (see :func:`train_tokenizer`) and wrap it."""
-        return cls(train_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency))
+        return cls(train_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                   special_tokens=special_tokens))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AvaTokenizer":

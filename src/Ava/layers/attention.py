@@ -23,7 +23,8 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, G, S, K)
 
 
 def build_attention_mask(
-    attention_mask_BS: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+    attention_mask_BS: torch.Tensor | None, q_len: int, past_len: int, device: torch.device,
+    document_ids_BT: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask SDPA needs, or ``None`` where a cheaper path is exact.
 
@@ -36,11 +37,19 @@ def build_attention_mask(
         q_len: T, new positions in this call.
         past_len: positions already in the KV cache.
         device: where the mask lives.
+        document_ids_BT: (B, T) ids of the packed documents (training, no past): a token may
+            attend only to earlier tokens of its own document (block-diagonal causal mask).
 
     Returns:
         (B, 1, T, S) bool, True = may attend; or None.
     """
     total = past_len + q_len
+    if document_ids_BT is not None:
+        if past_len or attention_mask_BS is not None:
+            raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache or padding mask")
+        causal_TT = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        same_doc_BTT = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
+        return (same_doc_BTT & causal_TT)[:, None]  # (B, 1, T, T)
     if attention_mask_BS is None and (past_len == 0 or q_len == 1):
         return None
     # Query i sits at absolute position past_len + i and may see keys 0..past_len + i.

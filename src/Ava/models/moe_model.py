@@ -172,6 +172,7 @@ class EnhancedMoEModel(nn.Module):
         use_cache: bool = False,
         moe_load_prefix: list[torch.Tensor] | None = None,
         return_mtp: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> MoEModelOutput:
         """Run the decoder.
 
@@ -190,6 +191,8 @@ class EnhancedMoEModel(nn.Module):
             return_mtp: run the MTP heads without labels too (their logits, for drafting). The
                 heads run when labels are given or this is set, never with ``past_key_values``
                 (they keep no KV cache); a no-op without ``model.mtp``.
+            document_ids: (B, T) ids of the documents packed into each row (training only): a
+                token attends only to earlier tokens of its own document (``data.document_mask``).
 
         Returns:
             :class:`MoEModelOutput`.
@@ -216,7 +219,7 @@ class EnhancedMoEModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         cos_BTK, sin_BTK = self.rotary(position_ids)
-        attn_mask_B1TS = build_attention_mask(attention_mask, T, past_len, input_ids.device)
+        attn_mask_B1TS = build_attention_mask(attention_mask, T, past_len, input_ids.device, document_ids)
 
         x_BTD = self.embed_tokens(input_ids)  # (B, T, D)
         presents: list[KVCache] = []

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
+from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
 from ..errors import AvaConfigError, AvaDataError, AvaError
 from ..optimization import build_optimizer
 from ..utils.async_logging import AsyncSink
@@ -41,6 +42,7 @@ from ..utils.checkpoint import (
 )
 from ..utils.logging import setup_logging
 from .adaptive_lr import PlateauLR, build_plateau
+from .batch import as_batch, model_inputs, predicted_tokens, to_device
 from .early_stopping import EarlyStopping
 from .gradient_health import GradientHealthMonitor, layer_grad_norms
 from .gradient_surgery import build_surgery
@@ -116,6 +118,9 @@ class EnhancedModularTrainer:
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of the current epoch handed out by the loader
         self._cursor = (0, 0)  # (epoch, batches_in_epoch) after the last completed step
+        self.source_tokens: dict[str, int] = {}  # training tokens drawn from each source
+        self._cursor_source_tokens: dict[str, int] = {}  # the same, after the last completed step
+        self.stream_cursor: StreamCursor | None = None  # data.streaming: position after the last step
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
         self.best_val: float | None = None
         self.last_val: float | None = None
@@ -173,10 +178,11 @@ class EnhancedModularTrainer:
         data_cfg = cfg.data
         if checkpoint is not None:  # the run's own tokenizer, never a retrained one
             data_cfg = cfg.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(paths.tokenizer))})
-        self.data = data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer)
+        self.data = data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer,
+                                        eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
         self._check_vocab(data)
         self.model.to(self.device)
-        total_steps = self._total_steps(len(data.train))
+        total_steps = self._total_steps(data.train)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.learning_rate, total_steps)
         self.plateau = build_plateau(self.scheduler, cfg.scheduler.plateau, cfg.training.learning_rate)
@@ -202,6 +208,7 @@ class EnhancedModularTrainer:
                 timer.mark("data")
                 metrics = self._guarded_step(micro_batches, timer)
                 self._cursor = (self.epoch, self.batches_in_epoch)
+                self._cursor_source_tokens = dict(self.source_tokens)
                 window_tokens += metrics.pop("tokens")
                 bar.update(1)
                 if self.step % cfg.training.log_every == 0 or self.step == total_steps:
@@ -210,6 +217,8 @@ class EnhancedModularTrainer:
                     values["tokens_per_s"] = window_tokens / elapsed
                     values["mfu"] = values["tokens_per_s"] * flops_per_token / peak
                     values["tokens"] = self.tokens
+                    if len(data.source_names) > 1:
+                        values.update({f"tokens/{name}": float(n) for name, n in self.source_tokens.items()})
                     values.update(self.progressive.metrics())
                     values.update(timer.read())
                     if cfg.logging.memory_every == 0:
@@ -240,7 +249,7 @@ class EnhancedModularTrainer:
                     break
                 if self._stop_signal is not None:
                     self._stop_after_signal(bar)
-                timer.mark("data")  # bookkeeping above is not charged to the next step's phases
+                timer.mark("other")  # bookkeeping above: not charged to the data wait
             bar.close()
             checkpoint_dir = self.save_checkpoint(val_loss=self.last_val) if not stopped_early else self.checkpoints.last_path
             self.checkpoints.wait()
@@ -257,6 +266,7 @@ class EnhancedModularTrainer:
             stopped_early=stopped_early, resumed_from=str(checkpoint) if checkpoint else None,
         )
         write_summary(paths, summary.to_dict())
+        data.report.log()  # rows skipped / characters replaced under the sources' policies, again at the end
         if self.health.skipped:
             logger.warning("%d step(s) skipped by the gradient health check: %s", len(self.health.skipped),
                            ", ".join(f"{s} ({r})" for s, r in self.health.skipped[:10]))
@@ -275,7 +285,8 @@ class EnhancedModularTrainer:
         the last good checkpoint's model and optimizer state are restored.
 
         Args:
-            micro_batches: ``grad_accum_steps`` tensors of token ids, each ``(B, T)``.
+            micro_batches: ``grad_accum_steps`` batches: dicts from the data pipeline (see
+                :mod:`Ava.training.batch`) or ``(B, T)`` tensors of token ids.
             timer: optional phase timer (forward / backward / optimizer).
 
         Returns:
@@ -289,10 +300,12 @@ class EnhancedModularTrainer:
         loads: list[torch.Tensor] = []
         router_acc: dict[str, torch.Tensor] = {}
         tokens = 0
-        for input_ids in micro_batches:
-            input_ids = input_ids.to(self.device, non_blocking=True)  # (B, T)
+        document_mask = self.config.data.document_mask
+        for batch in micro_batches:
+            batch = to_device(as_batch(batch), self.device)
+            input_ids = batch["input_ids"]  # (B, T)
             with self._autocast():
-                out = self.model(input_ids, labels=input_ids, moe_load_prefix=loads or None)
+                out = self.model(input_ids, **model_inputs(batch, document_mask), moe_load_prefix=loads or None)
             timer.mark("forward")
             if self.surgery is None:
                 (out.loss / accum).backward()
@@ -305,6 +318,7 @@ class EnhancedModularTrainer:
             loads = _add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
             router_acc = accumulate_router_stats(router_acc, out.router_stats)
             tokens += input_ids.numel()
+            self._count_source_tokens(batch)
 
         grad_clip = self.config.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -347,13 +361,13 @@ class EnhancedModularTrainer:
         loss_sum, count = 0.0, 0
         loads: list[torch.Tensor] = []
         router_acc: dict[str, torch.Tensor] = {}
-        for i, input_ids in enumerate(loader):
+        for i, batch in enumerate(loader):
             if i >= self.config.training.eval_batches:
                 break
-            input_ids = input_ids.to(self.device)
+            batch = to_device(as_batch(batch), self.device)
             with self._autocast():
-                out = self.model(input_ids, labels=input_ids)
-            n = input_ids[:, 1:].numel()  # predicted positions
+                out = self.model(batch["input_ids"], **model_inputs(batch, self.config.data.document_mask))
+            n = predicted_tokens(batch)
             loss_sum += out.lm_loss.item() * n
             count += n
             loads = _add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
@@ -376,7 +390,7 @@ class EnhancedModularTrainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "tokens": self.tokens,
-            "data_cursor": {"epoch": self._cursor[0], "batches_in_epoch": self._cursor[1]},
+            "data_cursor": self._data_cursor(),
             "health": self.health.state_dict(),
             "early_stopping": self.early_stopping.state_dict(),
             "best_val": self.best_val,
@@ -386,6 +400,50 @@ class EnhancedModularTrainer:
             "moe_alarm": self.moe_alarm.state_dict(),
             "progressive": self.progressive.state_dict(),
         }
+
+    def _data_cursor(self) -> dict[str, Any]:
+        """Where the data stands after the last completed step.
+
+        The sample order is a pure function of (seed, epoch, position) — see
+        :class:`~Ava.data.mixture.MixtureDataset` — computed in the main process; DataLoader
+        workers only turn indices into samples and keep no state, so ``(epoch,
+        batches_in_epoch)`` is the whole cursor for any worker count. The per-source token counts
+        (the mixture's accounting) and the data's fingerprint are kept to report and to check.
+        """
+        return {
+            "epoch": self._cursor[0], "batches_in_epoch": self._cursor[1],
+            "source_tokens": dict(self._cursor_source_tokens),
+            "num_workers": self.config.data.num_workers, "rank": 0, "world_size": 1,
+            "fingerprint": self._data_fingerprint(),
+            "stream": self.stream_cursor.to_dict() if self.stream_cursor is not None else None,
+        }
+
+    def _restore_data_cursor(self, cursor: dict[str, Any]) -> None:
+        self.epoch, self.batches_in_epoch = cursor["epoch"], cursor["batches_in_epoch"]
+        self._cursor = (self.epoch, self.batches_in_epoch)
+        self.source_tokens = dict(cursor.get("source_tokens", {}))
+        self._cursor_source_tokens = dict(self.source_tokens)
+        if cursor.get("stream") is not None:
+            self.stream_cursor = StreamCursor.from_dict(cursor["stream"])
+        saved, now = cursor.get("fingerprint"), self._data_fingerprint()
+        if saved is not None and saved != now:
+            logger.warning("the data changed since the checkpoint (%s, now %s): training goes on from the "
+                           "same position, but not over exactly the batches the first run would have seen",
+                           saved, now)
+
+    def _data_fingerprint(self) -> dict[str, Any]:
+        assert self.data is not None
+        windows = "stream" if isinstance(self.data.train, StreamingDataset) else len(self.data.train)
+        return {"train_windows": windows, "sources": list(self.data.source_names)}
+
+    def _count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
+        """Add a micro-batch's tokens to the per-source counts (mixture accounting)."""
+        if "source" not in batch or self.data is None:
+            return
+        per_row = batch["input_ids"].shape[1]
+        counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
+        for name, count in zip(self.data.source_names, counts.tolist()):
+            self.source_tokens[name] = self.source_tokens.get(name, 0) + count
 
     def save_checkpoint(self, val_loss: float | None = None) -> Path:
         """Save the model and the whole training state to ``checkpoints/step_<step>``."""
@@ -402,9 +460,7 @@ class EnhancedModularTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.epoch = state["data_cursor"]["epoch"]
-        self.batches_in_epoch = state["data_cursor"]["batches_in_epoch"]
-        self._cursor = (self.epoch, self.batches_in_epoch)
+        self._restore_data_cursor(state["data_cursor"])
         self.health.load_state_dict(state["health"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.moe_alarm.load_state_dict(state["moe_alarm"])
@@ -441,18 +497,18 @@ class EnhancedModularTrainer:
         if self.plateau is not None:
             self.plateau.step(val_loss)
 
-    def _update_hessian(self, input_ids: torch.Tensor) -> None:
+    def _update_hessian(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> None:
         """Sophia-G: refresh the Hessian estimate every ``optimizer.sophia_hessian_every`` steps.
 
         Labels are sampled from the model's own predictions; the gradient of the loss on them
         gives ĥ = B·ĝ⊙ĝ (Gauss–Newton–Bartlett), B = the number of predicted tokens.
 
         Args:
-            input_ids: ``(B, T)`` token ids of this step's last micro-batch.
+            batch: this step's last micro-batch.
         """
         if (self.step + 1) % self.config.optimizer.sophia_hessian_every:
             return
-        input_ids = input_ids.to(self.device, non_blocking=True)  # (B, T)
+        input_ids = as_batch(batch)["input_ids"].to(self.device, non_blocking=True)  # (B, T)
         with self._autocast():
             logits_BTV = self.model(input_ids).logits[:, :-1].float()
         with torch.no_grad():
@@ -550,6 +606,9 @@ class EnhancedModularTrainer:
         if workers:
             # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if isinstance(self.data.train, StreamingDataset):
+            yield from self._stream_steps(total_steps)
+            return
         while self.step < total_steps:
             sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.step, self.batches_in_epoch)
             loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=workers,
@@ -566,8 +625,31 @@ class EnhancedModularTrainer:
             self.epoch += 1
             self.batches_in_epoch = 0
 
-    def _total_steps(self, num_windows: int) -> int:
+    def _stream_steps(self, total_steps: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """``grad_accum_steps`` micro-batches per step from a stream (``data.streaming``).
+
+        The stream's cursor (chunk, window) after each step's last micro-batch is kept in
+        ``self.stream_cursor`` for the checkpoint; a resumed run starts there.
+        """
+        batcher = StreamBatcher(self.data.train, self.config.training.batch_size, self.config.data.num_workers,
+                                cursor=self.stream_cursor, pin_memory=self.device.type == "cuda")
+        pending: list[dict[str, torch.Tensor]] = []
+        for batch, cursor in batcher:
+            pending.append(batch)
+            if len(pending) == self.config.training.grad_accum_steps:
+                self.stream_cursor = cursor
+                self.data.report = batcher.report
+                yield pending
+                pending = []
+                if self.step >= total_steps:
+                    return
+
+    def _total_steps(self, train: Any) -> int:
         cfg = self.config.training
+        if isinstance(train, StreamingDataset):
+            assert cfg.max_steps is not None  # a config rule: a stream has no length
+            return cfg.max_steps
+        num_windows = train if isinstance(train, int) else len(train)
         per_step = cfg.batch_size * cfg.grad_accum_steps
         steps_per_epoch = num_windows // per_step
         if steps_per_epoch == 0:

@@ -268,8 +268,9 @@ def run_lr_finder(config, *, min_lr: float = 1e-6, max_lr: float = 1.0, num_step
 
     def forever() -> Iterator[torch.Tensor]:
         while True:
-            yield from DataLoader(data.train, batch_size=config.training.batch_size, drop_last=True,
-                                  sampler=RandomSampler(data.train, generator=generator))
+            for batch in DataLoader(data.train, batch_size=config.training.batch_size, drop_last=True,
+                                    sampler=RandomSampler(data.train, generator=generator)):
+                yield batch["input_ids"]
 
     def autocast() -> contextlib.AbstractContextManager:
         if config.precision.dtype == "bf16":

@@ -107,13 +107,16 @@ def start_wandb(config: Any, run_dir: Path, resume: bool) -> Any:
 
 
 class StepTimer:
-    """Wall time per phase (data / forward / backward / optimizer) of the steps since the last read.
+    """Wall time per phase of the steps since the last read.
+
+    Phases: ``data`` (waiting for the next batch), ``forward``, ``backward``, ``optimizer`` and
+    ``other`` (the trainer's bookkeeping between steps: metrics, progress, evaluation, checkpoints).
 
     With ``sync=True`` on CUDA, each phase ends with ``torch.cuda.synchronize`` so the split is
     true (costs some overlap); otherwise times are what the host saw.
     """
 
-    PHASES = ("data", "forward", "backward", "optimizer")
+    PHASES = ("data", "forward", "backward", "optimizer", "other")
 
     def __init__(self, device: torch.device, enabled: bool = True) -> None:
         self.enabled = enabled

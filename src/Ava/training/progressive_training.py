@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..config import EnhancedTrainingConfig
 from ..data.packing import PackedDataset
 from ..data.sampling import EpochSampler
 from ..errors import AvaCheckpointError
+from .batch import as_batch, cut_rows
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _ramp(start: int | None, target: int, steps: int, step: int) -> float:
     return start + (target - start) * step / steps
 
 
-def window_difficulty(dataset: PackedDataset, indices: Sequence[int] | np.ndarray, by: str) -> np.ndarray:
+def window_difficulty(dataset: Dataset, indices: Sequence[int] | np.ndarray, by: str) -> np.ndarray:
     """A cheap difficulty score per window (higher = harder).
 
     Args:
@@ -64,14 +65,17 @@ def window_difficulty(dataset: PackedDataset, indices: Sequence[int] | np.ndarra
     Returns:
         ``(W,)`` float64 scores.
     """
-    T = dataset.seq_len
     idx = np.asarray(indices, dtype=np.int64)
-    windows_WT = dataset.tokens[: len(dataset) * T].reshape(len(dataset), T)[idx].astype(np.int64)
+    windows_WT = np.stack([dataset[int(i)]["input_ids"].numpy() for i in idx]) if idx.size else np.zeros((0, 1), np.int64)
     if by == "distinct_tokens":
         sorted_WT = np.sort(windows_WT, axis=1)
         return 1.0 + (np.diff(sorted_WT, axis=1) != 0).sum(axis=1).astype(np.float64)
     if by == "rarity":
-        counts_V = np.bincount(dataset.tokens.astype(np.int64))
+        if isinstance(dataset, PackedDataset):
+            all_tokens = dataset.tokens.astype(np.int64)
+        else:  # a mixture: the windows it draws in one epoch
+            all_tokens = np.concatenate([dataset[i]["input_ids"].numpy() for i in range(len(dataset))])
+        counts_V = np.bincount(all_tokens)
         neg_log_p_V = np.log(counts_V.sum()) - np.log(np.maximum(counts_V, 1))
         return neg_log_p_V[windows_WT].mean(axis=1)
     raise ValueError(f"unknown difficulty score {by!r}")
@@ -165,11 +169,11 @@ class ProgressiveSchedule:
         r = self.settings.batch_size_ramp
         return int(_ramp(r.start, self.full_batch_size, r.steps, step))
 
-    def shape(self, micro_batches: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    def shape(self, micro_batches: list, step: int) -> list:
         """Cut each ``(B, T)`` micro-batch of ``step`` into rows of the scheduled length.
 
         Args:
-            micro_batches: the step's micro-batches, each ``(B, T)``.
+            micro_batches: the step's micro-batches (dict batches or ``(B, T)`` id tensors).
             step: the 0-based step they are for.
 
         Returns:
@@ -177,20 +181,12 @@ class ProgressiveSchedule:
             stay adjacent, in order).
         """
         t = self.seq_len(step)
-        applied = (micro_batches[0].shape[0], t)
+        applied = (as_batch(micro_batches[0])["input_ids"].shape[0], t)
         if self.active and applied != self._applied:
             logger.info("progressive training, step %d: %d windows per micro-batch, rows of %d tokens",
                         step + 1, *applied)
         self._applied = applied
-        out = []
-        for x_BT in micro_batches:
-            B, T = x_BT.shape
-            if t >= T:
-                out.append(x_BT)
-                continue
-            pieces = T // t
-            out.append(x_BT[:, :pieces * t].reshape(B * pieces, t))  # (B·⌊T/t⌋, t)
-        return out
+        return [cut_rows(batch, t) for batch in micro_batches]
 
     def metrics(self) -> dict[str, float]:
         """``micro_batch_size`` and ``seq_len`` of the last step (empty when inactive)."""
@@ -257,7 +253,7 @@ class ProgressiveSchedule:
         _, pos = self._fitting_windows(num_windows, 0, 0, c.steps)
         return pos
 
-    def epoch_order(self, dataset: PackedDataset, epoch: int) -> torch.Tensor:
+    def epoch_order(self, dataset: Dataset, epoch: int) -> torch.Tensor:
         """The window order of ``epoch``: seeded random, with epoch 0's curriculum prefix sorted.
 
         Args:
@@ -276,7 +272,7 @@ class ProgressiveSchedule:
         easy_first = torch.from_numpy(np.argsort(scores, kind="stable"))
         return torch.cat([order[:w][easy_first], order[w:]])
 
-    def batch_sampler(self, dataset: PackedDataset, epoch: int, step: int, batches_in_epoch: int) -> StepBatchSampler:
+    def batch_sampler(self, dataset: Dataset, epoch: int, step: int, batches_in_epoch: int) -> StepBatchSampler:
         """Micro-batches of ``epoch`` from the trainer's cursor on.
 
         Args:
@@ -288,7 +284,9 @@ class ProgressiveSchedule:
         Returns:
             A batch sampler for ``DataLoader(batch_sampler=...)``.
         """
-        return StepBatchSampler(self.epoch_order(dataset, epoch), self.epoch_position(step, batches_in_epoch),
+        # Indices carry the epoch (epoch · len + i): a mixture draws other windows each epoch.
+        order = self.epoch_order(dataset, epoch) + epoch * len(dataset)
+        return StepBatchSampler(order, self.epoch_position(step, batches_in_epoch),
                                 step, self.batch_size, self.grad_accum_steps)
 
     # -- checkpoint state -------------------------------------------------------------------

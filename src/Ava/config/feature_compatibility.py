@@ -188,6 +188,13 @@ def _moe_issues(m: "ModelConfig") -> list[Issue]:
             f"(hash is fixed, expert_choice is balanced by construction); use one of {list(_SCORE_ROUTERS)} "
             "or set aux_free_bias: false",
         ))
+    if moe.coef_schedules.bias_update_rate is not None and not moe.aux_free_bias:
+        issues.append(Issue(
+            "model.moe.coef_schedules.bias_update_rate",
+            "set but aux_free_bias is false, so there is no bias to update; set aux_free_bias: true or remove "
+            "the schedule",
+            "warning",
+        ))
     if moe.eval_capacity_factor is not None and moe.capacity_factor is None and moe.router != "expert_choice":
         issues.append(Issue(
             "model.moe.eval_capacity_factor",
@@ -315,13 +322,14 @@ def model_loss_terms(m: "ModelConfig") -> list[str]:
     terms = ["lm_loss"]
     if m.moe.first_dense_layers < m.num_layers:  # at least one MoE layer
         balanced = m.moe.router != "expert_choice"  # balanced by construction: no balance terms
-        if balanced and m.moe.aux_loss_coef > 0:
+        # coef_peak: a term exists when its coefficient or its schedule is ever > 0
+        if balanced and m.moe.coef_peak("aux_loss_coef") > 0:
             terms.append("load_balance")
-        if balanced and m.moe.seq_aux_loss_coef > 0:
+        if balanced and m.moe.coef_peak("seq_aux_loss_coef") > 0:
             terms.append("seq_load_balance")
-        if balanced and m.moe.global_aux_loss_coef > 0:
+        if balanced and m.moe.coef_peak("global_aux_loss_coef") > 0:
             terms.append("global_load_balance")
-        if m.moe.z_loss_coef > 0:
+        if m.moe.coef_peak("z_loss_coef") > 0:
             terms.append("z_loss")
     if m.mtp.num_heads > 0:
         terms.append("mtp")

@@ -25,6 +25,58 @@ def _swiglu_width(hidden_size: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class CoefSchedule(AvaSection):
+    """How one balancing coefficient moves over the optimizer steps (``model.moe.coef_schedules``).
+
+    At optimizer step s (0 = the first step; resume continues from the checkpointed step) with
+    ``r = min(s / steps, 1)``: linear ``start + (end − start)·r``; cosine ``end + (start − end)·(1 +
+    cos πr)/2``; step ``start`` while ``s < steps``, then ``end``; constant ``end`` at every step.
+    ``end`` defaults to the section's coefficient, which is therefore the value after the schedule.
+    """
+
+    kind: Literal["constant", "linear", "cosine", "step"] = Field(
+        description="linear / cosine: from start to end over `steps`; step: start for `steps` steps, then end; "
+        "constant: end throughout (start and steps ignored: switches a schedule off)."
+    )
+    start: float = Field(0.0, ge=0.0, description="Value at step 0 (0 = a warmup from 0 to end).")
+    steps: int | None = Field(
+        None, ge=1, description="Optimizer steps the schedule takes; required unless kind is constant."
+    )
+    end: float | None = Field(
+        None, ge=0.0,
+        description="Value from step `steps` on; null = the coefficient's own key in model.moe.",
+    )
+
+    @model_validator(mode="after")
+    def _needs_steps(self) -> "CoefSchedule":
+        if self.kind != "constant" and self.steps is None:
+            raise ValueError(
+                f"kind {self.kind} needs steps; set steps: N (optimizer steps, ≥ 1) or use kind: constant"
+            )
+        return self
+
+    def peak(self, base: float) -> float:
+        """The largest value the schedule takes with ``base`` as the default end."""
+        end = base if self.end is None else self.end
+        return end if self.kind == "constant" else max(self.start, end)
+
+
+class CoefSchedulesConfig(AvaSection):
+    """Optional per-coefficient schedules of the balancing terms; null = the constant coefficient."""
+
+    aux_loss_coef: CoefSchedule | None = Field(None, description="Schedule of aux_loss_coef; null = constant.")
+    seq_aux_loss_coef: CoefSchedule | None = Field(
+        None, description="Schedule of seq_aux_loss_coef; null = constant."
+    )
+    global_aux_loss_coef: CoefSchedule | None = Field(
+        None, description="Schedule of global_aux_loss_coef; null = constant."
+    )
+    z_loss_coef: CoefSchedule | None = Field(None, description="Schedule of z_loss_coef; null = constant.")
+    bias_update_rate: CoefSchedule | None = Field(
+        None, description="Schedule of the aux-free bias step γ (needs aux_free_bias); null = constant."
+    )
+
+
 class MoEConfig(AvaSection):
     """Mixture-of-Experts layer: routing, expert width, balancing losses and kernel backend."""
 
@@ -73,20 +125,21 @@ class MoEConfig(AvaSection):
         "never drops anything.",
     )
     aux_loss_coef: float = Field(
-        0.01, ge=0.0, description="Switch/GShard load-balancing loss coefficient α (0 disables it)."
+        0.01, ge=0.0,
+        description="Switch/GShard load-balancing loss coefficient α (0 disables it unless scheduled).",
     )
     seq_aux_loss_coef: float = Field(
         0.0, ge=0.0,
         description="Sequence-level balancing loss coefficient (DeepSeek-V3, f·P per sequence, averaged; "
-        "V3 uses 1e-4); 0 disables it.",
+        "V3 uses 1e-4); 0 disables it unless scheduled.",
     )
     global_aux_loss_coef: float = Field(
         0.0, ge=0.0,
         description="Global-batch balancing loss coefficient (Qwen 2025): f_i counted over all micro-batches "
-        "of the optimizer step so far; 0 disables it.",
+        "of the optimizer step so far; 0 disables it unless scheduled.",
     )
     z_loss_coef: float = Field(
-        0.001, ge=0.0, description="Router z-loss coefficient (ST-MoE; 0 disables it)."
+        0.001, ge=0.0, description="Router z-loss coefficient (ST-MoE; 0 disables it unless scheduled)."
     )
     aux_free_bias: bool = Field(
         False,
@@ -96,6 +149,15 @@ class MoEConfig(AvaSection):
     )
     bias_update_rate: float = Field(
         1e-3, gt=0.0, description="γ, the step of the aux-free bias update (DeepSeek-V3: 1e-3)."
+    )
+    coef_schedules: CoefSchedulesConfig = Field(
+        default_factory=CoefSchedulesConfig,
+        description="Optional per-step schedules of the balancing coefficients above (aux_loss_coef, "
+        "seq_aux_loss_coef, global_aux_loss_coef, z_loss_coef, bias_update_rate), each null (constant) or "
+        "{kind: constant|linear|cosine|step, start: value at step 0 (default 0), steps: optimizer steps, end: "
+        "value after (default: the coefficient itself)}, e.g. aux_loss_coef: {kind: linear, start: 0.1, steps: "
+        "1000}. A scheduled term is computed even where its coefficient is 0; values logged as coef/<name>. "
+        "See docs/moe.md.",
     )
     first_dense_layers: int = Field(
         0, ge=0, description="The first k decoder layers use a dense SwiGLU MLP instead of experts."
@@ -110,6 +172,16 @@ class MoEConfig(AvaSection):
         description="Expert kernel: grouped (sorted tokens + torch._grouped_mm), batched (padded bmm), "
         "loop (reference), or auto (grouped where torch._grouped_mm exists, else batched; see docs/moe.md).",
     )
+
+    def coef_peak(self, name: str) -> float:
+        """The largest value balancing coefficient ``name`` takes in training (its schedule's or its own).
+
+        A balancing term exists (is computed, logged, can be weighted or operated on by surgery)
+        when this is > 0, so the set of terms stays the same over the whole run.
+        """
+        base = getattr(self, name)
+        schedule = getattr(self.coef_schedules, name)
+        return base if schedule is None else schedule.peak(base)
 
 
 class MTPConfig(AvaSection):

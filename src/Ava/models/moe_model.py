@@ -26,6 +26,7 @@ from ..layers.routing import RouterOutput
 from ..losses import (
     UncertaintyWeighting,
     assemble_losses,
+    balancing_coefficients,
     global_balancing_loss,
     load_balancing_loss,
     router_z_loss,
@@ -75,10 +76,14 @@ class MoEModelOutput:
         aux_losses: already-weighted terms. Balance terms averaged over MoE layers (those of
             the MTP blocks included): ``load_balance`` (aux_loss_coef), ``seq_load_balance``
             (seq_aux_loss_coef), ``global_load_balance`` (global_aux_loss_coef), ``z_loss``
-            (z_loss_coef); a term whose coefficient is 0 is left out (the balance terms also with
-            expert-choice, balanced by construction). With labels also ``mtp`` (``model.mtp``
-            on: (λ/D)·Σ_j L_j) and ``uncertainty`` (``model.loss.uncertainty_weighting``: the
-            change the learned weights make to the plain sum).
+            (z_loss_coef), each weighted by its coefficient at the step set with
+            :meth:`EnhancedMoEModel.set_balancing_step`. A term whose coefficient is 0 throughout
+            (its own value and its schedule's) is left out (the balance terms also with
+            expert-choice, balanced by construction); a scheduled one stays (0 while its
+            coefficient is 0), so the set of terms is the same at every step. With labels also
+            ``mtp`` (``model.mtp`` on: (λ/D)·Σ_j L_j) and ``uncertainty``
+            (``model.loss.uncertainty_weighting``: the change the learned weights make to the
+            plain sum).
         logits: (B, T, V).
         router_stats: one :class:`RouterStats` per MoE layer (main stack, then MTP blocks); empty,
             like ``aux_losses``, in cached inference without labels (decoding).
@@ -134,6 +139,9 @@ class EnhancedMoEModel(nn.Module):
         self.loss_weighting: UncertaintyWeighting | None = None
         if cfg.loss.uncertainty_weighting:
             self.loss_weighting = UncertaintyWeighting(cfg.loss.uncertainty_weighting)
+        # Position in model.moe.coef_schedules; not saved: the trainer sets it from its own
+        # (checkpointed) step before every optimizer step.
+        self._balancing_step = 0
 
     # -- init --------------------------------------------------------------------------------
 
@@ -280,6 +288,7 @@ class EnhancedMoEModel(nn.Module):
         moe = self.config.moe
         if not routings:
             return {}, []
+        coef = self.balancing_coefficients()
         routed = [r.routed_per_expert_E for _, r in routings]  # (E,) per layer, before dropping
         aux_per_layer = [
             load_balancing_loss(r.probs_TE, r.indices_TK, counts) for (_, r), counts in zip(routings, routed)
@@ -301,23 +310,50 @@ class EnhancedMoEModel(nn.Module):
                 ))
         aux_losses: dict[str, torch.Tensor] = {}
         balance = moe.router != "expert_choice"  # expert-choice is balanced by construction
-        if balance and moe.aux_loss_coef > 0:
-            aux_losses["load_balance"] = moe.aux_loss_coef * torch.stack(aux_per_layer).mean()
-        if balance and moe.seq_aux_loss_coef > 0:
+        # A term exists when its coefficient is ever > 0 (coef_peak), so the terms that surgery and
+        # uncertainty weighting name are there at every step; its weight is this step's value.
+        if balance and moe.coef_peak("aux_loss_coef") > 0:
+            aux_losses["load_balance"] = coef["aux_loss_coef"] * torch.stack(aux_per_layer).mean()
+        if balance and moe.coef_peak("seq_aux_loss_coef") > 0:
             seq = [sequence_balancing_loss(r.probs_TE, r.indices_TK, batch_size) for _, r in routings]
-            aux_losses["seq_load_balance"] = moe.seq_aux_loss_coef * torch.stack(seq).mean()
-        if balance and moe.global_aux_loss_coef > 0:
+            aux_losses["seq_load_balance"] = coef["seq_aux_loss_coef"] * torch.stack(seq).mean()
+        if balance and moe.coef_peak("global_aux_loss_coef") > 0:
             prefix = load_prefix if load_prefix else [None] * len(routings)
             glob = [
                 global_balancing_loss(r.probs_TE, counts if before is None else counts + before.to(counts.device))
                 for (_, r), counts, before in zip(routings, routed, prefix)
             ]
-            aux_losses["global_load_balance"] = moe.global_aux_loss_coef * torch.stack(glob).mean()
-        if moe.z_loss_coef > 0:
-            aux_losses["z_loss"] = moe.z_loss_coef * torch.stack(z_per_layer).mean()
+            aux_losses["global_load_balance"] = coef["global_aux_loss_coef"] * torch.stack(glob).mean()
+        if moe.coef_peak("z_loss_coef") > 0:
+            aux_losses["z_loss"] = coef["z_loss_coef"] * torch.stack(z_per_layer).mean()
         return aux_losses, stats
 
     # -- balancing state ---------------------------------------------------------------------
+
+    def set_balancing_step(self, step: int) -> None:
+        """Move the balancing coefficients to optimizer ``step`` of ``model.moe.coef_schedules``.
+
+        The trainer calls this before every optimizer step with its step count (0 for the first
+        step), so forward passes weight the balancing terms and :meth:`update_expert_bias` uses
+        γ at that step. Until it is called the model is at step 0. Without schedules it changes
+        nothing.
+
+        Args:
+            step: optimizer steps completed so far.
+        """
+        self._balancing_step = int(step)
+
+    def balancing_coefficients(self, scheduled_only: bool = False) -> dict[str, float]:
+        """The balancing coefficients at the current balancing step (see :meth:`set_balancing_step`).
+
+        Args:
+            scheduled_only: only those with a schedule in ``model.moe.coef_schedules``.
+
+        Returns:
+            ``{name: value}`` for ``aux_loss_coef``, ``seq_aux_loss_coef``,
+            ``global_aux_loss_coef``, ``z_loss_coef``, ``bias_update_rate``.
+        """
+        return balancing_coefficients(self.config.moe, self._balancing_step, scheduled_only)
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert: list[torch.Tensor]) -> None:
@@ -325,21 +361,24 @@ class EnhancedMoEModel(nn.Module):
 
         Call once per optimizer step, after ``optimizer.step()``, with the step's routed counts
         summed over its micro-batches (``RouterStats.tokens_per_expert``). A no-op unless
-        ``model.moe.aux_free_bias``. ``b_i += γ · sign(mean load − load_i)``, γ =
-        ``moe.bias_update_rate``; the bias is a buffer, so it is saved with the weights.
+        ``model.moe.aux_free_bias`` (and while a scheduled γ is 0). ``b_i += γ · sign(mean load −
+        load_i)``, γ = ``moe.bias_update_rate`` at the current balancing step (its schedule, see
+        :meth:`set_balancing_step`); the bias is a buffer, so it is saved with the weights.
 
         Args:
             tokens_per_expert: one (E,) count per MoE layer, in layer order (main stack, then
                 the MTP blocks, as in ``router_stats``).
         """
-        moe_cfg = self.config.moe
-        if not moe_cfg.aux_free_bias:
+        if not self.config.moe.aux_free_bias:
             return
         moe_layers = [layer for layer in self._decoder_layers() if layer.is_moe]
         if len(tokens_per_expert) != len(moe_layers):
             raise ValueError(f"got {len(tokens_per_expert)} load vectors for {len(moe_layers)} MoE layers")
+        rate = self.balancing_coefficients()["bias_update_rate"]
+        if rate == 0:
+            return
         for layer, load_E in zip(moe_layers, tokens_per_expert):
-            layer.mlp.gate.update_bias(load_E, moe_cfg.bias_update_rate)
+            layer.mlp.gate.update_bias(load_E, rate)
 
     # -- accounting --------------------------------------------------------------------------
 

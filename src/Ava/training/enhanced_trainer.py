@@ -291,10 +291,15 @@ class EnhancedModularTrainer:
 
         Returns:
             Step metrics (``loss``, ``lm_loss``, each aux term, ``grad_norm``, ``lr``,
-            ``max_vio``, ``skipped``) and ``tokens`` (an int).
+            ``max_vio``, ``skipped``, ``coef/<name>`` for each balancing coefficient with a
+            schedule in ``model.moe.coef_schedules``) and ``tokens`` (an int).
         """
         timer = timer or StepTimer(self.device, enabled=False)
         self.model.train()
+        # Balancing-coefficient schedules follow the optimizer step (checkpointed, so resume continues them).
+        self.model.set_balancing_step(self.step)
+        coefs = {f"coef/{name}": value
+                 for name, value in self.model.balancing_coefficients(scheduled_only=True).items()}
         accum = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         loads: list[torch.Tensor] = []
@@ -345,7 +350,7 @@ class EnhancedModularTrainer:
         if verdict.rollback:
             self._rollback()
         metrics: dict[str, Any] = {**totals, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                                   "skipped": 0.0 if verdict.ok else 1.0, **extra}
+                                   "skipped": 0.0 if verdict.ok else 1.0, **coefs, **extra}
         if loads:
             metrics.update(moe_diagnostics(loads, router_acc))
             self.moe_alarm.on_step(self.step, loads)

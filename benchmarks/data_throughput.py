@@ -6,7 +6,7 @@ sources) in a temporary folder, trains one byte-level BPE on it and saves it, th
 the same process, interleaved for ``--repeats`` rounds (medians reported):
 
 - reference: ``tokenizers.Tokenizer.encode_batch`` over the same texts, held in memory, in
-  calls of ``shards.CHUNK_CHARS`` characters (one call over all of them needs GBs for the
+  calls of ``prepare.CHUNK_CHARS`` characters (one call over all of them needs GBs for the
   ``Encoding`` objects); ``encode_batch_fast`` (no offsets) is shown for information;
 - ``write_prepared``: tokenizing + packing + writing shards from documents already in memory,
   for each ``--workers`` value;
@@ -40,11 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from Ava.config import DataConfig
-from Ava.data import shards
+from Ava.data import prepare
 from Ava.data.corpus import embedded_corpus
 from Ava.data.pipeline import collect_documents
 from Ava.data.records import DataReport
-from Ava.data.shards import prepare_corpus, write_prepared
+from Ava.data.prepare import prepare_corpus, write_prepared
 from Ava.data.tokenizer import AvaTokenizer
 
 GOAL_RATIO = 0.7
@@ -125,7 +125,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     )
     split_docs = collect_documents(data, SEED, DataReport())
     hf = tokenizer.tokenizer  # encode_special_tokens=True, as Ava encodes
-    chunks = chunked(texts, shards.CHUNK_CHARS)
+    chunks = chunked(texts, prepare.CHUNK_CHARS)
 
     def run_write(workers: int) -> Callable[[], int]:
         def go() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-import Ava.data.readers as readers
+import Ava.data.text_files as text_files
 from Ava.config import DataConfig, SourceConfig
 from Ava.data import Document, load_documents, read_source
 from Ava.data.readers import iter_documents, iter_rows, resolve_files, source_name, source_names
@@ -325,8 +325,8 @@ def test_long_lines_and_chunk_boundaries(tmp_path: Path, monkeypatch: pytest.Mon
     plain = _write(tmp_path / "p.jsonl", content)
     wide = _write(tmp_path / "w.jsonl", content.encode("utf-16"))
     expected = [r["text"] for r in rows]
-    monkeypatch.setattr(readers, "_HEAD_BYTES", 7)
-    monkeypatch.setattr(readers, "_CHUNK_BYTES", 5)
+    monkeypatch.setattr(text_files, "_HEAD_BYTES", 7)
+    monkeypatch.setattr(text_files, "_CHUNK_BYTES", 5)
     assert _texts(plain) == expected
     assert _texts(wide, encoding="utf-16") == expected
 
@@ -384,7 +384,7 @@ def test_legacy_encodings_decoded_under_auto(tmp_path: Path, caplog: pytest.LogC
     french = "Le café était déjà plein. Noël à Zürich, une façade naïve, un résumé.\n" * 3
     latin1 = _write(tmp_path / "fr.txt", french.encode("latin-1"))
     cp1252 = _write(tmp_path / "q.jsonl", '{"text": "He said “hi” — it’s 5 €…"}\n'.encode("cp1252"))
-    with caplog.at_level("INFO", logger="Ava.data.readers"):
+    with caplog.at_level("INFO", logger="Ava.data.text_files"):
         assert _texts(latin1) == [french]
     assert f"{latin1}: reading as cp1252 (Western European text" in caplog.text
     assert _texts(cp1252) == ["He said “hi” — it’s 5 €…"]

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from Ava.data import shards
+from Ava.data import prepare, shards
 from Ava.data.packing import tokenize_documents
 from Ava.data.pipeline import SplitDocuments
 from Ava.data.records import DataReport, Document
-from Ava.data.shards import load_prepared, write_prepared
+from Ava.data.prepare import write_prepared
+from Ava.data.shards import load_prepared
 from Ava.data.tokenizer import AvaTokenizer
 from Ava.errors import AvaDataError
 from tests.helpers import fake_play
@@ -60,7 +61,7 @@ def _joined(streams):
     return tokens, starts, mask
 
 
-@pytest.mark.parametrize("shard_tokens", [shards.DEFAULT_SHARD_TOKENS, 300])
+@pytest.mark.parametrize("shard_tokens", [prepare.DEFAULT_SHARD_TOKENS, 300])
 def test_round_trip_equals_tokenize_documents(tmp_path: Path, tokenizer: AvaTokenizer, shard_tokens: int):
     split_docs = _split_docs()
     report = DataReport()
@@ -155,7 +156,7 @@ def test_chunking_and_workers_do_not_change_the_files(tmp_path: Path, tokenizer:
                                                      monkeypatch: pytest.MonkeyPatch):
     split_docs = _split_docs()
     write_prepared(tmp_path / "a", split_docs, tokenizer, workers=1, shard_tokens=500)
-    monkeypatch.setattr(shards, "CHUNK_CHARS", 700)  # many chunks per source and per shard
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 700)  # many chunks per source and per shard
     write_prepared(tmp_path / "b", split_docs, tokenizer, workers=3, shard_tokens=500)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*") if p.name != "manifest.json")
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.*") if p.name != "manifest.json")
@@ -204,7 +205,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 def test_a_crash_mid_write_leaves_no_folder(tmp_path: Path, tokenizer: AvaTokenizer, monkeypatch: pytest.MonkeyPatch):
-    finish = shards._ShardWriter._finish_shard
+    finish = prepare._ShardWriter._finish_shard
     calls = []
 
     def crash_on_third_shard(self):
@@ -213,7 +214,7 @@ def test_a_crash_mid_write_leaves_no_folder(tmp_path: Path, tokenizer: AvaTokeni
             raise KeyboardInterrupt  # e.g. Ctrl-C half way
         finish(self)
 
-    monkeypatch.setattr(shards._ShardWriter, "_finish_shard", crash_on_third_shard)
+    monkeypatch.setattr(prepare._ShardWriter, "_finish_shard", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         write_prepared(tmp_path / "prep", _split_docs(), tokenizer, shard_tokens=300)
     assert _leftovers(tmp_path) == []  # neither prep/ nor a temporary folder
@@ -222,22 +223,22 @@ def test_a_crash_mid_write_leaves_no_folder(tmp_path: Path, tokenizer: AvaTokeni
 def test_the_manifest_is_written_last_into_a_temporary_folder(tmp_path: Path, tokenizer: AvaTokenizer,
                                                               monkeypatch: pytest.MonkeyPatch):
     seen = {}
-    commit = shards._commit
+    commit = prepare._commit
 
     def spy(tmp: Path, out_dir: Path) -> None:
         seen["tmp"] = tmp.name
         seen["out_exists"] = out_dir.exists()
         commit(tmp, out_dir)
 
-    write_file = shards._write_file
+    write_file = prepare._write_file
 
     def spy_write(path: Path, data: bytes) -> None:
         # the manifest is the last file written; every shard is already complete then
         seen["shards_before_manifest"] = len(list(path.parent.rglob("*.bin")))
         write_file(path, data)
 
-    monkeypatch.setattr(shards, "_commit", spy)
-    monkeypatch.setattr(shards, "_write_file", spy_write)
+    monkeypatch.setattr(prepare, "_commit", spy)
+    monkeypatch.setattr(prepare, "_write_file", spy_write)
     write_prepared(tmp_path / "prep", _split_docs(), tokenizer)
     assert seen["tmp"].startswith("prep.tmp-") and not seen["out_exists"]
     assert seen["shards_before_manifest"] == 5  # 2 sources × 2 splits + 1 mask
@@ -264,7 +265,7 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(shards, "_manifest", boom)
+    monkeypatch.setattr(prepare, "_manifest", boom)
     with pytest.raises(OSError, match="disk full"):
         write_prepared(out, _split_docs(), tokenizer, overwrite=True, shard_tokens=100)
     monkeypatch.undo()

@@ -215,7 +215,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
     from ..config import load_config
-    from ..data.shards import DEFAULT_SHARD_TOKENS, check_out_dir, prepare_corpus
+    from ..data.prepare import DEFAULT_SHARD_TOKENS, check_out_dir, prepare_corpus
     from ..errors import AvaDataError
     from ..utils.logging import setup_logging
 

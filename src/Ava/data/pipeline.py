@@ -1,7 +1,7 @@
 """From a ``data`` config to ready datasets.
 
 In memory: read → (dedup) → split per source → tokenizer → encode → pack → windows → mixture.
-Prepared: memory-mapped shards written by ``ava prepare`` (``shards.py``) → windows → mixture.
+Prepared: memory-mapped shards written by ``ava prepare`` (``prepare.py``, read by ``shards.py``) → windows → mixture.
 Streaming: ``data_streaming.py`` tokenizes on the fly.
 
 ``collect_documents`` and ``build_tokenizer`` are shared with ``ava prepare`` so both paths

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import LossConfig
-from .language_modeling import IGNORE_INDEX
+from .language_modeling import IGNORE_INDEX, shifted_targets
 
 
 def token_losses(
@@ -156,18 +156,20 @@ def causal_lm_objective(
         fp32 scalar.
     """
     cfg = cfg or LossConfig()
-    logits_BtV = logits_BTV[:, :-1]  # (B, T-1, V) view
-    targets_Bt = labels_BT[:, 1:]  # (B, T-1)
+    # Shift the labels, not the logits: the last position gets ignore_index, so the logits are
+    # used whole (a view) — slicing them would copy (B, T, V) forward and zero-fill it backward.
+    targets_BT = shifted_targets(labels_BT, ignore_index)
+    V = logits_BTV.shape[-1]
     if cfg.chunk_size is not None:
-        total = chunked_loss_sum(logits_BtV, targets_Bt, cfg.chunk_size, ignore_index,
+        total = chunked_loss_sum(logits_BTV, targets_BT, cfg.chunk_size, ignore_index,
                                  cfg.label_smoothing, cfg.focal_gamma)
     elif cfg.focal_gamma == 0.0:  # exactly causal_lm_loss (one fused reduction)
-        total = F.cross_entropy(logits_BtV.reshape(-1, logits_BTV.shape[-1]).float(), targets_Bt.reshape(-1),
+        total = F.cross_entropy(logits_BTV.reshape(-1, V).float(), targets_BT.reshape(-1),
                                 ignore_index=ignore_index, reduction="sum", label_smoothing=cfg.label_smoothing)
     else:
-        total = token_losses(logits_BtV.reshape(-1, logits_BTV.shape[-1]), targets_Bt.reshape(-1),
+        total = token_losses(logits_BTV.reshape(-1, V), targets_BT.reshape(-1),
                              ignore_index, cfg.label_smoothing, cfg.focal_gamma).sum()
-    count = (targets_Bt != ignore_index).sum().clamp(min=1)
+    count = (targets_BT != ignore_index).sum().clamp(min=1)
     return total / count
 
 

@@ -11,6 +11,15 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def shifted_targets(labels_BT: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``labels[:, t+1]`` at position t, ``ignore_index`` at the last position: (B, T) long.
+
+    Next-token losses shift the labels rather than slicing the logits, so the (B, T, V) logits
+    are used whole (no copy forward, no zero-filled slice gradient backward).
+    """
+    return F.pad(labels_BT[:, 1:], (0, 1), value=ignore_index)
+
+
 def causal_lm_loss(
     logits_BTV: torch.Tensor,
     labels_BT: torch.Tensor,
@@ -34,8 +43,8 @@ def causal_lm_loss(
         fp32 scalar.
     """
     vocab = logits_BTV.shape[-1]
-    logits_NV = logits_BTV[:, :-1].reshape(-1, vocab).float()  # (N, V)
-    labels_N = labels_BT[:, 1:].reshape(-1)  # (N,)
+    logits_NV = logits_BTV.reshape(-1, vocab).float()  # (B·T, V): a view in fp32
+    labels_N = shifted_targets(labels_BT, ignore_index).reshape(-1)  # (B·T,)
     total = F.cross_entropy(
         logits_NV, labels_N, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
     )

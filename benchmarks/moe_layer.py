@@ -24,6 +24,7 @@ import torch
 
 from Ava.config import ModelConfig
 from Ava.layers import MoEBlock, SwiGLU
+from Ava.utils.allocator import tune_cpu_allocator
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -108,7 +109,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
+    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                        help="glibc malloc thresholds as Ava's trainer sets them (performance.cpu_allocator)")
     args = parser.parse_args()
+    if args.allocator == "tuned":
+        tune_cpu_allocator()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run(args)

@@ -332,6 +332,12 @@ class PerformanceConfig(AvaSection):
         description="fast: log every 50 steps, no timing syncs; balanced: the defaults; "
         "thorough: log every step, per-layer grad norms every 10, eval every 50.",
     )
+    cpu_allocator: Literal["tuned", "default"] = Field(
+        "tuned",
+        description="tuned: on Linux/glibc keep large CPU tensors in the malloc heap (mallopt) instead of fresh "
+        "page-faulted mmap pages every step (measured 1.16-1.19x training steps on CPU; RSS then stays at its peak); "
+        "default: leave the allocator alone.",
+    )
 
 
 # (section, key) -> value for each performance mode; "balanced" equals the field defaults.

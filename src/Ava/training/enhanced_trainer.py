@@ -32,6 +32,7 @@ from ..data import PreparedData, prepare_data
 from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
 from ..errors import AvaConfigError, AvaDataError, AvaError
 from ..optimization import build_optimizer
+from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
 from ..utils.checkpoint import (
     CheckpointWriter,
@@ -172,6 +173,8 @@ class EnhancedModularTrainer:
         else:
             logger.info("run folder: %s", paths.root)
         seed_everything(cfg.run.seed)
+        if cfg.performance.cpu_allocator == "tuned":
+            tune_cpu_allocator()
         if cfg.run.num_threads is not None:
             torch.set_num_threads(cfg.run.num_threads)
 

@@ -37,7 +37,19 @@ anything else is a prompt; write \\n for a newline inside it"""
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in _REPL_OPTIONS} | {"stop_strings": list(args.stop or [])}
+    return {name: getattr(args, name) for name in _REPL_OPTIONS} | {
+        "stop_strings": list(args.stop or []), "speculative": bool(getattr(args, "speculative", False))}
+
+
+def _report_speculative(generator, opts: dict) -> None:
+    """With ``--speculative``: the acceptance statistics of the last call, on stderr."""
+    if not opts.get("speculative"):
+        return
+    stats = generator.speculative_stats
+    if stats is None:
+        print("speculative: off for sampling (temperature > 0); use --temperature 0", file=sys.stderr)
+    else:
+        print(f"speculative: {stats.summary()}", file=sys.stderr)
 
 
 def _run_one(generator, prompt: str, opts: dict, stream_to: TextIO | None, use_cache: bool, stop_at_eos: bool) -> str:
@@ -52,7 +64,7 @@ def _run_one(generator, prompt: str, opts: dict, stream_to: TextIO | None, use_c
         min_p=opts["min_p"], repetition_penalty=opts["repetition_penalty"],
         no_repeat_ngram_size=opts["no_repeat_ngram_size"], stop_strings=opts["stop_strings"],
         num_beams=opts["num_beams"], length_penalty=opts["length_penalty"],
-        on_text=on_text if stream_to is not None else None,
+        on_text=on_text if stream_to is not None else None, speculative=opts.get("speculative", False),
     )
     return full[len(prompt):]
 
@@ -68,13 +80,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.interactive:
             return _repl(generator, opts, use_cache, stop_at_eos, sys.stdin, sys.stdout)
         if args.file is not None:
-            return _generate_file(generator, args, opts, use_cache, stop_at_eos)
+            code = _generate_file(generator, args, opts, use_cache, stop_at_eos)
+            _report_speculative(generator, opts)
+            return code
         if args.stream:
             sys.stdout.write(args.prompt)
             _run_one(generator, args.prompt, opts, sys.stdout, use_cache, stop_at_eos)
             sys.stdout.write("\n")
         else:
             print(args.prompt + _run_one(generator, args.prompt, opts, None, use_cache, stop_at_eos))
+        _report_speculative(generator, opts)
     except ValueError as err:  # invalid sampling option combination
         raise AvaConfigError(f"ava generate: {err}") from err
     return 0
@@ -91,6 +106,8 @@ def _generate_file(generator, args, opts: dict, use_cache: bool, stop_at_eos: bo
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         if opts["num_beams"] > 1:
+            if opts["speculative"]:
+                raise AvaConfigError("--speculative is greedy decoding; it cannot be combined with --num-beams")
             for prompt in prompts:
                 result = generator.beam_search(prompt, opts["num_beams"], opts["max_new_tokens"], generator.sampling_params(
                     repetition_penalty=opts["repetition_penalty"], no_repeat_ngram_size=opts["no_repeat_ngram_size"],
@@ -105,7 +122,7 @@ def _generate_file(generator, args, opts: dict, use_cache: bool, stop_at_eos: bo
             chunk = prompts[start:start + args.batch_size]
             seed = None if opts["seed"] is None else opts["seed"] + start
             for prompt, result in zip(chunk, generator.generate_batch(chunk, opts["max_new_tokens"], params, seed,
-                                                                      use_cache)):
+                                                                      use_cache, speculative=opts["speculative"])):
                 out.write(json.dumps({"prompt": prompt, "completion": result.text,
                                       "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
             out.flush()
@@ -141,6 +158,7 @@ def _repl(generator, opts: dict, use_cache: bool, stop_at_eos: bool, stdin: Text
             stdout.write(prompt)
             _run_one(generator, prompt, opts, stdout, use_cache, stop_at_eos)
             stdout.write("\n")
+            _report_speculative(generator, opts)
         except (ValueError, AvaError) as err:
             print(f"error: {err}", file=sys.stderr)
     return 0
@@ -263,6 +281,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     gen.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (no KV cache)")
+    gen.add_argument("--speculative", action="store_true",
+                     help="greedy decoding drafted by the model's MTP heads and verified by the model: "
+                          "same output as greedy, fewer forward passes (needs model.mtp.num_heads ≥ 1 and "
+                          "--temperature 0; acceptance statistics go to stderr)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     gen.set_defaults(func=cmd_generate)
 

@@ -7,7 +7,8 @@ and every row gets its own positions (``cumsum(mask) - 1``), so a row's tokens a
 as when it is generated alone. With the KV cache each new token costs one position of compute;
 without it the whole (windowed) prefix is recomputed, which the tests use as the reference.
 Sampling options and their order are in :mod:`.sampling`; beam search is in :mod:`.beam`;
-stop strings and incremental decoding in :mod:`.streaming`.
+stop strings and incremental decoding in :mod:`.streaming`; greedy decoding drafted by the
+model's MTP heads (``speculative=True``) in :mod:`.speculative`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from ..models import EnhancedMoEModel
 from ..utils.checkpoint import TOKENIZER_FILE, resolve_checkpoint
 from .beam import BeamHypothesis, beam_search
 from .sampling import SamplingParams, choose_tokens, process_logits, sample_next_token
+from .speculative import SpeculativeStats, check_speculative, speculative_decode
 from .streaming import TextTracker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationOutput", "TextGenerator", "sample_next_token"]
+__all__ = ["GenerationOutput", "SpeculativeStats", "TextGenerator", "sample_next_token"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,34 @@ class _Row:
         text = self.tracker.text if self.tracker is not None else ""
         return GenerationOutput(text, list(self.new), self.finish_reason or "length")
 
+    def take(self, token: int, eos_id: int | None, max_new_tokens: int, fills_context: bool) -> str | None:
+        """Add one chosen token and set ``finish_reason`` when it ends the row.
+
+        Args:
+            token: the chosen id.
+            eos_id: the end-of-text id (None = never stop on one).
+            max_new_tokens: the row ends once it has this many new tokens.
+            fills_context: adding the token fills the model's context (cached decoding).
+
+        Returns:
+            The token's stable text piece ("" without a tracker), or None when it is EOS (not
+            added; the row has ended).
+        """
+        if eos_id is not None and token == eos_id:
+            self.finish_reason = "eos"
+            return None
+        self.new.append(token)
+        piece = ""
+        if self.tracker is not None:
+            piece = self.tracker.add(token)
+            if self.tracker.stopped:
+                self.finish_reason = "stop_string"
+        if self.finish_reason is None and len(self.new) >= max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is None and fills_context:
+            self.finish_reason = "context"
+        return piece
+
 
 class TextGenerator:
     """Generate text from a model and its tokenizer.
@@ -70,6 +100,12 @@ class TextGenerator:
         model: a trained :class:`EnhancedMoEModel`.
         tokenizer: the tokenizer it was trained with (None: only the id-level methods work).
         device: where to run (default: the model's device).
+
+    Attributes:
+        speculative_stats: counters of the latest call with ``speculative=True`` that decoded
+            speculatively (:class:`~Ava.generation.speculative.SpeculativeStats`: accepted
+            drafts per step, acceptance rate, main forwards); None before one, and after a
+            ``speculative=True`` call that decoded plainly (temperature > 0).
     """
 
     def __init__(
@@ -78,6 +114,7 @@ class TextGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
+        self.speculative_stats: SpeculativeStats | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TextGenerator":
@@ -109,6 +146,7 @@ class TextGenerator:
         num_beams: int = 1,
         length_penalty: float = 1.0,
         on_text: Callable[[str], None] | None = None,
+        speculative: bool = False,
     ) -> str:
         """Continue ``prompt``; returns the prompt followed by the generated text.
 
@@ -123,18 +161,29 @@ class TextGenerator:
             num_beams: > 1 = beam search (deterministic; the sampling filters are ignored).
             length_penalty: beam search length normalisation exponent.
             on_text: called with each stable piece of new text as it is generated (streaming).
+            speculative: greedy decoding drafted by the model's MTP heads and verified by the
+                model (:mod:`Ava.generation.speculative`): the same output as plain greedy in
+                fewer forward passes. Needs MTP heads and the cache; with temperature > 0 it
+                decodes plainly. Statistics land in :attr:`speculative_stats`.
 
         Returns:
             ``prompt + generated text``.
+
+        Raises:
+            AvaConfigError: ``speculative`` on a model without MTP heads, without the cache or
+                with beam search.
         """
         params = self.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
                               stop_strings, stop_at_eos)
+        if speculative:
+            check_speculative(self.model, use_cache, num_beams)
         if num_beams > 1:
             text = self.beam_search(prompt, num_beams, max_new_tokens, params, length_penalty, use_cache).text
             if on_text is not None and text:
                 on_text(text)
             return prompt + text
-        pieces = self.stream(prompt, max_new_tokens, params=params, seed=seed, use_cache=use_cache)
+        pieces = self.stream(prompt, max_new_tokens, params=params, seed=seed, use_cache=use_cache,
+                             speculative=speculative)
         text = ""
         for piece in pieces:
             text += piece
@@ -149,6 +198,7 @@ class TextGenerator:
         params: SamplingParams | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        speculative: bool = False,
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` in text pieces as tokens arrive.
 
@@ -161,13 +211,14 @@ class TextGenerator:
             params: sampling settings (default: temperature 1, stop at EOS).
             seed: sampling seed.
             use_cache: reuse keys/values.
+            speculative: MTP speculative decoding (see :meth:`generate`).
 
         Yields:
             Non-empty text pieces.
         """
         params = params or self.sampling_params(stop_at_eos=True)
         row = self._row(prompt, params)
-        for pieces in self._decode_rows([row], max_new_tokens, params, self._generator(seed), use_cache):
+        for pieces in self._decode_rows([row], max_new_tokens, params, self._generator(seed), use_cache, speculative):
             if pieces[0]:
                 yield pieces[0]
         tail = row.tracker.finish()
@@ -181,6 +232,7 @@ class TextGenerator:
         params: SamplingParams | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        speculative: bool = False,
     ) -> list[GenerationOutput]:
         """Continue several prompts at once (left-padded into one batch).
 
@@ -190,13 +242,15 @@ class TextGenerator:
             params: sampling settings (default: temperature 1, stop at EOS).
             seed: sampling seed (one generator for the batch).
             use_cache: reuse keys/values.
+            speculative: MTP speculative decoding (see :meth:`generate`); the prompts are then
+                decoded one after another (batch size 1), with the same output.
 
         Returns:
             One :class:`GenerationOutput` per prompt, in order.
         """
         params = params or self.sampling_params(stop_at_eos=True)
         rows = [self._row(p, params) for p in prompts]
-        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache):
+        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative):
             pass
         for row in rows:
             row.tracker.finish()
@@ -237,6 +291,7 @@ class TextGenerator:
         seed: int | None = None,
         use_cache: bool = True,
         eos_id: int | None = None,
+        speculative: bool = False,
         **options,
     ) -> list[int]:
         """Generate up to ``max_new_tokens`` token ids after ``prompt_ids``.
@@ -252,6 +307,7 @@ class TextGenerator:
             seed: seed of the sampling generator (reproducible output).
             use_cache: reuse keys/values of earlier positions.
             eos_id: stop when this token is generated (it is not returned).
+            speculative: MTP speculative decoding (see :meth:`generate`).
             **options: further :class:`SamplingParams` fields (``min_p``, ``repetition_penalty``,
                 ``no_repeat_ngram_size``).
 
@@ -260,7 +316,7 @@ class TextGenerator:
         """
         return self.generate_ids_batch([prompt_ids], max_new_tokens, SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, **options,
-        ), seed=seed, use_cache=use_cache)[0]
+        ), seed=seed, use_cache=use_cache, speculative=speculative)[0]
 
     @torch.no_grad()
     def generate_ids_batch(
@@ -270,6 +326,7 @@ class TextGenerator:
         params: SamplingParams,
         seed: int | None = None,
         use_cache: bool = True,
+        speculative: bool = False,
     ) -> list[list[int]]:
         """Id-level batched generation (no tokenizer needed unless ``params.stop_strings``).
 
@@ -279,6 +336,7 @@ class TextGenerator:
             params: sampling settings.
             seed: sampling seed.
             use_cache: reuse keys/values.
+            speculative: MTP speculative decoding (see :meth:`generate_batch`).
 
         Returns:
             B lists of generated ids.
@@ -286,7 +344,7 @@ class TextGenerator:
         rows = [_Row(list(p), self._tracker(params)) for p in prompts_ids]
         if any(not row.prompt for row in rows):
             raise ValueError("prompt_ids must not be empty")
-        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache):
+        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative):
             pass
         return [row.new for row in rows]
 
@@ -328,16 +386,37 @@ class TextGenerator:
         params: SamplingParams,
         generator: torch.Generator,
         use_cache: bool,
+        speculative: bool = False,
     ) -> Iterator[list[str]]:
         """Generate for every row until all are finished; yields each step's text pieces."""
+        if speculative:
+            check_speculative(self.model, use_cache)
+            if params.temperature != 0:
+                logger.info("speculative decoding is greedy only; temperature %s decodes plainly", params.temperature)
+                self.speculative_stats = None
+                speculative = False
         was_training = self.model.training
         self.model.eval()
         try:
             # no_grad is entered per step inside the loop, never across a yield: grad mode is
             # thread state and would otherwise leak into the caller between stream pieces.
-            yield from self._decode_loop(rows, max_new_tokens, params, generator, use_cache)
+            if speculative:
+                yield from self._speculative_rows(rows, max_new_tokens, params)
+            else:
+                yield from self._decode_loop(rows, max_new_tokens, params, generator, use_cache)
         finally:
             self.model.train(was_training)
+
+    def _speculative_rows(self, rows: list[_Row], max_new_tokens: int, params: SamplingParams) -> Iterator[list[str]]:
+        """MTP speculative greedy decoding, one row after another (batch size 1)."""
+        stats = SpeculativeStats()
+        self.speculative_stats = stats
+        for b, row in enumerate(rows):
+            for piece in speculative_decode(self.model, row, max_new_tokens, params, stats, self.device):
+                pieces = [""] * len(rows)
+                pieces[b] = piece
+                yield pieces
+        logger.info("speculative decoding: %s", stats.summary())
 
     def _decode_loop(
         self,
@@ -379,23 +458,15 @@ class TextGenerator:
                     step_mask.append(0)
                     continue
                 token = tokens[b]
-                if params.eos_id is not None and token == params.eos_id:
-                    row.finish_reason = "eos"
+                piece = row.take(token, params.eos_id, max_new_tokens, use_cache and lengths[b] + 1 >= max_len)
+                if piece is None:  # EOS
                     step_mask.append(0)
                     continue
-                row.new.append(token)
+                pieces[b] = piece
                 lengths[b] += 1
                 step_mask.append(1)
                 if seen_BV is not None:
                     seen_BV[b, token] = True
-                if row.tracker is not None:
-                    pieces[b] = row.tracker.add(token)
-                    if row.tracker.stopped:
-                        row.finish_reason = "stop_string"
-                if row.finish_reason is None and len(row.new) >= max_new_tokens:
-                    row.finish_reason = "length"
-                if row.finish_reason is None and use_cache and lengths[b] >= max_len:
-                    row.finish_reason = "context"
             ids_BT = torch.cat([ids_BT, ids_BT.new_tensor(tokens)[:, None]], dim=1)
             mask_BT = torch.cat([mask_BT, mask_BT.new_tensor(step_mask)[:, None]], dim=1)
             yield pieces

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import RMSNorm
+from ..layers import KVCache, RMSNorm
 from ..layers.routing import RouterOutput
 from .decoder_layer import DecoderLayer
 
@@ -92,6 +92,38 @@ class MTPModule(nn.Module):
         x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
         x_BTD, _, routing = self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, None, token_ids_BT)
         return x_BTD, routing
+
+    def forward_cached(
+        self,
+        h_BTD: torch.Tensor,
+        emb_BTD: torch.Tensor,
+        cos_BTK: torch.Tensor,
+        sin_BTK: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None,
+        past_kv: KVCache | None,
+        token_ids_BT: torch.Tensor,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """:meth:`forward` on T new positions that attend to this block's cached earlier ones.
+
+        Used to draft tokens for speculative decoding (:mod:`Ava.generation.speculative`): the
+        block attends over the sequence, so running it on the last positions only is exact
+        when ``past_kv`` holds the keys/values of every earlier position.
+
+        Args:
+            h_BTD, emb_BTD, token_ids_BT: as in :meth:`forward`, for the new positions only.
+            cos_BTK, sin_BTK: RoPE tables of the new positions (their absolute positions).
+            attn_mask_B1TS: :func:`~Ava.layers.attention.build_attention_mask` for T new
+                positions after ``past_kv`` (None for one position, or with no past).
+            past_kv: this block's ``(k, v)`` of the earlier positions, each (B, G, S_past, K),
+                or None.
+
+        Returns:
+            ``(h^j (B, T, D), (k, v) of past and new positions, each (B, G, S_past + T, K))``.
+        """
+        x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
+        x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
+        x_BTD, present_kv, _ = self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv, token_ids_BT)
+        return x_BTD, present_kv
 
 
 class MultiTokenPrediction(nn.ModuleList):

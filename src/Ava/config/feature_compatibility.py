@@ -269,6 +269,12 @@ def _data_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
                 "training.max_steps",
                 "data.streaming has no length known in advance, so epochs cannot be counted; set training.max_steps",
             ))
+        if d.dedup != "none" or d.max_documents is not None:
+            issues.append(Issue(
+                "data.dedup" if d.dedup != "none" else "data.max_documents",
+                "needs every document at once, which data.streaming never holds; remove it, or deduplicate "
+                "with `ava prepare` and train on data.prepared",
+            ))
         if config.progressive.curriculum.by != "none" or config.progressive.batch_size_ramp.start is not None:
             issues.append(Issue(
                 "progressive", "the curriculum and batch-size ramp need indexed data; turn them off with "

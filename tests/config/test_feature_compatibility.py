@@ -1,0 +1,14 @@
+"""Cross-section data rules of config/feature_compatibility.py."""
+
+
+def test_streaming_rules_name_the_key_and_the_fix(tmp_path):
+    from Ava.config import EnhancedTrainingConfig, check_compatibility
+
+    source = tmp_path / "a.jsonl"
+    source.write_text('{"text": "hi"}\n')
+    cfg = EnhancedTrainingConfig.from_dict({
+        "data": {"streaming": True, "dedup": "exact", "sources": [{"path": str(source)}]},
+    })
+    problems = {issue.key: issue.message for issue in check_compatibility(cfg)}
+    assert "training.max_steps" in problems and "set training.max_steps" in problems["training.max_steps"]
+    assert "data.dedup" in problems and "ava prepare" in problems["data.dedup"]

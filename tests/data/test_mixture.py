@@ -50,3 +50,17 @@ def test_unshuffled_mixture_proportional_to_size_reads_every_window_once():
     mix = MixtureDataset([_source(6, 0), _source(3, 500)], [6, 3], seed=0, shuffle=False)
     picks = sorted(mix.window_of(i) for i in range(len(mix)))
     assert picks == [(0, w) for w in range(6)] + [(1, w) for w in range(3)]
+
+
+def test_batches_do_not_depend_on_the_number_of_workers():
+    from torch.utils.data import DataLoader
+
+    from Ava.data.sampling import EpochSampler
+
+    mix = MixtureDataset([_source(12, 0), _source(5, 500)], [2.0, 1.0], seed=1)
+    epoch = 1
+    order = (EpochSampler(len(mix), 1, epoch).order() + epoch * len(mix)).tolist()
+    batches = [order[i:i + 3] for i in range(0, len(order) - 2, 3)]
+    runs = [[b["input_ids"] for b in DataLoader(mix, batch_sampler=batches, num_workers=w)] for w in (0, 2)]
+    assert len(runs[0]) == len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

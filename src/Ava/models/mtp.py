@@ -88,10 +88,18 @@ class MTPModule(nn.Module):
         Returns:
             ``(h^j (B, T, D), routing or None for a dense block)``.
         """
+        x_BTD, _, routing = self._combine_and_run(h_BTD, emb_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, None,
+                                                  token_ids_BT)
+        return x_BTD, routing
+
+    def _combine_and_run(
+        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None, past_kv: KVCache | None, token_ids_BT: torch.Tensor,
+    ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
+        """eh_proj([enorm(emb); hnorm(h)]) through the block: ``(h^j, (k, v), routing)``."""
         x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
         x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
-        x_BTD, _, routing = self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, None, token_ids_BT)
-        return x_BTD, routing
+        return self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv, token_ids_BT)
 
     def forward_cached(
         self,
@@ -120,9 +128,8 @@ class MTPModule(nn.Module):
         Returns:
             ``(h^j (B, T, D), (k, v) of past and new positions, each (B, G, S_past + T, K))``.
         """
-        x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
-        x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
-        x_BTD, present_kv, _ = self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv, token_ids_BT)
+        x_BTD, present_kv, _ = self._combine_and_run(h_BTD, emb_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv,
+                                                     token_ids_BT)
         return x_BTD, present_kv
 
 

@@ -149,3 +149,19 @@ def test_decode_fast_path_matches_loop(tokens, top_k):
         reference = experts_loop(x, routing, experts.gate_up_proj, experts.down_proj)
     assert torch.allclose(fast, reference, atol=1e-5)
     assert not _use_gathered(x, routing, 8)  # with autograd on, the training backends run
+
+
+def test_auto_picks_batched_only_for_balanced_bf16_on_cpu():
+    from types import SimpleNamespace
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("auto is batched everywhere without torch._grouped_mm")
+    balanced = SimpleNamespace(tokens_per_expert_E=torch.tensor([10, 12, 9, 11]))
+    skewed = SimpleNamespace(tokens_per_expert_E=torch.tensor([40, 1, 1, 0]))
+    x32, x16 = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert resolve_backend("auto", x32, balanced) == "grouped"
+    assert resolve_backend("auto", x16, balanced) == "batched"
+    assert resolve_backend("auto", x16, skewed) == "grouped"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_backend("auto", x32, balanced) == "batched"  # autocast's dtype counts
+    assert resolve_backend("grouped", x16, balanced) == "grouped"  # an explicit choice stays

@@ -168,9 +168,9 @@ class MoEConfig(AvaSection):
         "(HF decoder_sparse_step), dense otherwise; 1 = every layer.",
     )
     backend: Literal["loop", "batched", "grouped", "auto"] = Field(
-        "grouped",
+        "auto",
         description="Expert kernel: grouped (sorted tokens + torch._grouped_mm), batched (padded bmm), "
-        "loop (reference), or auto (grouped where torch._grouped_mm exists, else batched; see docs/moe.md).",
+        "loop (reference), or auto (batched on CPU in bf16 at balanced load, else grouped; see docs/moe.md).",
     )
 
     def coef_peak(self, name: str) -> float:

@@ -16,7 +16,8 @@ capacity dropping or expert-choice, are skipped and contribute 0):
 - ``batched``: the same dispatch, then the rows are scattered into a zero-padded (E, C_max, D)
   buffer (C_max = the busiest expert's count) and run through ``torch.bmm``; padding rows are
   zeros, so they add nothing forward and receive no gradient.
-- ``auto``: :func:`resolve_backend` — ``grouped`` where ``torch._grouped_mm`` exists, else
+- ``auto`` (default): :func:`resolve_backend` — ``batched`` on CPU in bf16 at balanced load,
+  else ``grouped`` where ``torch._grouped_mm`` exists, else
   ``batched`` (numbers in docs/moe.md).
 
 All compute in the autocast dtype when autocast is on (``_grouped_mm`` is not on autocast's
@@ -386,26 +387,41 @@ EXPERT_BACKENDS: "MappingProxyType[str, ExpertsFn]" = MappingProxyType(
 BACKEND_CHOICES = (*EXPERT_BACKENDS, "auto")
 
 
-def resolve_backend(name: str) -> str:
-    """The concrete backend for ``name``; ``auto`` = ``grouped`` where ``torch._grouped_mm``
-    exists, else ``batched``.
+BATCHED_MAX_SKEW = 2.0  # auto on CPU in bf16: batched while the busiest expert has ≤ 2× the mean load
 
-    The rule comes from interleaved timings on the 2-core CPU (docs/moe.md has the table): at
-    balanced load the two are within noise of each other (batched/grouped 0.7–0.9), but batched
-    pads every expert to the busiest one, so under skewed load (max/mean 4–8, as early in training
-    or in a collapsing router) it was 1.3–2.3× slower, while grouped's cost tracks the routed
-    slots. A fixed rule also gives every run and rank the same kernel, which a timing would not.
-    Without the kernel, grouped falls back to a host-split Python loop; batched has none.
+
+def resolve_backend(name: str, x_TD: torch.Tensor | None = None, routing: RouterOutput | None = None) -> str:
+    """The concrete backend for ``name``.
+
+    ``auto`` is ``grouped``, except on CPU with a bf16 compute dtype (autocast or bf16 weights)
+    and a balanced load (busiest expert ≤ :data:`BATCHED_MAX_SKEW` × the mean), where it is
+    ``batched``; without ``torch._grouped_mm`` it is ``batched``. The rule comes from whole
+    training steps on the 2-core CPU (``benchmarks/train_throughput.py``, docs/performance.md):
+    fp32 ``grouped`` is 1.09–1.54× ``batched``; bf16 ``batched`` is 1.11× ``grouped`` at 8 experts
+    and 3.8× at 64 (one ``bmm`` per projection runs at the bf16 matmul rate, CPU ``_grouped_mm``
+    does not). ``batched`` pads every expert to the busiest one, so under skewed load (max/mean
+    4–8, early in training or in a collapsing router) it was 1.3–2.3× slower; hence the skew
+    limit. On GPUs ``grouped`` is the kernel made for this. The choice depends only on the data
+    of the step, so every run and rank makes the same one.
 
     Args:
         name: a key of :data:`EXPERT_BACKENDS` or ``"auto"``.
+        x_TD: the step's tokens (device and compute dtype), if known.
+        routing: the step's routing (load), if known.
 
     Returns:
         A key of :data:`EXPERT_BACKENDS`.
     """
     if name != "auto":
         return name
-    return "grouped" if hasattr(torch, "_grouped_mm") else "batched"
+    if not hasattr(torch, "_grouped_mm"):
+        return "batched"
+    if x_TD is not None and routing is not None and x_TD.device.type == "cpu" \
+            and _compute_dtype(x_TD) == torch.bfloat16:
+        load_E = routing.tokens_per_expert_E
+        if float(load_E.max()) <= BATCHED_MAX_SKEW * float(load_E.float().mean()):
+            return "batched"
+    return "grouped"
 
 
 class Experts(nn.Module):
@@ -435,7 +451,8 @@ class Experts(nn.Module):
         """Run the routed experts; (T, D) -> (T, D) weighted sum over each token's K experts."""
         if _use_gathered(x_TD, routing, self.num_experts):
             return experts_gathered(x_TD, routing, self.gate_up_proj, self.down_proj)
-        return EXPERT_BACKENDS[resolve_backend(self.backend)](x_TD, routing, self.gate_up_proj, self.down_proj)
+        backend = resolve_backend(self.backend, x_TD, routing)
+        return EXPERT_BACKENDS[backend](x_TD, routing, self.gate_up_proj, self.down_proj)
 
     def extra_repr(self) -> str:
         return (

@@ -349,9 +349,15 @@ ExpertsFn = Callable[[torch.Tensor, RouterOutput, torch.Tensor, torch.Tensor], t
 
 
 def _use_gathered(x_TD: torch.Tensor, routing: RouterOutput, num_experts: int) -> bool:
-    """Inference on fewer token-slots than experts (decoding): read only the chosen experts."""
+    """Inference on at most E/4 token-slots (one-token decoding): read only the chosen experts.
+
+    Gathering copies one expert's weights per slot, so it wins only for very few slots. Measured
+    (one MoE layer, E 8 top-2, D 256, I 256, 2 threads, µs gathered / grouped): 1 token 583 / 690,
+    2 tokens 866 / 731, 3 tokens 1326 / 836, 4 tokens 1876 / 905 — a speculative verification of
+    3 tokens was 1.6× slower through the gathered path under the old "fewer slots than experts" rule.
+    """
     return (not torch.is_grad_enabled() and routing.mask_TK is None
-            and routing.indices_TK.numel() < num_experts)
+            and 4 * routing.indices_TK.numel() <= num_experts)
 
 
 def experts_gathered(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -29,8 +28,7 @@ from tqdm import tqdm
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
-from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
-from ..errors import AvaConfigError, AvaDataError, AvaError
+from ..errors import AvaConfigError, AvaError
 from ..optimization import build_optimizer
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
@@ -44,6 +42,7 @@ from ..utils.checkpoint import (
 from ..utils.logging import setup_logging
 from .adaptive_lr import PlateauLR, build_plateau
 from .batch import as_batch, model_inputs, predicted_tokens, to_device
+from .data_feed import DataFeed
 from .early_stopping import EarlyStopping
 from .gradient_health import GradientHealthMonitor, layer_grad_norms
 from .gradient_surgery import build_surgery
@@ -96,7 +95,7 @@ class TrainingSummary:
         return asdict(self)
 
 
-class EnhancedModularTrainer:
+class EnhancedModularTrainer(DataFeed):
     """Trains an :class:`~Ava.models.EnhancedMoEModel` as described by a config.
 
     Args:
@@ -116,12 +115,7 @@ class EnhancedModularTrainer:
         self.device = resolve_device(config.run.device)
         self.step = 0
         self.tokens = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches of the current epoch handed out by the loader
-        self._cursor = (0, 0)  # (epoch, batches_in_epoch) after the last completed step
-        self.source_tokens: dict[str, int] = {}  # training tokens drawn from each source
-        self._cursor_source_tokens: dict[str, int] = {}  # the same, after the last completed step
-        self.stream_cursor: StreamCursor | None = None  # data.streaming: position after the last step
+        self._init_data_feed()
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
         self.best_val: float | None = None
         self.last_val: float | None = None
@@ -409,50 +403,6 @@ class EnhancedModularTrainer:
             "progressive": self.progressive.state_dict(),
         }
 
-    def _data_cursor(self) -> dict[str, Any]:
-        """Where the data stands after the last completed step.
-
-        The sample order is a pure function of (seed, epoch, position) — see
-        :class:`~Ava.data.mixture.MixtureDataset` — computed in the main process; DataLoader
-        workers only turn indices into samples and keep no state, so ``(epoch,
-        batches_in_epoch)`` is the whole cursor for any worker count. The per-source token counts
-        (the mixture's accounting) and the data's fingerprint are kept to report and to check.
-        """
-        return {
-            "epoch": self._cursor[0], "batches_in_epoch": self._cursor[1],
-            "source_tokens": dict(self._cursor_source_tokens),
-            "num_workers": self.config.data.num_workers, "rank": 0, "world_size": 1,
-            "fingerprint": self._data_fingerprint(),
-            "stream": self.stream_cursor.to_dict() if self.stream_cursor is not None else None,
-        }
-
-    def _restore_data_cursor(self, cursor: dict[str, Any]) -> None:
-        self.epoch, self.batches_in_epoch = cursor["epoch"], cursor["batches_in_epoch"]
-        self._cursor = (self.epoch, self.batches_in_epoch)
-        self.source_tokens = dict(cursor.get("source_tokens", {}))
-        self._cursor_source_tokens = dict(self.source_tokens)
-        if cursor.get("stream") is not None:
-            self.stream_cursor = StreamCursor.from_dict(cursor["stream"])
-        saved, now = cursor.get("fingerprint"), self._data_fingerprint()
-        if saved is not None and saved != now:
-            logger.warning("the data changed since the checkpoint (%s, now %s): training goes on from the "
-                           "same position, but not over exactly the batches the first run would have seen",
-                           saved, now)
-
-    def _data_fingerprint(self) -> dict[str, Any]:
-        assert self.data is not None
-        windows = "stream" if isinstance(self.data.train, StreamingDataset) else len(self.data.train)
-        return {"train_windows": windows, "sources": list(self.data.source_names)}
-
-    def _count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
-        """Add a micro-batch's tokens to the per-source counts (mixture accounting)."""
-        if "source" not in batch or self.data is None:
-            return
-        per_row = batch["input_ids"].shape[1]
-        counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
-        for name, count in zip(self.data.source_names, counts.tolist()):
-            self.source_tokens[name] = self.source_tokens.get(name, 0) + count
-
     def save_checkpoint(self, val_loss: float | None = None) -> Path:
         """Save the model and the whole training state to ``checkpoints/step_<step>``."""
         path = self.checkpoints.save(self.step, self.model, self.config.to_yaml(), self.training_state(),
@@ -599,75 +549,6 @@ class EnhancedModularTrainer:
     # ------------------------------------------------------------------------------------
     # helpers
     # ------------------------------------------------------------------------------------
-
-    def _optimizer_steps(self, total_steps: int) -> Iterator[list[torch.Tensor]]:
-        """Yield ``grad_accum_steps`` micro-batches per optimizer step, epoch after epoch.
-
-        The order comes from :class:`~Ava.data.sampling.EpochSampler` (seeded by seed + epoch;
-        epoch 0's first steps sorted by a curriculum if one is set), resumed at
-        ``batches_in_epoch``, so the batches do not depend on worker count or interruptions. A
-        partial accumulation group at the epoch's end is dropped. Micro-batch size and row length
-        follow ``self.progressive`` (constant ``(batch_size, seq_len)`` unless configured).
-        """
-        cfg = self.config.training
-        workers = self.config.data.num_workers
-        if workers:
-            # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if isinstance(self.data.train, StreamingDataset):
-            yield from self._stream_steps(total_steps)
-            return
-        while self.step < total_steps:
-            sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.step, self.batches_in_epoch)
-            loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=workers,
-                                persistent_workers=False, pin_memory=self.device.type == "cuda")
-            pending: list[torch.Tensor] = []
-            for batch in loader:
-                pending.append(batch)
-                self.batches_in_epoch += 1
-                if len(pending) == cfg.grad_accum_steps:
-                    yield self.progressive.shape(pending, self.step)
-                    pending = []
-                    if self.step >= total_steps:
-                        return
-            self.epoch += 1
-            self.batches_in_epoch = 0
-
-    def _stream_steps(self, total_steps: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """``grad_accum_steps`` micro-batches per step from a stream (``data.streaming``).
-
-        The stream's cursor (chunk, window) after each step's last micro-batch is kept in
-        ``self.stream_cursor`` for the checkpoint; a resumed run starts there.
-        """
-        batcher = StreamBatcher(self.data.train, self.config.training.batch_size, self.config.data.num_workers,
-                                cursor=self.stream_cursor, pin_memory=self.device.type == "cuda")
-        pending: list[dict[str, torch.Tensor]] = []
-        for batch, cursor in batcher:
-            pending.append(batch)
-            if len(pending) == self.config.training.grad_accum_steps:
-                self.stream_cursor = cursor
-                self.data.report = batcher.report
-                yield pending
-                pending = []
-                if self.step >= total_steps:
-                    return
-
-    def _total_steps(self, train: Any) -> int:
-        cfg = self.config.training
-        if isinstance(train, StreamingDataset):
-            assert cfg.max_steps is not None  # a config rule: a stream has no length
-            return cfg.max_steps
-        num_windows = train if isinstance(train, int) else len(train)
-        per_step = cfg.batch_size * cfg.grad_accum_steps
-        steps_per_epoch = num_windows // per_step
-        if steps_per_epoch == 0:
-            raise AvaDataError(
-                f"the training split has {num_windows} sequences of data.seq_len={self.config.data.seq_len} "
-                f"tokens, fewer than one step needs (batch_size × grad_accum_steps = {per_step}); "
-                "lower training.batch_size or data.seq_len, or add data"
-            )
-        total = self.progressive.steps_in_epochs(num_windows, cfg.num_epochs)  # a batch ramp adds steps
-        return min(total, cfg.max_steps) if cfg.max_steps else total
 
     def _check_vocab(self, data: PreparedData) -> None:
         model_vocab = self.model.config.vocab_size

@@ -1,0 +1,148 @@
+"""The trainer's data feed: micro-batches per optimizer step, the data cursor, token accounting.
+
+A mixin of :class:`~Ava.training.enhanced_trainer.EnhancedModularTrainer` (it uses the
+trainer's ``config``, ``data``, ``progressive``, ``device`` and ``step``). Indexed data (in memory
+or prepared shards) is drawn through the progressive schedule's batch sampler; a stream
+(``data.streaming``) through :class:`~Ava.data_streaming.StreamBatcher`. Either way the batches
+depend only on the config and the cursor, never on the worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
+from ..errors import AvaDataError
+
+logger = logging.getLogger(__name__)
+
+
+class DataFeed:
+    """Data-side state and methods of the trainer (see the module docstring)."""
+
+    def _init_data_feed(self) -> None:
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of the current epoch handed out by the loader
+        self._cursor = (0, 0)  # (epoch, batches_in_epoch) after the last completed step
+        self.source_tokens: dict[str, int] = {}  # training tokens drawn from each source
+        self._cursor_source_tokens: dict[str, int] = {}  # the same, after the last completed step
+        self.stream_cursor: StreamCursor | None = None  # data.streaming: position after the last step
+
+    def _data_cursor(self) -> dict[str, Any]:
+        """Where the data stands after the last completed step.
+
+        The sample order is a pure function of (seed, epoch, position) — see
+        :class:`~Ava.data.mixture.MixtureDataset` — computed in the main process; DataLoader
+        workers only turn indices into samples and keep no state, so ``(epoch,
+        batches_in_epoch)`` is the whole cursor for any worker count. The per-source token counts
+        (the mixture's accounting) and the data's fingerprint are kept to report and to check.
+        """
+        return {
+            "epoch": self._cursor[0], "batches_in_epoch": self._cursor[1],
+            "source_tokens": dict(self._cursor_source_tokens),
+            "num_workers": self.config.data.num_workers, "rank": 0, "world_size": 1,
+            "fingerprint": self._data_fingerprint(),
+            "stream": self.stream_cursor.to_dict() if self.stream_cursor is not None else None,
+        }
+
+    def _restore_data_cursor(self, cursor: dict[str, Any]) -> None:
+        self.epoch, self.batches_in_epoch = cursor["epoch"], cursor["batches_in_epoch"]
+        self._cursor = (self.epoch, self.batches_in_epoch)
+        self.source_tokens = dict(cursor.get("source_tokens", {}))
+        self._cursor_source_tokens = dict(self.source_tokens)
+        if cursor.get("stream") is not None:
+            self.stream_cursor = StreamCursor.from_dict(cursor["stream"])
+        saved, now = cursor.get("fingerprint"), self._data_fingerprint()
+        if saved is not None and saved != now:
+            logger.warning("the data changed since the checkpoint (%s, now %s): training goes on from the "
+                           "same position, but not over exactly the batches the first run would have seen",
+                           saved, now)
+
+    def _data_fingerprint(self) -> dict[str, Any]:
+        assert self.data is not None
+        windows = "stream" if isinstance(self.data.train, StreamingDataset) else len(self.data.train)
+        return {"train_windows": windows, "sources": list(self.data.source_names)}
+
+    def _count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
+        """Add a micro-batch's tokens to the per-source counts (mixture accounting)."""
+        if "source" not in batch or self.data is None:
+            return
+        per_row = batch["input_ids"].shape[1]
+        counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
+        for name, count in zip(self.data.source_names, counts.tolist()):
+            self.source_tokens[name] = self.source_tokens.get(name, 0) + count
+
+    def _optimizer_steps(self, total_steps: int) -> Iterator[list[torch.Tensor]]:
+        """Yield ``grad_accum_steps`` micro-batches per optimizer step, epoch after epoch.
+
+        The order comes from :class:`~Ava.data.sampling.EpochSampler` (seeded by seed + epoch;
+        epoch 0's first steps sorted by a curriculum if one is set), resumed at
+        ``batches_in_epoch``, so the batches do not depend on worker count or interruptions. A
+        partial accumulation group at the epoch's end is dropped. Micro-batch size and row length
+        follow ``self.progressive`` (constant ``(batch_size, seq_len)`` unless configured).
+        """
+        cfg = self.config.training
+        workers = self.config.data.num_workers
+        if workers:
+            # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if isinstance(self.data.train, StreamingDataset):
+            yield from self._stream_steps(total_steps)
+            return
+        while self.step < total_steps:
+            sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.step, self.batches_in_epoch)
+            loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=workers,
+                                persistent_workers=False, pin_memory=self.device.type == "cuda")
+            pending: list[torch.Tensor] = []
+            for batch in loader:
+                pending.append(batch)
+                self.batches_in_epoch += 1
+                if len(pending) == cfg.grad_accum_steps:
+                    yield self.progressive.shape(pending, self.step)
+                    pending = []
+                    if self.step >= total_steps:
+                        return
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def _stream_steps(self, total_steps: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """``grad_accum_steps`` micro-batches per step from a stream (``data.streaming``).
+
+        The stream's cursor (chunk, window) after each step's last micro-batch is kept in
+        ``self.stream_cursor`` for the checkpoint; a resumed run starts there.
+        """
+        batcher = StreamBatcher(self.data.train, self.config.training.batch_size, self.config.data.num_workers,
+                                cursor=self.stream_cursor, pin_memory=self.device.type == "cuda")
+        pending: list[dict[str, torch.Tensor]] = []
+        for batch, cursor in batcher:
+            pending.append(batch)
+            if len(pending) == self.config.training.grad_accum_steps:
+                self.stream_cursor = cursor
+                self.data.report = batcher.report
+                yield pending
+                pending = []
+                if self.step >= total_steps:
+                    return
+
+    def _total_steps(self, train: Any) -> int:
+        cfg = self.config.training
+        if isinstance(train, StreamingDataset):
+            assert cfg.max_steps is not None  # a config rule: a stream has no length
+            return cfg.max_steps
+        num_windows = train if isinstance(train, int) else len(train)
+        per_step = cfg.batch_size * cfg.grad_accum_steps
+        steps_per_epoch = num_windows // per_step
+        if steps_per_epoch == 0:
+            raise AvaDataError(
+                f"the training split has {num_windows} sequences of data.seq_len={self.config.data.seq_len} "
+                f"tokens, fewer than one step needs (batch_size × grad_accum_steps = {per_step}); "
+                "lower training.batch_size or data.seq_len, or add data"
+            )
+        total = self.progressive.steps_in_epochs(num_windows, cfg.num_epochs)  # a batch ramp adds steps
+        return min(total, cfg.max_steps) if cfg.max_steps else total

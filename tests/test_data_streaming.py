@@ -168,6 +168,7 @@ class _CharTokenizer:
     """One token per character (ids = code points), EOS 0: token counts known in advance."""
 
     eos_id = 0
+    vocab_size = 256
 
     def encode_batch(self, texts):
         return [[ord(ch) for ch in text] for text in texts]

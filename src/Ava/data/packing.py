@@ -9,6 +9,7 @@ model shifts inputs and labels itself).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,11 +116,11 @@ def tokenize_documents(tokenizer: "AvaTokenizer", docs: Sequence[Document], sour
     Returns:
         The stream; ``loss_mask`` is None when no document has segments.
     """
+    dtype = token_dtype(tokenizer.vocab_size)
     segmented = any(d.segments is not None for d in docs)
     if not segmented:
-        ids = tokenizer.encode_batch([d.text for d in docs])
-        tokens = pack_documents(ids, tokenizer.eos_id)
-        return TokenStream(tokens, _starts(ids), None, source_name)
+        tokens, starts = _pack_lists(tokenizer.encode_batch([d.text for d in docs]), tokenizer, dtype)
+        return TokenStream(tokens, starts, None, source_name)
     pieces: list[tuple[str, bool]] = []
     counts: list[int] = []
     for doc in docs:
@@ -137,13 +138,31 @@ def tokenize_documents(tokenizer: "AvaTokenizer", docs: Sequence[Document], sour
         doc_ids.append([i for part in parts for i in part])
         mask = [np.full(len(part), t, dtype=np.uint8) for part, t in zip(parts, trains)]
         masks.append(np.concatenate(mask + [np.array([trains[-1]], dtype=np.uint8)]))
-    tokens = pack_documents(doc_ids, tokenizer.eos_id)
-    return TokenStream(tokens, _starts(doc_ids), np.concatenate(masks), source_name)
+    tokens, starts = _pack_lists(doc_ids, tokenizer, dtype)
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+    return TokenStream(tokens, starts, mask, source_name)
 
 
-def _starts(token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+def _pack_lists(
+    token_lists: list[list[int]], tokenizer: "AvaTokenizer", dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, doc_starts)`` of documents + EOS, in one ``fromiter`` pass (no array per document).
+
+    Appends EOS to each list in place (the lists are the caller's fresh encodings).
+    """
     lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
-    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else np.zeros(0, np.int64)
+    for ids in token_lists:
+        ids.append(tokenizer.eos_id)
+    try:
+        tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=dtype, count=int(lengths.sum()))
+    except OverflowError:
+        raise AvaDataError(
+            f"the tokenizer produced an id outside its vocabulary of {tokenizer.vocab_size}; "
+            "check the tokenizer.json (or train a new one: data.tokenizer.path: null)"
+        ) from None
+    starts = np.zeros(len(token_lists), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return tokens, starts
 
 
 def pack_documents(token_lists: Sequence[Sequence[int]], eos_id: int) -> np.ndarray:

@@ -5,7 +5,6 @@ atomically. The folder's layout and :func:`~.shards.load_prepared` are in ``shar
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -315,32 +314,15 @@ def _encode_in_order(
 def _encode_chunk(
     tokenizer: AvaTokenizer, docs: list[Document], source_name: str, dtype: np.dtype, has_mask: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Tokens, document starts and loss mask of a chunk, as :func:`tokenize_documents` makes them.
+    """Tokens (in the folder's ``dtype``), document starts and loss mask of a chunk.
 
-    Plain documents take a faster path with the same ids: ``encode_batch_fast`` (no character
-    offsets) and one ``fromiter`` over all ids instead of an array per document.
+    A source with loss masks gets one for every chunk (all ones where no document has segments).
     """
+    stream = tokenize_documents(tokenizer, docs, source_name)
+    mask = None
     if has_mask:
-        stream = tokenize_documents(tokenizer, docs, source_name)
         mask = stream.loss_mask if stream.loss_mask is not None else np.ones(len(stream), np.uint8)
-        return stream.tokens.astype(dtype, copy=False), stream.doc_starts, mask
-    hf = tokenizer.tokenizer
-    encode = getattr(hf, "encode_batch_fast", hf.encode_batch)
-    ids = [e.ids for e in encode([d.text for d in docs], add_special_tokens=False)]
-    eos = tokenizer.eos_id
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    for x in ids:
-        x.append(eos)
-    try:
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    except OverflowError:
-        raise AvaDataError(
-            f"the tokenizer produced an id above its vocabulary size {tokenizer.vocab_size}; "
-            "check the tokenizer.json (or train a new one: data.tokenizer.path: null)"
-        ) from None
-    starts = np.zeros(len(ids), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return tokens, starts, None
+    return stream.tokens.astype(dtype, copy=False), stream.doc_starts, mask
 
 
 def _manifest(

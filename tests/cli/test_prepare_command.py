@@ -173,3 +173,17 @@ def test_training_data_from_shards_equals_in_memory_data(config: Path, tmp_path:
         for i in range(len(a)):
             for key, value in a[i].items():
                 np.testing.assert_array_equal(value.numpy(), b[i][key].numpy(), err_msg=f"{split}[{i}][{key}]")
+
+
+def test_rows_skipped_at_prepare_are_reported_by_the_run_that_trains_on_the_shards(config: Path, tmp_path: Path):
+    from Ava.config import load_config
+    from Ava.data.pipeline import prepare_data
+
+    plays = tmp_path / "data" / "plays.jsonl"
+    plays.write_text(plays.read_text() + "{not json\n")
+    out = tmp_path / "prep"
+    overrides = ["data.sources.0.bad_rows=skip"]
+    assert main(["prepare", str(config), *overrides, "--out", str(out), "--no-profile"]) == 0
+    shards = prepare_data(load_config(config, ["data.seq_len=32", "data.sources=[]", f"data.prepared={out}"]).data,
+                          seed=5)
+    assert shards.report.to_dict() == {"plays": {"skipped rows (malformed JSON)": 1}}

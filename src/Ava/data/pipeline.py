@@ -303,7 +303,9 @@ def _open_prepared(data: DataConfig, seed: int) -> PreparedData:
         "prepared": str(data.prepared),
     }
     logger.info("prepared shards: %s (%d source(s))", data.prepared, len(names))
-    return _finish(tokenizer, train_set, val_set, names, per_source, stats, data.seq_len, DataReport())
+    # rows skipped / bytes replaced when the shards were prepared: reported with this run too
+    report = DataReport.from_dict(corpus.manifest.get("report", {}))
+    return _finish(tokenizer, train_set, val_set, names, per_source, stats, data.seq_len, report)
 
 
 def _finish(

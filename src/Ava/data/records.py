@@ -105,6 +105,15 @@ class DataReport:
             out.setdefault(source, {})[kind] = count
         return out
 
+    @classmethod
+    def from_dict(cls, counts: dict[str, dict[str, int]]) -> DataReport:
+        """The report of :meth:`to_dict` (e.g. from a prepare manifest); examples are not kept."""
+        report = cls()
+        for source, kinds in counts.items():
+            for kind, count in kinds.items():
+                report.add(source, kind, count=count)
+        return report
+
     def log(self) -> None:
         """Log the summary as warnings (nothing when clean)."""
         for line in self.summary():

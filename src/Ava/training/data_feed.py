@@ -119,12 +119,12 @@ class DataFeed:
         """
         batcher = StreamBatcher(self.data.train, self.config.training.batch_size, self.config.data.num_workers,
                                 cursor=self.stream_cursor, pin_memory=self.device.type == "cuda")
+        self.data.report = batcher.report  # the stream's reads, filled as chunks arrive (reported at the end)
         pending: list[dict[str, torch.Tensor]] = []
         for batch, cursor in batcher:
             pending.append(batch)
             if len(pending) == self.config.training.grad_accum_steps:
                 self.stream_cursor = cursor
-                self.data.report = batcher.report
                 yield pending
                 pending = []
                 if self.step >= total_steps:

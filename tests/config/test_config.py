@@ -81,11 +81,45 @@ def test_bad_values_name_the_key_and_all_problems_at_once(tmp_path):
     ({"hidden_size": 100, "num_heads": 3}, "model.num_heads"),
     ({"hidden_size": 96, "num_heads": 4, "num_kv_heads": 3}, "model.num_kv_heads"),
     ({"hidden_size": 80, "num_heads": 16}, "RoPE"),
+    ({"hidden_size": 64, "num_heads": 4, "head_dim": 15}, "model.head_dim"),
     ({"num_layers": 2, "moe": {"first_dense_layers": 3}}, "model.moe.first_dense_layers"),
 ])
 def test_compatibility_rules_reject_contradictions(tmp_path, model, key):
     with pytest.raises(AvaConfigError, match=key.replace(".", r"\.")):
         load_config(write(tmp_path, {"model": model}))
+
+
+def test_indivisible_hidden_size_names_head_dim_as_the_fix(tmp_path):
+    with pytest.raises(AvaConfigError, match=r"model\.num_heads: hidden_size=100 .* or set model\.head_dim"):
+        load_config(write(tmp_path, {"model": {"hidden_size": 100, "num_heads": 3}}))
+    cfg = load_config(write(tmp_path, {"model": {"hidden_size": 100, "num_heads": 3, "head_dim": 32}}))
+    assert cfg.model.head_dim == 32
+
+
+def test_explicit_head_dim_builds_and_trains(tmp_path):
+    import torch
+
+    from Ava.models import EnhancedMoEModel
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.head_dim=48"])
+    assert yaml.safe_load(cfg.to_yaml())["model"]["head_dim"] == 48
+    assert load_config(REPO / "configs" / "tiny.yaml").model.head_dim == 16  # derived 64/4, saved explicitly
+    m = cfg.model
+    torch.manual_seed(0)
+    model = EnhancedMoEModel(m)
+    attn = model.layers[0].self_attn
+    D, H, G = m.hidden_size, m.num_heads, m.num_kv_heads
+    assert (D, H, G) == (64, 4, 2)
+    assert attn.q_proj.weight.shape == (H * 48, D) and attn.k_proj.weight.shape == (G * 48, D)
+    assert attn.v_proj.weight.shape == (G * 48, D) and attn.o_proj.weight.shape == (D, H * 48)
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (48,)
+    assert model.rotary.head_dim == 48
+    ids = torch.randint(0, m.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and attn.q_proj.weight.grad.abs().sum() > 0
+    # the attention-score FLOPs count H·K = 192 wide products, not D = 64
+    assert model.flops_per_token(16) - model.flops_per_token(0) == 6 * m.num_layers * 16 * H * 48
 
 
 def test_missing_data_path_and_tokenizer_are_reported(tmp_path):

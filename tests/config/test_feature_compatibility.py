@@ -12,3 +12,11 @@ def test_streaming_rules_name_the_key_and_the_fix(tmp_path):
     problems = {issue.key: issue.message for issue in check_compatibility(cfg)}
     assert "training.max_steps" in problems and "set training.max_steps" in problems["training.max_steps"]
     assert "data.dedup" in problems and "ava prepare" in problems["data.dedup"]
+
+
+def test_full_qk_norm_scope_without_qk_norm_warns():
+    from Ava.config import EnhancedTrainingConfig, check_compatibility
+
+    cfg = EnhancedTrainingConfig.from_dict({"model": {"qk_norm": False, "qk_norm_scope": "full"}})
+    issues = [issue for issue in check_compatibility(cfg) if issue.key == "model.qk_norm_scope"]
+    assert len(issues) == 1 and issues[0].severity == "warning" and "qk_norm: true" in issues[0].message

@@ -103,52 +103,79 @@ def _hf_model(kind: str, **extra):
     base = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=64, num_experts_per_tok=2)
     if kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**base, head_dim=8, intermediate_size=40, moe_intermediate_size=24,
-                                          num_experts=4, norm_topk_prob=True, mlp_only_layers=[0], **extra)
+        cfg = transformers.Qwen3MoeConfig(**{**base, "head_dim": 8, "intermediate_size": 40,
+                                             "moe_intermediate_size": 24, "num_experts": 4, "norm_topk_prob": True,
+                                             "mlp_only_layers": [0], **extra})
         model = transformers.Qwen3MoeForCausalLM(cfg)
     elif kind == "mixtral":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            **base, intermediate_size=24, num_local_experts=4, **extra))
+            **{**base, "intermediate_size": 24, "num_local_experts": 4, **extra}))
     else:
         model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
-            **{**base, "num_attention_heads": 1, "num_key_value_heads": 1}, intermediate_size=24, num_experts=4,
-            **extra))
+            **{**base, "intermediate_size": 24, "num_experts": 4, **extra}))
     _randomize(model, seed=3)
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "olmoe"])
-def test_import_matches_transformers_and_round_trips_losslessly(tmp_path, kind):
-    hf = _hf_model(kind)
+@pytest.mark.parametrize("kind, extra", [
+    ("qwen3_moe", {}),
+    # Qwen3-30B-A3B's shape: head_dim set explicitly, num_heads·head_dim (128) ≠ hidden_size (64)
+    ("qwen3_moe", {"hidden_size": 64, "head_dim": 32}),
+    ("mixtral", {}),
+    ("mixtral", {"head_dim": 16}),
+    # OLMoE: one RMSNorm over all 4 query / 2 key heads at once (Ava's qk_norm_scope: full)
+    ("olmoe", {}),
+])
+def test_import_matches_transformers_and_round_trips_losslessly(tmp_path, kind, extra):
+    hf = _hf_model(kind, **extra)
     hf.save_pretrained(tmp_path / "hf")  # 5.23 writes the older per-expert naming
     saved = read_hf_tensors(tmp_path / "hf")
     assert any(".experts.0." in k for k in saved)
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ava")]) == 0
     model = EnhancedMoEModel.from_pretrained(tmp_path / "ava")
+    cfg = model.config
+    assert cfg.head_dim == extra.get("head_dim", 8)
+    assert cfg.qk_norm == (kind != "mixtral") and cfg.qk_norm_scope == ("full" if kind == "olmoe" else "head")
     ids = _ids(120)
     with torch.no_grad():
-        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
-    if kind == "olmoe":
-        return  # OLMoE's full-width QK-norm is exported as Qwen3-MoE, not OLMoE
-    export_hf(tmp_path / "ava", tmp_path / "back", arch=kind)
+        ours = model(ids).logits
+        assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
+    export_hf(tmp_path / "ava", tmp_path / "back")  # auto picks the source architecture
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert exported["model_type"] == kind and exported["head_dim"] == cfg.head_dim
     again = type(hf).from_pretrained(tmp_path / "back").eval()
     ref = hf.state_dict()
     assert set(again.state_dict()) == set(ref)
     for name, tensor in again.state_dict().items():
         assert torch.equal(tensor, ref[name]), name
+    with torch.no_grad():
+        assert (again(ids).logits - ours).abs().max().item() <= 1e-4
     # and Ava → HF → Ava gives back the same tensors
     reimported = import_hf(tmp_path / "back")
     for name, tensor in reimported.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
+def test_full_width_qk_norm_exports_only_as_olmoe(tmp_path, tokenizer):
+    _, folder = _ava_checkpoint(tmp_path, tokenizer, qk_norm_scope="full")
+    with pytest.raises(AvaConfigError, match="qk_norm_scope=full.*--arch olmoe"):
+        export_hf(folder, tmp_path / "q", arch="qwen3_moe")
+    with pytest.raises(AvaConfigError, match="Mixtral has no QK-norm"):
+        export_hf(folder, tmp_path / "m", arch="mixtral")
+    _, wide = _ava_checkpoint(tmp_path / "wide", tokenizer, head_dim=16, qk_norm_scope="full")
+    with pytest.raises(AvaConfigError, match="model.head_dim=16: OLMoE"):
+        export_hf(wide, tmp_path / "o", arch="olmoe")
+    _, per_head = _ava_checkpoint(tmp_path / "head", tokenizer)
+    with pytest.raises(AvaConfigError, match="qk_norm_scope: full"):
+        export_hf(per_head, tmp_path / "h", arch="olmoe")
+
+
 def test_import_refuses_what_ava_cannot_compute(tmp_path):
     hf = _hf_model("olmoe")
     hf.save_pretrained(tmp_path / "olmoe")
     config = json.loads((tmp_path / "olmoe" / "config.json").read_text())
-    config.update(num_attention_heads=4, num_key_value_heads=4)
-    (tmp_path / "olmoe" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(AvaConfigError, match="one .*head"):
+    (tmp_path / "olmoe" / "config.json").write_text(json.dumps({**config, "clip_qkv": 8.0}))
+    with pytest.raises(AvaConfigError, match="clip_qkv=8.0"):
         import_hf(tmp_path / "olmoe")
     (tmp_path / "olmoe" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(AvaConfigError, match="not importable"):

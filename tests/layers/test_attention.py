@@ -1,12 +1,15 @@
-"""Attention: causality, GQA against a naive reference, KV cache and left padding."""
+"""Attention: causality, GQA against a naive reference, KV cache, left padding, explicit head_dim and
+full-width QK-norm."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from Ava.config import ModelConfig
 from Ava.layers import Attention, RotaryEmbedding, build_attention_mask
+from Ava.layers.rotary import apply_rotary
 from Ava.models import EnhancedMoEModel
 
 
@@ -133,3 +136,63 @@ def test_attention_mask_of_wrong_length_is_rejected():
     model = _model()
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+def test_full_qk_norm_normalises_all_heads_at_once():
+    cfg = _cfg(qk_norm_scope="full")
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    assert attn.q_norm.weight.shape == (H * K,) and attn.k_norm.weight.shape == (G * K,)
+    assert Attention(_cfg()).q_norm.weight.shape == (K,)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    B, T = 2, 7
+    x = torch.randn(B, T, cfg.hidden_size)
+    cos, sin = RotaryEmbedding(K, cfg.max_seq_len)(torch.arange(T).expand(B, T))
+    out, (k_cache, _) = attn(x, cos, sin)
+
+    # Reference (OLMoE): one RMS statistic over each token's whole projection, then split into heads.
+    def rms(z, w):  # (B, T, F)
+        return w * z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+
+    k_ref = apply_rotary(rms(attn.k_proj(x), attn.k_norm.weight).view(B, T, G, K), cos, sin).transpose(1, 2)
+    torch.testing.assert_close(k_cache, k_ref, atol=1e-6, rtol=1e-6)
+    q = apply_rotary(rms(attn.q_proj(x), attn.q_norm.weight).view(B, T, H, K), cos, sin).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, G, K).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q, k_ref.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1),
+                                         is_causal=True)
+    torch.testing.assert_close(out, attn.o_proj(ref.transpose(1, 2).reshape(B, T, H * K)), atol=1e-5, rtol=1e-5)
+
+
+def test_full_qk_norm_model_trains_a_step():
+    model = _model(qk_norm_scope="full").train()
+    norm = model.layers[0].self_attn.q_norm.weight
+    assert norm.shape == (4 * 8,)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(2))
+    before = norm.detach().clone()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and norm.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(norm.detach(), before)
+    with torch.no_grad():
+        assert model(ids, labels=ids).loss < loss
+
+
+@pytest.mark.parametrize("kw", [{"head_dim": 12}, {"head_dim": 12, "qk_norm_scope": "full"}])
+def test_cached_decoding_matches_full_forward_with_explicit_head_dim(kw):
+    model = _model(**kw)
+    assert model.layers[0].self_attn.q_proj.weight.shape == (4 * 12, 32)
+    ids = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        assert out.past_key_values[0][0].shape == (2, 2, 6, 12)
+        steps = [out.logits]
+        for t in range(6, 10):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,9 @@ def test_output_fields_and_total_loss():
     ids = torch.randint(0, 53, (2, 10))
     out = model(ids, labels=ids)
     assert isinstance(out, MoEModelOutput)
-    assert out.logits.shape == (2, 10, 53)
+    assert out.logits is None  # training forward: the fused head never makes the logits
+    assert model.eval()(ids, labels=ids).logits.shape == (2, 10, 53)
+    model.train()
     assert out.lm_loss.dtype == torch.float32
     assert set(out.aux_losses) == {"load_balance", "z_loss"}
     torch.testing.assert_close(out.loss, out.lm_loss + sum(out.aux_losses.values()))
@@ -65,8 +67,9 @@ def test_ignored_labels_do_not_count():
     ids = torch.randint(0, 53, (2, 8))
     labels = ids.clone()
     labels[0, 3:] = -100
-    out = model(ids, labels=labels)
-    logits = out.logits[:, :-1].reshape(-1, 53)
+    out = model(ids, labels=labels)  # fused head (training forward)
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].reshape(-1, 53)
     target = labels[:, 1:].reshape(-1)
     keep = target != -100
     expected = torch.nn.functional.cross_entropy(logits[keep], target[keep])
@@ -77,7 +80,7 @@ def test_ignored_labels_do_not_count():
 def test_model_backends_agree_forward_and_backward(top_k):
     results = []
     for backend in ("loop", "grouped"):
-        model = _model(moe={"top_k": top_k, "backend": backend})
+        model = _model(moe={"top_k": top_k, "backend": backend}, loss={"fused_head": "off"})  # logits compared
         ids = torch.randint(0, 53, (2, 12), generator=torch.Generator().manual_seed(5))
         out = model(ids, labels=ids)
         out.loss.backward()

@@ -292,8 +292,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     exp.add_argument("path", help="run folder, checkpoint folder or Ava model folder")
     exp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf = transformers folder)")
     exp.add_argument("--out", required=True, help="folder to write")
-    exp.add_argument("--arch", choices=["auto", "qwen3_moe", "mixtral"], default="auto",
-                     help="HF architecture (auto = Mixtral when the model fits it, else Qwen3-MoE)")
+    exp.add_argument("--arch", choices=["auto", "qwen3_moe", "mixtral", "olmoe"], default="auto",
+                     help="HF architecture (auto = Mixtral when the model fits it, else OLMoE for "
+                          "model.qk_norm_scope full, else Qwen3-MoE)")
     exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default: as saved)")
     exp.set_defaults(func=cmd_export)
 

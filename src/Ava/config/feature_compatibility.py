@@ -67,16 +67,23 @@ def model_issues(m: "ModelConfig") -> list[Issue]:
             "model.moe.top_k",
             f"{m.moe.top_k} is more than model.num_experts={m.num_experts}; set top_k ≤ num_experts",
         ))
-    if m.hidden_size % m.num_heads:
+    if m.head_dim is None:  # left null by ModelConfig only when hidden_size/num_heads is not whole
         issues.append(Issue(
             "model.num_heads",
-            f"hidden_size={m.hidden_size} is not divisible by num_heads={m.num_heads}; "
-            "pick num_heads that divides hidden_size",
+            f"hidden_size={m.hidden_size} is not divisible by num_heads={m.num_heads}, so model.head_dim "
+            "(null) cannot be derived; pick num_heads that divides hidden_size or set model.head_dim",
         ))
     elif m.head_dim % 2:
         issues.append(Issue(
-            "model.num_heads",
-            f"head dim hidden_size/num_heads={m.head_dim} is odd but RoPE needs it even; change num_heads",
+            "model.head_dim",
+            f"{m.head_dim} is odd but RoPE rotates channel pairs; set an even model.head_dim (when it is "
+            "derived as hidden_size/num_heads, change num_heads)",
+        ))
+    if m.qk_norm_scope != "head" and not m.qk_norm:
+        issues.append(Issue(
+            "model.qk_norm_scope",
+            f"{m.qk_norm_scope} has no effect with model.qk_norm=false; set qk_norm: true or drop it",
+            "warning",
         ))
     if m.num_heads % m.num_kv_heads:
         issues.append(Issue(
@@ -115,6 +122,13 @@ def _loss_issues(m: "ModelConfig") -> list[Issue]:
             "model.loss.focal_gamma",
             f"focal_gamma={m.loss.focal_gamma} with label_smoothing={m.loss.label_smoothing}: focal loss scales the "
             "true token's log-likelihood, smoothing replaces that target; set one of them to 0",
+        ))
+    if m.loss.fused_head == "on" and (m.loss.focal_gamma > 0 or m.loss.chunk_size is not None):
+        key = "model.loss.focal_gamma" if m.loss.focal_gamma > 0 else "model.loss.chunk_size"
+        issues.append(Issue(
+            "model.loss.fused_head",
+            f"on with {key} set: the fused head computes (smoothed) cross-entropy without logits, so it cannot "
+            f"apply the focal loss or the logits-based chunking; set fused_head: auto (or off), or unset {key}",
         ))
     weighted = m.loss.uncertainty_weighting
     available = [term for term in model_loss_terms(m) if term != "uncertainty"]

@@ -11,7 +11,9 @@ Export targets (``arch``):
   through ``mlp_only_layers`` (Ava's first ``first_dense_layers``) and ``decoder_sparse_step``
   (Ava's ``moe_every``).
 - ``mixtral`` (``MixtralForCausalLM``): no QK-norm, every layer MoE, top-k weights renormalised.
-- ``auto``: Mixtral when the model fits it, else Qwen3-MoE.
+- ``olmoe`` (``OlmoeForCausalLM``): QK-norm over all heads at once (``qk_norm_scope: full``), every
+  layer MoE, ``num_heads·head_dim = hidden_size`` (its q_norm is hidden_size wide).
+- ``auto``: Mixtral when the model fits it, else OLMoE for ``qk_norm_scope: full``, else Qwen3-MoE.
 
 Refused (no HF architecture computes them): sigmoid / expert-choice / hash routers, routed
 scaling ≠ 1, group-limited routing, shared experts (Qwen2-MoE's are gated, Ava's are not), a
@@ -41,7 +43,7 @@ from ..utils.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}
 IMPORTABLE = ("qwen3_moe", "mixtral", "olmoe")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -57,7 +59,7 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
 
     Args:
         model: the Ava model (its config, and the aux-free bias values).
-        arch: ``qwen3_moe`` or ``mixtral``.
+        arch: ``qwen3_moe``, ``mixtral`` or ``olmoe``.
 
     Returns:
         One message per problem (empty = exportable).
@@ -67,13 +69,13 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
     if moe.router not in ("softmax", "switch", "noisy_topk"):
         problems.append(f"model.moe.router={moe.router}: HF MoE models route by softmax top-k only")
     if moe.routed_scaling_factor != 1.0:
-        problems.append(f"model.moe.routed_scaling_factor={moe.routed_scaling_factor}: HF Qwen3-MoE/Mixtral "
-                        "have no gate scaling (needs 1.0)")
+        problems.append(f"model.moe.routed_scaling_factor={moe.routed_scaling_factor}: HF "
+                        "Qwen3-MoE/Mixtral/OLMoE have no gate scaling (needs 1.0)")
     if moe.n_groups is not None and moe.n_groups > 1:
-        problems.append(f"model.moe.n_groups={moe.n_groups}: group-limited routing has no HF Qwen3-MoE/Mixtral "
-                        "equivalent")
+        problems.append(f"model.moe.n_groups={moe.n_groups}: group-limited routing has no HF "
+                        "Qwen3-MoE/Mixtral/OLMoE equivalent")
     if moe.num_shared_experts > 0:
-        problems.append(f"model.moe.num_shared_experts={moe.num_shared_experts}: Qwen3-MoE/Mixtral have no "
+        problems.append(f"model.moe.num_shared_experts={moe.num_shared_experts}: Qwen3-MoE/Mixtral/OLMoE have no "
                         "shared experts (Qwen2-MoE's are sigmoid-gated, Ava's are not)")
     if moe.aux_free_bias and any(
         layer.mlp.gate.expert_bias is not None and bool(layer.mlp.gate.expert_bias.abs().max() > 0)
@@ -86,7 +88,7 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
         problems.append(f"model.moe.eval_capacity_factor={eval_cf}: HF models are dropless; set it ≥ "
                         f"num_experts/top_k = {cfg.num_experts / moe.top_k:g} to export")
     if cfg.mtp.num_heads > 0:
-        problems.append(f"model.mtp.num_heads={cfg.mtp.num_heads}: HF Qwen3-MoE/Mixtral have no multi-token "
+        problems.append(f"model.mtp.num_heads={cfg.mtp.num_heads}: HF Qwen3-MoE/Mixtral/OLMoE have no multi-token "
                         "prediction heads; export a model trained without them")
     if cfg.loss.uncertainty_weighting:
         problems.append("model.loss.uncertainty_weighting: its learned loss weights are training-only state "
@@ -94,6 +96,20 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
     if arch == "qwen3_moe" and not cfg.qk_norm:
         problems.append("model.qk_norm=false: Qwen3-MoE always normalises queries and keys; export as mixtral "
                         "(--arch mixtral) instead")
+    if arch == "qwen3_moe" and cfg.qk_norm and cfg.qk_norm_scope == "full":
+        problems.append("model.qk_norm_scope=full: Qwen3-MoE normalises queries and keys per head; export as "
+                        "olmoe (--arch olmoe) instead")
+    if arch == "olmoe":
+        if not (cfg.qk_norm and cfg.qk_norm_scope == "full"):
+            problems.append(f"model.qk_norm={cfg.qk_norm}, qk_norm_scope={cfg.qk_norm_scope}: OLMoE normalises "
+                            "queries and keys over all heads at once (needs qk_norm: true, qk_norm_scope: full); "
+                            "export as qwen3_moe or mixtral instead")
+        if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+            problems.append(f"model.head_dim={cfg.head_dim}: OLMoE's attention is hidden_size wide (needs "
+                            f"num_heads·head_dim = hidden_size = {cfg.hidden_size})")
+        if moe.first_dense_layers > 0 or moe.moe_every > 1:
+            problems.append(f"model.moe.first_dense_layers={moe.first_dense_layers}, moe_every={moe.moe_every}: "
+                            "OLMoE has MoE in every layer")
     if arch == "mixtral":
         if cfg.qk_norm:
             problems.append("model.qk_norm=true: Mixtral has no QK-norm; export as qwen3_moe instead")
@@ -109,13 +125,18 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
 
 
 def choose_architecture(model: EnhancedMoEModel, arch: str = "auto") -> str:
-    """``arch``, or for ``auto`` Mixtral when the model fits it, else Qwen3-MoE.
+    """``arch``, or for ``auto`` Mixtral when the model fits it, else OLMoE for full-width QK-norm,
+    else Qwen3-MoE.
 
     Raises:
         AvaConfigError: the model cannot be exported as the chosen architecture (every reason).
     """
     if arch == "auto":
-        arch = "mixtral" if not hf_export_problems(model, "mixtral") else "qwen3_moe"
+        if not hf_export_problems(model, "mixtral"):
+            arch = "mixtral"
+        else:
+            full = model.config.qk_norm and model.config.qk_norm_scope == "full"
+            arch = "olmoe" if full else "qwen3_moe"
     problems = hf_export_problems(model, arch)
     if problems:
         raise AvaConfigError(f"cannot export as {ARCHITECTURES.get(arch, arch)}: " + "; ".join(problems))
@@ -127,7 +148,7 @@ def hf_config(model: EnhancedMoEModel, arch: str, tokenizer: AvaTokenizer | None
 
     Args:
         model: the Ava model.
-        arch: ``qwen3_moe`` or ``mixtral`` (already checked).
+        arch: ``qwen3_moe``, ``mixtral`` or ``olmoe`` (already checked).
         tokenizer: for the special token ids (None = unset).
         dtype: the dtype of the saved weights.
 
@@ -166,6 +187,15 @@ def hf_config(model: EnhancedMoEModel, arch: str, tokenizer: AvaTokenizer | None
     }
     if arch == "mixtral":
         common.update({"intermediate_size": moe.moe_intermediate_size, "router_jitter_noise": 0.0})
+    elif arch == "olmoe":
+        del common["num_local_experts"], common["sliding_window"]
+        common.update({
+            "intermediate_size": moe.moe_intermediate_size,
+            "num_experts": cfg.num_experts,
+            "norm_topk_prob": bool(moe.norm_topk_prob and moe.router != "switch"),
+            "attention_bias": False,
+            "clip_qkv": None,
+        })
     else:
         common.update({
             "intermediate_size": cfg.intermediate_size,  # the dense (mlp_only) layers
@@ -219,7 +249,7 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
     Args:
         path: a run folder, checkpoint folder or Ava model folder.
         out: the folder to write (created; existing files of the same names are replaced).
-        arch: ``auto``, ``qwen3_moe`` or ``mixtral``.
+        arch: ``auto``, ``qwen3_moe``, ``mixtral`` or ``olmoe``.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (None = the checkpoint's dtype).
 
     Returns:
@@ -300,11 +330,8 @@ def ava_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
     hidden = hf["hidden_size"]
-    head_dim = hf.get("head_dim") or hidden // heads
+    head_dim = hf.get("head_dim") or None  # null = hidden_size // heads, as transformers derives it
     problems = []
-    if head_dim * heads != hidden:
-        problems.append(f"head_dim={head_dim} with {heads} heads ≠ hidden_size={hidden}: Ava derives head_dim "
-                        "as hidden_size/num_heads")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r}: Ava's experts use SiLU (SwiGLU)")
     if hf.get("attention_bias"):
@@ -318,9 +345,9 @@ def ava_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if kind == "olmoe":
         if hf.get("clip_qkv") is not None:
             problems.append(f"clip_qkv={hf['clip_qkv']}: Ava does not clip q/k/v")
-        if heads != 1 or kv_heads != 1:
-            problems.append(f"OLMoE normalises q and k over all {heads} heads at once, Ava per head; the two "
-                            "agree only with one (key/value) head")
+        if head_dim is not None and head_dim * heads != hidden:
+            problems.append(f"head_dim={head_dim} with {heads} heads ≠ hidden_size={hidden}: OLMoE's q_norm is "
+                            "hidden_size wide, so transformers itself cannot build this model")
     num_experts = hf.get("num_local_experts", hf.get("num_experts"))
     first_dense, moe_every = 0, 1
     if kind == "qwen3_moe":
@@ -333,9 +360,11 @@ def ava_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     expert_width = hf["intermediate_size"] if kind in ("mixtral", "olmoe") else hf["moe_intermediate_size"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=kv_heads, max_seq_len=hf.get("max_position_embeddings", 4096), num_experts=num_experts,
-        intermediate_size=hf["intermediate_size"], rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qk_norm=kind in ("qwen3_moe", "olmoe"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        num_kv_heads=kv_heads, head_dim=head_dim, max_seq_len=hf.get("max_position_embeddings", 4096),
+        num_experts=num_experts, intermediate_size=hf["intermediate_size"], rope_theta=theta,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qk_norm=kind in ("qwen3_moe", "olmoe"), qk_norm_scope="full" if kind == "olmoe" else "head",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe={
             "top_k": hf["num_experts_per_tok"], "router": "softmax",
             "norm_topk_prob": True if kind == "mixtral" else bool(hf.get("norm_topk_prob", False)),

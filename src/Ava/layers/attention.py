@@ -1,7 +1,8 @@
 """Causal grouped-query self-attention with optional QK-norm and a KV cache.
 
 Legend: B batch, T query positions, S key positions (past + T), D hidden, H query heads,
-G key/value heads (H % G == 0), K head dim.
+G key/value heads (H % G == 0), K head dim (H·K need not equal D), F a projection's flat width
+(H·K for queries, G·K for keys).
 
 Attention runs through ``F.scaled_dot_product_attention`` with ``enable_gqa=True``: on torch
 2.13 CPU this matches ``repeat_interleave`` of k/v exactly and is as fast or faster (measured:
@@ -69,7 +70,12 @@ class Attention(nn.Module):
     """Multi-head causal self-attention with grouped-query heads (Qwen3 naming).
 
     Args:
-        cfg: the resolved model config (``num_heads``, ``num_kv_heads``, ``qk_norm``, ``dropout``).
+        cfg: the resolved model config (``num_heads``, ``num_kv_heads``, ``head_dim``, ``qk_norm``,
+            ``qk_norm_scope``, ``dropout``).
+
+    QK-norm is per head (``qk_norm_scope: head``, Qwen3: gains of width K on (B, T, H, K)) or over
+    the whole projection (``full``, OLMoE: gains of width H·K and G·K on (B, T, H·K) before the
+    split into heads, so one statistic covers all heads of a token).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -83,8 +89,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.qk_norm_full = cfg.qk_norm and cfg.qk_norm_scope == "full"
+        q_width = self.num_heads * self.head_dim if self.qk_norm_full else self.head_dim
+        k_width = self.num_kv_heads * self.head_dim if self.qk_norm_full else self.head_dim
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -108,10 +117,15 @@ class Attention(nn.Module):
             caller keeps them only when it asked for a cache.
         """
         B, T, _ = x_BTD.shape
-        q_BTHK = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
-        k_BTGK = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        q_BTF = self.q_proj(x_BTD)  # (B, T, H·K)
+        k_BTF = self.k_proj(x_BTD)  # (B, T, G·K)
+        if self.qk_norm_full:
+            q_BTF = self.q_norm(q_BTF)
+            k_BTF = self.k_norm(k_BTF)
+        q_BTHK = q_BTF.view(B, T, self.num_heads, self.head_dim)
+        k_BTGK = k_BTF.view(B, T, self.num_kv_heads, self.head_dim)
         v_BTGK = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q_BTHK = self.q_norm(q_BTHK)
             k_BTGK = self.k_norm(k_BTGK)
         q_BTHK = apply_rotary(q_BTHK, cos_BTK, sin_BTK)

@@ -14,6 +14,7 @@ uncertainty weighting. :func:`assemble_losses` builds the dict and the total.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,12 @@ import torch
 from ..config import LossConfig
 from .advanced_losses import UncertaintyWeighting, causal_lm_objective
 from .language_modeling import IGNORE_INDEX
+
+
+# A next-token objective: (head output, labels (B, T)) -> fp32 scalar mean over valid positions.
+# The head output is (B, T, V) logits for causal_lm_objective, or (B, T, D) normalised hidden states
+# for the fused head (losses/fused_head.py), which never materialises the logits.
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ def mtp_loss(
     labels_BT: torch.Tensor,
     loss_weight: float,
     cfg: LossConfig | None = None,
+    objective: Objective | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """DeepSeek-V3 multi-token prediction loss ``L_MTP = (λ / D)·Σ_j L_j``.
 
@@ -90,13 +98,15 @@ def mtp_loss(
         labels_BT: (B, T) labels aligned with the inputs, -100 = ignore.
         loss_weight: λ.
         cfg: the LM objective (label smoothing, focal, chunking) shared with the main head.
+        objective: replaces ``causal_lm_objective(·, ·, cfg)``; with the fused head
+            ``mtp_logits`` are the heads' normalised hidden states.
 
     Returns:
         ``(weighted L_MTP, [L_1, ..., L_D] unweighted)``, fp32 scalars.
     """
+    objective = objective or (lambda logits_BTV, labels: causal_lm_objective(logits_BTV, labels, cfg))
     head_losses = [
-        causal_lm_objective(logits_BTV, shift_labels(labels_BT, j), cfg)
-        for j, logits_BTV in enumerate(mtp_logits, start=1)
+        objective(logits_BTV, shift_labels(labels_BT, j)) for j, logits_BTV in enumerate(mtp_logits, start=1)
     ]
     return loss_weight / len(head_losses) * torch.stack(head_losses).sum(), head_losses
 
@@ -109,6 +119,7 @@ def assemble_losses(
     mtp_weight: float = 0.0,
     cfg: LossConfig | None = None,
     weighting: UncertaintyWeighting | None = None,
+    objective: Objective | None = None,
 ) -> LossTerms:
     """LM + MTP + balance terms (+ uncertainty weighting) into the total loss.
 
@@ -120,16 +131,20 @@ def assemble_losses(
         mtp_weight: λ of the MTP loss.
         cfg: the LM objective (``model.loss``).
         weighting: learned uncertainty weights over some of the terms, or None.
+        objective: the next-token objective of every head; None = ``causal_lm_objective`` with
+            ``cfg`` on logits. With the fused head it takes normalised hidden states, and
+            ``logits_BTV`` / ``mtp_logits`` hold those instead of logits.
 
     Returns:
         :class:`LossTerms`; ``aux_losses`` holds the balance terms, then ``mtp``, then
         ``uncertainty``.
     """
-    lm_loss = causal_lm_objective(logits_BTV, labels_BT, cfg)
+    objective = objective or (lambda logits, labels: causal_lm_objective(logits, labels, cfg))
+    lm_loss = objective(logits_BTV, labels_BT)
     aux_losses = dict(balance_terms)
     head_losses: list[torch.Tensor] = []
     if mtp_logits:
-        aux_losses["mtp"], head_losses = mtp_loss(mtp_logits, labels_BT, mtp_weight, cfg)
+        aux_losses["mtp"], head_losses = mtp_loss(mtp_logits, labels_BT, mtp_weight, cfg, objective)
     if weighting is not None:
         aux_losses["uncertainty"] = weighting({"lm_loss": lm_loss, **aux_losses})
     return LossTerms(total_loss(lm_loss, aux_losses), lm_loss, aux_losses, head_losses)

@@ -27,10 +27,12 @@ from ..losses import (
     UncertaintyWeighting,
     assemble_losses,
     balancing_coefficients,
+    fused_causal_lm_objective,
     global_balancing_loss,
     load_balancing_loss,
     router_z_loss,
     sequence_balancing_loss,
+    use_fused_head,
 )
 from ..utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 from .decoder_layer import DecoderLayer
@@ -84,18 +86,19 @@ class MoEModelOutput:
             ``mtp`` (``model.mtp`` on: (λ/D)·Σ_j L_j) and ``uncertainty``
             (``model.loss.uncertainty_weighting``: the change the learned weights make to the
             plain sum).
-        logits: (B, T, V).
+        logits: (B, T, V); None in a training forward (train mode, grad enabled, labels given)
+            whose loss the fused head computed (``model.loss.fused_head``), which never makes them.
         router_stats: one :class:`RouterStats` per MoE layer (main stack, then MTP blocks); empty,
             like ``aux_losses``, in cached inference without labels (decoding).
         past_key_values: per layer ``(k, v)`` each (B, G, S, K) when ``use_cache``, else None.
         mtp_logits: one (B, T, V) per MTP depth j (position i predicts token i + j + 1) when
-            the heads ran (labels given or ``return_mtp``), else None.
+            the heads ran (labels given or ``return_mtp``), else None (also with the fused head).
     """
 
     loss: torch.Tensor | None
     lm_loss: torch.Tensor | None
     aux_losses: dict[str, torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     router_stats: list[RouterStats] = field(default_factory=list)
     past_key_values: list[KVCache] | None = None
     mtp_logits: list[torch.Tensor] | None = None
@@ -239,11 +242,15 @@ class EnhancedMoEModel(nn.Module):
                 presents.append(present_kv)
             if routing is not None:
                 routings.append((i, routing))
-        logits_BTV = self.lm_head(self.norm(x_BTD))  # (B, T, V)
-        mtp_logits = None
+        normed_BTD = self.norm(x_BTD)
+        # Training loss from hidden states (model.loss.fused_head): no (B, T, V) logits at all.
+        fused = labels is not None and self.training and torch.is_grad_enabled() and use_fused_head(self.config.loss)
+        logits_BTV = None if fused else self.lm_head(normed_BTD)  # (B, T, V)
+        mtp_logits = mtp_normed = None
         if run_mtp:
-            mtp_out = self.mtp(x_BTD, input_ids, self.embed_tokens, self.lm_head, cos_BTK, sin_BTK, attn_mask_B1TS)
-            mtp_logits = mtp_out.logits
+            mtp_out = self.mtp(x_BTD, input_ids, self.embed_tokens, None if fused else self.lm_head,
+                               cos_BTK, sin_BTK, attn_mask_B1TS)
+            mtp_logits, mtp_normed = mtp_out.logits or None, mtp_out.normed_hidden
             routings += mtp_out.routings
 
         if use_cache and labels is None and not self.training:
@@ -254,9 +261,13 @@ class EnhancedMoEModel(nn.Module):
             aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix)
         lm_loss = loss = None
         if labels is not None:
+            objective = None
+            if fused:
+                weight_VD, loss_cfg = self.lm_head.weight, self.config.loss
+                objective = lambda normed, targets: fused_causal_lm_objective(normed, weight_VD, targets, loss_cfg)  # noqa: E731
             terms = assemble_losses(
-                logits_BTV, labels, aux_losses, mtp_logits, self.config.mtp.loss_weight, self.config.loss,
-                self.loss_weighting,
+                normed_BTD if fused else logits_BTV, labels, aux_losses, mtp_normed if fused else mtp_logits,
+                self.config.mtp.loss_weight, self.config.loss, self.loss_weighting, objective,
             )
             loss, lm_loss, aux_losses = terms.loss, terms.lm_loss, terms.aux_losses
         return MoEModelOutput(

@@ -43,10 +43,14 @@ class MTPOutput:
 
     Attributes:
         logits: one (B, T, V) tensor per depth j = 1..D; position i predicts token i + j + 1.
+            Empty when the heads ran without the output head (fused training loss).
+        normed_hidden: one (B, T, D) tensor per depth, ``norm(h^j)``: what the shared output head
+            turns into ``logits`` (the fused loss takes these instead).
         routings: (layer index, routing) of each MoE block among the heads (index num_layers + j - 1).
     """
 
     logits: list[torch.Tensor]
+    normed_hidden: list[torch.Tensor]
     routings: list[tuple[int, RouterOutput]]
 
 
@@ -148,7 +152,7 @@ class MultiTokenPrediction(nn.ModuleList):
         hidden_BTD: torch.Tensor,
         input_ids_BT: torch.Tensor,
         embed_tokens: nn.Embedding,
-        lm_head: nn.Linear,
+        lm_head: nn.Linear | None,
         cos_BTK: torch.Tensor,
         sin_BTK: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None,
@@ -159,7 +163,8 @@ class MultiTokenPrediction(nn.ModuleList):
             hidden_BTD: (B, T, D) the main stack's last hidden state, before its final norm.
             input_ids_BT: (B, T) the input ids.
             embed_tokens: the model's (shared) input embedding.
-            lm_head: the model's (shared) output head.
+            lm_head: the model's (shared) output head; None = return only ``normed_hidden``
+                (the fused loss applies the head itself).
             cos_BTK, sin_BTK: the main stack's RoPE tables.
             attn_mask_B1TS: the main stack's attention mask, or None.
 
@@ -170,6 +175,7 @@ class MultiTokenPrediction(nn.ModuleList):
         emb_BTD = embed_tokens(input_ids_BT)  # (B, T, D)
         h_BTD = hidden_BTD
         logits: list[torch.Tensor] = []
+        normed: list[torch.Tensor] = []
         routings: list[tuple[int, RouterOutput]] = []
         for module in self:
             j = min(module.depth, T)
@@ -177,7 +183,9 @@ class MultiTokenPrediction(nn.ModuleList):
             ids_BT = torch.cat([input_ids_BT[:, j:], input_ids_BT[:, -1:].expand(-1, j)], dim=1)  # (B, T)
             ahead_BTD = torch.cat([emb_BTD[:, j:], emb_BTD[:, -1:].expand(-1, j, -1)], dim=1)  # (B, T, D)
             h_BTD, routing = module(h_BTD, ahead_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, ids_BT)
-            logits.append(lm_head(module.norm(h_BTD)))  # (B, T, V)
+            normed.append(module.norm(h_BTD))  # (B, T, D)
+            if lm_head is not None:
+                logits.append(lm_head(normed[-1]))  # (B, T, V)
             if routing is not None:
                 routings.append((module.block.layer_idx, routing))
-        return MTPOutput(logits=logits, routings=routings)
+        return MTPOutput(logits=logits, normed_hidden=normed, routings=routings)

@@ -1,0 +1,177 @@
+"""Fused output head + cross-entropy: the training loss straight from the last hidden states.
+
+Legend: N rows (B·T positions), D hidden, V vocabulary, C rows per chunk.
+
+The plain path computes ``logits = h @ Wᵀ`` for all N rows, casts them to fp32, runs a
+log-softmax and keeps the (N, V) result for backward; at N = 2048, V = 8192 that is 64 MiB of
+fp32 logits, the same again for their gradient, and (under bf16 autocast) two more casts of
+that size. Here the rows are processed C at a time and, because the loss is the last operation,
+the gradients of ``h`` and ``W`` are computed in the same pass (as in Liger-Kernel's fused
+linear cross-entropy)::
+
+    z_C = h_C @ Wᵀ              # (C, V), in the compute dtype, then fp32
+    loss_C = lse(z_C) − (1−ε)·z_C[y] − ε/V·Σ_v z_C,v
+    g_C = softmax(z_C) − (1−ε)·onehot(y) − ε/V   # d loss_C / d z_C, 0 on ignored rows
+    dh_C = g_C @ W ;  dW += g_Cᵀ @ h_C
+
+Backward then only scales the stored ``dh``, ``dW`` by the incoming gradient (the loss is a
+scalar, so that is exact). What it saves on CPU is memory, not time: one step of head + loss
+adds 124 MiB of peak memory instead of 274 (fp32) at N 2048, D 256, V 8192, and 382 MiB
+instead of 2,288 (bf16) at V 65536, at the same speed (0.98–0.99× at V 8192;
+``benchmarks/lm_head.py``).
+
+Not covered: the focal loss (its per-row factor depends on p_true non-linearly; it runs on
+materialised logits). ``model.loss.fused_head`` chooses (:func:`use_fused_head`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LossConfig
+from .language_modeling import IGNORE_INDEX, shifted_targets
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: a (C, V) fp32 block of about 16 MiB on CPU (at least 256 rows), 1 GiB on GPU.
+
+    Measured on CPU, 2 threads, bf16: at V 8192, 512 rows best (128 rows 15 % slower: small
+    GEMMs); at V 32768, 256–512 rows equal and 128 rows 20 % slower.
+    """
+    if device.type == "cpu":
+        return max(256, 2**22 // vocab)
+    return max(256, 2**28 // vocab)
+
+
+def _zero_rows(g_CV: torch.Tensor, valid_C: torch.Tensor) -> None:
+    """Zero the gradient rows of ignored targets (a pass over the block only where there are some)."""
+    if g_CV.device.type == "cpu":
+        if not bool(valid_C.all()):  # host check: free on CPU, saves a (C, V) pass when all valid
+            g_CV[~valid_C] = 0.0
+    else:  # no host sync on accelerators
+        g_CV.masked_fill_(~valid_C[:, None], 0.0)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of the (smoothed) cross-entropy of ``h @ Wᵀ``; gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, label_smoothing, ignore_index, compute_dtype):
+        N, V = hidden_ND.shape[0], weight_VD.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w_VD = weight_VD.to(compute_dtype)  # one cast per call (a no-op in fp32)
+        grad_h_ND = torch.empty(hidden_ND.shape, dtype=compute_dtype, device=hidden_ND.device) if need_h else None
+        grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+        step = chunk_rows(V, hidden_ND.device)
+        for start in range(0, N, step):
+            h_CD = hidden_ND[start:start + step].to(compute_dtype)
+            y_C = targets_N[start:start + step]
+            valid_C = y_C != ignore_index
+            y_safe_C = torch.where(valid_C, y_C, 0)
+            # One fused kernel for max, exp-sum and the subtraction (log_softmax), in fp32.
+            logp_CV = torch.log_softmax(h_CD @ w_VD.t(), dim=-1, dtype=torch.float32)  # (C, V)
+            loss_C = -(1.0 - label_smoothing) * logp_CV.gather(1, y_safe_C[:, None]).squeeze(1)
+            if label_smoothing:
+                loss_C = loss_C - (label_smoothing / V) * logp_CV.sum(dim=-1)
+            total += torch.where(valid_C, loss_C, 0.0).sum()
+            if not (need_h or need_w):
+                continue
+            g_CV = logp_CV.exp_()  # softmax, in place
+            g_CV[torch.arange(g_CV.shape[0], device=g_CV.device), y_safe_C] -= 1.0 - label_smoothing
+            if label_smoothing:
+                g_CV.sub_(label_smoothing / V)
+            _zero_rows(g_CV, valid_C)
+            g_CV = g_CV.to(compute_dtype)
+            if need_h:
+                torch.mm(g_CV, w_VD, out=grad_h_ND[start:start + step])
+            if need_w:  # fp32 accumulation across chunks (a bf16 product is rounded once per chunk)
+                if compute_dtype == torch.float32:
+                    grad_w_VD.addmm_(g_CV.t(), h_CD)
+                else:
+                    grad_w_VD.add_(g_CV.t() @ h_CD)
+        ctx.save_for_backward(grad_h_ND, grad_w_VD)
+        ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h_ND, grad_w_VD = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        grad_h = (grad_h_ND * grad_out).to(h_dtype) if grad_h_ND is not None else None
+        grad_w = (grad_w_VD * grad_out).to(w_dtype) if grad_w_VD is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def fused_linear_cross_entropy_sum(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Σ over valid rows of the cross-entropy of ``hidden @ weightᵀ`` against ``targets``.
+
+    Equal (value and gradients) to ``F.cross_entropy(hidden @ weight.T, targets,
+    reduction="sum", label_smoothing=ε, ignore_index=...)`` computed in fp32 from logits made in
+    the compute dtype: the autocast dtype of the device when autocast is on (the logits and both
+    gradient products run in it, the softmax in fp32), else the weight's dtype.
+
+    Args:
+        hidden_ND: (N, D) final hidden states (after the final norm).
+        weight_VD: (V, D) output-head weight.
+        targets_N: (N,) long, ``ignore_index`` = no loss and no gradient.
+        label_smoothing: ε.
+        ignore_index: label value to skip.
+
+    Returns:
+        fp32 scalar.
+    """
+    device_type = hidden_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = weight_VD.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, float(label_smoothing),
+                                              ignore_index, compute_dtype)
+
+
+def use_fused_head(cfg: LossConfig) -> bool:
+    """Whether the training loss takes the fused path under ``model.loss`` (``fused_head``).
+
+    ``auto`` fuses unless the objective needs materialised logits (``focal_gamma > 0``) or the
+    user asked for the logits-based chunked loss (``chunk_size``); ``on`` is validated against
+    those at config time; ``off`` never fuses.
+    """
+    if cfg.fused_head == "off":
+        return False
+    return cfg.focal_gamma == 0.0 and cfg.chunk_size is None
+
+
+def fused_causal_lm_objective(
+    hidden_BTD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    labels_BT: torch.Tensor,
+    cfg: LossConfig | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """:func:`~Ava.losses.causal_lm_objective` of ``hidden @ weightᵀ`` without the (B, T, V) logits.
+
+    Args:
+        hidden_BTD: (B, T, D) normalised hidden states; position t predicts ``labels[:, t+1]``.
+        weight_VD: (V, D) output-head weight.
+        labels_BT: (B, T) long aligned with the inputs (shifted here), -100 = ignore.
+        cfg: ``model.loss`` (label smoothing); focal loss is not supported here.
+        ignore_index: label value to skip.
+
+    Returns:
+        fp32 scalar, the mean over valid positions (0 with none).
+    """
+    cfg = cfg or LossConfig()
+    if cfg.focal_gamma:
+        raise ValueError("the fused head computes cross-entropy (optionally smoothed), not the focal loss")
+    targets_N = shifted_targets(labels_BT, ignore_index).reshape(-1)
+    total = fused_linear_cross_entropy_sum(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), weight_VD, targets_N,
+                                           cfg.label_smoothing, ignore_index)
+    return total / (targets_N != ignore_index).sum().clamp(min=1)

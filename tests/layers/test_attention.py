@@ -196,3 +196,33 @@ def test_cached_decoding_matches_full_forward_with_explicit_head_dim(kw):
             out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_only_inside_the_decoding_scope_and_never_stale():
+    """model.decoding() fuses q/k/v without autograd; leaving it drops the copy, so weights
+    changed afterwards (even by a fused optimizer, which does not bump _version) are used."""
+    from Ava.config import ModelConfig
+    from Ava.models import EnhancedMoEModel
+
+    torch.manual_seed(0)
+    model = EnhancedMoEModel(ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                         num_experts=4, max_seq_len=32,
+                                         moe={"top_k": 2, "moe_intermediate_size": 16})).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with model.decoding():
+            assert all(layer.self_attn._qkv_weight is not None for layer in model.layers)
+            fused = model(ids).logits
+        assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(ids).logits
+        with model.decoding():
+            torch.testing.assert_close(model(ids).logits, after, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, plain)

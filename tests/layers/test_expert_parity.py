@@ -133,9 +133,10 @@ def test_auto_resolves_to_a_concrete_backend():
 
 
 @pytest.mark.parametrize("tokens, top_k", [(1, 1), (1, 2), (3, 2)])
-def test_decode_fast_path_matches_loop(tokens, top_k):
-    """Inference on at most E/4 slots reads only the chosen experts; same result as loop."""
-    from Ava.layers.experts import Experts, _use_gathered, experts_loop
+@pytest.mark.parametrize("path", ["slots", "gathered"])
+def test_decode_fast_paths_match_loop(tokens, top_k, path):
+    """Inference on few slots reads only the chosen experts; same result as loop."""
+    from Ava.layers.experts import DECODE_PATHS, Experts, experts_loop
     from Ava.layers.routing import route_topk
 
     torch.manual_seed(0)
@@ -144,12 +145,27 @@ def test_decode_fast_path_matches_loop(tokens, top_k):
     x = torch.randn(tokens, 32)
     routing = route_topk(x, gate, top_k, True)
     with torch.no_grad():
-        assert _use_gathered(x, routing, 32)
-        assert not _use_gathered(x, routing, 4 * routing.indices_TK.numel() - 1)  # too many slots
-        fast = experts(x, routing)
+        fast = DECODE_PATHS[path](x, routing, experts.gate_up_proj, experts.down_proj)
         reference = experts_loop(x, routing, experts.gate_up_proj, experts.down_proj)
     assert torch.allclose(fast, reference, atol=1e-5)
-    assert not _use_gathered(x, routing, 32)  # with autograd on, the training backends run
+
+
+def test_decode_path_rule():
+    from Ava.layers.experts import Experts, decode_path, experts_slots
+    from Ava.layers.routing import route_topk
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 32)
+    routing = route_topk(x, torch.randn(32, 32), 2, True)  # 6 slots
+    with torch.no_grad():
+        assert decode_path(x, routing, 32) == "slots"  # CPU, fewer slots than experts
+        assert decode_path(x, routing, 6) is None  # as many slots as experts: the backend
+        assert decode_path(x.to("meta"), routing, 24) == "gathered"  # accelerators: ≤ E/4 slots
+        assert decode_path(x.to("meta"), routing, 23) is None
+        experts = Experts(32, 32, 48)
+        torch.testing.assert_close(experts(x, routing),
+                                   experts_slots(x, routing, experts.gate_up_proj, experts.down_proj))
+    assert decode_path(x, routing, 32) is None  # with autograd on, the training backends run
 
 
 def test_auto_picks_batched_only_for_balanced_bf16_on_cpu():

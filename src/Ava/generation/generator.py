@@ -13,6 +13,7 @@ model's MTP heads (``speculative=True``) in :mod:`.speculative`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -359,14 +360,10 @@ class TextGenerator:
         use_cache: bool = True,
     ) -> list[BeamHypothesis]:
         """Id-level beam search; returns the finished hypotheses, best first."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._inference_scope():
             decode = self._decode if self.tokenizer is not None else None
             return beam_search(self.model, prompt_ids, num_beams, max_new_tokens, params, length_penalty,
                                use_cache, decode)
-        finally:
-            self.model.train(was_training)
 
     @torch.no_grad()
     def sequence_logprob(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> float:
@@ -395,15 +392,23 @@ class TextGenerator:
                 logger.info("speculative decoding is greedy only; temperature %s decodes plainly", params.temperature)
                 self.speculative_stats = None
                 speculative = False
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._inference_scope():
             # no_grad is entered per step inside the loop, never across a yield: grad mode is
             # thread state and would otherwise leak into the caller between stream pieces.
             if speculative:
                 yield from self._speculative_rows(rows, max_new_tokens, params)
             else:
                 yield from self._decode_loop(rows, max_new_tokens, params, generator, use_cache)
+
+    @contextlib.contextmanager
+    def _inference_scope(self) -> Iterator[None]:
+        """Eval mode and :meth:`~Ava.models.EnhancedMoEModel.decoding` (frozen-weight fast
+        paths) for the duration; the training mode is restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.decoding():
+                yield
         finally:
             self.model.train(was_training)
 

@@ -94,6 +94,31 @@ class Attention(nn.Module):
         k_width = self.num_kv_heads * self.head_dim if self.qk_norm_full else self.head_dim
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
+        # [Wq; Wk; Wv] while decoding (see fuse_qkv_for_decoding); never a parameter or buffer.
+        self._qkv_weight: torch.Tensor | None = None
+
+    def fuse_qkv_for_decoding(self, enable: bool) -> None:
+        """Run q, k, v as one matmul over concatenated weights (``enable``), or drop that copy.
+
+        Decoding one token runs each projection as a small matrix-vector product whose cost is
+        mostly the call, so 3 linears -> 1 helps there. The concatenated copy is taken now and
+        used only without autograd, so it must not outlive the weights it copies: only a scope
+        in which the weights are frozen may enable it (:meth:`EnhancedMoEModel.decoding`, used
+        by the generators). A version-counter check is not enough: fused optimizers
+        (``AdamW(fused=True)``) update parameters without bumping ``_version``.
+        """
+        if enable:
+            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            self._qkv_weight = torch.cat([w.detach() for w in weights])
+        else:
+            self._qkv_weight = None
+
+    def _project_qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections: (B, T, H·K), (B, T, G·K), (B, T, G·K)."""
+        if self._qkv_weight is None or torch.is_grad_enabled():
+            return self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_width, kv_width = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        return F.linear(x_BTD, self._qkv_weight).split([q_width, kv_width, kv_width], dim=-1)
 
     def forward(
         self,
@@ -117,14 +142,13 @@ class Attention(nn.Module):
             caller keeps them only when it asked for a cache.
         """
         B, T, _ = x_BTD.shape
-        q_BTF = self.q_proj(x_BTD)  # (B, T, H·K)
-        k_BTF = self.k_proj(x_BTD)  # (B, T, G·K)
+        q_BTF, k_BTF, v_BTF = self._project_qkv(x_BTD)  # (B, T, H·K), (B, T, G·K), (B, T, G·K)
         if self.qk_norm_full:
             q_BTF = self.q_norm(q_BTF)
             k_BTF = self.k_norm(k_BTF)
         q_BTHK = q_BTF.view(B, T, self.num_heads, self.head_dim)
         k_BTGK = k_BTF.view(B, T, self.num_kv_heads, self.head_dim)
-        v_BTGK = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        v_BTGK = v_BTF.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:
             q_BTHK = self.q_norm(q_BTHK)
             k_BTGK = self.k_norm(k_BTGK)

@@ -6,6 +6,7 @@ Legend: B batch, T sequence, D normalised width.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,6 +30,10 @@ class RMSNorm(nn.Module):
         wide vector noticeably wrong; the gain is applied after casting back (as Qwen3/Llama do).
         """
         x_dtype = x.dtype
+        if x_dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused kernel, bitwise equal to the lines below in fp32 (tested) and ~2x fewer
+            # dispatches: it matters at one decoded token, where every op costs ~10 µs.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x_dtype)

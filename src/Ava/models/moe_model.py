@@ -10,7 +10,9 @@ Parameter names follow HF Qwen3-MoE without its ``model.`` prefix (``embed_token
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,7 @@ class EnhancedMoEModel(nn.Module):
         # Position in model.moe.coef_schedules; not saved: the trainer sets it from its own
         # (checkpointed) step before every optimizer step.
         self._balancing_step = 0
+        self._decoding = False  # inside decoding(): derived inference copies of weights allowed
 
     # -- init --------------------------------------------------------------------------------
 
@@ -390,6 +393,32 @@ class EnhancedMoEModel(nn.Module):
             return
         for layer, load_E in zip(moe_layers, tokens_per_expert):
             layer.mlp.gate.update_bias(load_E, rate)
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Scope in which the weights are frozen, so inference may keep derived copies of them.
+
+        Inside it, every attention layer runs q, k, v as one matmul over a concatenated copy of
+        their weights (:meth:`~Ava.layers.Attention.fuse_qkv_for_decoding`) whenever autograd is
+        off: fewer, larger calls per decoded token. The copies are dropped on exit. Nested scopes
+        are fine; training inside one is not (the copies would be stale). The generators
+        (:mod:`Ava.generation`) decode inside it.
+        """
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        outermost = not self._decoding
+        if outermost:
+            for attention in attentions:
+                attention.fuse_qkv_for_decoding(True)
+        self._decoding = True
+        try:
+            yield
+        finally:
+            if outermost:
+                self._decoding = False
+                for attention in attentions:
+                    attention.fuse_qkv_for_decoding(False)
 
     # -- accounting --------------------------------------------------------------------------
 

@@ -225,6 +225,11 @@ def main() -> None:
     for name, t in med.items():
         print(f"{name:<14} {t:>8.3f} {tok / t:>9.1f}")
     print(f"ratio ava / transformers: {med['transformers'] / med['ava']:.2f}x")
+    # The shared machine's speed drifts between rounds; a round's two runs are back to back, so
+    # the per-round ratio is less exposed to the drift, and the best times to transient load.
+    per_round = statistics.median(h / a for a, h in zip(times["ava"], times["transformers"]))
+    print(f"  median of per-round ratios: {per_round:.2f}x; best time ratio: "
+          f"{min(times['transformers']) / min(times['ava']):.2f}x")
     print(f"greedy outputs identical: {same}/{args.batch} rows")
 
 

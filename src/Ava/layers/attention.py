@@ -94,31 +94,57 @@ class Attention(nn.Module):
         k_width = self.num_kv_heads * self.head_dim if self.qk_norm_full else self.head_dim
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
-        # [Wq; Wk; Wv] while decoding (see fuse_qkv_for_decoding); never a parameter or buffer.
-        self._qkv_weight: torch.Tensor | None = None
+        # While decoding (see fuse_qkv_for_decoding); never parameters or buffers.
+        self._qkv_weight: torch.Tensor | None = None  # [Wq; Wk; Wv]
+        self._qk_gain: torch.Tensor | None = None  # (H + G, K): q_norm's gain per q head, k_norm's per kv head
 
     def fuse_qkv_for_decoding(self, enable: bool) -> None:
-        """Run q, k, v as one matmul over concatenated weights (``enable``), or drop that copy.
+        """Decode with q, k, v as one matmul over concatenated weights (``enable``), or stop.
 
         Decoding one token runs each projection as a small matrix-vector product whose cost is
-        mostly the call, so 3 linears -> 1 helps there. The concatenated copy is taken now and
-        used only without autograd, so it must not outlive the weights it copies: only a scope
-        in which the weights are frozen may enable it (:meth:`EnhancedMoEModel.decoding`, used
-        by the generators). A version-counter check is not enough: fused optimizers
-        (``AdamW(fused=True)``) update parameters without bumping ``_version``.
+        mostly the call, so 3 linears -> 1 helps there; and since q and k then come out side by
+        side, the per-head QK-norm and RoPE run once over the H + G heads instead of twice (half
+        the calls; the same arithmetic, so the results are bitwise those of the plain path in
+        fp32). The concatenated copies are taken now and used only without autograd, so they
+        must not outlive the weights they copy: only a scope in which the weights are frozen may
+        enable them (:meth:`EnhancedMoEModel.decoding`, used by the generators). A
+        version-counter check would not do: fused optimizers (``AdamW(fused=True)``) update
+        parameters without bumping ``_version``.
         """
-        if enable:
-            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-            self._qkv_weight = torch.cat([w.detach() for w in weights])
-        else:
-            self._qkv_weight = None
+        self._qkv_weight = self._qk_gain = None
+        if not enable:
+            return
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        self._qkv_weight = torch.cat([w.detach() for w in weights])
+        if self.q_norm is not None and not self.qk_norm_full:
+            self._qk_gain = torch.cat([self.q_norm.weight.detach().expand(self.num_heads, -1),
+                                       self.k_norm.weight.detach().expand(self.num_kv_heads, -1)])
 
-    def _project_qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections: (B, T, H·K), (B, T, G·K), (B, T, G·K)."""
-        if self._qkv_weight is None or torch.is_grad_enabled():
-            return self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
-        q_width, kv_width = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
-        return F.linear(x_BTD, self._qkv_weight).split([q_width, kv_width, kv_width], dim=-1)
+    def _heads(
+        self, x_BTD: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H, K), k (B, T, G, K) normalised and rotated, and v (B, T, G, K)."""
+        B, T, _ = x_BTD.shape
+        H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
+        if self._qkv_weight is not None and not torch.is_grad_enabled():
+            qkv_BTF = F.linear(x_BTD, self._qkv_weight)  # (B, T, (H + 2G)·K)
+            v_BTGK = qkv_BTF[..., (H + G) * K:].unflatten(-1, (G, K))
+            if qkv_BTF.dtype == torch.float32 and (self.q_norm is None or self._qk_gain is not None):
+                qk_BTNK = qkv_BTF[..., :(H + G) * K].unflatten(-1, (H + G, K))  # N = H + G heads
+                if self._qk_gain is not None:  # = RMSNorm per head with q's or k's gain (fp32 path)
+                    qk_BTNK = F.rms_norm(qk_BTNK, (K,), None, self.q_norm.eps) * self._qk_gain
+                q_BTHK, k_BTGK = apply_rotary(qk_BTNK, cos_BTK, sin_BTK).split([H, G], dim=2)
+                return q_BTHK, k_BTGK, v_BTGK
+            q_BTF, k_BTF = qkv_BTF[..., :H * K], qkv_BTF[..., H * K:(H + G) * K]
+        else:
+            q_BTF, k_BTF = self.q_proj(x_BTD), self.k_proj(x_BTD)  # (B, T, H·K), (B, T, G·K)
+            v_BTGK = self.v_proj(x_BTD).view(B, T, G, K)
+        if self.qk_norm_full:
+            q_BTF, k_BTF = self.q_norm(q_BTF), self.k_norm(k_BTF)
+        q_BTHK, k_BTGK = q_BTF.unflatten(-1, (H, K)), k_BTF.unflatten(-1, (G, K))
+        if self.q_norm is not None and not self.qk_norm_full:
+            q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
+        return apply_rotary(q_BTHK, cos_BTK, sin_BTK), apply_rotary(k_BTGK, cos_BTK, sin_BTK), v_BTGK
 
     def forward(
         self,
@@ -142,18 +168,7 @@ class Attention(nn.Module):
             caller keeps them only when it asked for a cache.
         """
         B, T, _ = x_BTD.shape
-        q_BTF, k_BTF, v_BTF = self._project_qkv(x_BTD)  # (B, T, H·K), (B, T, G·K), (B, T, G·K)
-        if self.qk_norm_full:
-            q_BTF = self.q_norm(q_BTF)
-            k_BTF = self.k_norm(k_BTF)
-        q_BTHK = q_BTF.view(B, T, self.num_heads, self.head_dim)
-        k_BTGK = k_BTF.view(B, T, self.num_kv_heads, self.head_dim)
-        v_BTGK = v_BTF.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and not self.qk_norm_full:
-            q_BTHK = self.q_norm(q_BTHK)
-            k_BTGK = self.k_norm(k_BTGK)
-        q_BTHK = apply_rotary(q_BTHK, cos_BTK, sin_BTK)
-        k_BTGK = apply_rotary(k_BTGK, cos_BTK, sin_BTK)
+        q_BTHK, k_BTGK, v_BTGK = self._heads(x_BTD, cos_BTK, sin_BTK)
         # The norms return their gain's dtype (fp32); under autocast SDPA wants one dtype.
         dtype = v_BTGK.dtype
         q_BHTK = q_BTHK.to(dtype).transpose(1, 2)  # (B, H, T, K)

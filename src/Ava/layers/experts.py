@@ -381,15 +381,17 @@ def experts_slots(
     dtype = _compute_dtype(x_TD)
     x_TD = x_TD.to(dtype)
     inter = down_proj_EDI.shape[-1]
+    gate_weights = routing.weights_TK.tolist()  # fp32 values, exact as Python floats
     rows: list[torch.Tensor] = []
     for t, chosen in enumerate(routing.indices_TK.tolist()):
-        x_D = x_TD[t]
-        ys: list[torch.Tensor] = []
-        for e in chosen:
-            h_2I = F.linear(x_D, gate_up_proj_EID[e].to(dtype))  # (2I,)
-            ys.append(F.linear(F.silu(h_2I[:inter]) * h_2I[inter:], down_proj_EDI[e].to(dtype)))  # (D,)
-        rows.append((torch.stack(ys).float() * routing.weights_TK[t, :, None]).sum(dim=0))  # (D,) fp32
-    return torch.stack(rows).to(dtype)  # (T, D)
+        x_1D = x_TD[t:t + 1]  # 2-D: F.linear then needs no unsqueeze/squeeze
+        y_1D = None
+        for e, weight in zip(chosen, gate_weights[t]):
+            h_1F = F.linear(x_1D, gate_up_proj_EID[e].to(dtype))  # (1, 2I)
+            out_1D = F.linear(F.silu(h_1F[:, :inter]) * h_1F[:, inter:], down_proj_EDI[e].to(dtype)).float() * weight
+            y_1D = out_1D if y_1D is None else y_1D + out_1D  # fp32, summed in top-k order
+        rows.append(y_1D)
+    return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(dtype)  # (T, D)
 
 
 def experts_gathered(

@@ -57,11 +57,14 @@ def apply_rotary(
 
     Args:
         x_BTHK: (B, T, H, K) queries or keys.
-        cos_BTK, sin_BTK: (B, T, K) from :class:`RotaryEmbedding`.
+        cos_BTK, sin_BTK: (B, T, K) from :class:`RotaryEmbedding`, or already (B, T, 1, K)
+            (the model unsqueezes once per forward instead of twice per layer).
 
     Returns:
         (B, T, H, K) in the dtype of ``x_BTHK``.
     """
-    cos_BT1K = cos_BTK.unsqueeze(2).to(x_BTHK.dtype)
-    sin_BT1K = sin_BTK.unsqueeze(2).to(x_BTHK.dtype)
-    return x_BTHK * cos_BT1K + _rotate_half(x_BTHK) * sin_BT1K
+    if cos_BTK.dim() == 3:  # (B, T, K) -> (B, T, 1, K); the model passes (B, T, 1, K) already
+        cos_BTK, sin_BTK = cos_BTK.unsqueeze(2), sin_BTK.unsqueeze(2)
+    if cos_BTK.dtype != x_BTHK.dtype:
+        cos_BTK, sin_BTK = cos_BTK.to(x_BTHK.dtype), sin_BTK.to(x_BTHK.dtype)
+    return x_BTHK * cos_BTK + _rotate_half(x_BTHK) * sin_BTK

@@ -232,7 +232,8 @@ class EnhancedMoEModel(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-        cos_BTK, sin_BTK = self.rotary(position_ids)
+        # (B, T, 1, K): unsqueezed for the heads once here, not twice in every layer.
+        cos_BT1K, sin_BT1K = (table.unsqueeze(2) for table in self.rotary(position_ids))
         attn_mask_B1TS = build_attention_mask(attention_mask, T, past_len, input_ids.device, document_ids)
 
         x_BTD = self.embed_tokens(input_ids)  # (B, T, D)
@@ -240,7 +241,7 @@ class EnhancedMoEModel(nn.Module):
         routings: list[tuple[int, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
-            x_BTD, present_kv, routing = layer(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv, input_ids)
+            x_BTD, present_kv, routing = layer(x_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv, input_ids)
             if use_cache:
                 presents.append(present_kv)
             if routing is not None:
@@ -252,7 +253,7 @@ class EnhancedMoEModel(nn.Module):
         mtp_logits = mtp_normed = None
         if run_mtp:
             mtp_out = self.mtp(x_BTD, input_ids, self.embed_tokens, None if fused else self.lm_head,
-                               cos_BTK, sin_BTK, attn_mask_B1TS)
+                               cos_BT1K, sin_BT1K, attn_mask_B1TS)
             mtp_logits, mtp_normed = mtp_out.logits or None, mtp_out.normed_hidden
             routings += mtp_out.routings
 

@@ -212,15 +212,58 @@ def _grouped_matmul(
     return torch.cat([blk @ w_EMN[e] for e, blk in enumerate(blocks)])
 
 
+def row_multiple(x_SD: torch.Tensor) -> int:
+    """Rows each expert's block is padded up to a multiple of, for the backends' GEMMs (1 = none).
+
+    On CPU in bf16 the GEMMs run on oneDNN kernels built per shape, and routing changes every
+    step, so exact per-expert row counts meant new shapes every step. Padding the row counts to
+    multiples of 64 keeps the set of shapes small. Measured (2-core CPU, one expert layer fwd+bwd
+    under bf16 autocast, 2048 tokens, fresh routing each step, median): E 8 top-2 batched 55.0 ->
+    34.4 ms; with the routing held fixed (no new shapes) it ran 40 ms, so the cost was the shapes.
+    fp32 (MKL) and GPUs do not need it.
+    """
+    return 64 if x_SD.device.type == "cpu" and x_SD.dtype == torch.bfloat16 else 1
+
+
+def padded_rows(plan: DispatchPlan, multiple: int, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each sorted row goes when expert blocks are padded with zero rows.
+
+    Args:
+        plan: from :func:`dispatch_sorted`.
+        multiple: every block's row count is rounded up to a multiple of this.
+        cap: give every expert this many rows (the batched layout, already a multiple) instead of
+            its own rounded count.
+
+    Returns:
+        ``(padded_S, offsets_E, rows)``: (S_kept,) long row of each sorted row in the padded
+        buffer, (E,) int32 end offsets of the padded blocks, and the buffer's row count (read on
+        the host: it sets a shape).
+    """
+    counts_E = plan.tokens_per_expert_E
+    num_experts, num_rows = counts_E.shape[0], plan.num_kept
+    if cap is not None:
+        padded_E = torch.full_like(counts_E, cap)
+    else:
+        padded_E = (counts_E + multiple - 1) // multiple * multiple
+    ends_E = torch.cumsum(padded_E, dim=0)
+    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=counts_E.device), counts_E,
+                                       output_size=num_rows)  # (S_kept,)
+    row_S = torch.arange(num_rows, device=counts_E.device) - (plan.offsets_E.long() - counts_E)[expert_S]
+    padded_S = (ends_E - padded_E)[expert_S] + row_S
+    return padded_S, ends_E.to(torch.int32), int(ends_E[-1]) if num_experts else 0
+
+
 def grouped_swiglu(
     x_SD: torch.Tensor,
     plan: DispatchPlan,
     gate_up_proj_EID: torch.Tensor,
     down_proj_EDI: torch.Tensor,
 ) -> torch.Tensor:
-    """Every expert's SwiGLU on its block of sorted rows, as two grouped GEMMs.
+    """Every expert's SwiGLU on its block of sorted rows, as grouped GEMMs.
 
-    The weights are passed as transposed views (no copy); ``_grouped_mm`` accepts them.
+    Where :func:`row_multiple` asks for it (CPU bf16), the blocks are first copied into a
+    zero-padded buffer whose block sizes are multiples of it (SwiGLU(0) = 0, so padding rows add
+    nothing and get no gradient).
 
     Args:
         x_SD: (S, D) rows sorted by expert, in the compute dtype.
@@ -231,20 +274,41 @@ def grouped_swiglu(
     Returns:
         (S, D) expert outputs, unweighted, in sorted order.
     """
+    multiple = row_multiple(x_SD)
+    if multiple == 1:
+        return _grouped_swiglu_blocks(x_SD, plan.offsets_E, plan.tokens_per_expert_E, gate_up_proj_EID,
+                                      down_proj_EDI)
+    padded_S, offsets_E, rows = padded_rows(plan, multiple)
+    x_pad_PD = x_SD.new_zeros(rows, x_SD.shape[-1]).index_copy(0, padded_S, x_SD)  # (P, D)
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    y_pad_PD = _grouped_swiglu_blocks(x_pad_PD, offsets_E, counts_E, gate_up_proj_EID, down_proj_EDI)
+    return y_pad_PD.index_select(0, padded_S)  # (S, D)
+
+
+def _grouped_swiglu_blocks(
+    x_SD: torch.Tensor,
+    offsets_E: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_proj_EID: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """SwiGLU of row block e (ending at ``offsets_E[e]``) with expert e's weights: (S, D) -> (S, D).
+
+    The weights are passed as transposed views (no copy); ``_grouped_mm`` accepts them.
+    """
     dtype = x_SD.dtype
     inter = down_proj_EDI.shape[-1]
     gate_up_EID = gate_up_proj_EID.to(dtype)
-    counts_E = plan.tokens_per_expert_E
     # Gate and up as two GEMMs over weight views rather than one (S, 2I) GEMM then a split: the
     # split's backward zero-fills and copies a (S, 2I) gradient; on the 2-core CPU this is a few
     # percent faster in fp32 (61 vs 64 ms at the benchmark defaults) and equal in bf16.
     w_gate_EDI = gate_up_EID[:, :inter].transpose(1, 2)  # (E, D, I) view
     w_up_EDI = gate_up_EID[:, inter:].transpose(1, 2)  # (E, D, I) view
-    gate_SI = _grouped_matmul(x_SD, w_gate_EDI, plan.offsets_E, counts_E)  # (S, I)
-    up_SI = _grouped_matmul(x_SD, w_up_EDI, plan.offsets_E, counts_E)  # (S, I)
+    gate_SI = _grouped_matmul(x_SD, w_gate_EDI, offsets_E, counts_E)  # (S, I)
+    up_SI = _grouped_matmul(x_SD, w_up_EDI, offsets_E, counts_E)  # (S, I)
     act_SI = F.silu(gate_SI) * up_SI  # (S, I)
     w_down_EID = down_proj_EDI.to(dtype).transpose(1, 2)  # (E, I, D) view
-    return _grouped_matmul(act_SI, w_down_EID, plan.offsets_E, counts_E)  # (S, D)
+    return _grouped_matmul(act_SI, w_down_EID, offsets_E, counts_E)  # (S, D)
 
 
 def combine_sorted(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -297,7 +361,8 @@ def batched_swiglu(
 
     Row r of expert e's block lands at padded row ``e·C_max + r``; the other rows stay zero, and
     since SwiGLU(0) = 0 (no biases) they add nothing and get no gradient back. C_max is the
-    busiest expert's count, read on the host (one sync per layer call).
+    busiest expert's count rounded up to :func:`row_multiple`, read on the host (one sync per
+    layer call).
 
     Args:
         x_SD: (S_kept, D) rows sorted by expert, in the compute dtype.
@@ -309,16 +374,12 @@ def batched_swiglu(
         (S_kept, D) expert outputs, unweighted, in sorted order.
     """
     dtype = x_SD.dtype
-    num_experts, hidden = gate_up_proj_EID.shape[0], x_SD.shape[-1]
-    inter = down_proj_EDI.shape[-1]
-    counts_E = plan.tokens_per_expert_E
-    cap = max(int(counts_E.max()), 1) if x_SD.shape[0] else 1
-    starts_E = plan.offsets_E.long() - counts_E
-    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=x_SD.device), counts_E,
-                                       output_size=x_SD.shape[0])  # (S_kept,)
-    row_S = torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[expert_S]
-    padded_S = expert_S * cap + row_S  # (S_kept,) row in the (E·C_max) buffer
-    x_pad_ND = x_SD.new_zeros(num_experts * cap, hidden).index_copy(0, padded_S, x_SD)
+    num_experts, hidden, inter = gate_up_proj_EID.shape[0], x_SD.shape[-1], down_proj_EDI.shape[-1]
+    multiple = row_multiple(x_SD)
+    busiest = int(plan.tokens_per_expert_E.max()) if x_SD.shape[0] else 0
+    cap = max(-(-busiest // multiple) * multiple, multiple)
+    padded_S, _, rows = padded_rows(plan, multiple, cap=cap)  # row e·cap + r for row r of expert e
+    x_pad_ND = x_SD.new_zeros(rows, hidden).index_copy(0, padded_S, x_SD)
     x_ECD = x_pad_ND.view(num_experts, cap, hidden)  # (E, C_max, D)
     gate_up_EID = gate_up_proj_EID.to(dtype)
     gate_ECI = torch.bmm(x_ECD, gate_up_EID[:, :inter].transpose(1, 2))  # (E, C_max, I)
@@ -442,12 +503,13 @@ def resolve_backend(name: str, x_TD: torch.Tensor | None = None, routing: Router
     and a balanced load (busiest expert ≤ :data:`BATCHED_MAX_SKEW` × the mean), where it is
     ``batched``; without ``torch._grouped_mm`` it is ``batched``. The rule comes from whole
     training steps on the 2-core CPU (``benchmarks/train_throughput.py``, docs/performance.md):
-    fp32 ``grouped`` is 1.09–1.54× ``batched``; bf16 ``batched`` is 1.11× ``grouped`` at 8 experts
-    and 3.8× at 64 (one ``bmm`` per projection runs at the bf16 matmul rate, CPU ``_grouped_mm``
-    does not). ``batched`` pads every expert to the busiest one, so under skewed load (max/mean
-    4–8, early in training or in a collapsing router) it was 1.3–2.3× slower; hence the skew
-    limit. On GPUs ``grouped`` is the kernel made for this. The choice depends only on the data
-    of the step, so every run and rank makes the same one.
+    fp32 ``grouped`` is 1.09–1.54× ``batched``; in bf16, with expert blocks padded to multiples
+    of 64 rows (:func:`row_multiple`), the two are equal at 8 experts (3,773 vs 3,722 tok/s) and
+    ``batched`` is 1.11× at 64 (one ``bmm`` per projection instead of one GEMM per expert).
+    ``batched`` pads every expert to the busiest one, so under skewed load (max/mean 4–8, early
+    in training or in a collapsing router) it was 1.3–2.3× slower; hence the skew limit. On GPUs
+    ``grouped`` is the kernel made for this. The choice depends only on the data of the step, so
+    every run and rank makes the same one.
 
     Args:
         name: a key of :data:`EXPERT_BACKENDS` or ``"auto"``.

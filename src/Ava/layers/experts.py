@@ -205,9 +205,9 @@ def _grouped_matmul(
     x_SM: torch.Tensor, w_EMN: torch.Tensor, offsets_E: torch.Tensor, tokens_per_expert_E: torch.Tensor
 ) -> torch.Tensor:
     """Row block e of ``x_SM`` times ``w_EMN[e]``; (S, M) x (E, M, N) -> (S, N)."""
-    if hasattr(torch, "_grouped_mm"):
+    if _grouped_mm_aligned(x_SM, *w_EMN.shape[1:]):
         return torch._grouped_mm(x_SM, w_EMN, offs=offsets_E)
-    # Builds without the kernel: split on the host (one sync) and loop.
+    # Builds without the kernel, or rows it rejects: split on the host (one sync) and loop.
     blocks = x_SM.split(tokens_per_expert_E.tolist())
     return torch.cat([blk @ w_EMN[e] for e, blk in enumerate(blocks)])
 
@@ -285,6 +285,18 @@ def grouped_swiglu(
     return y_pad_PD.index_select(0, padded_S)  # (S, D)
 
 
+def _grouped_mm_aligned(x: torch.Tensor, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` exists and takes rows of these widths in ``x``'s dtype: it
+    (and its backward's 2-D × 2-D form) requires 16-byte aligned row strides."""
+    item = x.element_size()
+    return hasattr(torch, "_grouped_mm") and all((w * item) % 16 == 0 for w in (x.shape[-1], *widths))
+
+
+def _fused_grouped_ok(x_SD: torch.Tensor, down_proj_EDI: torch.Tensor) -> bool:
+    """Whether :class:`_GroupedSwiGLU` can run (D and I rows aligned for ``_grouped_mm``)."""
+    return _grouped_mm_aligned(x_SD, down_proj_EDI.shape[-1])
+
+
 def _grouped_swiglu_blocks(
     x_SD: torch.Tensor,
     offsets_E: torch.Tensor,
@@ -297,6 +309,8 @@ def _grouped_swiglu_blocks(
     The weights are passed as transposed views (no copy); ``_grouped_mm`` accepts them.
     """
     dtype = x_SD.dtype
+    if _fused_grouped_ok(x_SD, down_proj_EDI):
+        return _GroupedSwiGLU.apply(x_SD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype), offsets_E)
     inter = down_proj_EDI.shape[-1]
     gate_up_EID = gate_up_proj_EID.to(dtype)
     # Gate and up as two GEMMs over weight views rather than one (S, 2I) GEMM then a split: the
@@ -309,6 +323,39 @@ def _grouped_swiglu_blocks(
     act_SI = F.silu(gate_SI) * up_SI  # (S, I)
     w_down_EID = down_proj_EDI.to(dtype).transpose(1, 2)  # (E, I, D) view
     return _grouped_matmul(act_SI, w_down_EID, offsets_E, counts_E)  # (S, D)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Per-block SwiGLU as 2 grouped GEMMs forward and 4 backward (cf. :class:`_BatchedSwiGLU`).
+
+    Gate and up are one grouped GEMM over the fused (E, 2I, D) weight; backward writes the
+    (S, 2I) gradient of that product in place (no zero-filled slice gradients) and gets the weight
+    gradients from the 2-D × 2-D grouped form (per-block ``gᵀ·a`` into (E, ·, ·)).
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD, gate_up_EFD, down_EDI, offsets_E):  # noqa: D102  (F = 2I)
+        inter = down_EDI.shape[-1]
+        h_SF = torch._grouped_mm(x_SD, gate_up_EFD.transpose(1, 2), offs=offsets_E)  # (S, 2I)
+        act_SI = F.silu(h_SF[:, :inter]) * h_SF[:, inter:]
+        ctx.save_for_backward(x_SD, h_SF, gate_up_EFD, down_EDI, offsets_E)
+        return torch._grouped_mm(act_SI, down_EDI.transpose(1, 2), offs=offsets_E)  # (S, D)
+
+    @staticmethod
+    def backward(ctx, grad_SD):  # noqa: D102
+        x_SD, h_SF, gate_up_EFD, down_EDI, offsets_E = ctx.saved_tensors
+        inter = down_EDI.shape[-1]
+        grad_SD = grad_SD.contiguous()
+        gate_SI, up_SI = h_SF[:, :inter], h_SF[:, inter:]
+        silu_SI = F.silu(gate_SI)
+        grad_act_SI = torch._grouped_mm(grad_SD, down_EDI, offs=offsets_E)  # (S, I)
+        grad_down_EDI = torch._grouped_mm(grad_SD.t(), silu_SI * up_SI, offs=offsets_E)  # (E, D, I)
+        grad_h_SF = torch.empty_like(h_SF)
+        grad_h_SF[:, :inter] = torch.ops.aten.silu_backward(grad_act_SI * up_SI, gate_SI)
+        torch.mul(grad_act_SI, silu_SI, out=grad_h_SF[:, inter:])
+        grad_gate_up_EFD = torch._grouped_mm(grad_h_SF.t(), x_SD, offs=offsets_E)  # (E, 2I, D)
+        grad_x_SD = torch._grouped_mm(grad_h_SF, gate_up_EFD, offs=offsets_E)  # (S, D)
+        return grad_x_SD, grad_gate_up_EFD, grad_down_EDI, None
 
 
 def combine_sorted(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -381,12 +428,42 @@ def batched_swiglu(
     padded_S, _, rows = padded_rows(plan, multiple, cap=cap)  # row e·cap + r for row r of expert e
     x_pad_ND = x_SD.new_zeros(rows, hidden).index_copy(0, padded_S, x_SD)
     x_ECD = x_pad_ND.view(num_experts, cap, hidden)  # (E, C_max, D)
-    gate_up_EID = gate_up_proj_EID.to(dtype)
-    gate_ECI = torch.bmm(x_ECD, gate_up_EID[:, :inter].transpose(1, 2))  # (E, C_max, I)
-    up_ECI = torch.bmm(x_ECD, gate_up_EID[:, inter:].transpose(1, 2))  # (E, C_max, I)
-    act_ECI = F.silu(gate_ECI) * up_ECI
-    y_ECD = torch.bmm(act_ECI, down_proj_EDI.to(dtype).transpose(1, 2))  # (E, C_max, D)
+    y_ECD = _BatchedSwiGLU.apply(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)
     return y_ECD.reshape(num_experts * cap, hidden).index_select(0, padded_S)  # (S_kept, D)
+
+
+class _BatchedSwiGLU(torch.autograd.Function):
+    """``down(silu(x·W_gateᵀ) ⊙ x·W_upᵀ)`` per expert as 2 ``bmm`` forward and 4 backward.
+
+    Autograd over the plain expression runs 3 ``bmm`` forward and 6 backward, and the gradient
+    of the gate/up weight slices is zero-filled and copied into the (E, 2I, D) weight gradient.
+    Here the gate and up projections are one ``bmm`` over the fused weight, and backward builds
+    the (E, C, 2I) gradient of that product in place, so the fused weight's gradient and the
+    input's gradient are one ``bmm`` each; the gate's gradient is ATen's ``silu_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ECD, gate_up_EFD, down_EDI):  # noqa: D102  (F = 2I)
+        inter = down_EDI.shape[-1]
+        h_ECF = torch.bmm(x_ECD, gate_up_EFD.transpose(1, 2))  # (E, C, 2I)
+        act_ECI = F.silu(h_ECF[..., :inter]) * h_ECF[..., inter:]
+        ctx.save_for_backward(x_ECD, h_ECF, gate_up_EFD, down_EDI)
+        return torch.bmm(act_ECI, down_EDI.transpose(1, 2))  # (E, C, D)
+
+    @staticmethod
+    def backward(ctx, grad_ECD):  # noqa: D102
+        x_ECD, h_ECF, gate_up_EFD, down_EDI = ctx.saved_tensors
+        inter = down_EDI.shape[-1]
+        gate_ECI, up_ECI = h_ECF[..., :inter], h_ECF[..., inter:]
+        silu_ECI = F.silu(gate_ECI)
+        grad_act_ECI = torch.bmm(grad_ECD, down_EDI)  # (E, C, I)
+        grad_down_EDI = torch.bmm(grad_ECD.transpose(1, 2), silu_ECI * up_ECI)  # (E, D, I)
+        grad_h_ECF = torch.empty_like(h_ECF)
+        grad_h_ECF[..., :inter] = torch.ops.aten.silu_backward(grad_act_ECI * up_ECI, gate_ECI)
+        torch.mul(grad_act_ECI, silu_ECI, out=grad_h_ECF[..., inter:])
+        grad_gate_up_EFD = torch.bmm(grad_h_ECF.transpose(1, 2), x_ECD)  # (E, 2I, D)
+        grad_x_ECD = torch.bmm(grad_h_ECF, gate_up_EFD)  # (E, C, D)
+        return grad_x_ECD, grad_gate_up_EFD, grad_down_EDI
 
 
 def experts_batched(

@@ -421,7 +421,7 @@ def batched_swiglu(
         (S_kept, D) expert outputs, unweighted, in sorted order.
     """
     dtype = x_SD.dtype
-    num_experts, hidden, inter = gate_up_proj_EID.shape[0], x_SD.shape[-1], down_proj_EDI.shape[-1]
+    num_experts, hidden = gate_up_proj_EID.shape[0], x_SD.shape[-1]
     multiple = row_multiple(x_SD)
     busiest = int(plan.tokens_per_expert_E.max()) if x_SD.shape[0] else 0
     cap = max(-(-busiest // multiple) * multiple, multiple)

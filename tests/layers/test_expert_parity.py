@@ -216,10 +216,10 @@ def test_padded_expert_blocks_change_nothing(monkeypatch, backend, capacity):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("inter", [24, 3])  # 3 fp32 = 12-byte rows: grouped falls back to autograd
-def test_fused_expert_functions_match_loop_gradients(inter):
-    """The hand-written backward of grouped/batched SwiGLU equals autograd through the loop."""
-    from Ava.layers.experts import EXPERT_BACKENDS, _fused_grouped_ok, experts_loop
+@pytest.mark.parametrize("inter", [24, 3])  # 3 fp32 = 12-byte rows: _grouped_mm rejects them, grouped loops
+def test_expert_backends_match_loop_gradients(inter):
+    """Batched's hand-written backward and grouped (kernel or its fallback) equal the loop's autograd."""
+    from Ava.layers.experts import EXPERT_BACKENDS, _grouped_mm_aligned, experts_loop
     from Ava.layers.routing import route_topk
 
     torch.manual_seed(1)
@@ -228,7 +228,7 @@ def test_fused_expert_functions_match_loop_gradients(inter):
     down = (0.3 * torch.randn(E, D, inter)).requires_grad_()
     x = torch.randn(T, D, requires_grad=True)
     routing = route_topk(x.detach(), torch.randn(E, D), 2, True)
-    assert _fused_grouped_ok(x, down) == (inter == 24)
+    assert _grouped_mm_aligned(x, inter) == (inter == 24)
     results = []
     for fn in (experts_loop, EXPERT_BACKENDS["grouped"], EXPERT_BACKENDS["batched"]):
         for t in (x, gate_up, down):

@@ -48,6 +48,26 @@ def test_resume_allows_run_length_changes_and_refuses_model_changes(tmp_path, co
              "model.moe.top_k=1", resume=summary.run_dir)
 
 
+def test_resume_a_run_whose_saved_config_predates_new_keys(tmp_path, corpus_cache):
+    """Keys added to the schema after a run was written (here model.head_dim, qk_norm_scope,
+    loss.fused_head) take their defaults; they are not reported as changes."""
+    import yaml
+
+    from Ava.training.run_manager import check_resume_config
+
+    summary, config = _run(tmp_path, corpus_cache)
+    run_dir = tmp_path / "runs" / summary.run_dir.rsplit("/", 1)[-1]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key in ("head_dim", "qk_norm_scope"):
+        del saved["model"][key]
+    del saved["model"]["loss"]["fused_head"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_resume_config(run_dir, config) == []
+    changed = config.model_copy(update={"model": config.model.model_copy(update={"head_dim": 32})})
+    with pytest.raises(AvaConfigError, match="model.head_dim"):
+        check_resume_config(run_dir, changed)
+
+
 def test_resume_auto_without_runs_starts_fresh(tmp_path, corpus_cache):
     summary, _ = _run(tmp_path, corpus_cache, resume="auto")
     assert summary.resumed_from is None and summary.steps == 20

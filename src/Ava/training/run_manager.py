@@ -260,7 +260,7 @@ def check_resume_config(run_dir: Path, config: EnhancedTrainingConfig) -> list[s
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise AvaCheckpointError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({err})") from err
-    old, new = _flatten(saved), _flatten(config.to_dict())
+    old, new = _flatten(_with_current_defaults(saved)), _flatten(config.to_dict())
     allowed, refused = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
@@ -276,6 +276,18 @@ def check_resume_config(run_dir: Path, config: EnhancedTrainingConfig) -> list[s
             + ": these change what training computes; restore them, or start a new run without --resume"
         )
     return allowed
+
+
+def _with_current_defaults(saved: Any) -> Any:
+    """The saved config as the current schema resolves it (keys added since it was written get
+    their defaults and derived sizes), so a newer Ava can resume an older run; the raw dict if it
+    no longer validates (every difference is then reported as is)."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return EnhancedTrainingConfig.model_validate(saved).to_dict()
+    except ValueError:  # pydantic.ValidationError is a ValueError
+        return saved
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -215,8 +215,8 @@ def test_fused_qkv_only_inside_the_decoding_scope_and_never_stale():
     with torch.no_grad():
         plain = model(ids).logits
         with model.decoding():
-            assert all(layer.self_attn._qkv_weight is not None for layer in model.layers)
             fused = model(ids).logits
+            assert all(layer.self_attn._qkv_weight is not None for layer in model.layers)
         assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
     assert torch.equal(fused, plain)  # the same arithmetic, merged calls (fp32 CPU)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
@@ -229,3 +229,68 @@ def test_fused_qkv_only_inside_the_decoding_scope_and_never_stale():
         with model.decoding():
             torch.testing.assert_close(model(ids).logits, after, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(after, plain)
+
+
+def _decode_model(**kw):
+    from Ava.config import ModelConfig
+    from Ava.models import EnhancedMoEModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+               max_seq_len=32, moe={"top_k": 2, "moe_intermediate_size": 16})
+    cfg.update(kw)
+    return EnhancedMoEModel(ModelConfig(**cfg)).eval()
+
+
+def test_decoding_copies_follow_weight_changes_inside_an_open_scope():
+    """A scope left open (a half-read generation stream) never serves stale weights: a fused
+    optimizer step, an in-place edit and load_state_dict are all picked up."""
+    model = _decode_model()
+    ids = torch.randint(0, 50, (1, 7))
+    with model.decoding():
+        with torch.no_grad():
+            before = model(ids).logits
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            after_step = model(ids).logits
+            with model.decoding():  # nested: the outer scope keeps the copies
+                pass
+            assert model.layers[0].self_attn._fuse_for_decoding
+        with torch.no_grad():
+            model.layers[0].self_attn.k_proj.weight.mul_(2.0)
+            after_edit = model(ids).logits
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        plain_now = model(ids).logits
+    assert not torch.allclose(before, after_step)
+    assert not torch.allclose(after_step, after_edit)
+    torch.testing.assert_close(after_edit, plain_now, rtol=1e-5, atol=1e-6)
+
+
+def test_decoding_scope_exits_cleanly_on_an_exception():
+    model = _decode_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.decoding():
+            raise RuntimeError("boom")
+    assert not model._decoding
+    assert all(not layer.self_attn._fuse_for_decoding and layer.self_attn._qkv_weight is None
+               for layer in model.layers)
+
+
+def test_decoding_scope_with_full_qk_norm_and_under_bf16_autocast():
+    full = _decode_model(qk_norm_scope="full")
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        plain = full(ids).logits
+        with full.decoding():
+            assert torch.equal(full(ids).logits, plain)
+    model = _decode_model()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits.float()
+        with model.decoding():
+            fused = model(ids).logits.float()
+    torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05)

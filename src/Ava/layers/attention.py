@@ -15,12 +15,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import ModelConfig
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, G, S, K)
+
+# Optimizer steps taken in this process (any optimizer): part of the key under which decoding
+# keeps copies of weights, because fused optimizers (AdamW(fused=True)) update parameters in
+# place without bumping their ``_version``.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def build_attention_mask(
@@ -95,6 +109,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
         # While decoding (see fuse_qkv_for_decoding); never parameters or buffers.
+        self._fuse_for_decoding = False
+        self._decode_key: tuple | None = None  # what the copies below were made from
         self._qkv_weight: torch.Tensor | None = None  # [Wq; Wk; Wv]
         self._qk_gain: torch.Tensor | None = None  # (H + G, K): q_norm's gain per q head, k_norm's per kv head
 
@@ -105,20 +121,29 @@ class Attention(nn.Module):
         mostly the call, so 3 linears -> 1 helps there; and since q and k then come out side by
         side, the per-head QK-norm and RoPE run once over the H + G heads instead of twice (half
         the calls; the same arithmetic, so the results are bitwise those of the plain path in
-        fp32). The concatenated copies are taken now and used only without autograd, so they
-        must not outlive the weights they copy: only a scope in which the weights are frozen may
-        enable them (:meth:`EnhancedMoEModel.decoding`, used by the generators). A
-        version-counter check would not do: fused optimizers (``AdamW(fused=True)``) update
-        parameters without bumping ``_version``.
+        fp32). Used only without autograd. The copies are made on first use and remade whenever
+        their source changed: another tensor or dtype/device (``data_ptr``), an in-place edit
+        (``_version``), or any optimizer step in the process (fused optimizers do not bump
+        ``_version``). ``enable=False`` drops them; :meth:`EnhancedMoEModel.decoding` (the
+        generators' scope) enables them for its duration, so they cost the q/k/v weights'
+        memory once more only while decoding.
         """
-        self._qkv_weight = self._qk_gain = None
-        if not enable:
-            return
-        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        self._qkv_weight = torch.cat([w.detach() for w in weights])
+        self._fuse_for_decoding = enable
+        self._decode_key = self._qkv_weight = self._qk_gain = None
+
+    def _decode_weights(self) -> torch.Tensor:
+        """The concatenated q/k/v weight (and the stacked QK-norm gains), remade when stale."""
+        sources = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
         if self.q_norm is not None and not self.qk_norm_full:
-            self._qk_gain = torch.cat([self.q_norm.weight.detach().expand(self.num_heads, -1),
-                                       self.k_norm.weight.detach().expand(self.num_kv_heads, -1)])
+            sources += [self.q_norm.weight, self.k_norm.weight]
+        key = (_optimizer_steps, *((w.data_ptr(), w._version, w.dtype, w.device) for w in sources))
+        if key != self._decode_key:
+            self._qkv_weight = torch.cat([w.detach() for w in sources[:3]])
+            if len(sources) == 5:
+                self._qk_gain = torch.cat([self.q_norm.weight.detach().expand(self.num_heads, -1),
+                                           self.k_norm.weight.detach().expand(self.num_kv_heads, -1)])
+            self._decode_key = key
+        return self._qkv_weight
 
     def _heads(
         self, x_BTD: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor
@@ -126,8 +151,8 @@ class Attention(nn.Module):
         """q (B, T, H, K), k (B, T, G, K) normalised and rotated, and v (B, T, G, K)."""
         B, T, _ = x_BTD.shape
         H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
-        if self._qkv_weight is not None and not torch.is_grad_enabled():
-            qkv_BTF = F.linear(x_BTD, self._qkv_weight)  # (B, T, (H + 2G)·K)
+        if self._fuse_for_decoding and not torch.is_grad_enabled():
+            qkv_BTF = F.linear(x_BTD, self._decode_weights())  # (B, T, (H + 2G)·K)
             v_BTGK = qkv_BTF[..., (H + G) * K:].unflatten(-1, (G, K))
             if qkv_BTF.dtype == torch.float32 and (self.q_norm is None or self._qk_gain is not None):
                 qk_BTNK = qkv_BTF[..., :(H + G) * K].unflatten(-1, (H + G, K))  # N = H + G heads

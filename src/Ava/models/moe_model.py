@@ -403,17 +403,19 @@ class EnhancedMoEModel(nn.Module):
 
         Inside it, every attention layer runs q, k, v as one matmul over a concatenated copy of
         their weights (:meth:`~Ava.layers.Attention.fuse_qkv_for_decoding`) whenever autograd is
-        off: fewer, larger calls per decoded token. The copies are dropped on exit. Nested scopes
-        are fine; training inside one is not (the copies would be stale). The generators
+        off: fewer, larger calls per decoded token. The copies are remade if the weights change
+        (an optimizer step, an in-place edit, new tensors), so results never go stale, and they
+        are dropped when the outermost scope exits; a half-consumed generation stream keeps its
+        scope (and the copies' memory) open until it is closed or collected. The generators
         (:mod:`Ava.generation`) decode inside it.
         """
         attentions = [m for m in self.modules() if isinstance(m, Attention)]
         outermost = not self._decoding
-        if outermost:
-            for attention in attentions:
-                attention.fuse_qkv_for_decoding(True)
-        self._decoding = True
         try:
+            if outermost:
+                self._decoding = True
+                for attention in attentions:
+                    attention.fuse_qkv_for_decoding(True)
             yield
         finally:
             if outermost:

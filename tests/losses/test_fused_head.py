@@ -114,3 +114,19 @@ def test_model_training_step_is_the_same_with_and_without_fusion(tied):
     assert g_on.keys() == g_off.keys()
     for name in g_off:
         torch.testing.assert_close(g_on[name], g_off[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fp16_autocast_keeps_gradients_in_fp32():
+    """With fp16 the gradient products run in fp32: here dW[y] = Σ_rows (p_y − 1)·h ≈ −256·500,
+    past fp16's 65504, which would be inf before any loss scaling could help."""
+    h = torch.full((256, 32), 500.0, requires_grad=True)
+    w = (torch.randn(97, 32, generator=torch.Generator().manual_seed(0)) * 1e-4).requires_grad_()
+    y = torch.full((256,), 5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = fused_linear_cross_entropy_sum(h, w, y)
+    got.backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+    ref_w = w.detach().clone().requires_grad_()
+    F.cross_entropy(h.detach() @ ref_w.t(), y, reduction="sum").backward()
+    assert ref_w.grad.abs().max() > 65504
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-2, atol=1.0)

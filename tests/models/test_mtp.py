@@ -111,7 +111,7 @@ def test_num_heads_zero_leaves_the_model_exactly_as_before():
     assert out0.mtp_logits is None and "mtp" not in out0.aux_losses
     # Heads are built after the main stack: same seed, same main weights, same main outputs.
     with_heads = _model(num_heads=2)
-    out2 = with_heads(ids, labels=ids)
+    out2 = with_heads(ids, labels=ids, return_mtp=True)  # return_mtp: logits are materialised
     torch.testing.assert_close(out2.logits, out0.logits)
     torch.testing.assert_close(out2.lm_loss, out0.lm_loss)
 

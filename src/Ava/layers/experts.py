@@ -236,8 +236,8 @@ def padded_rows(plan: DispatchPlan, multiple: int, cap: int | None = None) -> tu
 
     Returns:
         ``(padded_S, offsets_E, rows)``: (S_kept,) long row of each sorted row in the padded
-        buffer, (E,) int32 end offsets of the padded blocks, and the buffer's row count (read on
-        the host: it sets a shape).
+        buffer, (E,) int32 end offsets of the padded blocks, and the buffer's row count (it sets
+        a shape: E·cap, or read on the host without ``cap``).
     """
     counts_E = plan.tokens_per_expert_E
     num_experts, num_rows = counts_E.shape[0], plan.num_kept
@@ -250,7 +250,8 @@ def padded_rows(plan: DispatchPlan, multiple: int, cap: int | None = None) -> tu
                                        output_size=num_rows)  # (S_kept,)
     row_S = torch.arange(num_rows, device=counts_E.device) - (plan.offsets_E.long() - counts_E)[expert_S]
     padded_S = (ends_E - padded_E)[expert_S] + row_S
-    return padded_S, ends_E.to(torch.int32), int(ends_E[-1]) if num_experts else 0
+    rows = num_experts * cap if cap is not None else (int(ends_E[-1]) if num_experts else 0)  # host read
+    return padded_S, ends_E.to(torch.int32), rows
 
 
 def grouped_swiglu(

@@ -56,11 +56,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of the (smoothed) cross-entropy of ``h @ Wᵀ``; gradients made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, label_smoothing, ignore_index, compute_dtype):
+    def forward(ctx, hidden_ND, weight_VD, targets_N, label_smoothing, ignore_index, compute_dtype, need):
         N, V = hidden_ND.shape[0], weight_VD.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = need  # ctx.needs_input_grad is set even under no_grad
+        # fp16 has the range for the logits but not for unscaled gradient sums (loss scaling
+        # happens after this), so with fp16 the two gradient products run in fp32.
+        grad_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
         w_VD = weight_VD.to(compute_dtype)  # one cast per call (a no-op in fp32)
-        grad_h_ND = torch.empty(hidden_ND.shape, dtype=compute_dtype, device=hidden_ND.device) if need_h else None
+        w_grad_VD = weight_VD.to(grad_dtype)
+        grad_h_ND = torch.empty(hidden_ND.shape, dtype=grad_dtype, device=hidden_ND.device) if need_h else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
         step = chunk_rows(V, hidden_ND.device)
@@ -82,12 +86,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if label_smoothing:
                 g_CV.sub_(label_smoothing / V)
             _zero_rows(g_CV, valid_C)
-            g_CV = g_CV.to(compute_dtype)
+            g_CV = g_CV.to(grad_dtype)
             if need_h:
-                torch.mm(g_CV, w_VD, out=grad_h_ND[start:start + step])
+                torch.mm(g_CV, w_grad_VD, out=grad_h_ND[start:start + step])
             if need_w:  # fp32 accumulation across chunks (a bf16 product is rounded once per chunk)
-                if compute_dtype == torch.float32:
-                    grad_w_VD.addmm_(g_CV.t(), h_CD)
+                if grad_dtype == torch.float32:
+                    grad_w_VD.addmm_(g_CV.t(), h_CD.float())
                 else:
                     grad_w_VD.add_(g_CV.t() @ h_CD)
         ctx.save_for_backward(grad_h_ND, grad_w_VD)
@@ -100,7 +104,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         grad_h = (grad_h_ND * grad_out).to(h_dtype) if grad_h_ND is not None else None
         grad_w = (grad_w_VD * grad_out).to(w_dtype) if grad_w_VD is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_sum(
@@ -132,9 +136,11 @@ def fused_linear_cross_entropy_sum(
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = weight_VD.dtype
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden_ND.requires_grad, grad_on and weight_VD.requires_grad)
     with torch.autocast(device_type, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, float(label_smoothing),
-                                              ignore_index, compute_dtype)
+                                              ignore_index, compute_dtype, need)
 
 
 def use_fused_head(cfg: LossConfig) -> bool:

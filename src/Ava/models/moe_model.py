@@ -88,8 +88,9 @@ class MoEModelOutput:
             ``mtp`` (``model.mtp`` on: (λ/D)·Σ_j L_j) and ``uncertainty``
             (``model.loss.uncertainty_weighting``: the change the learned weights make to the
             plain sum).
-        logits: (B, T, V); None in a training forward (train mode, grad enabled, labels given)
-            whose loss the fused head computed (``model.loss.fused_head``), which never makes them.
+        logits: (B, T, V); None in a training forward (train mode, grad enabled, labels given,
+            no ``return_mtp``) whose loss the fused head computed (``model.loss.fused_head``),
+            which never makes them.
         router_stats: one :class:`RouterStats` per MoE layer (main stack, then MTP blocks); empty,
             like ``aux_losses``, in cached inference without labels (decoding).
         past_key_values: per layer ``(k, v)`` each (B, G, S, K) when ``use_cache``, else None.
@@ -248,7 +249,8 @@ class EnhancedMoEModel(nn.Module):
                 routings.append((i, routing))
         normed_BTD = self.norm(x_BTD)
         # Training loss from hidden states (model.loss.fused_head): no (B, T, V) logits at all.
-        fused = labels is not None and self.training and torch.is_grad_enabled() and use_fused_head(self.config.loss)
+        fused = (labels is not None and not return_mtp and self.training and torch.is_grad_enabled()
+                 and use_fused_head(self.config.loss))
         logits_BTV = None if fused else self.lm_head(normed_BTD)  # (B, T, V)
         mtp_logits = mtp_normed = None
         if run_mtp:

@@ -122,7 +122,7 @@ class Attention(nn.Module):
         side, the per-head QK-norm and RoPE run once over the H + G heads instead of twice (half
         the calls; the same arithmetic, so the results are bitwise those of the plain path in
         fp32). Used only without autograd. The copies are made on first use and remade whenever
-        their source changed: another tensor or dtype/device (``data_ptr``), an in-place edit
+        their source changed: another tensor, dtype or device (``data_ptr``), an in-place edit
         (``_version``), or any optimizer step in the process (fused optimizers do not bump
         ``_version``). ``enable=False`` drops them; :meth:`EnhancedMoEModel.decoding` (the
         generators' scope) enables them for its duration, so they cost the q/k/v weights'
@@ -136,7 +136,8 @@ class Attention(nn.Module):
         sources = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
         if self.q_norm is not None and not self.qk_norm_full:
             sources += [self.q_norm.weight, self.k_norm.weight]
-        key = (_optimizer_steps, *((w.data_ptr(), w._version, w.dtype, w.device) for w in sources))
+        # A move or cast makes new tensors (a new data_ptr), so pointer + version + steps suffice.
+        key = (_optimizer_steps, *((w.data_ptr(), w._version) for w in sources))
         if key != self._decode_key:
             self._qkv_weight = torch.cat([w.detach() for w in sources[:3]])
             if len(sources) == 5:

@@ -483,14 +483,18 @@ def experts_slots(
     dtype = _compute_dtype(x_TD)
     x_TD = x_TD.to(dtype)
     inter = down_proj_EDI.shape[-1]
+    cast = gate_up_proj_EID.dtype != dtype  # bf16 inference over fp32 weights: cast the chosen only
     gate_weights = routing.weights_TK.tolist()  # fp32 values, exact as Python floats
     rows: list[torch.Tensor] = []
     for t, chosen in enumerate(routing.indices_TK.tolist()):
         x_1D = x_TD[t:t + 1]  # 2-D: F.linear then needs no unsqueeze/squeeze
         y_1D = None
         for e, weight in zip(chosen, gate_weights[t]):
-            h_1F = F.linear(x_1D, gate_up_proj_EID[e].to(dtype))  # (1, 2I)
-            out_1D = F.linear(F.silu(h_1F[:, :inter]) * h_1F[:, inter:], down_proj_EDI[e].to(dtype)).float() * weight
+            w_up, w_down = gate_up_proj_EID[e], down_proj_EDI[e]
+            if cast:
+                w_up, w_down = w_up.to(dtype), w_down.to(dtype)
+            h_1F = F.linear(x_1D, w_up)  # (1, 2I)
+            out_1D = F.linear(F.silu(h_1F[:, :inter]) * h_1F[:, inter:], w_down).float() * weight
             y_1D = out_1D if y_1D is None else y_1D + out_1D  # fp32, summed in top-k order
         rows.append(y_1D)
     return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(dtype)  # (T, D)

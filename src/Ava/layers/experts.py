@@ -482,7 +482,6 @@ def experts_slots(
     """
     dtype = _compute_dtype(x_TD)
     x_TD = x_TD.to(dtype)
-    inter = down_proj_EDI.shape[-1]
     cast = gate_up_proj_EID.dtype != dtype  # bf16 inference over fp32 weights: cast the chosen only
     gate_weights = routing.weights_TK.tolist()  # fp32 values, exact as Python floats
     rows: list[torch.Tensor] = []
@@ -493,8 +492,8 @@ def experts_slots(
             w_up, w_down = gate_up_proj_EID[e], down_proj_EDI[e]
             if cast:
                 w_up, w_down = w_up.to(dtype), w_down.to(dtype)
-            h_1F = F.linear(x_1D, w_up)  # (1, 2I)
-            out_1D = F.linear(F.silu(h_1F[:, :inter]) * h_1F[:, inter:], w_down).float() * weight
+            gate_1I, up_1I = F.linear(x_1D, w_up).chunk(2, dim=-1)  # (1, 2I) -> 2 × (1, I), one call
+            out_1D = F.linear(F.silu(gate_1I) * up_1I, w_down).float() * weight
             y_1D = out_1D if y_1D is None else y_1D + out_1D  # fp32, summed in top-k order
         rows.append(y_1D)
     return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(dtype)  # (T, D)

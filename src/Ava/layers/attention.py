@@ -110,6 +110,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
         # While decoding (see fuse_qkv_for_decoding); never parameters or buffers.
         self._fuse_for_decoding = False
+        self._decode_sources: list[torch.Tensor] = []
         self._decode_key: tuple | None = None  # what the copies below were made from
         self._qkv_weight: torch.Tensor | None = None  # [Wq; Wk; Wv]
         self._qk_gain: torch.Tensor | None = None  # (H + G, K): q_norm's gain per q head, k_norm's per kv head
@@ -130,14 +131,20 @@ class Attention(nn.Module):
         """
         self._fuse_for_decoding = enable
         self._decode_key = self._qkv_weight = self._qk_gain = None
+        # The parameters themselves, looked up once (attribute lookups through nn.Module cost
+        # more than the check). Replacing a Parameter object inside the scope is not tracked;
+        # assigning its .data, moving or casting the model, or editing it in place is.
+        self._decode_sources = []
+        if enable:
+            self._decode_sources = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+            if self.q_norm is not None and not self.qk_norm_full:
+                self._decode_sources += [self.q_norm.weight, self.k_norm.weight]
 
     def _decode_weights(self) -> torch.Tensor:
         """The concatenated q/k/v weight (and the stacked QK-norm gains), remade when stale."""
-        sources = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        if self.q_norm is not None and not self.qk_norm_full:
-            sources += [self.q_norm.weight, self.k_norm.weight]
+        sources = self._decode_sources
         # A move or cast makes new tensors (a new data_ptr), so pointer + version + steps suffice.
-        key = (_optimizer_steps, *((w.data_ptr(), w._version) for w in sources))
+        key = (_optimizer_steps, *[(w.data_ptr(), w._version) for w in sources])
         if key != self._decode_key:
             self._qkv_weight = torch.cat([w.detach() for w in sources[:3]])
             if len(sources) == 5:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import time_round_robin
 
 from Ava.config import ModelConfig
 from Ava.generation import TextGenerator
@@ -143,13 +144,8 @@ def speculative_main(args: argparse.Namespace) -> None:
         finally:
             speculative.MTPDrafter.draft = real_draft
 
-    times: dict[str, list[float]] = {"greedy": [], "speculative": [], "perfect drafts": []}
-    for _ in range(args.repeats):
-        for name, fn in (("greedy", lambda: run(False)), ("speculative", lambda: run(True)),
-                         ("perfect drafts", run_perfect)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = time_round_robin({"greedy": lambda: run(False), "speculative": lambda: run(True),
+                              "perfect drafts": run_perfect}, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     tok = len(prompts) * n
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "
@@ -209,12 +205,7 @@ def main() -> None:
 
     ids_ava, ids_hf = run_ava(), run_hf()  # warmup (and the parity check)
     same = sum(a == b for a, b in zip(ids_ava, ids_hf))
-    times: dict[str, list[float]] = {"ava": [], "transformers": []}
-    for _ in range(args.repeats):
-        for name, fn in (("ava", run_ava), ("transformers", run_hf)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = time_round_robin({"ava": run_ava, "transformers": run_hf}, args.repeats)
     tok = args.batch * n
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "

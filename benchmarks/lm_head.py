@@ -23,14 +23,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
+from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
 from Ava.config import LossConfig
 from Ava.losses import causal_lm_objective, fused_causal_lm_objective
-from Ava.utils.allocator import tune_cpu_allocator
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -99,16 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     flops = 6.0 * B * args.seq_len * args.hidden * args.vocab
     rows = []
     for dtype_name in args.dtypes:
-        variants = _variants(h_BTD, head, labels_BT, DTYPES[dtype_name])
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.warmup):
-            for fn in variants.values():
-                fn()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_round_robin(_variants(h_BTD, head, labels_BT, DTYPES[dtype_name]), args.repeats, args.warmup)
         ref = statistics.median(times["logits + cross-entropy"])
         for name, ts in times.items():
             med = statistics.median(ts)
@@ -132,16 +122,11 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
-    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                        help="glibc malloc thresholds as Ava's trainer sets them (performance.cpu_allocator)")
+    add_cpu_args(parser)
     parser.add_argument("--memory", action="store_true", help="peak memory per variant instead of time")
     parser.add_argument("--_child", dest="variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.allocator == "tuned":
-        tune_cpu_allocator()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_cpu_args(args)
     if args.variant is not None:
         peak_memory_of_one_step(args)
     elif args.memory:

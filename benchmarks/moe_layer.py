@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
+from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
 from Ava.config import ModelConfig
 from Ava.layers import MoEBlock, SwiGLU
-from Ava.utils.allocator import tune_cpu_allocator
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -73,15 +72,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "moe grouped": backend_step("grouped"),
             "moe batched": backend_step("batched"),
         }
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.warmup):
-            for fn in variants.values():
-                fn()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_round_robin(variants, args.repeats, args.warmup)
         ref = statistics.median(times["dense SwiGLU"])
         for name, ts in times.items():
             med = statistics.median(ts)
@@ -108,14 +99,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
-    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                        help="glibc malloc thresholds as Ava's trainer sets them (performance.cpu_allocator)")
+    add_cpu_args(parser)
     args = parser.parse_args()
-    if args.allocator == "tuned":
-        tune_cpu_allocator()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_cpu_args(args)
     run(args)
 
 

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from bench_common import add_cpu_args, apply_cpu_args
 
 from Ava.config import ModelConfig, OptimizerConfig
 from Ava.interop.huggingface import hf_config, hf_state_dict
 from Ava.models import EnhancedMoEModel
 from Ava.optimization import DEFAULT_BETAS, build_optimizer
 from Ava.training.metrics import measure_matmul_peak
-from Ava.utils.allocator import tune_cpu_allocator
 
 # name → (experts, top_k, moe_intermediate_size); both have the same active expert parameters.
 SHAPES = {"8x2": (8, 2, 512), "64x8": (64, 8, 128)}
@@ -275,15 +275,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one Ava step (8x2) per dtype and print the top ops by self CPU time")
     parser.add_argument("--profile-top", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's")
-    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                        help="glibc malloc thresholds as Ava's trainer sets them (performance.cpu_allocator); "
-                             "process-wide, so HF runs with the same allocator")
+    add_cpu_args(parser, "; process-wide, so HF runs with the same allocator")
     args = parser.parse_args()
-    if args.allocator == "tuned":
-        tune_cpu_allocator()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_cpu_args(args)
 
     import transformers
 

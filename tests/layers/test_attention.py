@@ -198,39 +198,6 @@ def test_cached_decoding_matches_full_forward_with_explicit_head_dim(kw):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_qkv_only_inside_the_decoding_scope_and_never_stale():
-    """model.decoding() fuses q/k/v without autograd; leaving it drops the copy, so weights
-    changed afterwards (even by a fused optimizer, which does not bump _version) are used."""
-    from Ava.config import ModelConfig
-    from Ava.models import EnhancedMoEModel
-
-    torch.manual_seed(0)
-    model = EnhancedMoEModel(ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                         num_experts=4, max_seq_len=32,
-                                         moe={"top_k": 2, "moe_intermediate_size": 16})).eval()
-    for layer in model.layers:  # distinct q and k gains, so mixing them up would show
-        torch.nn.init.normal_(layer.self_attn.q_norm.weight)
-        torch.nn.init.normal_(layer.self_attn.k_norm.weight)
-    ids = torch.randint(0, 50, (2, 9))
-    with torch.no_grad():
-        plain = model(ids).logits
-        with model.decoding():
-            fused = model(ids).logits
-            assert all(layer.self_attn._qkv_weight is not None for layer in model.layers)
-        assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
-    assert torch.equal(fused, plain)  # the same arithmetic, merged calls (fp32 CPU)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    model.train()
-    model(ids, labels=ids).loss.backward()
-    opt.step()
-    model.eval()
-    with torch.no_grad():
-        after = model(ids).logits
-        with model.decoding():
-            torch.testing.assert_close(model(ids).logits, after, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(after, plain)
-
-
 def _decode_model(**kw):
     from Ava.config import ModelConfig
     from Ava.models import EnhancedMoEModel
@@ -242,6 +209,38 @@ def _decode_model(**kw):
     return EnhancedMoEModel(ModelConfig(**cfg)).eval()
 
 
+def _fused_adamw_step(model, ids):
+    """One training step with AdamW(fused=True), which updates weights without bumping _version."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+
+
+def test_fused_qkv_only_inside_the_decoding_scope_and_never_stale():
+    """model.decoding() fuses q/k/v without autograd; leaving it drops the copy, so weights
+    changed afterwards (even by a fused optimizer, which does not bump _version) are used."""
+    model = _decode_model()
+    for layer in model.layers:  # distinct q and k gains, so mixing them up would show
+        torch.nn.init.normal_(layer.self_attn.q_norm.weight)
+        torch.nn.init.normal_(layer.self_attn.k_norm.weight)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with model.decoding():
+            fused = model(ids).logits
+            assert all(layer.self_attn._qkv_weight is not None for layer in model.layers)
+        assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
+    assert torch.equal(fused, plain)  # the same arithmetic, merged calls (fp32 CPU)
+    _fused_adamw_step(model, ids)
+    with torch.no_grad():
+        after = model(ids).logits
+        with model.decoding():
+            torch.testing.assert_close(model(ids).logits, after, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, plain)
+
+
 def test_decoding_copies_follow_weight_changes_inside_an_open_scope():
     """A scope left open (a half-read generation stream) never serves stale weights: a fused
     optimizer step, an in-place edit and load_state_dict are all picked up."""
@@ -250,11 +249,7 @@ def test_decoding_copies_follow_weight_changes_inside_an_open_scope():
     with model.decoding():
         with torch.no_grad():
             before = model(ids).logits
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-        model.train()
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        model.eval()
+        _fused_adamw_step(model, ids)
         with torch.no_grad():
             after_step = model(ids).logits
             with model.decoding():  # nested: the outer scope keeps the copies

@@ -30,6 +30,11 @@ from .language_modeling import IGNORE_INDEX
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def logits_objective(cfg: LossConfig | None) -> Objective:
+    """The default :data:`Objective`: ``causal_lm_objective`` with ``cfg`` on (B, T, V) logits."""
+    return lambda logits_BTV, labels_BT: causal_lm_objective(logits_BTV, labels_BT, cfg)
+
+
 @dataclass(frozen=True)
 class LossTerms:
     """The assembled loss of one forward pass.
@@ -104,7 +109,7 @@ def mtp_loss(
     Returns:
         ``(weighted L_MTP, [L_1, ..., L_D] unweighted)``, fp32 scalars.
     """
-    objective = objective or (lambda logits_BTV, labels: causal_lm_objective(logits_BTV, labels, cfg))
+    objective = objective or logits_objective(cfg)
     head_losses = [
         objective(logits_BTV, shift_labels(labels_BT, j)) for j, logits_BTV in enumerate(mtp_logits, start=1)
     ]
@@ -139,7 +144,7 @@ def assemble_losses(
         :class:`LossTerms`; ``aux_losses`` holds the balance terms, then ``mtp``, then
         ``uncertainty``.
     """
-    objective = objective or (lambda logits, labels: causal_lm_objective(logits, labels, cfg))
+    objective = objective or logits_objective(cfg)
     lm_loss = objective(logits_BTV, labels_BT)
     aux_losses = dict(balance_terms)
     head_losses: list[torch.Tensor] = []

@@ -31,7 +31,9 @@ def apply_cpu_args(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def time_round_robin(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 0) -> dict[str, list[float]]:
+def time_round_robin(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed ones."""
     for _ in range(warmup):
         for fn in variants.values():

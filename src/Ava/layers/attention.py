@@ -104,13 +104,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.qk_norm_full = cfg.qk_norm and cfg.qk_norm_scope == "full"
+        self.qk_norm_per_head = cfg.qk_norm and not self.qk_norm_full
         q_width = self.num_heads * self.head_dim if self.qk_norm_full else self.head_dim
         k_width = self.num_kv_heads * self.head_dim if self.qk_norm_full else self.head_dim
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
         # While decoding (see fuse_qkv_for_decoding); never parameters or buffers.
-        self._fuse_for_decoding = False
-        self._decode_sources: list[torch.Tensor] = []
+        self._decode_sources: list[torch.Tensor] = []  # non-empty = fusing for decoding
         self._decode_key: tuple | None = None  # what the copies below were made from
         self._qkv_weight: torch.Tensor | None = None  # [Wq; Wk; Wv]
         self._qk_gain: torch.Tensor | None = None  # (H + G, K): q_norm's gain per q head, k_norm's per kv head
@@ -129,7 +129,6 @@ class Attention(nn.Module):
         generators' scope) enables them for its duration, so they cost the q/k/v weights'
         memory once more only while decoding.
         """
-        self._fuse_for_decoding = enable
         self._decode_key = self._qkv_weight = self._qk_gain = None
         # The parameters themselves, looked up once (attribute lookups through nn.Module cost
         # more than the check). Replacing a Parameter object inside the scope is not tracked;
@@ -137,8 +136,12 @@ class Attention(nn.Module):
         self._decode_sources = []
         if enable:
             self._decode_sources = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-            if self.q_norm is not None and not self.qk_norm_full:
+            if self.qk_norm_per_head:
                 self._decode_sources += [self.q_norm.weight, self.k_norm.weight]
+
+    @property
+    def _fuse_for_decoding(self) -> bool:
+        return bool(self._decode_sources)
 
     def _decode_weights(self) -> torch.Tensor:
         """The concatenated q/k/v weight (and the stacked QK-norm gains), remade when stale."""
@@ -147,9 +150,9 @@ class Attention(nn.Module):
         key = (_optimizer_steps, *[(w.data_ptr(), w._version) for w in sources])
         if key != self._decode_key:
             self._qkv_weight = torch.cat([w.detach() for w in sources[:3]])
-            if len(sources) == 5:
-                self._qk_gain = torch.cat([self.q_norm.weight.detach().expand(self.num_heads, -1),
-                                           self.k_norm.weight.detach().expand(self.num_kv_heads, -1)])
+            if self.qk_norm_per_head:
+                q_gain_K, k_gain_K = sources[3].detach(), sources[4].detach()
+                self._qk_gain = torch.cat([q_gain_K.expand(self.num_heads, -1), k_gain_K.expand(self.num_kv_heads, -1)])
             self._decode_key = key
         return self._qkv_weight
 
@@ -162,9 +165,9 @@ class Attention(nn.Module):
         if self._fuse_for_decoding and not torch.is_grad_enabled():
             qkv_BTF = F.linear(x_BTD, self._decode_weights())  # (B, T, (H + 2G)·K)
             v_BTGK = qkv_BTF[..., (H + G) * K:].unflatten(-1, (G, K))
-            if qkv_BTF.dtype == torch.float32 and (self.q_norm is None or self._qk_gain is not None):
+            if qkv_BTF.dtype == torch.float32 and not self.qk_norm_full:
                 qk_BTNK = qkv_BTF[..., :(H + G) * K].unflatten(-1, (H + G, K))  # N = H + G heads
-                if self._qk_gain is not None:  # = RMSNorm per head with q's or k's gain (fp32 path)
+                if self.qk_norm_per_head:  # = RMSNorm per head with q's or k's gain (fp32 path)
                     qk_BTNK = F.rms_norm(qk_BTNK, (K,), None, self.q_norm.eps) * self._qk_gain
                 q_BTHK, k_BTGK = apply_rotary(qk_BTNK, cos_BTK, sin_BTK).split([H, G], dim=2)
                 return q_BTHK, k_BTGK, v_BTGK
@@ -175,7 +178,7 @@ class Attention(nn.Module):
         if self.qk_norm_full:
             q_BTF, k_BTF = self.q_norm(q_BTF), self.k_norm(k_BTF)
         q_BTHK, k_BTGK = q_BTF.unflatten(-1, (H, K)), k_BTF.unflatten(-1, (G, K))
-        if self.q_norm is not None and not self.qk_norm_full:
+        if self.qk_norm_per_head:
             q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
         return apply_rotary(q_BTHK, cos_BTK, sin_BTK), apply_rotary(k_BTGK, cos_BTK, sin_BTK), v_BTGK
 

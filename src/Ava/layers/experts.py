@@ -225,7 +225,9 @@ def row_multiple(x_SD: torch.Tensor) -> int:
     return 64 if x_SD.device.type == "cpu" and x_SD.dtype == torch.bfloat16 else 1
 
 
-def padded_rows(plan: DispatchPlan, multiple: int, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def padded_rows(
+    plan: DispatchPlan, multiple: int, cap: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Where each sorted row goes when expert blocks are padded with zero rows.
 
     Args:
@@ -235,9 +237,9 @@ def padded_rows(plan: DispatchPlan, multiple: int, cap: int | None = None) -> tu
             its own rounded count.
 
     Returns:
-        ``(padded_S, offsets_E, rows)``: (S_kept,) long row of each sorted row in the padded
-        buffer, (E,) int32 end offsets of the padded blocks, and the buffer's row count (it sets
-        a shape: E·cap, or read on the host without ``cap``).
+        ``(padded_S, offsets_E, counts_E, rows)``: (S_kept,) long row of each sorted row in the
+        padded buffer, (E,) int32 end offsets and (E,) long sizes of the padded blocks, and the
+        buffer's row count (it sets a shape: E·cap, or read on the host without ``cap``).
     """
     counts_E = plan.tokens_per_expert_E
     num_experts, num_rows = counts_E.shape[0], plan.num_kept
@@ -251,7 +253,7 @@ def padded_rows(plan: DispatchPlan, multiple: int, cap: int | None = None) -> tu
     row_S = torch.arange(num_rows, device=counts_E.device) - (plan.offsets_E.long() - counts_E)[expert_S]
     padded_S = (ends_E - padded_E)[expert_S] + row_S
     rows = num_experts * cap if cap is not None else (int(ends_E[-1]) if num_experts else 0)  # host read
-    return padded_S, ends_E.to(torch.int32), rows
+    return padded_S, ends_E.to(torch.int32), padded_E, rows
 
 
 def grouped_swiglu(
@@ -279,9 +281,8 @@ def grouped_swiglu(
     if multiple == 1:
         return _grouped_swiglu_blocks(x_SD, plan.offsets_E, plan.tokens_per_expert_E, gate_up_proj_EID,
                                       down_proj_EDI)
-    padded_S, offsets_E, rows = padded_rows(plan, multiple)
+    padded_S, offsets_E, counts_E, rows = padded_rows(plan, multiple)
     x_pad_PD = x_SD.new_zeros(rows, x_SD.shape[-1]).index_copy(0, padded_S, x_SD)  # (P, D)
-    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
     y_pad_PD = _grouped_swiglu_blocks(x_pad_PD, offsets_E, counts_E, gate_up_proj_EID, down_proj_EDI)
     return y_pad_PD.index_select(0, padded_S)  # (S, D)
 
@@ -386,7 +387,7 @@ def batched_swiglu(
     multiple = row_multiple(x_SD)
     busiest = int(plan.tokens_per_expert_E.max()) if x_SD.shape[0] else 0
     cap = max(-(-busiest // multiple) * multiple, multiple)
-    padded_S, _, rows = padded_rows(plan, multiple, cap=cap)  # row e·cap + r for row r of expert e
+    padded_S, _, _, rows = padded_rows(plan, multiple, cap=cap)  # row e·cap + r for row r of expert e
     x_pad_ND = x_SD.new_zeros(rows, hidden).index_copy(0, padded_S, x_SD)
     x_ECD = x_pad_ND.view(num_experts, cap, hidden)  # (E, C_max, D)
     y_ECD = _BatchedSwiGLU.apply(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)

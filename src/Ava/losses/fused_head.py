@@ -63,7 +63,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # happens after this), so with fp16 the two gradient products run in fp32.
         grad_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
         w_VD = weight_VD.to(compute_dtype)  # one cast per call (a no-op in fp32)
-        w_grad_VD = weight_VD.to(grad_dtype)
+        w_grad_VD = w_VD if grad_dtype == compute_dtype else weight_VD.to(grad_dtype)  # one cast each
         grad_h_ND = torch.empty(hidden_ND.shape, dtype=grad_dtype, device=hidden_ND.device) if need_h else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)

@@ -295,3 +295,8 @@ class ModelConfig(AvaSection):
         if self.moe.moe_intermediate_size is None:
             object.__setattr__(self.moe, "moe_intermediate_size", _swiglu_width(self.hidden_size))
         return self
+
+    @property
+    def qk_norm_full(self) -> bool:
+        """QK-norm over all heads' channels at once (``qk_norm`` on, ``qk_norm_scope: full``; OLMoE)."""
+        return self.qk_norm and self.qk_norm_scope == "full"

@@ -96,11 +96,11 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
     if arch == "qwen3_moe" and not cfg.qk_norm:
         problems.append("model.qk_norm=false: Qwen3-MoE always normalises queries and keys; export as mixtral "
                         "(--arch mixtral) instead")
-    if arch == "qwen3_moe" and cfg.qk_norm and cfg.qk_norm_scope == "full":
+    if arch == "qwen3_moe" and cfg.qk_norm_full:
         problems.append("model.qk_norm_scope=full: Qwen3-MoE normalises queries and keys per head; export as "
                         "olmoe (--arch olmoe) instead")
     if arch == "olmoe":
-        if not (cfg.qk_norm and cfg.qk_norm_scope == "full"):
+        if not cfg.qk_norm_full:
             problems.append(f"model.qk_norm={cfg.qk_norm}, qk_norm_scope={cfg.qk_norm_scope}: OLMoE normalises "
                             "queries and keys over all heads at once (needs qk_norm: true, qk_norm_scope: full); "
                             "export as qwen3_moe or mixtral instead")
@@ -135,8 +135,7 @@ def choose_architecture(model: EnhancedMoEModel, arch: str = "auto") -> str:
         if not hf_export_problems(model, "mixtral"):
             arch = "mixtral"
         else:
-            full = model.config.qk_norm and model.config.qk_norm_scope == "full"
-            arch = "olmoe" if full else "qwen3_moe"
+            arch = "olmoe" if model.config.qk_norm_full else "qwen3_moe"
     problems = hf_export_problems(model, arch)
     if problems:
         raise AvaConfigError(f"cannot export as {ARCHITECTURES.get(arch, arch)}: " + "; ".join(problems))

@@ -103,7 +103,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
-        self.qk_norm_full = cfg.qk_norm and cfg.qk_norm_scope == "full"
+        self.qk_norm_full = cfg.qk_norm_full
         self.qk_norm_per_head = cfg.qk_norm and not self.qk_norm_full
         q_width = self.num_heads * self.head_dim if self.qk_norm_full else self.head_dim
         k_width = self.num_kv_heads * self.head_dim if self.qk_norm_full else self.head_dim

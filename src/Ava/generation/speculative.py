@@ -201,9 +201,9 @@ class MTPDrafter:
                                    f"for {T} positions")
             ids_1T = torch.tensor([ext[start + j: i + j + 1]], device=device)  # t_{p+j} (drafts past t_n)
             positions_1T = torch.arange(start, i + 1, device=device)[None]
-            cos_1TK, sin_1TK = model.rotary(positions_1T)
+            cos_1T1K, sin_1T1K = model.rotary(positions_1T)
             mask = build_attention_mask(None, T, start, device)
-            out_1TD, present = depth.forward_cached(h_1TD, model.embed_tokens(ids_1T), cos_1TK, sin_1TK, mask,
+            out_1TD, present = depth.forward_cached(h_1TD, model.embed_tokens(ids_1T), cos_1T1K, sin_1T1K, mask,
                                                     self.caches[j], ids_1T)
             logits_1V = model.lm_head(depth.norm(out_1TD[:, -1]))  # predicts t_{n+j}
             token = int(logits_1V.float().argmax(dim=-1)[0])

@@ -157,7 +157,7 @@ class Attention(nn.Module):
         return self._qkv_weight
 
     def _heads(
-        self, x_BTD: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor
+        self, x_BTD: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, T, H, K), k (B, T, G, K) normalised and rotated, and v (B, T, G, K)."""
         B, T, _ = x_BTD.shape
@@ -169,7 +169,7 @@ class Attention(nn.Module):
                 qk_BTNK = qkv_BTF[..., :(H + G) * K].unflatten(-1, (H + G, K))  # N = H + G heads
                 if self.qk_norm_per_head:  # = RMSNorm per head with q's or k's gain (fp32 path)
                     qk_BTNK = F.rms_norm(qk_BTNK, (K,), None, self.q_norm.eps) * self._qk_gain
-                q_BTHK, k_BTGK = apply_rotary(qk_BTNK, cos_BTK, sin_BTK).split([H, G], dim=2)
+                q_BTHK, k_BTGK = apply_rotary(qk_BTNK, cos_BT1K, sin_BT1K).split([H, G], dim=2)
                 return q_BTHK, k_BTGK, v_BTGK
             q_BTF, k_BTF = qkv_BTF[..., :H * K], qkv_BTF[..., H * K:(H + G) * K]
         else:
@@ -180,13 +180,13 @@ class Attention(nn.Module):
         q_BTHK, k_BTGK = q_BTF.unflatten(-1, (H, K)), k_BTF.unflatten(-1, (G, K))
         if self.qk_norm_per_head:
             q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
-        return apply_rotary(q_BTHK, cos_BTK, sin_BTK), apply_rotary(k_BTGK, cos_BTK, sin_BTK), v_BTGK
+        return apply_rotary(q_BTHK, cos_BT1K, sin_BT1K), apply_rotary(k_BTGK, cos_BT1K, sin_BT1K), v_BTGK
 
     def forward(
         self,
         x_BTD: torch.Tensor,
-        cos_BTK: torch.Tensor,
-        sin_BTK: torch.Tensor,
+        cos_BT1K: torch.Tensor,
+        sin_BT1K: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None = None,
         past_kv: KVCache | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
@@ -194,7 +194,7 @@ class Attention(nn.Module):
 
         Args:
             x_BTD: (B, T, D) normalised hidden states.
-            cos_BTK, sin_BTK: (B, T, K) RoPE tables of the new positions.
+            cos_BT1K, sin_BT1K: (B, T, 1, K) RoPE tables of the new positions.
             attn_mask_B1TS: from :func:`build_attention_mask`; None = plain causal (no past) or
                 a single query over the whole cache.
             past_kv: (k, v) each (B, G, S_past, K) after RoPE, or None.
@@ -204,7 +204,7 @@ class Attention(nn.Module):
             caller keeps them only when it asked for a cache.
         """
         B, T, _ = x_BTD.shape
-        q_BTHK, k_BTGK, v_BTGK = self._heads(x_BTD, cos_BTK, sin_BTK)
+        q_BTHK, k_BTGK, v_BTGK = self._heads(x_BTD, cos_BT1K, sin_BT1K)
         # The norms return their gain's dtype (fp32); under autocast SDPA wants one dtype.
         dtype = v_BTGK.dtype
         q_BHTK = q_BTHK.to(dtype).transpose(1, 2)  # (B, H, T, K)

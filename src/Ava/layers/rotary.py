@@ -40,9 +40,10 @@ class RotaryEmbedding(nn.Module):
             position_ids_BT: (B, T) long, each < ``max_positions`` (an index error otherwise).
 
         Returns:
-            ``(cos_BTK, sin_BTK)``, both fp32 (B, T, K).
+            ``(cos_BT1K, sin_BT1K)``, both fp32 (B, T, 1, K): the head axis is 1 so the tables
+            broadcast over any number of heads (made once per forward, used by every layer).
         """
-        return self.cos_PK[position_ids_BT], self.sin_PK[position_ids_BT]
+        return self.cos_PK[position_ids_BT].unsqueeze(2), self.sin_PK[position_ids_BT].unsqueeze(2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -51,20 +52,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    x_BTHK: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor
+    x_BTHK: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor
 ) -> torch.Tensor:
     """Rotate queries or keys by their positions.
 
     Args:
         x_BTHK: (B, T, H, K) queries or keys.
-        cos_BTK, sin_BTK: (B, T, K) from :class:`RotaryEmbedding`, or already (B, T, 1, K)
-            (the model unsqueezes once per forward instead of twice per layer).
+        cos_BT1K, sin_BT1K: (B, T, 1, K) from :class:`RotaryEmbedding`.
 
     Returns:
         (B, T, H, K) in the dtype of ``x_BTHK``.
     """
-    if cos_BTK.dim() == 3:  # (B, T, K) -> (B, T, 1, K); the model passes (B, T, 1, K) already
-        cos_BTK, sin_BTK = cos_BTK.unsqueeze(2), sin_BTK.unsqueeze(2)
-    if cos_BTK.dtype != x_BTHK.dtype:
-        cos_BTK, sin_BTK = cos_BTK.to(x_BTHK.dtype), sin_BTK.to(x_BTHK.dtype)
-    return x_BTHK * cos_BTK + _rotate_half(x_BTHK) * sin_BTK
+    if cos_BT1K.dtype != x_BTHK.dtype:
+        cos_BT1K, sin_BT1K = cos_BT1K.to(x_BTHK.dtype), sin_BT1K.to(x_BTHK.dtype)
+    return x_BTHK * cos_BT1K + _rotate_half(x_BTHK) * sin_BT1K

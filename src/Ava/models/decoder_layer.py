@@ -36,8 +36,8 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x_BTD: torch.Tensor,
-        cos_BTK: torch.Tensor,
-        sin_BTK: torch.Tensor,
+        cos_BT1K: torch.Tensor,
+        sin_BT1K: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None,
         past_kv: KVCache | None,
         token_ids_BT: torch.Tensor | None = None,
@@ -46,7 +46,7 @@ class DecoderLayer(nn.Module):
 
         ``token_ids_BT`` (B, T) are the input ids, for the hash router."""
         attn_BTD, present_kv = self.self_attn(
-            self.input_layernorm(x_BTD), cos_BTK, sin_BTK, attn_mask_B1TS, past_kv
+            self.input_layernorm(x_BTD), cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv
         )
         x_BTD = x_BTD + self._dropout(attn_BTD)
         h_BTD = self.post_attention_layernorm(x_BTD)

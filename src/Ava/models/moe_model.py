@@ -233,8 +233,7 @@ class EnhancedMoEModel(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-        # (B, T, 1, K): unsqueezed for the heads once here, not twice in every layer.
-        cos_BT1K, sin_BT1K = (table.unsqueeze(2) for table in self.rotary(position_ids))
+        cos_BT1K, sin_BT1K = self.rotary(position_ids)  # (B, T, 1, K), shared by every layer
         attn_mask_B1TS = build_attention_mask(attention_mask, T, past_len, input_ids.device, document_ids)
 
         x_BTD = self.embed_tokens(input_ids)  # (B, T, D)

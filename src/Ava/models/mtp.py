@@ -75,8 +75,8 @@ class MTPModule(nn.Module):
         self,
         h_BTD: torch.Tensor,
         emb_BTD: torch.Tensor,
-        cos_BTK: torch.Tensor,
-        sin_BTK: torch.Tensor,
+        cos_BT1K: torch.Tensor,
+        sin_BT1K: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None,
         token_ids_BT: torch.Tensor,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
@@ -85,32 +85,32 @@ class MTPModule(nn.Module):
         Args:
             h_BTD: (B, T, D) previous depth's hidden state h^{j-1} (un-normalised).
             emb_BTD: (B, T, D) embeddings of the tokens j positions ahead.
-            cos_BTK, sin_BTK: RoPE tables of the positions (as in the main stack).
+            cos_BT1K, sin_BT1K: RoPE tables of the positions (as in the main stack).
             attn_mask_B1TS: the main stack's attention mask, or None (causal).
             token_ids_BT: (B, T) the ids behind ``emb_BTD`` (for the hash router).
 
         Returns:
             ``(h^j (B, T, D), routing or None for a dense block)``.
         """
-        x_BTD, _, routing = self._combine_and_run(h_BTD, emb_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, None,
+        x_BTD, _, routing = self._combine_and_run(h_BTD, emb_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, None,
                                                   token_ids_BT)
         return x_BTD, routing
 
     def _combine_and_run(
-        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor,
+        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None, past_kv: KVCache | None, token_ids_BT: torch.Tensor,
     ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
         """eh_proj([enorm(emb); hnorm(h)]) through the block: ``(h^j, (k, v), routing)``."""
         x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
         x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
-        return self.block(x_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv, token_ids_BT)
+        return self.block(x_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv, token_ids_BT)
 
     def forward_cached(
         self,
         h_BTD: torch.Tensor,
         emb_BTD: torch.Tensor,
-        cos_BTK: torch.Tensor,
-        sin_BTK: torch.Tensor,
+        cos_BT1K: torch.Tensor,
+        sin_BT1K: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None,
         past_kv: KVCache | None,
         token_ids_BT: torch.Tensor,
@@ -123,7 +123,7 @@ class MTPModule(nn.Module):
 
         Args:
             h_BTD, emb_BTD, token_ids_BT: as in :meth:`forward`, for the new positions only.
-            cos_BTK, sin_BTK: RoPE tables of the new positions (their absolute positions).
+            cos_BT1K, sin_BT1K: RoPE tables of the new positions (their absolute positions).
             attn_mask_B1TS: :func:`~Ava.layers.attention.build_attention_mask` for T new
                 positions after ``past_kv`` (None for one position, or with no past).
             past_kv: this block's ``(k, v)`` of the earlier positions, each (B, G, S_past, K),
@@ -132,7 +132,7 @@ class MTPModule(nn.Module):
         Returns:
             ``(h^j (B, T, D), (k, v) of past and new positions, each (B, G, S_past + T, K))``.
         """
-        x_BTD, present_kv, _ = self._combine_and_run(h_BTD, emb_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, past_kv,
+        x_BTD, present_kv, _ = self._combine_and_run(h_BTD, emb_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv,
                                                      token_ids_BT)
         return x_BTD, present_kv
 
@@ -153,8 +153,8 @@ class MultiTokenPrediction(nn.ModuleList):
         input_ids_BT: torch.Tensor,
         embed_tokens: nn.Embedding,
         lm_head: nn.Linear | None,
-        cos_BTK: torch.Tensor,
-        sin_BTK: torch.Tensor,
+        cos_BT1K: torch.Tensor,
+        sin_BT1K: torch.Tensor,
         attn_mask_B1TS: torch.Tensor | None,
     ) -> MTPOutput:
         """Run every depth and the shared head.
@@ -165,7 +165,7 @@ class MultiTokenPrediction(nn.ModuleList):
             embed_tokens: the model's (shared) input embedding.
             lm_head: the model's (shared) output head; None = return only ``normed_hidden``
                 (the fused loss applies the head itself).
-            cos_BTK, sin_BTK: the main stack's RoPE tables.
+            cos_BT1K, sin_BT1K: the main stack's RoPE tables.
             attn_mask_B1TS: the main stack's attention mask, or None.
 
         Returns:
@@ -182,7 +182,7 @@ class MultiTokenPrediction(nn.ModuleList):
             # Tokens j positions ahead; the last j positions (no such token) repeat the last one.
             ids_BT = torch.cat([input_ids_BT[:, j:], input_ids_BT[:, -1:].expand(-1, j)], dim=1)  # (B, T)
             ahead_BTD = torch.cat([emb_BTD[:, j:], emb_BTD[:, -1:].expand(-1, j, -1)], dim=1)  # (B, T, D)
-            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BTK, sin_BTK, attn_mask_B1TS, ids_BT)
+            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, ids_BT)
             normed.append(module.norm(h_BTD))  # (B, T, D)
             if lm_head is not None:
                 logits.append(lm_head(normed[-1]))  # (B, T, V)

@@ -9,6 +9,7 @@ implementations must produce the same greedy tokens. Needs the ``bench`` extra
 
     python benchmarks/generation.py                      # hidden 256, 4 layers, 8 experts top-2
     python benchmarks/generation.py --batch 4 --new-tokens 64
+    python benchmarks/generation.py --count-calls        # ATen calls per decoded token (no transformers needed)
 
 ``--speculative`` measures MTP self-speculative decoding instead (no transformers needed): a model
 of the same shape with ``--mtp-heads`` MTP heads is trained briefly (``--train-steps`` AdamW steps
@@ -161,6 +162,34 @@ def speculative_main(args: argparse.Namespace) -> None:
     print(f"greedy outputs identical: {same}/{len(prompts)} prompts")
 
 
+def count_calls(args: argparse.Namespace) -> None:
+    """ATen calls of one cached decode forward (one new token per row), as the generators run it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+        num_kv_heads=max(1, args.hidden // 128), num_experts=args.experts, max_seq_len=1024,
+        moe={"top_k": args.top_k, "moe_intermediate_size": args.moe_intermediate, "backend": args.backend},
+    )
+    torch.manual_seed(0)
+    model = EnhancedMoEModel(cfg).eval()
+    ids = torch.randint(2, args.vocab, (args.batch, args.prompt_len))
+    with torch.no_grad(), model.decoding():
+        past = model(ids, use_cache=True).past_key_values
+        positions = torch.full((args.batch, 1), args.prompt_len)
+        with Counter():
+            model(ids[:, -1:], past_key_values=past, use_cache=True, position_ids=positions)
+    print(f"ATen calls per decode forward (batch {args.batch}, {args.layers} layers, inside model.decoding()): "
+          f"{Counter.calls}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -180,9 +209,14 @@ def main() -> None:
     parser.add_argument("--mtp-heads", type=int, default=2, help="with --speculative: MTP heads (draft depth)")
     parser.add_argument("--train-steps", type=int, default=300, help="with --speculative: training steps")
     parser.add_argument("--prompts", type=int, default=4, help="with --speculative: held-out prompts")
+    parser.add_argument("--count-calls", action="store_true",
+                        help="count the ATen calls of one decode forward instead (what decode speed is bound by here)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.count_calls:
+        count_calls(args)
+        return
     if args.speculative:
         speculative_main(args)
         return

@@ -13,6 +13,7 @@ resident memory it added over the inputs (``ru_maxrss`` after − before the ste
     python benchmarks/lm_head.py                          # N 2048, D 256, V 8192 (the train_throughput shape)
     python benchmarks/lm_head.py --hidden 512 --vocab 32768
     python benchmarks/lm_head.py --memory --vocab 65536
+    python benchmarks/lm_head.py --dtypes bf16 --chunk-rows 128 256 512 1024   # the chunk-size rule
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
 from Ava.config import LossConfig
 from Ava.losses import causal_lm_objective, fused_causal_lm_objective
+from Ava.losses import fused_head
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _variants(h_BTD: torch.Tensor, head: torch.nn.Linear, labels_BT: torch.Tensor,
-              autocast: torch.dtype | None) -> dict[str, Callable[[], None]]:
+              autocast: torch.dtype | None, chunk_rows: list[int] = ()) -> dict[str, Callable[[], None]]:
     cfg = LossConfig()
 
     def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -47,10 +49,23 @@ def _variants(h_BTD: torch.Tensor, head: torch.nn.Linear, labels_BT: torch.Tenso
             loss.backward()
         return run
 
-    return {
+    def fused_with_rows(rows: int) -> Callable[[], torch.Tensor]:
+        def loss() -> torch.Tensor:
+            saved = fused_head.chunk_rows
+            fused_head.chunk_rows = lambda vocab, device: rows
+            try:
+                return fused_causal_lm_objective(h_BTD, head.weight, labels_BT, cfg)
+            finally:
+                fused_head.chunk_rows = saved
+        return loss
+
+    variants = {
         "logits + cross-entropy": step(lambda: causal_lm_objective(head(h_BTD), labels_BT, cfg)),
         "fused head": step(lambda: fused_causal_lm_objective(h_BTD, head.weight, labels_BT, cfg)),
     }
+    for rows in chunk_rows:
+        variants[f"fused head, {rows}-row chunks"] = step(fused_with_rows(rows))
+    return variants
 
 
 def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor]:
@@ -98,7 +113,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     flops = 6.0 * B * args.seq_len * args.hidden * args.vocab
     rows = []
     for dtype_name in args.dtypes:
-        times = time_round_robin(_variants(h_BTD, head, labels_BT, DTYPES[dtype_name]), args.repeats, args.warmup)
+        variants = _variants(h_BTD, head, labels_BT, DTYPES[dtype_name], args.chunk_rows)
+        times = time_round_robin(variants, args.repeats, args.warmup)
         ref = statistics.median(times["logits + cross-entropy"])
         for name, ts in times.items():
             med = statistics.median(ts)
@@ -124,6 +140,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     add_cpu_args(parser)
     parser.add_argument("--memory", action="store_true", help="peak memory per variant instead of time")
+    parser.add_argument("--chunk-rows", type=int, nargs="+", default=[], metavar="ROWS",
+                        help="also time the fused head with these rows per chunk (the default picks "
+                             f"{fused_head.chunk_rows(8192, torch.device('cpu'))} at vocab 8192 on CPU)")
     parser.add_argument("--_child", dest="variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     apply_cpu_args(args)

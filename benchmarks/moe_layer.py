@@ -11,33 +11,75 @@ numerator for every row.
 
     python benchmarks/moe_layer.py                       # defaults: 256 hidden, 8 experts, top-2
     python benchmarks/moe_layer.py --experts 64 --top-k 8 --moe-intermediate 128
+
+``--fresh-routing`` gives every call a new input (a pool of 16), so the routing and every
+expert's row count change from call to call as in training; the default reuses one input.
+``--ablations`` adds the backends with parts of them switched back: ``exact rows`` (no padding of
+expert blocks to multiples of 64 rows, which CPU bf16 uses: ``row_multiple``) and ``autograd
+SwiGLU`` (batched without its hand-written backward, ``_BatchedSwiGLU``).
+
+``--decode 1 2 4`` instead times the inference forward (no autograd) of the experts alone for that
+many tokens, per path (``slots``, ``gathered``, ``grouped``, ``batched``), in µs and ÷ grouped:
+the numbers behind ``decode_path``'s rule.
+
+    python benchmarks/moe_layer.py --dtypes bf16 --tokens 2048 --fresh-routing --ablations
+    python benchmarks/moe_layer.py --decode 1 2 3 4 --moe-intermediate 256
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import statistics
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
+import Ava.layers.experts as experts_module
 from Ava.config import ModelConfig
 from Ava.layers import MoEBlock, SwiGLU
+from Ava.layers.experts import DECODE_PATHS, EXPERT_BACKENDS
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _step_fn(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: torch.dtype | None,
-             moe: bool) -> Callable[[], None]:
+def _step_fn(module: torch.nn.Module, inputs: Iterator[torch.Tensor], grad: torch.Tensor,
+             autocast: torch.dtype | None, moe: bool) -> Callable[[], None]:
     def step() -> None:
         module.zero_grad(set_to_none=True)
+        x = next(inputs)
         with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
-            y = module(x)
+            y = module(x) if moe else module(x[0])
             y = y.hidden_states if moe else y
-        (y.float() * grad).sum().backward()
+        (y.float().view_as(grad) * grad).sum().backward()
 
     return step
+
+
+def _autograd_batched_swiglu(x_ECD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDI: torch.Tensor) -> torch.Tensor:
+    """The batched SwiGLU as plain autograd over three bmm (what _BatchedSwiGLU replaced)."""
+    inter = down_EDI.shape[-1]
+    gate_ECI = torch.bmm(x_ECD, gate_up_EFD[:, :inter].transpose(1, 2))
+    up_ECI = torch.bmm(x_ECD, gate_up_EFD[:, inter:].transpose(1, 2))
+    return torch.bmm(F.silu(gate_ECI) * up_ECI, down_EDI.transpose(1, 2))
+
+
+@contextlib.contextmanager
+def _ablation(name: str) -> Iterator[None]:
+    """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``)."""
+    saved_rows, saved_swiglu = experts_module.row_multiple, experts_module._BatchedSwiGLU.apply
+    if name == "exact rows":
+        experts_module.row_multiple = lambda x_SD: 1
+    elif name == "autograd SwiGLU":
+        experts_module._BatchedSwiGLU.apply = _autograd_batched_swiglu
+    try:
+        yield
+    finally:
+        experts_module.row_multiple, experts_module._BatchedSwiGLU.apply = saved_rows, saved_swiglu
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -49,7 +91,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     moe = MoEBlock(cfg)
     dense = SwiGLU(args.hidden, args.top_k * args.moe_intermediate)
-    x = torch.randn(args.tokens, args.hidden).unsqueeze(0)  # (1, T, D)
+    pool = [torch.randn(1, args.tokens, args.hidden) for _ in range(16 if args.fresh_routing else 1)]  # (1, T, D)
+    x = pool[0]
     grad = torch.randn_like(x)
     flops = 6.0 * args.tokens * 3 * args.hidden * args.top_k * args.moe_intermediate
     load = moe.gate(x[0]).tokens_per_expert_E.float()
@@ -57,21 +100,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     for dtype_name in args.dtypes:
         autocast = DTYPES[dtype_name]
 
-        def backend_step(name: str) -> Callable[[], None]:
-            inner = _step_fn(moe, x, grad, autocast, moe=True)
+        def backend_step(name: str, ablation: str = "") -> Callable[[], None]:
+            inner = _step_fn(moe, itertools.cycle(pool), grad, autocast, moe=True)
 
             def step() -> None:
                 moe.experts.backend = name
-                inner()
+                with _ablation(ablation):
+                    inner()
 
             return step
 
         variants = {
-            "dense SwiGLU": _step_fn(dense, x[0], grad[0], autocast, moe=False),
+            "dense SwiGLU": _step_fn(dense, itertools.cycle(pool), grad, autocast, moe=False),
             "moe loop": backend_step("loop"),
             "moe grouped": backend_step("grouped"),
             "moe batched": backend_step("batched"),
         }
+        if args.ablations:
+            variants["moe grouped, exact rows"] = backend_step("grouped", "exact rows")
+            variants["moe batched, exact rows"] = backend_step("batched", "exact rows")
+            variants["moe batched, autograd SwiGLU"] = backend_step("batched", "autograd SwiGLU")
         times = time_round_robin(variants, args.repeats, args.warmup)
         ref = statistics.median(times["dense SwiGLU"])
         for name, ts in times.items():
@@ -81,12 +129,41 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"Setup: torch {torch.__version__}, {torch.get_num_threads()} threads; tokens {args.tokens}, "
           f"hidden {args.hidden}, {args.experts} experts top-{args.top_k}, moe_intermediate "
           f"{args.moe_intermediate} (dense intermediate {args.top_k * args.moe_intermediate}); "
-          f"load max/mean {load.max().item() / load.mean().item():.2f}; median of {args.repeats}")
+          f"load max/mean {load.max().item() / load.mean().item():.2f}; "
+          f"{'fresh routing every call' if args.fresh_routing else 'one input'}; median of {args.repeats}")
     print("| dtype | variant | fwd+bwd ms | × dense | GFLOP/s |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['dtype']} | {r['variant']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['gflops']:.0f} |")
     return rows
+
+
+def run_decode(args: argparse.Namespace) -> None:
+    """µs per inference forward of the experts (no autograd) for a few tokens, per path."""
+    cfg = ModelConfig(vocab_size=256, hidden_size=args.hidden, num_layers=1, num_heads=max(1, args.hidden // 64),
+                      num_experts=args.experts,
+                      moe={"top_k": args.top_k, "moe_intermediate_size": args.moe_intermediate})
+    torch.manual_seed(0)
+    moe = MoEBlock(cfg)
+    experts = moe.experts
+    paths = {**DECODE_PATHS, "grouped": EXPERT_BACKENDS["grouped"], "batched": EXPERT_BACKENDS["batched"]}
+    print(f"Setup: torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {args.hidden}, "
+          f"{args.experts} experts top-{args.top_k}, moe_intermediate {args.moe_intermediate}; inference "
+          f"forward of the experts, µs per call, median of {args.repeats} rounds of 200 calls")
+    print("| tokens | token-slots | " + " | ".join(paths) + " | " + " | ".join(f"{p} ÷ grouped" for p in paths) + " |")
+    print("|---:|---:|" + "---:|" * (2 * len(paths)))
+    with torch.no_grad():
+        for tokens in args.decode:
+            x_TD = torch.randn(tokens, args.hidden)
+            routing = moe.gate(x_TD)
+
+            def call(fn=None):
+                return lambda: [fn(x_TD, routing, experts.gate_up_proj, experts.down_proj) for _ in range(200)]
+
+            times = time_round_robin({name: call(fn) for name, fn in paths.items()}, args.repeats, args.warmup)
+            us = {name: statistics.median(ts) / 200 * 1e6 for name, ts in times.items()}
+            print(f"| {tokens} | {tokens * args.top_k} | " + " | ".join(f"{us[p]:.0f}" for p in paths) + " | "
+                  + " | ".join(f"{us[p] / us['grouped']:.2f}" for p in paths) + " |")
 
 
 def main() -> None:
@@ -99,10 +176,18 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--fresh-routing", action="store_true", help="a new input (and routing) every call")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also the backends without row padding / with autograd SwiGLU")
+    parser.add_argument("--decode", type=int, nargs="+", default=None, metavar="TOKENS",
+                        help="time the inference forward of the experts for these token counts instead")
     add_cpu_args(parser)
     args = parser.parse_args()
     apply_cpu_args(args)
-    run(args)
+    if args.decode:
+        run_decode(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ numerator for every row.
 expert's row count change from call to call as in training; the default reuses one input.
 ``--ablations`` adds the backends with parts of them switched back: ``exact rows`` (no padding of
 expert blocks to multiples of 64 rows, which CPU bf16 uses: ``row_multiple``) and ``autograd
-SwiGLU`` (batched without its hand-written backward, ``_BatchedSwiGLU``).
+SwiGLU`` (batched without its hand-written backward ``_BatchedSwiGLU``, which it uses below fp32;
+in fp32 the two rows are the same code).
 
 ``--decode 1 2 4`` instead times the inference forward (no autograd) of the experts alone for that
 many tokens, per path (``slots``, ``gathered``, ``grouped``, ``batched``), in µs and ÷ grouped:
@@ -36,7 +37,6 @@ from collections.abc import Iterator
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
 import Ava.layers.experts as experts_module
@@ -60,14 +60,6 @@ def _step_fn(module: torch.nn.Module, inputs: Iterator[torch.Tensor], grad: torc
     return step
 
 
-def _autograd_batched_swiglu(x_ECD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDI: torch.Tensor) -> torch.Tensor:
-    """The batched SwiGLU as plain autograd over three bmm (what _BatchedSwiGLU replaced)."""
-    inter = down_EDI.shape[-1]
-    gate_ECI = torch.bmm(x_ECD, gate_up_EFD[:, :inter].transpose(1, 2))
-    up_ECI = torch.bmm(x_ECD, gate_up_EFD[:, inter:].transpose(1, 2))
-    return torch.bmm(F.silu(gate_ECI) * up_ECI, down_EDI.transpose(1, 2))
-
-
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
     """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``)."""
@@ -75,7 +67,7 @@ def _ablation(name: str) -> Iterator[None]:
     if name == "exact rows":
         experts_module.row_multiple = lambda x_SD: 1
     elif name == "autograd SwiGLU":
-        experts_module._BatchedSwiGLU.apply = _autograd_batched_swiglu
+        experts_module._BatchedSwiGLU.apply = experts_module._batched_swiglu_autograd
     try:
         yield
     finally:

@@ -218,7 +218,7 @@ def test_padded_expert_blocks_change_nothing(monkeypatch, backend, capacity):
 
 @pytest.mark.parametrize("inter", [24, 3])  # 3 fp32 = 12-byte rows: _grouped_mm rejects them, grouped loops
 def test_expert_backends_match_loop_gradients(inter):
-    """Batched's hand-written backward and grouped (kernel or its fallback) equal the loop's autograd."""
+    """batched and grouped (kernel or its fallback) give the loop's outputs and gradients."""
     from Ava.layers.experts import EXPERT_BACKENDS, _grouped_mm_aligned, experts_loop
     from Ava.layers.routing import route_topk
 
@@ -238,3 +238,21 @@ def test_expert_backends_match_loop_gradients(inter):
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_swiglu_backward_equals_autograd():
+    """_BatchedSwiGLU (used below fp32) has the gradients of the plain expression (checked in fp32)."""
+    from Ava.layers.experts import _batched_swiglu_autograd, _BatchedSwiGLU
+
+    torch.manual_seed(2)
+    E, C, D, inter = 3, 7, 16, 12
+    inputs = [torch.randn(E, C, D), 0.3 * torch.randn(E, 2 * inter, D), 0.3 * torch.randn(E, D, inter)]
+    grad = torch.randn(E, C, D)
+    results = []
+    for fn in (_batched_swiglu_autograd, _BatchedSwiGLU.apply):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        y.backward(grad)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -390,8 +390,17 @@ def batched_swiglu(
     padded_S, _, _, rows = padded_rows(plan, multiple, cap=cap)  # row e·cap + r for row r of expert e
     x_pad_ND = x_SD.new_zeros(rows, hidden).index_copy(0, padded_S, x_SD)
     x_ECD = x_pad_ND.view(num_experts, cap, hidden)  # (E, C_max, D)
-    y_ECD = _BatchedSwiGLU.apply(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)
+    swiglu = _batched_swiglu_autograd if dtype == torch.float32 else _BatchedSwiGLU.apply
+    y_ECD = swiglu(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)
     return y_ECD.reshape(num_experts * cap, hidden).index_select(0, padded_S)  # (S_kept, D)
+
+
+def _batched_swiglu_autograd(x_ECD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDI: torch.Tensor) -> torch.Tensor:
+    """The batched SwiGLU as plain autograd over three ``bmm`` (the fp32 path; cf. :class:`_BatchedSwiGLU`)."""
+    inter = down_EDI.shape[-1]
+    gate_ECI = torch.bmm(x_ECD, gate_up_EFD[:, :inter].transpose(1, 2))  # (E, C, I)
+    up_ECI = torch.bmm(x_ECD, gate_up_EFD[:, inter:].transpose(1, 2))  # (E, C, I)
+    return torch.bmm(F.silu(gate_ECI) * up_ECI, down_EDI.transpose(1, 2))  # (E, C, D)
 
 
 class _BatchedSwiGLU(torch.autograd.Function):
@@ -402,9 +411,10 @@ class _BatchedSwiGLU(torch.autograd.Function):
     Here the gate and up projections are one ``bmm`` over the fused weight, and backward builds
     the (E, C, 2I) gradient of that product in place, so the fused weight's gradient and the
     input's gradient are one ``bmm`` each; the gate's gradient is ATen's ``silu_backward``.
-    Whole training steps, same-process A/B (train_throughput model, 2 threads): 1.10× (8 experts
-    fp32), 1.08× (8, bf16), 1.05× (64, fp32), 1.19× (64, bf16). The same rewrite of the grouped
-    backend measured 1.00× on whole steps and 0.8× on the layer benchmark, so it was not kept.
+    Used below fp32 only: ``python benchmarks/moe_layer.py --tokens 2048 --fresh-routing
+    --ablations`` (2-core CPU, fwd+bwd ms, this / autograd): bf16 35.8 / 35.5 and 39.5 / 37.3 at
+    8 experts top-2, 72.5 / 79.7 at 64 top-8; fp32 64.7 / 55.3 and 68.7 / 58.4 at 8, 106.7 / 96.7
+    at 64 — so fp32 keeps plain autograd.
     """
 
     @staticmethod

@@ -217,10 +217,10 @@ def row_multiple(x_SD: torch.Tensor) -> int:
 
     On CPU in bf16 the GEMMs run on oneDNN kernels built per shape, and routing changes every
     step, so exact per-expert row counts meant new shapes every step. Padding the row counts to
-    multiples of 64 keeps the set of shapes small. Measured (2-core CPU, one expert layer fwd+bwd
-    under bf16 autocast, 2048 tokens, fresh routing each step, median): E 8 top-2 batched 55.0 ->
-    34.4 ms; with the routing held fixed (no new shapes) it ran 40 ms, so the cost was the shapes.
-    fp32 (MKL) and GPUs do not need it.
+    multiples of 64 keeps the set of shapes small. ``python benchmarks/moe_layer.py --dtypes bf16
+    --tokens 2048 --fresh-routing --ablations`` (fwd+bwd ms, padded / exact rows): grouped 38.0 /
+    73.6 and batched 38.6 / 67.6 at 8 experts top-2; with one input reused (no new shapes) 33.1 /
+    34.9 and 33.5 / 35.9, so the cost was the shapes. fp32 (MKL) and GPUs do not need it.
     """
     return 64 if x_SD.device.type == "cpu" and x_SD.dtype == torch.bfloat16 else 1
 
@@ -466,9 +466,10 @@ def decode_path(x_TD: torch.Tensor, routing: RouterOutput, num_experts: int) -> 
 
     ``slots`` (CPU, fewer slots than experts): one SwiGLU per slot on the chosen expert's weights
     in place. ``gathered`` (accelerators, at most E/4 slots): the chosen experts' weights copied
-    into one ``bmm``, with no host sync. Measured on the 2-core CPU (one layer, E 8 top-2, D 256,
-    I 256, no grad, µs slots / grouped / gathered): 1 token 98 / 187 / 248, 2 tokens 216 / 254 /
-    432, 3 tokens 232 / 315, 4 tokens (8 slots = E) 361 / 336 — hence "fewer slots than experts".
+    into one ``bmm``, with no host sync. ``python benchmarks/moe_layer.py --decode 1 2 3 4
+    --moe-intermediate 256`` (E 8 top-2, µs slots / grouped / gathered): 1 token 154 / 510 / 324,
+    2 tokens 294 / 614 / 607, 3 tokens 461 / 632 / 921, 4 tokens (8 slots = E) 603 / 759 / 1,028;
+    an earlier run had grouped ahead at 8 slots, hence "fewer slots than experts".
     """
     if torch.is_grad_enabled() or routing.mask_TK is not None:
         return None

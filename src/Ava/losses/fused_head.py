@@ -17,8 +17,8 @@ linear cross-entropy)::
 Backward then only scales the stored ``dh``, ``dW`` by the incoming gradient (the loss is a
 scalar, so that is exact). What it saves on CPU is memory, not time: one step of head + loss
 adds 124 MiB of peak memory instead of 274 (fp32) at N 2048, D 256, V 8192, and 382 MiB
-instead of 2,288 (bf16) at V 65536, at the same speed (0.98–0.99× at V 8192;
-``benchmarks/lm_head.py``).
+instead of 2,288 (bf16) at V 65536; time 0.95–0.99× at V 8192, and at V 32768 0.78× in bf16
+but 1.27× in fp32 (``benchmarks/lm_head.py``).
 
 Not covered: the focal loss (its per-row factor depends on p_true non-linearly; it runs on
 materialised logits). ``model.loss.fused_head`` chooses (:func:`use_fused_head`).
@@ -35,8 +35,10 @@ from .language_modeling import IGNORE_INDEX, shifted_targets
 def chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows per chunk: a (C, V) fp32 block of about 16 MiB on CPU (at least 256 rows), 1 GiB on GPU.
 
-    Measured on CPU, 2 threads, bf16: at V 8192, 512 rows best (128 rows 15 % slower: small
-    GEMMs); at V 32768, 256–512 rows equal and 128 rows 20 % slower.
+    ``python benchmarks/lm_head.py --dtypes bf16 --chunk-rows …`` (2 CPU threads, ÷ the logits
+    path): at V 8192, 128 / 256 / 512 (the default) / 1024 rows 0.79 / 0.77 / 0.95 / 0.94×; at
+    V 32768, 128 rows 0.56× against 0.89× for 512, and 256–1024 rows within the machine's noise
+    (0.69–0.95× over two runs). Small chunks make small GEMMs.
     """
     if device.type == "cpu":
         return max(256, 2**22 // vocab)

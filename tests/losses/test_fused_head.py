@@ -79,6 +79,14 @@ def test_causal_objective_equals_the_logits_objective():
         fused_causal_lm_objective(h, w, labels, LossConfig(focal_gamma=2.0))
 
 
+def test_yaml_bare_on_off_are_the_words():
+    import yaml
+
+    for text, value in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        loss = yaml.safe_load(f"fused_head: {text}")  # YAML 1.1: bare on/off are booleans
+        assert LossConfig(**loss).fused_head == value
+
+
 def test_auto_rule_and_config_errors():
     assert use_fused_head(LossConfig())
     assert not use_fused_head(LossConfig(focal_gamma=1.0))

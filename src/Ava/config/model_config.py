@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import AvaSection
 
@@ -226,7 +226,8 @@ class LossConfig(AvaSection):
         "(2.2-6x less peak memory for head + loss; on CPU 0.8-1.3x the speed, by dtype and "
         "vocabulary; docs/losses.md). auto = on unless focal_gamma > 0 or chunk_size "
         "is set; on = the same but an error with those; off = always materialise the logits. Training forwards "
-        "then return logits=None; evaluation (no grad) always materialises them.",
+        "then return logits=None; evaluation (no grad) always materialises them. YAML's bare on/off "
+        "(booleans) are accepted.",
     )
     uncertainty_weighting: list[str] = Field(
         default_factory=list,
@@ -235,6 +236,12 @@ class LossConfig(AvaSection):
         "with it). Names: lm_loss, mtp, load_balance, seq_load_balance, global_load_balance, z_loss. The "
         "change is logged as the `uncertainty` term; empty = off.",
     )
+
+    @field_validator("fused_head", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare on/off as true/false; take them as the words they were.
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class ModelConfig(AvaSection):

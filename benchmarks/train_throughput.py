@@ -18,8 +18,9 @@ Variants per dtype:
   over fp32 weights, and (``--hf-bf16-weights``, on by default) the model cast to bf16 weights
   with no autocast, which is sometimes HF's fastest CPU mode.
 
-All variants of one shape and dtype run interleaved (round-robin, the order rotated every
-repeat) after ``--warmup`` rounds; each sample is ``--steps`` consecutive steps, and the table
+Every variant runs in its own worker process (so the frameworks cannot evict each other's cached
+kernels, see :func:`variant_worker`), and the variants of one shape and dtype run interleaved
+(round-robin, one at a time, the order rotated every repeat) after ``--warmup`` rounds; each sample is ``--steps`` consecutive steps, and the table
 reports the median of ``--repeats`` samples, so machine noise hits every variant alike. ``× best
 HF`` divides by the fastest HF variant of that dtype (bf16-weights included). MFU = model FLOPs/s
 (``EnhancedMoEModel.flops_per_token``, the same numerator for Ava and HF) ÷ the matmul peak of the
@@ -35,9 +36,11 @@ Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Callable
 
 import torch
@@ -140,19 +143,67 @@ def init_lm_loss(family: str, model: torch.nn.Module, batch: torch.Tensor) -> fl
         return (out.loss - model.router_aux_loss_coef * out.aux_loss).item()
 
 
-def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor) -> dict:
-    """Build, check, warm up and time every variant of one shape and dtype."""
-    bf16 = dtype == "bf16"
+def shared_init_model(args: argparse.Namespace, shape: str) -> EnhancedMoEModel:
+    """The shared initial model of a shape (seeded, so every worker process rebuilds the same one)."""
     torch.manual_seed(0)
-    seed_model = EnhancedMoEModel(ava_config(args, shape, "grouped"))
-    variants: list[Variant] = []
-    losses: dict[str, float] = {}
-    for backend in args.ava_backends:
-        v, model = build_ava(args, shape, backend, batch, bf16, seed_model)
-        if not bf16:
-            losses[v.name] = init_lm_loss("ava", model, batch)
-        variants.append(v)
-    weight_modes = [False, True] if bf16 and args.hf_bf16_weights else [False]
+    return EnhancedMoEModel(ava_config(args, shape, "grouped"))
+
+
+def variant_worker(conn, args: argparse.Namespace, shape: str, dtype: str, spec: tuple,
+                   batch: torch.Tensor) -> None:
+    """One variant in its own process: build it, report ``ready``/``skip``, then time steps on request.
+
+    A process per variant keeps each framework's caches its own, as in real use: in one process,
+    HF's per-expert GEMMs of new row counts every step evicted Ava's kernels from oneDNN's
+    primitive cache and the other way round (bf16, 64 experts: Ava 2,485 and HF 961 tok/s
+    in-process; 3,179 and 2,239 with a 64× larger cache, still in-process).
+    """
+    apply_cpu_args(args)
+    bf16 = dtype == "bf16"
+    try:
+        seed = shared_init_model(args, shape)
+        if spec[0] == "ava":
+            variant, model = build_ava(args, shape, spec[1], batch, bf16, seed)
+        else:
+            impl, bf16_weights = spec[1], spec[2]
+            variant, model = build_hf(args, seed, impl, batch, bf16 and not bf16_weights, bf16_weights)
+        loss = None if bf16 else init_lm_loss(variant.family, model, batch)
+        variant.step()  # first step here so that a backend that cannot run is skipped, not timed
+    except Exception as err:  # noqa: BLE001 - any failure of an optional backend means "skip"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        conn.send(("skip", f"{type(err).__name__}: {first[:160]}"))
+        return
+    conn.send(("ready", (variant.name, variant.family, loss)))
+    while (steps := conn.recv()) is not None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            variant.step()
+        conn.send((time.perf_counter() - start) / steps)
+
+
+@dataclass
+class Worker:
+    """The parent's handle on one :func:`variant_worker` process."""
+
+    name: str
+    family: str
+    process: mp.process.BaseProcess
+    conn: Connection
+    times: list[float]
+
+    def run(self, steps: int) -> float:
+        self.conn.send(steps)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
+def variant_specs(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor) -> list[tuple]:
+    """``("ava", backend)`` and ``("hf", impl, bf16_weights)`` of one block, skipping what cannot fit."""
+    specs: list[tuple] = [("ava", backend) for backend in args.ava_backends]
+    weight_modes = [False, True] if dtype == "bf16" and args.hf_bf16_weights else [False]
     experts, top_k, inter = SHAPES[shape]
     for impl in args.hf_impls or hf_experts_implementations():
         # batched_mm gathers every token-slot's expert matrices, (T·k, 3·I·D) floats per layer,
@@ -163,40 +214,58 @@ def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Ten
             print(f"  skipped HF `batched_mm` ({shape}, {dtype}): it would gather ~{gathered_gb:.0f} GiB of expert "
                   f"weights per step (> --hf-gather-limit-gb {args.hf_gather_limit_gb:g})")
             continue
-        for bf16_weights in weight_modes:
-            try:
-                v, model = build_hf(args, seed_model, impl, batch, bf16 and not bf16_weights, bf16_weights)
-                if not bf16:
-                    losses[v.name] = init_lm_loss("hf", model, batch)
-                v.step()  # first step here so that a backend that cannot run is skipped, not timed
-            except Exception as err:  # noqa: BLE001 - any failure of an optional backend means "skip"
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                print(f"  skipped HF `{impl}`{' bf16 weights' if bf16_weights else ''} ({shape}, {dtype}): "
-                      f"{type(err).__name__}: {first[:160]}")
-                continue
-            variants.append(v)
+        specs += [("hf", impl, bf16_weights) for bf16_weights in weight_modes]
+    return specs
+
+
+def start_workers(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor) -> list[Worker]:
+    """One process per variant, built one at a time (so builds do not compete for the cores)."""
+    ctx = mp.get_context("spawn")
+    workers: list[Worker] = []
+    losses: dict[str, float] = {}
+    for spec in variant_specs(args, shape, dtype, batch):
+        parent_conn, child_conn = ctx.Pipe()
+        process = ctx.Process(target=variant_worker, args=(child_conn, args, shape, dtype, spec, batch))
+        process.start()
+        status, payload = parent_conn.recv()
+        if status == "skip":
+            label = f"`{spec[1]}`" + (" bf16 weights" if spec[0] == "hf" and spec[2] else "")
+            print(f"  skipped {'Ava' if spec[0] == 'ava' else 'HF'} {label} ({shape}, {dtype}): {payload}")
+            process.join()
+            continue
+        name, family, loss = payload
+        if loss is not None:
+            losses[name] = loss
+        workers.append(Worker(name, family, process, parent_conn, []))
     if losses:
         print(f"  init LM loss ({shape}, fp32, shared weights): "
               + ", ".join(f"{k} {val:.5f}" for k, val in losses.items()))
+    return workers
 
+
+def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor) -> dict:
+    """Build, check, warm up and time every variant of one shape and dtype, each in its own process."""
+    workers = start_workers(args, shape, dtype, batch)
     peaks: list[float] = []
-    peak_dtype = torch.bfloat16 if bf16 else torch.float32
-    for _ in range(args.warmup):
-        for v in variants:
-            v.step()
-    for r in range(args.repeats):
-        peaks.append(measure_matmul_peak(torch.device("cpu"), peak_dtype))
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                v.step()
-            v.times.append((time.perf_counter() - start) / args.steps)
+    peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    try:
+        for _ in range(args.warmup):
+            for w in workers:
+                w.run(1)
+        for r in range(args.repeats):
+            peaks.append(measure_matmul_peak(torch.device("cpu"), peak_dtype))
+            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            for w in order:
+                w.times.append(w.run(args.steps))
+    finally:
+        for w in workers:
+            w.close()
+    seed = shared_init_model(args, shape)
     tokens = batch.numel()
-    rows = [{"name": v.name, "family": v.family, "tok_s": tokens / statistics.median(v.times)} for v in variants]
+    rows = [{"name": w.name, "family": w.family, "tok_s": tokens / statistics.median(w.times)} for w in workers]
     return {"shape": shape, "dtype": dtype, "rows": rows, "peak": statistics.median(peaks),
-            "flops_per_token": seed_model.flops_per_token(args.seq_len),
-            "params": seed_model.num_parameters(), "active": seed_model.num_parameters(active_only=True)}
+            "flops_per_token": seed.flops_per_token(args.seq_len),
+            "params": seed.num_parameters(), "active": seed.num_parameters(active_only=True)}
 
 
 def print_block(block: dict, repeats: int, steps: int) -> dict:
@@ -227,20 +296,19 @@ def print_block(block: dict, repeats: int, steps: int) -> dict:
     return verdict
 
 
-def profile_ava(args: argparse.Namespace, dtype: str, batch: torch.Tensor, top: int) -> None:
-    """torch.profiler of one Ava training step (8x2 shape, default backend) by self CPU time."""
+def profile_ava(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor, top: int) -> None:
+    """torch.profiler of one Ava training step (first of ``--ava-backends``) by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    seed = EnhancedMoEModel(ava_config(args, "8x2", args.ava_backends[0]))
-    variant, _ = build_ava(args, "8x2", args.ava_backends[0], batch, dtype == "bf16", seed)
+    variant, _ = build_ava(args, shape, args.ava_backends[0], batch, dtype == "bf16", shared_init_model(args, shape))
     for _ in range(2):
         variant.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         variant.step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\n### Profile: one Ava step, 8 experts top-2, `{args.ava_backends[0]}`, {dtype} "
+    experts, top_k, _ = SHAPES[shape]
+    print(f"\n### Profile: one Ava step, {experts} experts top-{top_k}, `{args.ava_backends[0]}`, {dtype} "
           f"(total self CPU {total / 1e3:.0f} ms)\n")
     print("| op | self CPU ms | share | calls |")
     print("|---|---:|---:|---:|")
@@ -273,7 +341,7 @@ def main() -> None:
     parser.add_argument("--aux-loss-coef", type=float, default=0.01,
                         help="Ava aux_loss_coef = HF router_aux_loss_coef")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one Ava step (8x2) per dtype and print the top ops by self CPU time")
+                        help="also profile one Ava step per shape and dtype and print the top ops by self CPU time")
     parser.add_argument("--profile-top", type=int, default=15)
     add_cpu_args(parser, "; process-wide, so HF runs with the same allocator")
     args = parser.parse_args()
@@ -299,8 +367,9 @@ def main() -> None:
             print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | "
                   f"≥ {v['goal']}× | {v['met']} |")
     if args.profile:
-        for dtype in args.dtypes:
-            profile_ava(args, dtype, batch, args.profile_top)
+        for shape in args.shapes:
+            for dtype in args.dtypes:
+                profile_ava(args, shape, dtype, batch, args.profile_top)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,25 @@ def test_value_and_gradients_match_cross_entropy_fp32(monkeypatch, smoothing, ro
     assert h.grad[::7].abs().max() == 0  # ignored rows get no gradient
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_targets_with_underflowing_probability(smoothing):
+    """Rows whose target probability underflows fp32 (log p_y ≈ −700) still get the exact loss."""
+    h, w, y = _inputs(N=40, D=16, V=97)
+    with torch.no_grad():
+        w.mul_(60.0)  # logits spread over hundreds of nats: most targets have p_y ≈ 0 in fp32
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum", label_smoothing=smoothing)
+    ref.backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = fused_linear_cross_entropy_sum(h, w, y, smoothing)
+    got.backward()
+    p_true = torch.softmax(h @ w.t(), -1).gather(1, y.clamp(min=0)[:, None])
+    assert (p_true < 1e-30).sum() > 5  # the case under test happens
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(h.grad, ref_gh, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad, ref_gw, rtol=1e-5, atol=1e-4)
+
+
 def test_bf16_autocast_matches_the_autocast_logits_path():
     h, w, y = _inputs(N=256, D=32, V=211)
     with torch.autocast("cpu", dtype=torch.bfloat16):

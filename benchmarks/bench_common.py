@@ -34,14 +34,19 @@ def apply_cpu_args(args: argparse.Namespace) -> None:
 def time_round_robin(
     variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 0
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed ones."""
+    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed ones.
+
+    The order rotates every round, so no variant always runs right after the same other one
+    (whose cache and allocator state it would inherit).
+    """
     for _ in range(warmup):
         for fn in variants.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            variants[name]()
             times[name].append(time.perf_counter() - start)
     return times

@@ -15,9 +15,12 @@ numerator for every row.
 ``--fresh-routing`` gives every call a new input (a pool of 16), so the routing and every
 expert's row count change from call to call as in training; the default reuses one input.
 ``--ablations`` adds the backends with parts of them switched back: ``exact rows`` (no padding of
-expert blocks to multiples of 64 rows, which CPU bf16 uses: ``row_multiple``) and ``autograd
+expert blocks to multiples of 64 rows, which CPU bf16 uses: ``row_multiple``), ``autograd
 SwiGLU`` (batched without its hand-written backward ``_BatchedSwiGLU``, which it uses below fp32;
-in fp32 the two rows are the same code).
+in fp32 the two rows are the same code) and ``split gate/up`` (grouped with gate and up as two
+GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``) and ``fp32
+combine`` (the slots' outputs weighted, un-sorted and summed over K in fp32 element-wise ops,
+instead of one batched product per token).
 
 ``--decode 1 2 4`` instead times the inference forward (no autograd) of the experts alone for that
 many tokens, per path (``slots``, ``gathered``, ``grouped``, ``batched``), in µs and ÷ grouped:
@@ -37,6 +40,7 @@ from collections.abc import Iterator
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
 import Ava.layers.experts as experts_module
@@ -60,18 +64,43 @@ def _step_fn(module: torch.nn.Module, inputs: Iterator[torch.Tensor], grad: torc
     return step
 
 
+def _split_gate_up_blocks(x_SD, offsets_E, counts_E, gate_up_proj_EID, down_proj_EDI):
+    """The earlier grouped SwiGLU: gate and up as two grouped GEMMs over slices of the fused weight."""
+    dtype, inter = x_SD.dtype, down_proj_EDI.shape[-1]
+    gate_up_EID = gate_up_proj_EID.to(dtype)
+    gate_SI = experts_module._grouped_matmul(x_SD, gate_up_EID[:, :inter].transpose(1, 2), offsets_E, counts_E)
+    up_SI = experts_module._grouped_matmul(x_SD, gate_up_EID[:, inter:].transpose(1, 2), offsets_E, counts_E)
+    w_down_EID = down_proj_EDI.to(dtype).transpose(1, 2)
+    return experts_module._grouped_matmul(F.silu(gate_SI) * up_SI, w_down_EID, offsets_E, counts_E)
+
+
+def _fp32_combine(y_SD, plan):
+    """The earlier combine: fp32 multiply by the sorted slots' weights, un-sort, sum over K, cast."""
+    weights_S = plan.weights_TK.reshape(-1)[plan.order_S[:plan.num_kept]]
+    yw_SD = experts_module._pad_rows(y_SD.float() * weights_S.unsqueeze(-1), plan.order_S.numel())
+    yw_TKD = experts_module._PermuteRows.apply(yw_SD, plan.unsort_S, plan.order_S).view(plan.num_tokens, plan.top_k, -1)
+    return yw_TKD.sum(dim=1).to(y_SD.dtype)
+
+
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
-    """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``)."""
-    saved_rows, saved_swiglu = experts_module.row_multiple, experts_module._BatchedSwiGLU.apply
+    """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
+    ``split gate/up``, ``fp32 combine``)."""
+    saved = (experts_module.row_multiple, experts_module._BatchedSwiGLU.apply,
+             experts_module._grouped_swiglu_blocks, experts_module.combine_sorted)
     if name == "exact rows":
         experts_module.row_multiple = lambda x_SD: 1
     elif name == "autograd SwiGLU":
         experts_module._BatchedSwiGLU.apply = experts_module._batched_swiglu_autograd
+    elif name == "split gate/up":
+        experts_module._grouped_swiglu_blocks = _split_gate_up_blocks
+    elif name == "fp32 combine":
+        experts_module.combine_sorted = _fp32_combine
     try:
         yield
     finally:
-        experts_module.row_multiple, experts_module._BatchedSwiGLU.apply = saved_rows, saved_swiglu
+        (experts_module.row_multiple, experts_module._BatchedSwiGLU.apply,
+         experts_module._grouped_swiglu_blocks, experts_module.combine_sorted) = saved
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -112,6 +141,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants["moe grouped, exact rows"] = backend_step("grouped", "exact rows")
             variants["moe batched, exact rows"] = backend_step("batched", "exact rows")
             variants["moe batched, autograd SwiGLU"] = backend_step("batched", "autograd SwiGLU")
+            variants["moe grouped, split gate/up"] = backend_step("grouped", "split gate/up")
+            variants["moe grouped, fp32 combine"] = backend_step("grouped", "fp32 combine")
+            variants["moe batched, fp32 combine"] = backend_step("batched", "fp32 combine")
+        if args.only:
+            unknown = sorted(set(args.only) - set(variants))
+            if unknown:
+                raise SystemExit(f"--only: unknown variants {unknown}; choose from {sorted(variants)}")
+            variants = {name: fn for name, fn in variants.items() if name in args.only or name == "dense SwiGLU"}
         times = time_round_robin(variants, args.repeats, args.warmup)
         ref = statistics.median(times["dense SwiGLU"])
         for name, ts in times.items():
@@ -169,6 +206,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--fresh-routing", action="store_true", help="a new input (and routing) every call")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="time only these variants (and the dense reference), e.g. --only 'moe grouped' "
+                             "'moe grouped, split gate/up'")
     parser.add_argument("--ablations", action="store_true",
                         help="also the backends without row padding / with autograd SwiGLU")
     parser.add_argument("--decode", type=int, nargs="+", default=None, metavar="TOKENS",

@@ -100,7 +100,7 @@ class DispatchPlan:
         token_S: (S_kept,) long, the token of each computed sorted slot.
         order_S: (S,) long, the token-major slot (t·K + k) of each sorted row.
         unsort_S: (S,) long, inverse permutation: sorted row of token-major slot s = t·K + k.
-        weights_S: (S_kept,) fp32 gate weight of each computed sorted slot.
+        weights_TK: (T, K) fp32 gate weights in token-major order (0 for off slots).
         offsets_E: (E,) int32 cumulative row ends of each expert's block (``_grouped_mm`` offs).
         tokens_per_expert_E: (E,) long rows per expert.
         num_tokens: T.
@@ -111,7 +111,7 @@ class DispatchPlan:
     token_S: torch.Tensor
     order_S: torch.Tensor
     unsort_S: torch.Tensor
-    weights_S: torch.Tensor
+    weights_TK: torch.Tensor
     offsets_E: torch.Tensor
     tokens_per_expert_E: torch.Tensor
     num_tokens: int
@@ -191,7 +191,7 @@ def dispatch_sorted(x_TD: torch.Tensor, routing: RouterOutput) -> tuple[torch.Te
         token_S=token_S,
         order_S=order_S,
         unsort_S=unsort_S,
-        weights_S=routing.weights_TK.reshape(-1)[kept_S],
+        weights_TK=routing.weights_TK,
         offsets_E=torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32),
         tokens_per_expert_E=routing.tokens_per_expert_E,
         num_tokens=num_tokens,
@@ -306,40 +306,68 @@ def _grouped_swiglu_blocks(
     The weights are passed as transposed views (no copy); ``_grouped_mm`` accepts them.
     """
     dtype = x_SD.dtype
-    inter = down_proj_EDI.shape[-1]
-    gate_up_EID = gate_up_proj_EID.to(dtype)
-    # Gate and up as two GEMMs over weight views rather than one (S, 2I) GEMM then a split: the
-    # split's backward zero-fills and copies a (S, 2I) gradient; on the 2-core CPU this is a few
-    # percent faster in fp32 (61 vs 64 ms at the benchmark defaults) and equal in bf16.
-    w_gate_EDI = gate_up_EID[:, :inter].transpose(1, 2)  # (E, D, I) view
-    w_up_EDI = gate_up_EID[:, inter:].transpose(1, 2)  # (E, D, I) view
-    gate_SI = _grouped_matmul(x_SD, w_gate_EDI, offsets_E, counts_E)  # (S, I)
-    up_SI = _grouped_matmul(x_SD, w_up_EDI, offsets_E, counts_E)  # (S, I)
-    act_SI = F.silu(gate_SI) * up_SI  # (S, I)
+    w_gate_up_EDF = gate_up_proj_EID.to(dtype).transpose(1, 2)  # (E, D, 2I) view
+    h_SF = _grouped_matmul(x_SD, w_gate_up_EDF, offsets_E, counts_E)  # (S, 2I): gate | up
+    act_SI = _SwiGLUHalves.apply(h_SF)  # (S, I)
     w_down_EID = down_proj_EDI.to(dtype).transpose(1, 2)  # (E, I, D) view
     return _grouped_matmul(act_SI, w_down_EID, offsets_E, counts_E)  # (S, D)
 
 
-def combine_sorted(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Weight each slot's output, un-sort, and sum the K slots of each token.
+def _swiglu_halves_backward(grad_NI: torch.Tensor, h_NF: torch.Tensor, silu_NI: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of ``silu(h[..., :I]) * h[..., I:]`` w.r.t. ``h``, written into one new (…, 2I) tensor."""
+    inter = grad_NI.shape[-1]
+    gate_NI, up_NI = h_NF[..., :inter], h_NF[..., inter:]
+    if silu_NI is None:
+        silu_NI = F.silu(gate_NI)
+    grad_NF = torch.empty_like(h_NF)
+    torch.ops.aten.silu_backward.grad_input(grad_NI * up_NI, gate_NI, grad_input=grad_NF[..., :inter])
+    torch.mul(grad_NI, silu_NI, out=grad_NF[..., inter:])
+    return grad_NF
 
-    The weighting happens first on purpose: the multiply's backward hands ``_grouped_mm`` a
-    freshly allocated, contiguous gradient (its CPU backward rejects expanded ones). Un-sorting
-    is a permutation gather both ways and the K slots are summed, so forward and backward are
-    deterministic (no ``index_add``/``index_put`` atomics on GPU).
+
+class _SwiGLUHalves(torch.autograd.Function):
+    """``silu(gate) * up`` for ``h = [gate | up]`` (one GEMM over the fused gate/up weight).
+
+    Slicing ``h`` under autograd would give each half's gradient as a zero-filled (S, 2I) tensor
+    and add the two; here backward writes both halves into one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, h_SF):  # noqa: D102
+        inter = h_SF.shape[-1] // 2
+        ctx.save_for_backward(h_SF)
+        return F.silu(h_SF[:, :inter]) * h_SF[:, inter:]
+
+    @staticmethod
+    def backward(ctx, grad_SI):  # noqa: D102
+        (h_SF,) = ctx.saved_tensors
+        return _swiglu_halves_backward(grad_SI, h_SF)
+
+
+def combine_sorted(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Un-sort the slots' outputs and take each token's weighted sum over its K slots.
+
+    Un-sorting is a permutation gather both ways (deterministic: no ``index_add``/``index_put``
+    atomics on GPU). The weighted sum is one batched product per token, ``w_t (1, K) @ y_t (K, D)``,
+    in the compute dtype with fp32 accumulation inside the GEMM, whose backward gives the slots'
+    and the weights' gradients as two more batched products. Against an fp32 multiply, sum and
+    cast over the (T·K, D) rows (``python benchmarks/moe_layer.py --tokens 2048 --fresh-routing
+    --ablations``, fwd+bwd ms, this / ``fp32 combine``): 64 experts top-8 bf16 65.1 / 75.0
+    (grouped) and 59.8 / 66.9 (batched), fp32 68.4 / 69.5; 8 experts top-2 fp32 46.0 / 48.3, bf16
+    30.9 / 29.2 and 69.5 / 69.6 in a second run (noise). Under autocast the routing weights enter
+    rounded to the compute dtype, as in HF's Qwen3-MoE.
 
     Args:
-        y_SD: (S, D) expert outputs in sorted order.
+        y_SD: (S_kept, D) expert outputs in sorted order.
         plan: from :func:`dispatch_sorted`.
 
     Returns:
-        (T, D) in ``y_SD``'s dtype (accumulated in fp32).
+        (T, D) in ``y_SD``'s dtype.
     """
-    yw_SD = y_SD.float() * plan.weights_S.unsqueeze(-1)  # (S_kept, D) fp32
-    yw_SD = _pad_rows(yw_SD, plan.order_S.numel())  # (S, D): off slots contribute zeros
-    yw_token_major_SD = _PermuteRows.apply(yw_SD, plan.unsort_S, plan.order_S)  # (S, D)
-    y_TKD = yw_token_major_SD.view(plan.num_tokens, plan.top_k, -1)  # (T, K, D)
-    return y_TKD.sum(dim=1).to(y_SD.dtype)  # (T, D)
+    y_SD = _pad_rows(y_SD, plan.order_S.numel())  # (S, D): off slots contribute zeros
+    y_TKD = _PermuteRows.apply(y_SD, plan.unsort_S, plan.order_S).view(plan.num_tokens, plan.top_k, -1)
+    w_T1K = plan.weights_TK.to(y_SD.dtype).unsqueeze(1)  # (T, 1, K); off slots have weight 0
+    return torch.bmm(w_T1K, y_TKD).squeeze(1)  # (T, D)
 
 
 def experts_grouped(
@@ -429,13 +457,10 @@ class _BatchedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_ECD):  # noqa: D102
         x_ECD, h_ECF, gate_up_EFD, down_EDI = ctx.saved_tensors
         inter = down_EDI.shape[-1]
-        gate_ECI, up_ECI = h_ECF[..., :inter], h_ECF[..., inter:]
-        silu_ECI = F.silu(gate_ECI)
+        silu_ECI = F.silu(h_ECF[..., :inter])
         grad_act_ECI = torch.bmm(grad_ECD, down_EDI)  # (E, C, I)
-        grad_down_EDI = torch.bmm(grad_ECD.transpose(1, 2), silu_ECI * up_ECI)  # (E, D, I)
-        grad_h_ECF = torch.empty_like(h_ECF)
-        grad_h_ECF[..., :inter] = torch.ops.aten.silu_backward(grad_act_ECI * up_ECI, gate_ECI)
-        torch.mul(grad_act_ECI, silu_ECI, out=grad_h_ECF[..., inter:])
+        grad_down_EDI = torch.bmm(grad_ECD.transpose(1, 2), silu_ECI * h_ECF[..., inter:])  # (E, D, I)
+        grad_h_ECF = _swiglu_halves_backward(grad_act_ECI, h_ECF, silu_ECI)  # (E, C, 2I)
         grad_gate_up_EFD = torch.bmm(grad_h_ECF.transpose(1, 2), x_ECD)  # (E, 2I, D)
         grad_x_ECD = torch.bmm(grad_h_ECF, gate_up_EFD)  # (E, C, D)
         return grad_x_ECD, grad_gate_up_EFD, grad_down_EDI
@@ -610,6 +635,8 @@ class Experts(nn.Module):
         nn.init.uniform_(self.gate_up_proj, -1 / math.sqrt(hidden_size), 1 / math.sqrt(hidden_size))
         nn.init.uniform_(self.down_proj, -1 / math.sqrt(intermediate_size), 1 / math.sqrt(intermediate_size))
 
+    # Data-dependent shapes and host reads: torch.compile of a layer runs this eager (graph break).
+    @torch.compiler.disable
     def forward(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Run the routed experts; (T, D) -> (T, D) weighted sum over each token's K experts."""
         fast = decode_path(x_TD, routing, self.num_experts)

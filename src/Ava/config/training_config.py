@@ -57,7 +57,10 @@ class EnhancedTrainingConfig(AvaSection):
     progressive: ProgressiveConfig = Field(
         default_factory=ProgressiveConfig, description="Sequence-length warmup, batch-size ramp, curriculum."
     )
-    performance: PerformanceConfig = Field(default_factory=PerformanceConfig, description="Speed presets.")
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig,
+        description="Speed and memory: presets, CPU allocator, torch.compile, activation checkpointing.",
+    )
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
 
     @model_validator(mode="after")

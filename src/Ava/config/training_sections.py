@@ -325,7 +325,8 @@ class ProgressiveConfig(AvaSection):
 
 
 class PerformanceConfig(AvaSection):
-    """Presets trading observability for speed; any key set explicitly wins over the preset."""
+    """Speed: presets trading observability for speed (any key set explicitly wins over the preset),
+    the CPU allocator, torch.compile and activation checkpointing."""
 
     mode: Literal["fast", "balanced", "thorough"] = Field(
         "balanced",
@@ -337,6 +338,18 @@ class PerformanceConfig(AvaSection):
         description="tuned: on Linux/glibc keep large CPU tensors in the malloc heap (mallopt) instead of fresh "
         "page-faulted mmap pages every step (measured 1.16-1.19x training steps on CPU; RSS then stays at its peak); "
         "default: leave the allocator alone.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer's training forward (the routed experts stay eager); "
+        "evaluation and generation run eager. The first step is slow (compilation); needs a C++ compiler "
+        "on CPU, Triton on CUDA (checked before the run starts). See docs/training.md.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(torch.utils.checkpoint, non-reentrant): less activation memory for about one more forward pass "
+        "per step. Training only.",
     )
 
 

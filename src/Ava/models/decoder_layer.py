@@ -2,16 +2,69 @@
 
 Legend: B batch, T new positions, S = past + T key positions, D hidden, G key/value heads,
 K head dim.
+
+Two training-only switches change how the block runs, never what it computes: activation
+checkpointing (recompute the block in backward instead of keeping its activations) and a
+``torch.compile``d copy of the block's forward. Both apply only in a training forward (train
+mode, autograd on); evaluation and cached decoding always run the plain eager forward, so they
+never trigger a compilation.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, SwiGLU
 from ..layers.routing import RouterOutput
+
+LayerOutput = tuple[torch.Tensor, KVCache, RouterOutput | None]
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why ``torch.compile`` (inductor) cannot run on ``device`` here, or None when it can.
+
+    Checked before training starts, so a missing toolchain is one line at the start of a run
+    rather than a traceback at its first step: a Python that dynamo supports, a C++ compiler on
+    CPU (inductor builds its CPU kernels with it: g++, or the one ``$CXX`` names), Triton on
+    CUDA; then a one-op function is compiled and run on ``device``.
+
+    Args:
+        device: where the model will train.
+
+    Returns:
+        A one-line reason, or None.
+    """
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version.split()[0]}"
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except RuntimeError:  # InvalidCxxCompiler, or the Windows compiler checks
+            return "no working C++ compiler (inductor builds CPU kernels with g++, or the compiler $CXX names)"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is missing or this GPU is older than compute capability 7.0"
+    try:
+        torch.compile(_compile_probe)(torch.ones(8, device=device))
+    except Exception as err:  # noqa: BLE001 (compiler, linker, header or OpenMP errors all differ)
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"a test compilation failed ({first_line})"
+    return None
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * 2.0 + 1.0
 
 
 class DecoderLayer(nn.Module):
@@ -21,6 +74,12 @@ class DecoderLayer(nn.Module):
         cfg: resolved model config.
         layer_idx: position in the stack (the first ``moe.first_dense_layers`` are dense; after
             them, layer i is MoE when ``(i + 1) % moe.moe_every == 0``).
+
+    Attributes:
+        activation_checkpointing: in a training forward, run the block under
+            ``torch.utils.checkpoint`` (non-reentrant): only its inputs are kept, the rest is
+            recomputed in backward, with the RNG state of the forward (dropout and noisy
+            routing draw the same numbers).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -32,6 +91,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp: nn.Module = MoEBlock(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.activation_checkpointing = False
+        # torch.compile of the unbound block, called with self: a deepcopy of the layer then still
+        # runs its own weights. Not a submodule, so parameter names and checkpoints are unchanged.
+        self._compiled_block: Callable[..., LayerOutput] | None = None
+
+    def compile_for_training(self, enabled: bool = True) -> None:
+        """Run training forwards through ``torch.compile(block)`` (or stop doing so).
+
+        Compilation happens lazily, at the first training forward. Every layer compiles the same
+        code, so dynamo reuses the graphs across layers of the same kind (parameters are graph
+        inputs); the routed experts (:class:`~Ava.layers.experts.Experts`, data-dependent shapes
+        and host reads) are excluded with ``torch.compiler.disable`` and run eager between two
+        graphs.
+
+        Args:
+            enabled: compile (True) or go back to the eager block (False).
+        """
+        self._compiled_block = torch.compile(DecoderLayer._block) if enabled else None
 
     def forward(
         self,
@@ -41,10 +118,32 @@ class DecoderLayer(nn.Module):
         attn_mask_B1TS: torch.Tensor | None,
         past_kv: KVCache | None,
         token_ids_BT: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
+    ) -> LayerOutput:
         """(B, T, D) -> ((B, T, D), this layer's (k, v), routing or None for a dense layer).
 
-        ``token_ids_BT`` (B, T) are the input ids, for the hash router."""
+        ``token_ids_BT`` (B, T) are the input ids, for the hash router. A training forward (train
+        mode, autograd on) goes through the compiled block and/or activation checkpointing when
+        they are switched on; everything else runs :meth:`_block` directly."""
+        args = (x_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv, token_ids_BT)
+        if not (self.training and torch.is_grad_enabled()):
+            return self._block(*args)
+        block = self._block
+        if self._compiled_block is not None and past_kv is None:
+            block = functools.partial(self._compiled_block, self)
+        if self.activation_checkpointing:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _block(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BT1K: torch.Tensor,
+        sin_BT1K: torch.Tensor,
+        attn_mask_B1TS: torch.Tensor | None,
+        past_kv: KVCache | None,
+        token_ids_BT: torch.Tensor | None,
+    ) -> LayerOutput:
+        """The block itself (see :meth:`forward`); free of side effects, so it may run twice."""
         attn_BTD, present_kv = self.self_attn(
             self.input_layernorm(x_BTD), cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv
         )

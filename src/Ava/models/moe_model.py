@@ -424,6 +424,37 @@ class EnhancedMoEModel(nn.Module):
                 for attention in attentions:
                     attention.fuse_qkv_for_decoding(False)
 
+    # -- training execution (how the layers run, never what they compute) ---------------------
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every decoder layer (MTP blocks included) in backward instead of keeping
+        its activations; applies to training forwards only (train mode, autograd on).
+
+        Gradients are unchanged: the layers have no side effects and the recomputation replays
+        the forward's RNG state (dropout, noisy routing) and autocast. Costs about one more
+        forward pass of the layers per step (``performance.activation_checkpointing``).
+
+        Args:
+            enabled: on or off.
+        """
+        for layer in self._decoder_layers():
+            layer.activation_checkpointing = enabled
+
+    def compile_layers(self, enabled: bool = True) -> None:
+        """``torch.compile`` every decoder layer's training forward (MTP blocks included).
+
+        Only training forwards (train mode, autograd on) use the compiled layers; evaluation and
+        cached decoding run eager, so they never recompile. The routed experts stay eager
+        (``Experts.forward`` is excluded with ``torch.compiler.disable``); the embedding, final
+        norm and (fused) output head are not compiled. Compilation happens at the first training
+        forward (``performance.compile``).
+
+        Args:
+            enabled: compile (True) or go back to eager (False).
+        """
+        for layer in self._decoder_layers():
+            layer.compile_for_training(enabled)
+
     # -- accounting --------------------------------------------------------------------------
 
     def _decoder_layers(self) -> list[DecoderLayer]:

@@ -21,7 +21,8 @@ capacity dropping or expert-choice, are skipped and contribute 0):
   ``batched`` (numbers in docs/moe.md).
 
 All compute in the autocast dtype when autocast is on (``_grouped_mm`` is not on autocast's
-op list, so the cast is explicit here) and accumulate the weighted combine in fp32.
+op list, so the cast is explicit here); the weighted combine is a batched product that
+accumulates in fp32 inside the GEMM (:func:`combine_sorted`).
 """
 
 from __future__ import annotations

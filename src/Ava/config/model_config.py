@@ -223,7 +223,7 @@ class LossConfig(AvaSection):
         "auto",
         description="Training loss straight from the final hidden states: the output head and cross-entropy run "
         "over row chunks with their gradients made in the same pass, so the (B·T, V) logits are never stored "
-        "(2.2-6x less peak memory for head + loss; on CPU 0.8-1.3x the speed, by dtype and "
+        "(2.2-6x less peak memory for head + loss; on CPU 1.0-1.3x the speed of the logits path, by dtype and "
         "vocabulary; docs/losses.md). auto = on unless focal_gamma > 0 or chunk_size "
         "is set; on = the same but an error with those; off = always materialise the logits. Training forwards "
         "then return logits=None; evaluation (no grad) always materialises them. YAML's bare on/off "

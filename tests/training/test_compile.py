@@ -16,7 +16,7 @@ from Ava.cli.main import main
 from Ava.config import ModelConfig
 from Ava.errors import AvaConfigError
 from Ava.models import EnhancedMoEModel
-from Ava.models.decoder_layer import compile_problem
+from Ava.utils.compile_check import compile_problem
 from Ava.training import EnhancedModularTrainer
 from Ava.training.run_manager import seed_everything
 from tests.conftest import tiny_config
@@ -116,22 +116,27 @@ def test_performance_compile_trains_evaluates_and_samples(tmp_path, corpus_cache
     assert _frames() == frames, "evaluation or sampling recompiled"
 
 
-def test_no_cpp_compiler_is_a_one_line_config_error_before_the_run(tmp_path, corpus_cache, monkeypatch, capsys):
+def test_no_cpp_compiler_is_a_one_line_config_error_before_the_run(tmp_path, corpus_cache, capsys):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("ava-no-such-compiler",))
-    problem = compile_problem(torch.device("cpu"))
-    assert problem is not None and "C++ compiler" in problem
+    config = tiny_config(tmp_path / "runs", corpus_cache, "performance.compile=true")  # loads: g++ is there
+    with inductor_config.patch({"cpp.cxx": ("ava-no-such-compiler",)}):
+        problem = compile_problem(torch.device("cpu"))
+        assert problem is not None and "C++ compiler" in problem
 
-    config = tiny_config(tmp_path / "runs", corpus_cache, "performance.compile=true")
-    with pytest.raises(AvaConfigError, match=r"performance\.compile: true, but torch\.compile cannot run on cpu"):
-        EnhancedModularTrainer(EnhancedMoEModel(config.model), config).train()
-    assert not (tmp_path / "runs").exists(), "the run folder was created before the check"
+        with pytest.raises(AvaConfigError, match=r"performance\.compile: torch\.compile cannot run on cpu here"):
+            EnhancedModularTrainer(EnhancedMoEModel(config.model), config).train()
+        assert not (tmp_path / "runs").exists(), "the run folder was created before the check"
 
-    code = main(["train", "configs/tiny.yaml", "performance.compile=true", f"run.output_dir={tmp_path / 'cli'}",
-                 f"data.cache_dir={corpus_cache}"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "performance.compile" in err and "Traceback" not in err
+        code = main(["train", "configs/tiny.yaml", "performance.compile=true", f"run.output_dir={tmp_path / 'cli'}",
+                     f"data.cache_dir={corpus_cache}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "performance.compile" in err and "Traceback" not in err
+
+        code = main(["config", "check", "configs/tiny.yaml", "performance.compile=true"])
+        err = capsys.readouterr().err
+        assert code == 2 and "performance.compile: torch.compile cannot run on cpu here" in err
+    assert compile_problem(torch.device("cpu")) is None
 
 
 def test_runs_saved_before_these_keys_resume_and_may_switch_them(tmp_path, corpus_cache):

@@ -462,6 +462,17 @@ def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
         else:
             issues += _tokenizer_rules(config, tok_path)
     cuda = torch.cuda.is_available()
+    if config.performance.compile:
+        from ..utils.compile_check import compile_problem
+
+        on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and cuda)
+        device = torch.device("cuda" if on_cuda else "cpu")
+        problem = compile_problem(device)  # a short test compilation (seconds on a cold cache)
+        if problem is not None:
+            issues.append(Issue(
+                "performance.compile",
+                f"torch.compile cannot run on {device.type} here: {problem}; fix that or set performance.compile: false",
+            ))
     if config.run.device == "cuda" and not cuda:
         issues.append(Issue("run.device", "cuda was requested but no CUDA device is available; use auto or cpu"))
     uses_cuda = config.run.device == "cuda" or (config.run.device == "auto" and cuda)

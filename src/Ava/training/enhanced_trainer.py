@@ -29,7 +29,6 @@ from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibilit
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
 from ..errors import AvaConfigError, AvaError
-from ..models.decoder_layer import compile_problem
 from ..optimization import build_optimizer
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
@@ -152,7 +151,6 @@ class EnhancedModularTrainer(DataFeed):
         cfg = self.config
         start = time.perf_counter()
         raise_on_errors(check_compatibility(cfg, environment=True), "config")
-        self._check_compile()
         run_dir, checkpoint = resolve_resume(cfg, resume) if resume is not None else (None, None)
         if run_dir is not None:
             changes = check_resume_config(run_dir, cfg)
@@ -560,13 +558,6 @@ class EnhancedModularTrainer(DataFeed):
                 f"model.vocab_size={model_vocab} is smaller than the tokenizer's {data.tokenizer.vocab_size} "
                 "tokens; set model.vocab_size to null (derive it) or to at least the tokenizer's size"
             )
-
-    def _check_compile(self) -> None:
-        """With ``performance.compile`` on, fail before the run starts if torch.compile cannot run."""
-        problem = compile_problem(self.device) if self.config.performance.compile else None
-        if problem is not None:
-            raise AvaConfigError(f"performance.compile: true, but torch.compile cannot run on {self.device.type} "
-                                 f"here: {problem}; fix that or set performance.compile: false")
 
     def _set_layer_execution(self) -> None:
         """``performance.activation_checkpointing`` and ``performance.compile`` onto the model."""

@@ -86,3 +86,21 @@ def test_cli_lr_find_writes_plot_and_config(tmp_path, corpus_cache, capsys):
     lr = yaml.safe_load(config.read_text())["training"]["learning_rate"]
     assert 1e-4 <= lr <= 0.1 and lr != 0.003
     assert "# A tiny MoE" in config.read_text()  # comments kept
+
+
+def test_lr_finder_runs_the_configured_activation_checkpointing(tmp_path, corpus_cache, monkeypatch):
+    """performance.activation_checkpointing applies to the sweep's steps (they fit in memory like
+    training's), and leaves the sweep unchanged."""
+    import Ava.models.decoder_layer as decoder_layer
+    from Ava.training.lr_finder import run_lr_finder
+    from tests.conftest import tiny_config
+
+    calls = []
+    real_checkpoint = decoder_layer.checkpoint
+    monkeypatch.setattr(decoder_layer, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    sweeps = {}
+    for flag in ("false", "true"):
+        config = tiny_config(tmp_path / flag, corpus_cache, f"performance.activation_checkpointing={flag}")
+        sweeps[flag] = run_lr_finder(config, num_steps=4, work_dir=tmp_path / flag).raw_losses
+        assert bool(calls) == (flag == "true")
+    assert sweeps["true"] == pytest.approx(sweeps["false"], rel=1e-6)

@@ -263,6 +263,9 @@ def run_lr_finder(config, *, min_lr: float = 1e-6, max_lr: float = 1.0, num_step
     device = resolve_device(config.run.device)
     data = prepare_data(config.data, config.run.seed, Path(work_dir) / "tokenizer.json")
     model = EnhancedMoEModel(config.model).to(device)
+    # The sweep's steps run like the training's (memory and numerics): checkpointing and compile.
+    model.set_activation_checkpointing(config.performance.activation_checkpointing)
+    model.compile_layers(config.performance.compile)
     optimizer = build_optimizer(model, config.optimizer, min_lr, device)
     generator = torch.Generator().manual_seed(config.run.seed)
 

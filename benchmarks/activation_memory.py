@@ -19,23 +19,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable
 
 import torch
-from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
+from bench_common import (add_cpu_args, add_model_args, apply_cpu_args, model_config, time_round_robin,
+                          training_step)
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from Ava.config import ModelConfig, OptimizerConfig
+from Ava.config import OptimizerConfig
 from Ava.models import EnhancedMoEModel
 from Ava.optimization import build_optimizer
-
-
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        num_kv_heads=args.kv_heads, num_experts=args.experts, max_seq_len=args.seq_len,
-        moe={"top_k": args.top_k, "moe_intermediate_size": args.moe_intermediate},
-    )
 
 
 def peak_bytes(model: EnhancedMoEModel, batch: torch.Tensor, autocast: bool) -> tuple[int, int]:
@@ -52,35 +44,12 @@ def peak_bytes(model: EnhancedMoEModel, batch: torch.Tensor, autocast: bool) -> 
     return peak["Total"], parts["ACT"] + parts["TEMP"]
 
 
-def training_step(model: EnhancedMoEModel, batch: torch.Tensor, autocast: bool) -> Callable[[], None]:
-    optimizer = build_optimizer(model, OptimizerConfig(name="adamw"), 3e-4, torch.device("cpu"))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--moe-intermediate", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_model_args(parser)
     add_cpu_args(parser)
     args = parser.parse_args()
     apply_cpu_args(args)
@@ -102,7 +71,7 @@ def main() -> None:
             model.train().set_activation_checkpointing(on)
             models[name] = model
         peaks = {name: peak_bytes(model, batch, autocast) for name, model in models.items()}
-        steps = {name: training_step(model, batch, autocast) for name, model in models.items()}
+        steps = {name: training_step(model, build_optimizer(model, OptimizerConfig(name="adamw"), 3e-4, torch.device("cpu")), batch, autocast) for name, model in models.items()}
         times = time_round_robin(steps, args.repeats, args.warmup)
         med = {name: statistics.median(values) for name, values in times.items()}
         mb = {name: (total / 2**20, act / 2**20) for name, (total, act) in peaks.items()}

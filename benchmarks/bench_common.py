@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from Ava.config import ModelConfig
 from Ava.utils.allocator import tune_cpu_allocator
 
 
@@ -29,6 +30,46 @@ def apply_cpu_args(args: argparse.Namespace) -> None:
         tune_cpu_allocator()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+
+
+def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> None:
+    """The model shape flags (defaults: the demo-sized MoE, batch 8 × 256); see :func:`model_config`."""
+    for flag, default in (("--hidden", 256), ("--layers", 4), ("--heads", 4), ("--kv-heads", 2), ("--experts", 8),
+                          ("--top-k", 2), ("--moe-intermediate", 512), ("--vocab", 8192), ("--batch", 8),
+                          ("--seq-len", 256)):
+        parser.add_argument(flag, type=int, default=default)
+    if backend:
+        parser.add_argument("--backend", default="auto", help="model.moe.backend")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The :class:`ModelConfig` of :func:`add_model_args`' flags."""
+    moe = {"top_k": args.top_k, "moe_intermediate_size": args.moe_intermediate}
+    if getattr(args, "backend", None) is not None:
+        moe["backend"] = args.backend
+    return ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, num_experts=args.experts, max_seq_len=args.seq_len, moe=moe,
+    )
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                  autocast: bool) -> Callable[[], torch.Tensor]:
+    """One full training step (the same for Ava and HF models, which both shift ``labels`` inside):
+    forward with labels under bf16 autocast if asked, backward, ``clip_grad_norm_(1.0)``, optimizer
+    step, ``zero_grad``; returns the detached loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
 
 
 def time_round_robin(

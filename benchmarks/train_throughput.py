@@ -30,7 +30,7 @@ Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 
     python benchmarks/train_throughput.py                                  # both shapes, fp32 + bf16
     python benchmarks/train_throughput.py --shapes 8x2 --dtypes bf16 --repeats 2
-    python benchmarks/train_throughput.py --profile                         # + torch.profiler of Ava, 8x2
+    python benchmarks/train_throughput.py --profile                         # + torch.profiler of Ava per shape, dtype
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Callable
 
 import torch
-from bench_common import add_cpu_args, apply_cpu_args
+from bench_common import add_cpu_args, apply_cpu_args, training_step
 
 from Ava.config import ModelConfig, OptimizerConfig
 from Ava.interop.huggingface import hf_config, hf_state_dict
@@ -79,30 +79,13 @@ def ava_config(args: argparse.Namespace, shape: str, backend: str) -> ModelConfi
     )
 
 
-def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
-              autocast: bool) -> Callable[[], torch.Tensor]:
-    """The full training step, identical for Ava and HF (both take ``labels`` and shift inside)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
-
-    return step
-
-
 def build_ava(args: argparse.Namespace, shape: str, backend: str, batch: torch.Tensor, autocast: bool,
               seed_model: EnhancedMoEModel) -> tuple[Variant, EnhancedMoEModel]:
     model = EnhancedMoEModel(ava_config(args, shape, backend))
     model.load_state_dict(seed_model.state_dict())
     model.train()
     optimizer = build_optimizer(model, OptimizerConfig(name="adamw"), LR, torch.device("cpu"))
-    return Variant(f"Ava `{backend}`", "ava", make_step(model, optimizer, batch, autocast), []), model
+    return Variant(f"Ava `{backend}`", "ava", training_step(model, optimizer, batch, autocast), []), model
 
 
 def build_hf(args: argparse.Namespace, seed_model: EnhancedMoEModel, impl: str, batch: torch.Tensor,
@@ -125,7 +108,7 @@ def build_hf(args: argparse.Namespace, seed_model: EnhancedMoEModel, impl: str, 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=DEFAULT_BETAS["adamw"], weight_decay=0.1, fused=True)
     label = f"HF `{impl}`" + (" bf16 weights" if bf16_weights else "")
-    return Variant(label, "hf", make_step(model, optimizer, batch, autocast), []), model
+    return Variant(label, "hf", training_step(model, optimizer, batch, autocast), []), model
 
 
 def hf_experts_implementations() -> list[str]:
@@ -193,11 +176,21 @@ class Worker:
 
     def run(self, steps: int) -> float:
         self.conn.send(steps)
-        return self.conn.recv()
+        try:
+            return self.conn.recv()
+        except EOFError:  # the worker died (an exception in a step, or the OOM killer)
+            self.process.join()
+            raise RuntimeError(f"the worker of {self.name} died (exit code {self.process.exitcode})") from None
 
     def close(self) -> None:
-        self.conn.send(None)
-        self.process.join()
+        try:
+            self.conn.send(None)
+        except OSError:  # already dead
+            pass
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
 
 
 def variant_specs(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor) -> list[tuple]:
@@ -225,9 +218,15 @@ def start_workers(args: argparse.Namespace, shape: str, dtype: str, batch: torch
     losses: dict[str, float] = {}
     for spec in variant_specs(args, shape, dtype, batch):
         parent_conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=variant_worker, args=(child_conn, args, shape, dtype, spec, batch))
+        # daemon: no worker outlives an interrupted or failed run
+        process = ctx.Process(target=variant_worker, args=(child_conn, args, shape, dtype, spec, batch), daemon=True)
         process.start()
-        status, payload = parent_conn.recv()
+        child_conn.close()  # the worker's end lives in the worker only, so its death reads as EOF here
+        try:
+            status, payload = parent_conn.recv()
+        except EOFError:  # died while building (a crash, or the OOM killer): skip it like a failure
+            process.join()
+            status, payload = "skip", f"the worker died (exit code {process.exitcode})"
         if status == "skip":
             label = f"`{spec[1]}`" + (" bf16 weights" if spec[0] == "hf" and spec[2] else "")
             print(f"  skipped {'Ava' if spec[0] == 'ava' else 'HF'} {label} ({shape}, {dtype}): {payload}")
@@ -295,7 +294,8 @@ def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Ten
         for r in range(args.repeats):
             peaks.append(measure_matmul_peak(torch.device("cpu"), peak_dtype))
             floors.append(gemm_floor_seconds(gemms, peak_dtype))
-            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            first = r % max(len(workers), 1)
+            order = workers[first:] + workers[:first]
             for w in order:
                 w.times.append(w.run(args.steps))
     finally:

@@ -289,3 +289,17 @@ def test_decoding_scope_with_full_qk_norm_and_under_bf16_autocast():
         with model.decoding():
             fused = model(ids).logits.float()
     torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05)
+
+
+def test_attention_traces_as_one_graph_with_a_dynamic_sequence_length():
+    """performance.compile: after a change of T (sequence-length warmup) dynamo makes T dynamic;
+    the causal flag must then still be a plain bool for SDPA, or the layer's graph breaks there."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len)
+    compiled = torch.compile(attn, dynamic=True, fullgraph=True, backend="eager")  # fullgraph: a break raises
+    for T in (8, 12, 1):
+        x = torch.randn(2, T, cfg.hidden_size)
+        cos, sin = rope(torch.arange(T).expand(2, T))
+        torch.testing.assert_close(compiled(x, cos, sin)[0], attn(x, cos, sin)[0])

@@ -56,6 +56,22 @@ def test_targets_with_underflowing_probability(smoothing):
     torch.testing.assert_close(w.grad, ref_gw, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("host_sync", [True, False], ids=["cpu", "accelerator"])
+def test_log_sum_exp_from_the_softmax_both_paths(dtype, host_sync):
+    """The CPU path (host check) and the accelerator path (no sync) both give each row's
+    log-sum-exp, also where the target's probability underflows fp32."""
+    g = torch.Generator().manual_seed(0)
+    z_CV = (torch.randn(64, 211, generator=g) * torch.linspace(1, 200, 64)[:, None]).to(dtype)
+    y_C = torch.randint(0, 211, (64,), generator=g)
+    p_CV = torch.softmax(z_CV, dim=-1, dtype=torch.float32)
+    p_true_C = p_CV[torch.arange(64), y_C]
+    z_true_C = z_CV.gather(1, y_C[:, None]).squeeze(1).float()
+    assert (p_true_C < 1e-30).sum() > 10  # the fallback rows exist
+    got = fused_module._log_sum_exp(z_CV, p_CV, p_true_C, z_true_C, host_sync)
+    torch.testing.assert_close(got, torch.logsumexp(z_CV.float(), dim=-1), rtol=1e-6, atol=1e-4)
+
+
 def test_bf16_autocast_matches_the_autocast_logits_path():
     h, w, y = _inputs(N=256, D=32, V=211)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -16,7 +16,7 @@ from Ava.cli.main import main
 from Ava.config import ModelConfig
 from Ava.errors import AvaConfigError
 from Ava.models import EnhancedMoEModel
-from Ava.utils.compile_check import compile_problem
+from Ava.config.compile_check import compile_problem
 from Ava.training import EnhancedModularTrainer
 from Ava.training.run_manager import seed_everything
 from tests.conftest import tiny_config
@@ -155,3 +155,28 @@ def test_runs_saved_before_these_keys_resume_and_may_switch_them(tmp_path, corpu
                            "performance.activation_checkpointing=true")
     assert check_resume_config(tmp_path, switched) == [
         "performance.activation_checkpointing: False -> True", "performance.compile: False -> True"]
+
+
+def test_a_compiled_model_pickles_and_copies_with_compile_still_on():
+    """torch.save of the whole model and deepcopy work after compile_layers(); the copy is compiled
+    too and runs its own weights (compilation itself is not triggered here: eval forwards only)."""
+    import copy
+    import io
+
+    model = EnhancedMoEModel(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_experts=4,
+                                         max_seq_len=16, moe={"top_k": 2, "moe_intermediate_size": 32}))
+    model.compile_layers()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(model)
+    for other in (loaded, twin):
+        assert all(layer._compiled_block is not None for layer in other.layers)
+        with torch.no_grad():
+            other.layers[0].input_layernorm.weight.mul_(2.0)  # its own weights, not the original's
+    ids = torch.randint(0, 64, (1, 8))
+    model.eval(), loaded.eval(), twin.eval()
+    with torch.no_grad():
+        base = model(ids).logits
+        assert not torch.equal(loaded(ids).logits, base) and torch.equal(loaded(ids).logits, twin(ids).logits)

@@ -463,7 +463,7 @@ def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             issues += _tokenizer_rules(config, tok_path)
     cuda = torch.cuda.is_available()
     if config.performance.compile:
-        from ..utils.compile_check import compile_problem
+        from .compile_check import compile_problem
 
         on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and cuda)
         device = torch.device("cuda" if on_cuda else "cpu")

@@ -213,14 +213,16 @@ class Attention(nn.Module):
         if past_kv is not None:
             k_BGTK = torch.cat([past_kv[0].to(dtype), k_BGTK], dim=2)  # (B, G, S, K)
             v_BGTK = torch.cat([past_kv[1].to(dtype), v_BGTK], dim=2)  # (B, G, S, K)
-        is_causal = attn_mask_B1TS is None and past_kv is None
+        # A plain bool for SDPA: an ``if`` makes torch.compile guard on T (with T dynamic, ``T > 1``
+        # passed as an argument would be a SymBool, which SDPA rejects: a graph break).
+        is_causal = False if T == 1 else attn_mask_B1TS is None and past_kv is None
         out_BHTK = F.scaled_dot_product_attention(
             q_BHTK,
             k_BGTK,
             v_BGTK,
             attn_mask=attn_mask_B1TS,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and T > 1,
+            is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         out_BTD = out_BHTK.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·K)

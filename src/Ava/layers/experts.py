@@ -1,6 +1,6 @@
 """Routed experts as 3-D parameters, with one function per kernel backend over the same tensors.
 
-Legend: T tokens, D hidden, E experts, K experts per token, I expert intermediate width,
+Legend: T tokens, D hidden, E experts, K experts per token, I expert intermediate width, F = 2I,
 S = T·K token-slots (one row per (token, chosen expert) pair).
 
 Layout (HF transformers 5.23 Qwen3-MoE): ``gate_up_proj [E, 2I, D]`` (rows ``:I`` are the gate,

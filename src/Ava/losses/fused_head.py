@@ -60,20 +60,27 @@ def _zero_rows(g_CV: torch.Tensor, valid_C: torch.Tensor) -> None:
         g_CV.masked_fill_(~valid_C[:, None], 0.0)
 
 
-def _log_sum_exp(z_CV: torch.Tensor, p_true_C: torch.Tensor, z_true_C: torch.Tensor) -> torch.Tensor:
+def _log_sum_exp(z_CV: torch.Tensor, p_CV: torch.Tensor, p_true_C: torch.Tensor, z_true_C: torch.Tensor,
+                 host_sync: bool) -> torch.Tensor:
     """Each row's log-sum-exp of the logits, from the softmax already computed: ``z_y − log p_y``.
 
     Exact in fp32 to ~1e-7 while p_y is a normal float; rows where it underflows (p_y < 1e-30,
-    a target the model rules out by ~70 nats) get it from the logits instead. (C,) fp32.
+    a target the model rules out by ~70 nats) need another source. With ``host_sync`` (CPU, where
+    it is free; such rows are rare) those rows' log-sum-exp is taken from their logits. Without
+    (accelerators, no host sync) they get ``z_max − log p_max``: the row maximum's probability is
+    ``1 / Σ exp(z − z_max) ≥ 1/V`` and never underflows, and a max over the softmax costs no
+    fp32 copy of the (C, V) logits. (C,) fp32.
     """
     lse_C = z_true_C - torch.log(p_true_C)
     tiny_C = p_true_C < 1e-30
-    if z_CV.device.type == "cpu":  # host check: free on CPU, and such rows are rare
+    if host_sync:
         rows = tiny_C.nonzero().squeeze(1)
         if rows.numel():
             lse_C[rows] = torch.logsumexp(z_CV[rows].float(), dim=-1)
         return lse_C
-    return torch.where(tiny_C, torch.logsumexp(z_CV.float(), dim=-1), lse_C)  # no host sync
+    p_max_C, arg_max_C = p_CV.max(dim=-1)
+    z_max_C = z_CV.gather(1, arg_max_C[:, None]).squeeze(1).float()
+    return torch.where(tiny_C, z_max_C - torch.log(p_max_C), lse_C)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -103,7 +110,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # was two passes more over the block; see the module docstring for the timings).
             g_CV = torch.softmax(z_CV, dim=-1, dtype=torch.float32)  # (C, V)
             rows_C = torch.arange(g_CV.shape[0], device=g_CV.device)
-            lse_C = _log_sum_exp(z_CV, g_CV[rows_C, y_safe_C], z_true_C)
+            lse_C = _log_sum_exp(z_CV, g_CV, g_CV[rows_C, y_safe_C], z_true_C, g_CV.device.type == "cpu")
             # −(1−ε)·log p_y − ε/V·Σ_v log p_v with log p_v = z_v − lse
             loss_C = lse_C - (1.0 - label_smoothing) * z_true_C
             if label_smoothing:

@@ -69,6 +69,18 @@ class DecoderLayer(nn.Module):
         """
         self._compiled_block = torch.compile(DecoderLayer._block) if enabled else None
 
+    def __getstate__(self) -> dict:
+        # A compiled function does not pickle (torch.save of the whole model, copy.deepcopy): it
+        # travels as a flag and is rebuilt on load (and compiles again at the first training step).
+        state = dict(super().__getstate__())
+        state["_compiled_block"] = state["_compiled_block"] is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        compiled = state.pop("_compiled_block", False)
+        super().__setstate__(state)
+        self.compile_for_training(bool(compiled))
+
     def forward(
         self,
         x_BTD: torch.Tensor,

@@ -462,20 +462,19 @@ def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
         else:
             issues += _tokenizer_rules(config, tok_path)
     cuda = torch.cuda.is_available()
+    if config.run.device == "cuda" and not cuda:
+        issues.append(Issue("run.device", "cuda was requested but no CUDA device is available; use auto or cpu"))
+    uses_cuda = config.run.device == "cuda" or (config.run.device == "auto" and cuda)
     if config.performance.compile:
         from .compile_check import compile_problem
 
-        on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and cuda)
-        device = torch.device("cuda" if on_cuda else "cpu")
+        device = torch.device("cuda" if uses_cuda else "cpu")
         problem = compile_problem(device)  # a short test compilation (seconds on a cold cache)
         if problem is not None:
             issues.append(Issue(
                 "performance.compile",
                 f"torch.compile cannot run on {device.type} here: {problem}; fix that or set performance.compile: false",
             ))
-    if config.run.device == "cuda" and not cuda:
-        issues.append(Issue("run.device", "cuda was requested but no CUDA device is available; use auto or cpu"))
-    uses_cuda = config.run.device == "cuda" or (config.run.device == "auto" and cuda)
     if config.precision.dtype == "bf16":
         if uses_cuda and cuda and not torch.cuda.is_bf16_supported():
             issues.append(Issue(

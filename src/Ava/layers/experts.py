@@ -314,7 +314,9 @@ def _grouped_swiglu_blocks(
     return _grouped_matmul(act_SI, w_down_EID, offsets_E, counts_E)  # (S, D)
 
 
-def _swiglu_halves_backward(grad_NI: torch.Tensor, h_NF: torch.Tensor, silu_NI: torch.Tensor | None = None) -> torch.Tensor:
+def _swiglu_halves_backward(
+    grad_NI: torch.Tensor, h_NF: torch.Tensor, silu_NI: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gradient of ``silu(h[..., :I]) * h[..., I:]`` w.r.t. ``h``, written into one new (…, 2I) tensor."""
     inter = grad_NI.shape[-1]
     gate_NI, up_NI = h_NF[..., :inter], h_NF[..., inter:]

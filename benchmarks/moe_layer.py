@@ -18,9 +18,10 @@ expert's row count change from call to call as in training; the default reuses o
 expert blocks to multiples of 64 rows, which CPU bf16 uses: ``row_multiple``), ``autograd
 SwiGLU`` (batched without its hand-written backward ``_BatchedSwiGLU``, which it uses below fp32;
 in fp32 the two rows are the same code) and ``split gate/up`` (grouped with gate and up as two
-GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``) and ``fp32
-combine`` (the slots' outputs weighted, un-sorted and summed over K in fp32 element-wise ops,
-instead of one batched product per token).
+GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``), ``fp32
+combine`` (the slots' outputs weighted and summed over K in fp32 element-wise ops, instead of one
+batched product per token) and ``two-pass dispatch`` (the slots gathered in expert order and then
+scattered into the padded buffer, and back the same two ways, instead of one gather each way).
 
 ``--decode 1 2 4`` instead times the inference forward (no autograd) of the experts alone for that
 many tokens, per path (``slots``, ``gathered``, ``grouped``, ``batched``), in µs and ÷ grouped:
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
+import Ava.layers.expert_dispatch as expert_dispatch
 import Ava.layers.experts as experts_module
 from Ava.config import ModelConfig
 from Ava.layers import MoEBlock, SwiGLU
@@ -74,33 +76,79 @@ def _split_gate_up_blocks(x_SD, offsets_E, counts_E, gate_up_proj_EID, down_proj
     return experts_module._grouped_matmul(F.silu(gate_SI) * up_SI, w_down_EID, offsets_E, counts_E)
 
 
-def _fp32_combine(y_SD, plan):
-    """The earlier combine: fp32 multiply by the sorted slots' weights, un-sort, sum over K, cast."""
-    weights_S = plan.weights_TK.reshape(-1)[plan.order_S[:plan.num_kept]]
-    yw_SD = experts_module._pad_rows(y_SD.float() * weights_S.unsqueeze(-1), plan.order_S.numel())
-    yw_TKD = experts_module._PermuteRows.apply(yw_SD, plan.unsort_S, plan.order_S).view(plan.num_tokens, plan.top_k, -1)
-    return yw_TKD.sum(dim=1).to(y_SD.dtype)
+def _fp32_combine(y_PD, plan):
+    """The earlier combine: fp32 multiply of the slots' rows by their weights, sum over K, cast."""
+    y_TKD = expert_dispatch.gather_slots(y_PD, plan)
+    return (y_TKD.float() * plan.weights_TK.unsqueeze(-1)).sum(dim=1).to(y_PD.dtype)
+
+
+class _SortedGather(torch.autograd.Function):
+    """Rows ``x[index]`` whose backward gathers each token's K slot gradients back (the earlier
+    dispatch's first pass); ``inverse`` maps token-major slots to rows of the result."""
+
+    @staticmethod
+    def forward(ctx, x_TD, index_S, inverse_S, top_k):
+        ctx.save_for_backward(inverse_S)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, index_S)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (inverse_S,) = ctx.saved_tensors
+        return grad_SD.index_select(0, inverse_S).view(-1, ctx.top_k, grad_SD.shape[-1]).sum(dim=1), None, None, None
+
+
+def _two_pass(plan):
+    """Index maps of the earlier dispatch: token of each sorted slot, buffer row of each sorted
+    slot, and the sorted position of each token-major slot (dropless plans only)."""
+    sorted_S = plan.order_S
+    unsort_S = torch.empty_like(sorted_S)
+    unsort_S[sorted_S] = torch.arange(sorted_S.numel())
+    return sorted_S // plan.top_k, plan.row_S[sorted_S], unsort_S
+
+
+def _two_pass_dispatch(x_TD, plan):
+    """The earlier dispatch: gather the slots sorted by expert, then scatter them into the
+    zero-padded buffer (autograd ``index_copy``)."""
+    token_S, buffer_row_S, unsort_S = _two_pass(plan)
+    x_SD = _SortedGather.apply(x_TD, token_S, unsort_S, plan.top_k)
+    if not plan.padded:
+        return x_SD
+    return x_SD.new_zeros(plan.rows, x_SD.shape[-1]).index_copy(0, buffer_row_S, x_SD)
+
+
+def _two_pass_combine(y_PD, plan):
+    """The earlier combine: gather the sorted slots out of the padded buffer (autograd
+    ``index_select``), un-sort them (a gather both ways), then the batched weighted sum."""
+    _, buffer_row_S, unsort_S = _two_pass(plan)
+    y_SD = y_PD.index_select(0, buffer_row_S) if plan.padded else y_PD
+    y_TKD = _SortedGather.apply(y_SD, unsort_S, plan.order_S, 1).view(plan.num_tokens, plan.top_k, -1)
+    return torch.bmm(plan.weights_TK.to(y_PD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
     """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
-    ``split gate/up``, ``fp32 combine``)."""
-    saved = (experts_module.row_multiple, experts_module._BatchedSwiGLU.apply,
-             experts_module._grouped_swiglu_blocks, experts_module.combine_sorted)
+    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``)."""
+    names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch")
+    saved = {n: getattr(experts_module, n) for n in names}
+    saved_apply = experts_module._BatchedSwiGLU.apply
     if name == "exact rows":
-        experts_module.row_multiple = lambda x_SD: 1
+        experts_module.row_multiple = lambda x_TD: 1
     elif name == "autograd SwiGLU":
         experts_module._BatchedSwiGLU.apply = experts_module._batched_swiglu_autograd
     elif name == "split gate/up":
         experts_module._grouped_swiglu_blocks = _split_gate_up_blocks
     elif name == "fp32 combine":
-        experts_module.combine_sorted = _fp32_combine
+        experts_module.combine = _fp32_combine
+    elif name == "two-pass dispatch":
+        experts_module.dispatch, experts_module.combine = _two_pass_dispatch, _two_pass_combine
     try:
         yield
     finally:
-        (experts_module.row_multiple, experts_module._BatchedSwiGLU.apply,
-         experts_module._grouped_swiglu_blocks, experts_module.combine_sorted) = saved
+        for n, fn in saved.items():
+            setattr(experts_module, n, fn)
+        experts_module._BatchedSwiGLU.apply = saved_apply
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -144,6 +192,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants["moe grouped, split gate/up"] = backend_step("grouped", "split gate/up")
             variants["moe grouped, fp32 combine"] = backend_step("grouped", "fp32 combine")
             variants["moe batched, fp32 combine"] = backend_step("batched", "fp32 combine")
+            variants["moe grouped, two-pass dispatch"] = backend_step("grouped", "two-pass dispatch")
+            variants["moe batched, two-pass dispatch"] = backend_step("batched", "two-pass dispatch")
         if args.only:
             unknown = sorted(set(args.only) - set(variants))
             if unknown:

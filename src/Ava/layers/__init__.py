@@ -4,17 +4,13 @@ Layers import only ``torch`` and ``config/``; the model in ``models/`` assembles
 """
 
 from .attention import Attention, KVCache, build_attention_mask
+from .expert_dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from .experts import (
     EXPERT_BACKENDS,
-    DispatchPlan,
     Experts,
-    batched_swiglu,
-    combine_sorted,
-    dispatch_sorted,
     experts_batched,
     experts_grouped,
     experts_loop,
-    grouped_swiglu,
     resolve_backend,
 )
 from .mlp import SwiGLU
@@ -40,8 +36,8 @@ from .routing import (
 __all__ = [
     "EXPERT_BACKENDS", "ROUTERS", "Attention", "DispatchPlan", "Experts", "KVCache", "MoEBlock",
     "MoEOutput", "RMSNorm", "RotaryEmbedding", "Router", "RouterOutput", "SwiGLU", "TopKRouter",
-    "apply_capacity", "apply_rotary", "batched_swiglu", "build_attention_mask", "combine_sorted",
-    "dispatch_sorted", "expert_capacity", "experts_batched", "experts_grouped", "experts_loop",
-    "group_limited_mask", "grouped_swiglu", "hash_experts", "resolve_backend", "route_expert_choice", "route_hash",
+    "apply_capacity", "apply_rotary", "build_attention_mask", "combine", "dispatch",
+    "expert_capacity", "experts_batched", "experts_grouped", "experts_loop",
+    "group_limited_mask", "hash_experts", "plan_dispatch", "resolve_backend", "route_expert_choice", "route_hash",
     "route_sigmoid", "route_topk", "select_topk",
 ]

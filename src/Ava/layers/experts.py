@@ -11,24 +11,25 @@ Backends (every slot the router left on is computed; slots off in ``routing.mask
 capacity dropping or expert-choice, are skipped and contribute 0):
 - ``loop``: a Python loop over experts with boolean selection; slow, obviously right, the
   reference the tests compare against.
-- ``grouped``: sort token-slots by expert (dispatch), two ``torch._grouped_mm`` calls over the
-  contiguous per-expert row blocks (experts), un-sort and weight-sum (combine).
-- ``batched``: the same dispatch, then the rows are scattered into a zero-padded (E, C_max, D)
-  buffer (C_max = the busiest expert's count) and run through ``torch.bmm``; padding rows are
-  zeros, so they add nothing forward and receive no gradient.
+- ``grouped``: dispatch the token-slots into a buffer of per-expert row blocks (one gather,
+  ``expert_dispatch.py``), two ``torch._grouped_mm`` calls over the blocks, and combine (one
+  gather and a batched weighted sum). On CPU in bf16 the blocks are padded with zero rows to
+  multiples of 64 (:func:`row_multiple`).
+- ``batched``: the same, with every block padded to the busiest expert's count, so the buffer is
+  an (E, C_max, D) batch for ``torch.bmm``; padding rows are zeros, so they add nothing forward
+  and receive no gradient.
 - ``auto`` (default): :func:`resolve_backend` — ``batched`` on CPU in bf16 at balanced load,
   else ``grouped`` where ``torch._grouped_mm`` exists, else
   ``batched`` (numbers in docs/moe.md).
 
 All compute in the autocast dtype when autocast is on (``_grouped_mm`` is not on autocast's
 op list, so the cast is explicit here); the weighted combine is a batched product that
-accumulates in fp32 inside the GEMM (:func:`combine_sorted`).
+accumulates in fp32 inside the GEMM (:func:`~Ava.layers.expert_dispatch.combine`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .expert_dispatch import combine, dispatch, plan_dispatch
 from .routing import RouterOutput
 
 
@@ -90,130 +92,7 @@ def experts_loop(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DispatchPlan:
-    """How token-slots were sorted by expert, so combine can undo it.
-
-    Slots that are off (``routing.mask_TK`` False) sort after every expert's block and are not
-    gathered: the first ``num_kept`` sorted rows are the computed ones (S_kept = num_kept).
-
-    Attributes:
-        token_S: (S_kept,) long, the token of each computed sorted slot.
-        order_S: (S,) long, the token-major slot (t·K + k) of each sorted row.
-        unsort_S: (S,) long, inverse permutation: sorted row of token-major slot s = t·K + k.
-        weights_TK: (T, K) fp32 gate weights in token-major order (0 for off slots).
-        offsets_E: (E,) int32 cumulative row ends of each expert's block (``_grouped_mm`` offs).
-        tokens_per_expert_E: (E,) long rows per expert.
-        num_tokens: T.
-        top_k: K.
-        num_kept: S_kept = T·K when dropless.
-    """
-
-    token_S: torch.Tensor
-    order_S: torch.Tensor
-    unsort_S: torch.Tensor
-    weights_TK: torch.Tensor
-    offsets_E: torch.Tensor
-    tokens_per_expert_E: torch.Tensor
-    num_tokens: int
-    top_k: int
-    num_kept: int
-
-
-class _GatherSlots(torch.autograd.Function):
-    """Rows of x for each sorted slot; the backward sums each token's K slot gradients.
-
-    Autograd's own backward of ``x[token_S]`` is an accumulating ``index_put`` (slow on CPU,
-    atomic and non-deterministic on GPU); knowing the slots are a permutation of T·K rows lets
-    the backward be one gather and a sum over K instead. Slots that are off (sorted last, not
-    gathered) get zero gradient rows appended before the gather.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, token_S, unsort_S, top_k):  # noqa: D102 (autograd protocol)
-        ctx.save_for_backward(unsort_S)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, token_S)  # (S_kept, D)
-
-    @staticmethod
-    def backward(ctx, grad_SD):  # noqa: D102
-        (unsort_S,) = ctx.saved_tensors
-        grad_SD = _pad_rows(grad_SD, unsort_S.numel())  # (S, D)
-        grad_TKD = grad_SD.index_select(0, unsort_S).view(-1, ctx.top_k, grad_SD.shape[-1])  # (T, K, D)
-        return grad_TKD.sum(dim=1), None, None, None
-
-
-def _pad_rows(x_ND: torch.Tensor, rows: int) -> torch.Tensor:
-    """Append zero rows up to ``rows`` (the dropped slots); no copy when nothing is missing."""
-    if x_ND.shape[0] == rows:
-        return x_ND
-    return F.pad(x_ND, (0, 0, 0, rows - x_ND.shape[0]))
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation, with the inverse permutation as its backward (a gather)."""
-
-    @staticmethod
-    def forward(ctx, x_SD, perm_S, inverse_S):  # noqa: D102
-        ctx.save_for_backward(inverse_S)
-        return x_SD.index_select(0, perm_S)
-
-    @staticmethod
-    def backward(ctx, grad_SD):  # noqa: D102
-        (inverse_S,) = ctx.saved_tensors
-        return grad_SD.index_select(0, inverse_S), None, None
-
-
-def dispatch_sorted(x_TD: torch.Tensor, routing: RouterOutput) -> tuple[torch.Tensor, DispatchPlan]:
-    """Gather one row per token-slot, sorted by expert (stable, so token order is kept).
-
-    Args:
-        x_TD: (T, D) hidden states.
-        routing: the router's decision.
-
-    Returns:
-        ``(x_SD, plan)``: (S, D) rows grouped by expert, and the :class:`DispatchPlan`.
-    """
-    num_tokens, top_k = routing.indices_TK.shape
-    num_experts = routing.tokens_per_expert_E.shape[0]
-    expert_S = routing.indices_TK.reshape(-1)  # (S,) token-major
-    num_kept = expert_S.numel()
-    if routing.mask_TK is not None:
-        # Off slots get the id E, so the stable sort puts them after every expert's block. The
-        # kept count sets a shape, so it is read on the host (one sync, only with capacity).
-        expert_S = expert_S.masked_fill(~routing.mask_TK.reshape(-1), num_experts)
-        num_kept = int(routing.tokens_per_expert_E.sum())
-    order_S = torch.argsort(expert_S, stable=True)  # sorted row -> token-major slot
-    unsort_S = torch.empty_like(order_S)
-    unsort_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    kept_S = order_S[:num_kept]
-    token_S = kept_S // top_k
-    plan = DispatchPlan(
-        token_S=token_S,
-        order_S=order_S,
-        unsort_S=unsort_S,
-        weights_TK=routing.weights_TK,
-        offsets_E=torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32),
-        tokens_per_expert_E=routing.tokens_per_expert_E,
-        num_tokens=num_tokens,
-        top_k=top_k,
-        num_kept=num_kept,
-    )
-    return _GatherSlots.apply(x_TD, token_S, unsort_S, top_k), plan  # (S_kept, D)
-
-
-def _grouped_matmul(
-    x_SM: torch.Tensor, w_EMN: torch.Tensor, offsets_E: torch.Tensor, tokens_per_expert_E: torch.Tensor
-) -> torch.Tensor:
-    """Row block e of ``x_SM`` times ``w_EMN[e]``; (S, M) x (E, M, N) -> (S, N)."""
-    if _grouped_mm_aligned(x_SM, *w_EMN.shape[1:]):
-        return torch._grouped_mm(x_SM, w_EMN, offs=offsets_E)
-    # Builds without the kernel, or rows it rejects: split on the host (one sync) and loop.
-    blocks = x_SM.split(tokens_per_expert_E.tolist())
-    return torch.cat([blk @ w_EMN[e] for e, blk in enumerate(blocks)])
-
-
-def row_multiple(x_SD: torch.Tensor) -> int:
+def row_multiple(x_TD: torch.Tensor) -> int:
     """Rows each expert's block is padded up to a multiple of, for the backends' GEMMs (1 = none).
 
     On CPU in bf16 the GEMMs run on oneDNN kernels built per shape, and routing changes every
@@ -223,69 +102,18 @@ def row_multiple(x_SD: torch.Tensor) -> int:
     73.6 and batched 38.6 / 67.6 at 8 experts top-2; with one input reused (no new shapes) 33.1 /
     34.9 and 33.5 / 35.9, so the cost was the shapes. fp32 (MKL) and GPUs do not need it.
     """
-    return 64 if x_SD.device.type == "cpu" and x_SD.dtype == torch.bfloat16 else 1
+    return 64 if x_TD.device.type == "cpu" and x_TD.dtype == torch.bfloat16 else 1
 
 
-def padded_rows(
-    plan: DispatchPlan, multiple: int, cap: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Where each sorted row goes when expert blocks are padded with zero rows.
-
-    Args:
-        plan: from :func:`dispatch_sorted`.
-        multiple: every block's row count is rounded up to a multiple of this.
-        cap: give every expert this many rows (the batched layout, already a multiple) instead of
-            its own rounded count.
-
-    Returns:
-        ``(padded_S, offsets_E, counts_E, rows)``: (S_kept,) long row of each sorted row in the
-        padded buffer, (E,) int32 end offsets and (E,) long sizes of the padded blocks, and the
-        buffer's row count (it sets a shape: E·cap, or read on the host without ``cap``).
-    """
-    counts_E = plan.tokens_per_expert_E
-    num_experts, num_rows = counts_E.shape[0], plan.num_kept
-    if cap is not None:
-        padded_E = torch.full_like(counts_E, cap)
-    else:
-        padded_E = (counts_E + multiple - 1) // multiple * multiple
-    ends_E = torch.cumsum(padded_E, dim=0)
-    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=counts_E.device), counts_E,
-                                       output_size=num_rows)  # (S_kept,)
-    row_S = torch.arange(num_rows, device=counts_E.device) - (plan.offsets_E.long() - counts_E)[expert_S]
-    padded_S = (ends_E - padded_E)[expert_S] + row_S
-    rows = num_experts * cap if cap is not None else (int(ends_E[-1]) if num_experts else 0)  # host read
-    return padded_S, ends_E.to(torch.int32), padded_E, rows
-
-
-def grouped_swiglu(
-    x_SD: torch.Tensor,
-    plan: DispatchPlan,
-    gate_up_proj_EID: torch.Tensor,
-    down_proj_EDI: torch.Tensor,
+def _grouped_matmul(
+    x_PM: torch.Tensor, w_EMN: torch.Tensor, offsets_E: torch.Tensor, counts_E: torch.Tensor
 ) -> torch.Tensor:
-    """Every expert's SwiGLU on its block of sorted rows, as grouped GEMMs.
-
-    Where :func:`row_multiple` asks for it (CPU bf16), the blocks are first copied into a
-    zero-padded buffer whose block sizes are multiples of it (SwiGLU(0) = 0, so padding rows add
-    nothing and get no gradient).
-
-    Args:
-        x_SD: (S, D) rows sorted by expert, in the compute dtype.
-        plan: from :func:`dispatch_sorted`.
-        gate_up_proj_EID: (E, 2I, D).
-        down_proj_EDI: (E, D, I).
-
-    Returns:
-        (S, D) expert outputs, unweighted, in sorted order.
-    """
-    multiple = row_multiple(x_SD)
-    if multiple == 1:
-        return _grouped_swiglu_blocks(x_SD, plan.offsets_E, plan.tokens_per_expert_E, gate_up_proj_EID,
-                                      down_proj_EDI)
-    padded_S, offsets_E, counts_E, rows = padded_rows(plan, multiple)
-    x_pad_PD = x_SD.new_zeros(rows, x_SD.shape[-1]).index_copy(0, padded_S, x_SD)  # (P, D)
-    y_pad_PD = _grouped_swiglu_blocks(x_pad_PD, offsets_E, counts_E, gate_up_proj_EID, down_proj_EDI)
-    return y_pad_PD.index_select(0, padded_S)  # (S, D)
+    """Row block e of ``x_PM`` times ``w_EMN[e]``; (P, M) x (E, M, N) -> (P, N)."""
+    if _grouped_mm_aligned(x_PM, *w_EMN.shape[1:]):
+        return torch._grouped_mm(x_PM, w_EMN, offs=offsets_E)
+    # Builds without the kernel, or rows it rejects: split on the host (one sync) and loop.
+    blocks = x_PM.split(counts_E.tolist())
+    return torch.cat([blk @ w_EMN[e] for e, blk in enumerate(blocks)])
 
 
 def _grouped_mm_aligned(x: torch.Tensor, *widths: int) -> bool:
@@ -296,22 +124,23 @@ def _grouped_mm_aligned(x: torch.Tensor, *widths: int) -> bool:
 
 
 def _grouped_swiglu_blocks(
-    x_SD: torch.Tensor,
+    x_PD: torch.Tensor,
     offsets_E: torch.Tensor,
     counts_E: torch.Tensor,
     gate_up_proj_EID: torch.Tensor,
     down_proj_EDI: torch.Tensor,
 ) -> torch.Tensor:
-    """SwiGLU of row block e (ending at ``offsets_E[e]``) with expert e's weights: (S, D) -> (S, D).
+    """SwiGLU of row block e (ending at ``offsets_E[e]``) with expert e's weights: (P, D) -> (P, D).
 
-    The weights are passed as transposed views (no copy); ``_grouped_mm`` accepts them.
+    Zero rows (padding) stay zero: SwiGLU(0) = 0 without biases, and they get no gradient. The
+    weights are passed as transposed views (no copy); ``_grouped_mm`` accepts them.
     """
-    dtype = x_SD.dtype
+    dtype = x_PD.dtype
     w_gate_up_EDF = gate_up_proj_EID.to(dtype).transpose(1, 2)  # (E, D, 2I) view
-    h_SF = _grouped_matmul(x_SD, w_gate_up_EDF, offsets_E, counts_E)  # (S, 2I): gate | up
-    act_SI = _SwiGLUHalves.apply(h_SF)  # (S, I)
+    h_PF = _grouped_matmul(x_PD, w_gate_up_EDF, offsets_E, counts_E)  # (P, 2I): gate | up
+    act_PI = _SwiGLUHalves.apply(h_PF)  # (P, I)
     w_down_EID = down_proj_EDI.to(dtype).transpose(1, 2)  # (E, I, D) view
-    return _grouped_matmul(act_SI, w_down_EID, offsets_E, counts_E)  # (S, D)
+    return _grouped_matmul(act_PI, w_down_EID, offsets_E, counts_E)  # (P, D)
 
 
 def _swiglu_halves_backward(
@@ -331,46 +160,20 @@ def _swiglu_halves_backward(
 class _SwiGLUHalves(torch.autograd.Function):
     """``silu(gate) * up`` for ``h = [gate | up]`` (one GEMM over the fused gate/up weight).
 
-    Slicing ``h`` under autograd would give each half's gradient as a zero-filled (S, 2I) tensor
+    Slicing ``h`` under autograd would give each half's gradient as a zero-filled (P, 2I) tensor
     and add the two; here backward writes both halves into one tensor.
     """
 
     @staticmethod
-    def forward(ctx, h_SF):  # noqa: D102
-        inter = h_SF.shape[-1] // 2
-        ctx.save_for_backward(h_SF)
-        return F.silu(h_SF[:, :inter]) * h_SF[:, inter:]
+    def forward(ctx, h_PF):  # noqa: D102
+        inter = h_PF.shape[-1] // 2
+        ctx.save_for_backward(h_PF)
+        return F.silu(h_PF[:, :inter]) * h_PF[:, inter:]
 
     @staticmethod
-    def backward(ctx, grad_SI):  # noqa: D102
-        (h_SF,) = ctx.saved_tensors
-        return _swiglu_halves_backward(grad_SI, h_SF)
-
-
-def combine_sorted(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Un-sort the slots' outputs and take each token's weighted sum over its K slots.
-
-    Un-sorting is a permutation gather both ways (deterministic: no ``index_add``/``index_put``
-    atomics on GPU). The weighted sum is one batched product per token, ``w_t (1, K) @ y_t (K, D)``,
-    in the compute dtype with fp32 accumulation inside the GEMM, whose backward gives the slots'
-    and the weights' gradients as two more batched products. Against an fp32 multiply, sum and
-    cast over the (T·K, D) rows (``python benchmarks/moe_layer.py --tokens 2048 --fresh-routing
-    --ablations``, fwd+bwd ms, this / ``fp32 combine``): 64 experts top-8 bf16 65.1 / 75.0
-    (grouped) and 59.8 / 66.9 (batched), fp32 68.4 / 69.5; 8 experts top-2 fp32 46.0 / 48.3, bf16
-    30.9 / 29.2 and 69.5 / 69.6 in a second run (noise). Under autocast the routing weights enter
-    rounded to the compute dtype, as in HF's Qwen3-MoE.
-
-    Args:
-        y_SD: (S_kept, D) expert outputs in sorted order.
-        plan: from :func:`dispatch_sorted`.
-
-    Returns:
-        (T, D) in ``y_SD``'s dtype.
-    """
-    y_SD = _pad_rows(y_SD, plan.order_S.numel())  # (S, D): off slots contribute zeros
-    y_TKD = _PermuteRows.apply(y_SD, plan.unsort_S, plan.order_S).view(plan.num_tokens, plan.top_k, -1)
-    w_T1K = plan.weights_TK.to(y_SD.dtype).unsqueeze(1)  # (T, 1, K); off slots have weight 0
-    return torch.bmm(w_T1K, y_TKD).squeeze(1)  # (T, D)
+    def backward(ctx, grad_PI):  # noqa: D102
+        (h_PF,) = ctx.saved_tensors
+        return _swiglu_halves_backward(grad_PI, h_PF)
 
 
 def experts_grouped(
@@ -379,51 +182,20 @@ def experts_grouped(
     gate_up_proj_EID: torch.Tensor,
     down_proj_EDI: torch.Tensor,
 ) -> torch.Tensor:
-    """Grouped backend: dispatch -> grouped SwiGLU -> combine. Same contract as :func:`experts_loop`."""
-    x_TD = x_TD.to(_compute_dtype(x_TD))
-    x_SD, plan = dispatch_sorted(x_TD, routing)  # (S, D)
-    y_SD = grouped_swiglu(x_SD, plan, gate_up_proj_EID, down_proj_EDI)  # (S, D)
-    return combine_sorted(y_SD, plan)  # (T, D)
+    """Grouped backend: dispatch -> grouped SwiGLU -> combine. Same contract as :func:`experts_loop`.
 
-
-# --------------------------------------------------------------------------------------------
-# batched: dispatch -> zero-padded (E, C_max, D) -> bmm -> combine
-# --------------------------------------------------------------------------------------------
-
-
-def batched_swiglu(
-    x_SD: torch.Tensor,
-    plan: DispatchPlan,
-    gate_up_proj_EID: torch.Tensor,
-    down_proj_EDI: torch.Tensor,
-) -> torch.Tensor:
-    """Every expert's SwiGLU as three ``bmm`` over a zero-padded per-expert buffer.
-
-    Row r of expert e's block lands at padded row ``e·C_max + r``; the other rows stay zero, and
-    since SwiGLU(0) = 0 (no biases) they add nothing and get no gradient back. C_max is the
-    busiest expert's count rounded up to :func:`row_multiple`, read on the host (one sync per
-    layer call).
-
-    Args:
-        x_SD: (S_kept, D) rows sorted by expert, in the compute dtype.
-        plan: from :func:`dispatch_sorted`.
-        gate_up_proj_EID: (E, 2I, D).
-        down_proj_EDI: (E, D, I).
-
-    Returns:
-        (S_kept, D) expert outputs, unweighted, in sorted order.
+    Expert blocks are exact, or rounded up to :func:`row_multiple` rows (CPU bf16).
     """
-    dtype = x_SD.dtype
-    num_experts, hidden = gate_up_proj_EID.shape[0], x_SD.shape[-1]
-    multiple = row_multiple(x_SD)
-    busiest = int(plan.tokens_per_expert_E.max()) if x_SD.shape[0] else 0
-    cap = max(-(-busiest // multiple) * multiple, multiple)
-    padded_S, _, _, rows = padded_rows(plan, multiple, cap=cap)  # row e·cap + r for row r of expert e
-    x_pad_ND = x_SD.new_zeros(rows, hidden).index_copy(0, padded_S, x_SD)
-    x_ECD = x_pad_ND.view(num_experts, cap, hidden)  # (E, C_max, D)
-    swiglu = _batched_swiglu_autograd if dtype == torch.float32 else _BatchedSwiGLU.apply
-    y_ECD = swiglu(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)
-    return y_ECD.reshape(num_experts * cap, hidden).index_select(0, padded_S)  # (S_kept, D)
+    x_TD = x_TD.to(_compute_dtype(x_TD))
+    plan = plan_dispatch(routing, row_multiple(x_TD))
+    x_PD = dispatch(x_TD, plan)  # (P, D)
+    y_PD = _grouped_swiglu_blocks(x_PD, plan.offsets_E, plan.counts_E, gate_up_proj_EID, down_proj_EDI)
+    return combine(y_PD, plan)  # (T, D)
+
+
+# --------------------------------------------------------------------------------------------
+# batched: dispatch into (E, C_max, D) -> bmm -> combine
+# --------------------------------------------------------------------------------------------
 
 
 def _batched_swiglu_autograd(x_ECD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDI: torch.Tensor) -> torch.Tensor:
@@ -475,14 +247,28 @@ def experts_batched(
     gate_up_proj_EID: torch.Tensor,
     down_proj_EDI: torch.Tensor,
 ) -> torch.Tensor:
-    """Batched backend: dispatch -> padded bmm SwiGLU -> combine. Same contract as :func:`experts_loop`."""
+    """Batched backend: every expert's SwiGLU as ``bmm`` over an (E, C_max, D) buffer. Same contract
+    as :func:`experts_loop`.
+
+    Every block has C_max rows, the busiest expert's count rounded up to :func:`row_multiple`
+    (read on the host: one sync per layer call); the rows past an expert's count are zeros, so
+    they add nothing and get no gradient.
+    """
     x_TD = x_TD.to(_compute_dtype(x_TD))
-    x_SD, plan = dispatch_sorted(x_TD, routing)  # (S_kept, D)
-    y_SD = batched_swiglu(x_SD, plan, gate_up_proj_EID, down_proj_EDI)  # (S_kept, D)
-    return combine_sorted(y_SD, plan)  # (T, D)
+    dtype, hidden = x_TD.dtype, x_TD.shape[-1]
+    num_experts = gate_up_proj_EID.shape[0]
+    multiple = row_multiple(x_TD)
+    busiest = int(routing.tokens_per_expert_E.max()) if x_TD.shape[0] else 0
+    cap = max(-(-busiest // multiple) * multiple, multiple)
+    plan = plan_dispatch(routing, cap=cap)
+    x_ECD = dispatch(x_TD, plan).view(num_experts, cap, hidden)  # (E, C_max, D)
+    swiglu = _batched_swiglu_autograd if dtype == torch.float32 else _BatchedSwiGLU.apply
+    y_ECD = swiglu(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)
+    return combine(y_ECD.reshape(num_experts * cap, hidden), plan)  # (T, D)
 
 
 ExpertsFn = Callable[[torch.Tensor, RouterOutput, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 # --------------------------------------------------------------------------------------------
 # decode fast paths: a few tokens, no autograd

@@ -1,0 +1,195 @@
+"""Dispatch and combine: the routed token-slots into a per-expert row buffer, and back.
+
+Legend: T tokens, D hidden, E experts, K experts per token, S = T·K token-slots (slot ``t·K + k``
+is token t's k-th choice, "token-major"), P rows of the expert buffer.
+
+The buffer holds one block of rows per expert, in expert order; block e starts with expert e's
+slots (in token order) and ends with zero rows up to the block's size. Three layouts:
+
+- exact: every block is its expert's count (P = the computed slots); no padding.
+- rounded (``multiple``): counts rounded up to a multiple, so GEMM shapes repeat from step to
+  step (CPU bf16, :func:`~Ava.layers.experts.row_multiple`).
+- fixed (``cap``): every block has ``cap`` rows, so the buffer is an (E, cap, D) batch.
+
+:func:`dispatch` fills the buffer with one gather (padding rows read an appended zero row) and
+:func:`combine` reads it back with one gather into (T, K, D) and one batched weighted sum. An
+earlier version gathered the sorted slots first and then scattered them into the padded buffer
+(and reversed both on the way back): two more passes over the (P, D) rows each way, with an
+accumulating scatter in backward. ``python benchmarks/moe_layer.py`` has the numbers
+(docs/performance.md).
+
+Slots the router left off (``routing.mask_TK``: capacity dropping, expert-choice) get no buffer
+row: :func:`combine` reads them as zeros (their weight is 0 too), and :func:`dispatch`'s backward
+gives them zero gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .routing import RouterOutput
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where every token-slot's row lives in the expert buffer.
+
+    Attributes:
+        row_S: (S,) long, buffer row of each token-major slot (off slots: 0, see the module doc).
+        source_P: (P,) long, token of each buffer row; T on padding rows (they read a zero row).
+        order_S: (S,) long, token-major slot of each slot sorted by expert (off slots last); with
+            the exact layout and no off slots, the inverse of ``row_S``.
+        offsets_E: (E,) int32, end row of each expert's block (``torch._grouped_mm``'s ``offs``).
+        counts_E: (E,) long, rows in each expert's block (padding included).
+        weights_TK: (T, K) fp32 gate weights (0 on off slots).
+        mask_TK: (T, K) bool, False on off slots; None = every slot is computed.
+        num_tokens: T.
+        top_k: K.
+        rows: P.
+        padded: whether any block has padding rows (the buffer is not just the sorted slots).
+    """
+
+    row_S: torch.Tensor
+    source_P: torch.Tensor
+    order_S: torch.Tensor
+    offsets_E: torch.Tensor
+    counts_E: torch.Tensor
+    weights_TK: torch.Tensor
+    mask_TK: torch.Tensor | None
+    num_tokens: int
+    top_k: int
+    rows: int
+    padded: bool
+
+
+def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = None) -> DispatchPlan:
+    """The buffer layout of a routing decision.
+
+    Args:
+        routing: the router's decision.
+        multiple: round every expert's block up to a multiple of this many rows (1 = exact).
+        cap: give every block exactly this many rows (at least the busiest expert's count);
+            overrides ``multiple``.
+
+    Returns:
+        The :class:`DispatchPlan`. Host reads (one sync each, free on CPU): the kept count with
+        off slots, the buffer size with rounded blocks.
+    """
+    num_tokens, top_k = routing.indices_TK.shape
+    counts_E = routing.tokens_per_expert_E
+    num_experts = counts_E.shape[0]
+    device = counts_E.device
+    expert_S = routing.indices_TK.reshape(-1)  # (S,) token-major
+    num_slots = num_kept = expert_S.numel()
+    if routing.mask_TK is not None:
+        # Off slots get the id E, so the stable sort puts them after every expert's block.
+        expert_S = expert_S.masked_fill(~routing.mask_TK.reshape(-1), num_experts)
+        num_kept = int(counts_E.sum())
+    order_S = torch.argsort(expert_S, stable=True)  # sorted position -> token-major slot
+    kept_S = order_S[:num_kept]
+    if cap is None and multiple == 1:
+        blocks_E, rows, padded = counts_E, num_kept, False
+        ends_E = torch.cumsum(counts_E, dim=0)
+        buffer_row_K = torch.arange(num_kept, device=device)  # (S_kept,) sorted position = buffer row
+    else:
+        blocks_E = torch.full_like(counts_E, cap) if cap is not None else (counts_E + multiple - 1) // multiple * multiple
+        ends_E = torch.cumsum(blocks_E, dim=0)
+        rows = num_experts * cap if cap is not None else (int(ends_E[-1]) if num_experts else 0)  # host read
+        padded = rows != num_kept
+        expert_K = torch.repeat_interleave(torch.arange(num_experts, device=device), counts_E, output_size=num_kept)
+        within_K = torch.arange(num_kept, device=device) - (torch.cumsum(counts_E, dim=0) - counts_E)[expert_K]
+        buffer_row_K = (ends_E - blocks_E)[expert_K] + within_K  # (S_kept,)
+    row_S = torch.zeros(num_slots, dtype=torch.long, device=device).index_copy_(0, kept_S, buffer_row_K)
+    token_K = kept_S // top_k
+    if padded:
+        source_P = torch.full((rows,), num_tokens, dtype=torch.long, device=device).index_copy_(0, buffer_row_K, token_K)
+    else:
+        source_P = token_K
+    return DispatchPlan(
+        row_S=row_S, source_P=source_P, order_S=order_S, offsets_E=ends_E.to(torch.int32), counts_E=blocks_E,
+        weights_TK=routing.weights_TK, mask_TK=routing.mask_TK, num_tokens=num_tokens, top_k=top_k, rows=rows,
+        padded=padded,
+    )
+
+
+class _Dispatch(torch.autograd.Function):
+    """Buffer rows gathered from the tokens; backward sums each token's K slot gradients.
+
+    Autograd's own backward of ``x[source]`` is an accumulating ``index_put`` (slow on CPU, atomic
+    and non-deterministic on GPU); knowing each token feeds exactly its K slots makes it one
+    gather and a sum over K.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, plan):  # noqa: D102 (autograd protocol)
+        ctx.plan = plan  # index tensors only: nothing autograd needs to track
+        source_TD = F.pad(x_TD, (0, 0, 0, 1)) if plan.padded else x_TD  # row T: zeros for padding rows
+        return source_TD.index_select(0, plan.source_P)  # (P, D)
+
+    @staticmethod
+    def backward(ctx, grad_PD):  # noqa: D102
+        plan = ctx.plan
+        if plan.rows == 0:  # every slot off
+            return grad_PD.new_zeros(plan.num_tokens, grad_PD.shape[-1]), None
+        grad_TKD = grad_PD.index_select(0, plan.row_S).view(plan.num_tokens, plan.top_k, -1)
+        if plan.mask_TK is not None:
+            grad_TKD.masked_fill_(~plan.mask_TK.unsqueeze(-1), 0.0)  # off slots read row 0, not theirs
+        return grad_TKD.sum(dim=1), None
+
+
+class _GatherSlots(torch.autograd.Function):
+    """Each token-slot's buffer row, token-major (T, K, D); backward puts the gradients back."""
+
+    @staticmethod
+    def forward(ctx, y_PD, plan):  # noqa: D102
+        ctx.plan = plan
+        if y_PD.shape[0] == 0:  # every slot off: they read (and weight) one zero row
+            y_PD = F.pad(y_PD, (0, 0, 0, 1))
+        y_TKD = y_PD.index_select(0, plan.row_S).view(plan.num_tokens, plan.top_k, -1)
+        if plan.mask_TK is not None:  # off slots read row 0: make them zeros (no gradient to their weights)
+            y_TKD.masked_fill_(~plan.mask_TK.unsqueeze(-1), 0.0)
+        return y_TKD
+
+    @staticmethod
+    def backward(ctx, grad_TKD):  # noqa: D102
+        plan = ctx.plan
+        grad_SD = grad_TKD.reshape(-1, grad_TKD.shape[-1])
+        if plan.rows == 0:
+            return grad_SD.new_zeros(0, grad_SD.shape[-1]), None
+        if not plan.padded and plan.mask_TK is None:  # a permutation: its inverse is a gather
+            return grad_SD.index_select(0, plan.order_S), None
+        grad_PD = grad_SD.new_zeros(plan.rows, grad_SD.shape[-1])
+        if plan.mask_TK is None:
+            return grad_PD.index_copy_(0, plan.row_S, grad_SD), None
+        # Off slots all point at row 0 with gradient exactly 0 (zeroed in forward): adding is exact.
+        return grad_PD.index_put_((plan.row_S,), grad_SD, accumulate=True), None
+
+
+def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """The expert buffer: (T, D) -> (P, D), block e = expert e's slots then zero rows."""
+    return _Dispatch.apply(x_TD, plan)
+
+
+def combine(y_PD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Each token's weighted sum of its K slots' expert outputs: (P, D) -> (T, D), in ``y_PD``'s dtype.
+
+    The sum is one batched product per token, ``w_t (1, K) @ y_t (K, D)``, in the compute dtype
+    with fp32 accumulation inside the GEMM; its backward gives the slots' and the weights'
+    gradients as two more batched products. Against an fp32 multiply, sum and cast over the
+    (T·K, D) rows (``python benchmarks/moe_layer.py --tokens 2048 --fresh-routing --ablations``,
+    fwd+bwd ms, this / ``fp32 combine``): 64 experts top-8 bf16 65.1 / 75.0 (grouped) and 59.8 /
+    66.9 (batched), fp32 68.4 / 69.5; 8 experts top-2 fp32 46.0 / 48.3, bf16 30.9 / 29.2 and
+    69.5 / 69.6 in a second run (noise). Under autocast the routing weights enter rounded to the
+    compute dtype, as in HF's Qwen3-MoE.
+    """
+    y_TKD = gather_slots(y_PD, plan)
+    w_T1K = plan.weights_TK.to(y_PD.dtype).unsqueeze(1)  # (T, 1, K); off slots have weight 0
+    return torch.bmm(w_T1K, y_TKD).squeeze(1)  # (T, D)
+
+
+def gather_slots(y_PD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """The slots' rows of the buffer, token-major (T, K, D), unweighted (what :func:`combine` sums)."""
+    return _GatherSlots.apply(y_PD, plan)

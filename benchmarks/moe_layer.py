@@ -22,6 +22,8 @@ GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``
 combine`` (the slots' outputs weighted and summed over K in fp32 element-wise ops, instead of one
 batched product per token) and ``two-pass dispatch`` (the slots gathered in expert order and then
 scattered into the padded buffer, and back the same two ways, instead of one gather each way).
+``--skew 0.5`` skews the expert load (the setup line prints max/mean): the numbers behind
+``resolve_backend``'s skew limit.
 
 ``--decode 1 2 4`` instead times the inference forward (no autograd) of the experts alone for that
 many tokens, per path (``slots``, ``gathered``, ``grouped``, ``batched``), in µs and ÷ grouped:
@@ -160,7 +162,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     moe = MoEBlock(cfg)
     dense = SwiGLU(args.hidden, args.top_k * args.moe_intermediate)
-    pool = [torch.randn(1, args.tokens, args.hidden) for _ in range(16 if args.fresh_routing else 1)]  # (1, T, D)
+    # --skew: every input shares a component along one random direction, so the experts whose
+    # router rows point along it get more tokens (as at a real model's initialisation).
+    shared_D = args.skew * torch.nn.functional.normalize(torch.randn(args.hidden), dim=0) * args.hidden ** 0.5
+    pool = [torch.randn(1, args.tokens, args.hidden) + shared_D for _ in range(16 if args.fresh_routing else 1)]
     x = pool[0]
     grad = torch.randn_like(x)
     flops = 6.0 * args.tokens * 3 * args.hidden * args.top_k * args.moe_intermediate
@@ -256,6 +261,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--fresh-routing", action="store_true", help="a new input (and routing) every call")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="a shared input component of this size (× the noise) to skew the expert load")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         help="time only these variants (and the dense reference), e.g. --only 'moe grouped' "
                              "'moe grouped, split gate/up'")

@@ -11,7 +11,7 @@ builder (fused AdamW, decay/no-decay groups, as ``ava train``); HF uses fused ``
 (what its ``Trainer`` defaults to).
 
 Variants per dtype:
-- Ava with each expert backend in ``--ava-backends`` (``grouped``, ``batched``); bf16 is Ava's
+- Ava with each expert backend in ``--ava-backends`` (default ``auto``, ``grouped``, ``batched``); bf16 is Ava's
   ``precision.dtype: bf16``: ``torch.autocast("cpu", bfloat16)`` over fp32 master weights.
 - HF with each ``experts_implementation`` of transformers' ``ExpertsInterface`` (``eager`` plus the
   registered ones) that runs here; the others are skipped with the reason. bf16: the same autocast
@@ -20,11 +20,17 @@ Variants per dtype:
 
 Every variant runs in its own worker process (so the frameworks cannot evict each other's cached
 kernels, see :func:`variant_worker`), and the variants of one shape and dtype run interleaved
-(round-robin, one at a time, the order rotated every repeat) after ``--warmup`` rounds; each sample is ``--steps`` consecutive steps, and the table
-reports the median of ``--repeats`` samples, so machine noise hits every variant alike. ``× best
+(round-robin, one at a time, the order rotated every repeat) after ``--warmup`` rounds; each
+sample is ``--steps`` consecutive steps, and the table reports the median of ``--repeats`` samples, so machine noise hits every variant alike. ``× best
 HF`` divides by the fastest HF variant of that dtype (bf16-weights included). MFU = model FLOPs/s
 (``EnhancedMoEModel.flops_per_token``, the same numerator for Ava and HF) ÷ the matmul peak of the
 dtype measured with ``measure_matmul_peak`` once per round in the same run (median).
+
+The default warm-up (5 rounds) is for the steady state of a training run: on CPU in bf16 oneDNN
+builds a GEMM kernel the first time it sees a shape, and Ava's expert blocks (padded to multiples
+of 64 rows) reach their few shapes within a few steps, while HF's exact per-expert row counts are
+new shapes every step. 8 experts top-2 bf16, Ava ÷ best HF: 1.34× after 1 warm-up round, 1.46×
+after 8 (docs/performance.md).
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 
@@ -368,8 +374,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per variant (median reported)")
     parser.add_argument("--steps", type=int, default=1, help="training steps per timed sample")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed round-robin rounds first")
-    parser.add_argument("--ava-backends", nargs="+", default=["grouped", "batched"],
+    parser.add_argument("--warmup", type=int, default=5, help="untimed round-robin rounds first (steady state)")
+    parser.add_argument("--ava-backends", nargs="+", default=["auto", "grouped", "batched"],
                         choices=["grouped", "batched", "loop", "auto"])
     parser.add_argument("--hf-impls", nargs="+", default=None,
                         help="HF experts_implementation values; default: eager + every registered one")

@@ -167,17 +167,19 @@ def test_decode_path_rule():
     assert decode_path(x, routing, 32) is None  # with autograd on, the training backends run
 
 
-def test_auto_picks_batched_only_for_balanced_bf16_on_cpu():
+def test_auto_picks_batched_only_for_many_balanced_experts_in_bf16_on_cpu():
     from types import SimpleNamespace
 
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("auto is batched everywhere without torch._grouped_mm")
-    balanced = SimpleNamespace(tokens_per_expert_E=torch.tensor([10, 12, 9, 11]))
-    skewed = SimpleNamespace(tokens_per_expert_E=torch.tensor([40, 1, 1, 0]))
+    balanced = SimpleNamespace(tokens_per_expert_E=torch.tensor([10, 12, 9, 11] * 16))  # 64 experts
+    skewed = SimpleNamespace(tokens_per_expert_E=torch.tensor([40, 1, 1, 0] * 16))
+    few = SimpleNamespace(tokens_per_expert_E=torch.tensor([10, 12, 9, 11] * 2))  # 8 experts
     x32, x16 = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16)
     assert resolve_backend("auto", x32, balanced) == "grouped"
     assert resolve_backend("auto", x16, balanced) == "batched"
     assert resolve_backend("auto", x16, skewed) == "grouped"
+    assert resolve_backend("auto", x16, few) == "grouped"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert resolve_backend("auto", x32, balanced) == "batched"  # autocast's dtype counts
     assert resolve_backend("grouped", x16, balanced) == "grouped"  # an explicit choice stays

@@ -18,8 +18,8 @@ capacity dropping or expert-choice, are skipped and contribute 0):
 - ``batched``: the same, with every block padded to the busiest expert's count, so the buffer is
   an (E, C_max, D) batch for ``torch.bmm``; padding rows are zeros, so they add nothing forward
   and receive no gradient.
-- ``auto`` (default): :func:`resolve_backend` — ``batched`` on CPU in bf16 at balanced load,
-  else ``grouped`` where ``torch._grouped_mm`` exists, else
+- ``auto`` (default): :func:`resolve_backend` — ``batched`` on CPU in bf16 with many experts
+  at balanced load, else ``grouped`` where ``torch._grouped_mm`` exists, else
   ``batched`` (numbers in docs/moe.md).
 
 All compute in the autocast dtype when autocast is on (``_grouped_mm`` is not on autocast's
@@ -364,22 +364,26 @@ BACKEND_CHOICES = (*EXPERT_BACKENDS, "auto")
 
 
 BATCHED_MAX_SKEW = 2.0  # auto on CPU in bf16: batched while the busiest expert has ≤ 2× the mean load
+BATCHED_MIN_EXPERTS = 33  # ... and only with more experts than 32
 
 
 def resolve_backend(name: str, x_TD: torch.Tensor | None = None, routing: RouterOutput | None = None) -> str:
     """The concrete backend for ``name``.
 
-    ``auto`` is ``grouped``, except on CPU with a bf16 compute dtype (autocast or bf16 weights)
-    and a balanced load (busiest expert ≤ :data:`BATCHED_MAX_SKEW` × the mean), where it is
-    ``batched``; without ``torch._grouped_mm`` it is ``batched``. The rule comes from whole
-    training steps on the 2-core CPU (``benchmarks/train_throughput.py``, docs/performance.md):
-    fp32 ``grouped`` is 1.09–1.54× ``batched``; in bf16, with expert blocks padded to multiples
-    of 64 rows (:func:`row_multiple`), the two are equal at 8 experts (3,773 vs 3,722 tok/s) and
-    ``batched`` is 1.11× at 64 (one ``bmm`` per projection instead of one GEMM per expert).
-    ``batched`` pads every expert to the busiest one, so under skewed load (max/mean 4–8, early
-    in training or in a collapsing router) it was 1.3–2.3× slower; hence the skew limit. On GPUs
-    ``grouped`` is the kernel made for this. The choice depends only on the data of the step, so
-    every run and rank makes the same one.
+    ``auto`` is ``grouped``, except on CPU with a bf16 compute dtype (autocast or bf16 weights),
+    more than 32 experts (:data:`BATCHED_MIN_EXPERTS`) and a balanced load (busiest expert ≤
+    :data:`BATCHED_MAX_SKEW` × the mean), where it is ``batched``; without ``torch._grouped_mm`` it
+    is ``batched``. In fp32 ``grouped`` is 1.09–1.54× ``batched`` over whole training steps
+    (``benchmarks/train_throughput.py``, docs/performance.md). In CPU bf16 (expert blocks padded
+    to multiples of 64 rows, :func:`row_multiple`), one layer fwd+bwd at balanced load
+    (``python benchmarks/moe_layer.py --dtypes bf16 --tokens 2048 --fresh-routing``, ms grouped /
+    batched): 8 experts top-2 27.4 / 30.8, 16 top-2 45.1 / 50.5, 32 top-4 50.4 / 49.8, 32 top-8
+    47.7 / 45.4, 64 top-8 52.2 / 40.1 — one ``bmm`` per projection pays off over one GEMM per
+    expert only with many small experts. ``batched`` pads every expert to the busiest one, so
+    under skew it loses (``--skew``: 64 top-8 at max/mean 2.1 48.2 / 62.9, at 3.3 60.4 / 125.2;
+    8 top-2 at 1.43 34.0 / 48.4); hence the skew limit. On GPUs ``grouped`` is the kernel made
+    for this. The choice depends only on the data of the step, so every run and rank makes the
+    same one.
 
     Args:
         name: a key of :data:`EXPERT_BACKENDS` or ``"auto"``.
@@ -396,7 +400,8 @@ def resolve_backend(name: str, x_TD: torch.Tensor | None = None, routing: Router
     if x_TD is not None and routing is not None and x_TD.device.type == "cpu" \
             and _compute_dtype(x_TD) == torch.bfloat16:
         load_E = routing.tokens_per_expert_E
-        if float(load_E.max()) <= BATCHED_MAX_SKEW * float(load_E.float().mean()):
+        if load_E.numel() >= BATCHED_MIN_EXPERTS \
+                and float(load_E.max()) <= BATCHED_MAX_SKEW * float(load_E.float().mean()):
             return "batched"
     return "grouped"
 

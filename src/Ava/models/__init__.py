@@ -1,7 +1,8 @@
 """The MoE language model."""
 
 from .decoder_layer import DecoderLayer
-from .moe_model import EnhancedMoEModel, MoEModelOutput, RouterStats
+from .moe_model import EnhancedMoEModel
+from .outputs import MoEModelOutput, RouterStats
 from .mtp import MTPModule, MTPOutput, MultiTokenPrediction
 
 __all__ = [

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from .metrics import (
 from .progressive_training import ProgressiveSchedule
 from .run_manager import (
     RunPaths,
+    TrainingSummary,
     check_resume_config,
     create_run_folder,
     resolve_device,
@@ -70,29 +70,6 @@ from .run_manager import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingSummary:
-    """What ``train()`` returns (also written to ``summary.json`` in the run folder)."""
-
-    run_dir: str
-    checkpoint: str
-    steps: int
-    tokens: int
-    final_train_loss: float
-    final_val_loss: float | None
-    best_val_loss: float | None
-    wall_time_s: float
-    tokens_per_second: float
-    sample: str | None
-    skipped_steps: list[list[Any]] = field(default_factory=list)
-    rollbacks: list[int] = field(default_factory=list)
-    stopped_early: bool = False
-    resumed_from: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class EnhancedModularTrainer(DataFeed):

@@ -22,7 +22,7 @@ import platform
 import random
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,29 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@dataclass
+class TrainingSummary:
+    """What ``train()`` returns (also written to ``summary.json`` in the run folder)."""
+
+    run_dir: str
+    checkpoint: str
+    steps: int
+    tokens: int
+    final_train_loss: float
+    final_val_loss: float | None
+    best_val_loss: float | None
+    wall_time_s: float
+    tokens_per_second: float
+    sample: str | None
+    skipped_steps: list[list[Any]] = field(default_factory=list)
+    rollbacks: list[int] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:

@@ -100,12 +100,26 @@ class _SortedGather(torch.autograd.Function):
         return grad_SD.index_select(0, inverse_S).view(-1, ctx.top_k, grad_SD.shape[-1]).sum(dim=1), None, None, None
 
 
+class _Permute(torch.autograd.Function):
+    """``x[perm]`` whose backward is the inverse permutation's gather (the earlier un-sort)."""
+
+    @staticmethod
+    def forward(ctx, x_SD, perm_S, inverse_S):
+        ctx.save_for_backward(inverse_S)
+        return x_SD.index_select(0, perm_S)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (inverse_S,) = ctx.saved_tensors
+        return grad_SD.index_select(0, inverse_S), None, None
+
+
 def _two_pass(plan):
     """Index maps of the earlier dispatch: token of each sorted slot, buffer row of each sorted
     slot, and the sorted position of each token-major slot (dropless plans only)."""
     sorted_S = plan.order_S
     unsort_S = torch.empty_like(sorted_S)
-    unsort_S[sorted_S] = torch.arange(sorted_S.numel())
+    unsort_S[sorted_S] = torch.arange(sorted_S.numel(), device=sorted_S.device)
     return sorted_S // plan.top_k, plan.row_S[sorted_S], unsort_S
 
 
@@ -124,7 +138,7 @@ def _two_pass_combine(y_PD, plan):
     ``index_select``), un-sort them (a gather both ways), then the batched weighted sum."""
     _, buffer_row_S, unsort_S = _two_pass(plan)
     y_SD = y_PD.index_select(0, buffer_row_S) if plan.padded else y_PD
-    y_TKD = _SortedGather.apply(y_SD, unsort_S, plan.order_S, 1).view(plan.num_tokens, plan.top_k, -1)
+    y_TKD = _Permute.apply(y_SD, unsort_S, plan.order_S).view(plan.num_tokens, plan.top_k, -1)
     return torch.bmm(plan.weights_TK.to(y_PD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 

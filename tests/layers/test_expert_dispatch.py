@@ -3,24 +3,31 @@
 import pytest
 import torch
 
-from Ava.layers.expert_dispatch import combine, dispatch, plan_dispatch
-from Ava.layers.routing import RouterOutput, apply_capacity, route_topk
+from Ava.layers.expert_dispatch import combine, dispatch, gather_slots, plan_dispatch
+from Ava.layers.routing import RouterOutput, apply_capacity, route_expert_choice, route_topk
 
-LAYOUTS = {"exact": {}, "rounded": {"multiple": 8}, "fixed": {"cap": 24}}
+LAYOUTS = {  # plan_dispatch keywords from the routing
+    "exact": lambda routing: {},
+    "rounded": lambda routing: {"multiple": 8},
+    "fixed": lambda routing: {"cap": int(routing.tokens_per_expert_E.max()) + 3},
+}
+ROUTINGS = ["dropless", "capacity", "expert-choice"]
 
 
-def _routing(capacity=None, T=29, E=5, D=12, K=2, seed=0):
+def _routing(kind, T=29, E=5, D=12, K=2, seed=0):
     torch.manual_seed(seed)
     x = torch.randn(T, D)
+    if kind == "expert-choice":  # K = E slots per token, 0..E of them on
+        return x, route_expert_choice(x, torch.randn(E, D), K, 1.0)
     routing = route_topk(x, torch.randn(E, D), K, True)
-    return x, (apply_capacity(routing, capacity) if capacity is not None else routing)
+    return x, (apply_capacity(routing, 1.0) if kind == "capacity" else routing)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("capacity", [None, 1.0])
-def test_buffer_blocks_hold_each_experts_slots_then_zeros(layout, capacity):
-    x, routing = _routing(capacity)
-    plan = plan_dispatch(routing, **LAYOUTS[layout])
+@pytest.mark.parametrize("kind", ROUTINGS)
+def test_buffer_blocks_hold_each_experts_slots_then_zeros(layout, kind):
+    x, routing = _routing(kind)
+    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
     buf = dispatch(x, plan)
     assert buf.shape == (plan.rows, x.shape[1])
     starts = (plan.offsets_E - plan.counts_E).tolist()
@@ -37,19 +44,19 @@ def test_buffer_blocks_hold_each_experts_slots_then_zeros(layout, capacity):
             torch.testing.assert_close(buf[row], x[t], rtol=0, atol=0)
     assert (buf[~used] == 0).all()  # padding rows are zeros
     if layout == "fixed":
-        assert (plan.counts_E == 24).all()
+        assert (plan.counts_E == int(routing.tokens_per_expert_E.max()) + 3).all()
     if layout == "rounded":
         assert (plan.counts_E % 8 == 0).all() and (plan.counts_E >= routing.tokens_per_expert_E).all()
     assert plan.padded == bool((~used).any())
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("capacity", [None, 1.0])
-def test_dispatch_and_combine_gradients_match_autograd(layout, capacity):
+@pytest.mark.parametrize("kind", ROUTINGS)
+def test_dispatch_and_combine_gradients_match_autograd(layout, kind):
     """Both hand-written backwards equal autograd over a plain indexing reference; off slots get
     no gradient and contribute nothing."""
-    x, routing = _routing(capacity, seed=1)
-    plan = plan_dispatch(routing, **LAYOUTS[layout])
+    x, routing = _routing(kind, seed=1)
+    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
     T, K = routing.indices_TK.shape
     weights = routing.weights_TK.clone().requires_grad_()
     plan = plan.__class__(**{**plan.__dict__, "weights_TK": weights})
@@ -74,6 +81,40 @@ def test_dispatch_and_combine_gradients_match_autograd(layout, capacity):
     torch.testing.assert_close(weights.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_off_slots_pass_no_gradient_back_whatever_arrives(layout):
+    """gather_slots alone, with an arbitrary upstream gradient (non-zero on off slots too): the
+    buffer gets exactly the kept slots' gradients, rows of nobody's slot get zero."""
+    x, routing = _routing("capacity", seed=2)
+    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
+    y = torch.randn(plan.rows, x.shape[1], requires_grad=True)
+    up = torch.randn(*routing.indices_TK.shape, x.shape[1])
+    (gather_slots(y, plan) * up).sum().backward()
+    want = torch.zeros_like(y)
+    kept = routing.mask_TK.reshape(-1)
+    want[plan.row_S[kept]] = up.reshape(-1, x.shape[1])[kept]
+    assert (~kept).any()  # the capacity dropped some slots: the case under test
+    torch.testing.assert_close(y.grad, want, rtol=0, atol=0)
+
+
+def test_cap_below_the_busiest_expert_is_an_error():
+    _, routing = _routing("dropless")
+    with pytest.raises(ValueError, match="busiest"):
+        plan_dispatch(routing, cap=int(routing.tokens_per_expert_E.max()) - 1)
+
+
+def test_no_tokens_is_empty_both_ways():
+    E, D, K = 4, 6, 2
+    routing = route_topk(torch.randn(0, D), torch.randn(E, D), K, True)
+    x = torch.randn(0, D, requires_grad=True)
+    for layout in LAYOUTS.values():
+        plan = plan_dispatch(routing, **layout(routing))
+        y = combine(dispatch(x, plan), plan)
+        assert y.shape == (0, D)
+        y.sum().backward()
+        assert x.grad.shape == (0, D)
+
+
 def test_every_slot_off_gives_zeros_and_zero_gradients():
     T, E, D, K = 4, 3, 6, 2
     routing = RouterOutput(
@@ -82,8 +123,10 @@ def test_every_slot_off_gives_zeros_and_zero_gradients():
         tokens_per_expert_E=torch.zeros(E, dtype=torch.long), mask_TK=torch.zeros(T, K, dtype=torch.bool),
     )
     x = torch.randn(T, D, requires_grad=True)
+    weights = routing.weights_TK.clone().requires_grad_()
     plan = plan_dispatch(routing)
+    plan = plan.__class__(**{**plan.__dict__, "weights_TK": weights})
     y = combine(dispatch(x, plan), plan)
     assert plan.rows == 0 and (y == 0).all()
     y.sum().backward()
-    assert (x.grad == 0).all()
+    assert (x.grad == 0).all() and (weights.grad == 0).all()

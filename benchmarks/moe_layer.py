@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     dense = SwiGLU(args.hidden, args.top_k * args.moe_intermediate)
     # --skew: every input shares a component along one random direction, so the experts whose
     # router rows point along it get more tokens (as at a real model's initialisation).
-    shared_D = args.skew * torch.nn.functional.normalize(torch.randn(args.hidden), dim=0) * args.hidden ** 0.5
+    # (drawn only when asked, so the default inputs stay those of the earlier recorded runs)
+    shared_D = (args.skew * F.normalize(torch.randn(args.hidden), dim=0) * args.hidden ** 0.5 if args.skew else 0.0)
     pool = [torch.randn(1, args.tokens, args.hidden) + shared_D for _ in range(16 if args.fresh_routing else 1)]
     x = pool[0]
     grad = torch.randn_like(x)

@@ -33,8 +33,8 @@ dtype measured with ``measure_matmul_peak`` once per round in the same run (medi
 The default warm-up (5 rounds) is for the steady state of a training run: on CPU in bf16 oneDNN
 builds a GEMM kernel the first time it sees a shape, and Ava's expert blocks (padded to multiples
 of 64 rows) reach their few shapes within a few steps, while HF's exact per-expert row counts are
-new shapes every step. 8 experts top-2 bf16, Ava ÷ best HF: 1.34× after 1 warm-up round, 1.46×
-after 8 (docs/performance.md).
+new shapes every step. 8 experts top-2 bf16, Ava ÷ best HF: 1.34× with 1 warm-up round, 1.46×
+with 8, in two runs hours apart (docs/performance.md).
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 

@@ -319,12 +319,11 @@ def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Ten
             w.close()
     seed = shared_init_model(args, shape)
     tokens = batch.numel()
-    pooled: dict[str, list[float]] = {}
+    pooled: dict[str, tuple[str, list[float]]] = {}
     for w in workers:  # the processes of one variant pool their samples
-        pooled.setdefault(w.name, []).extend(w.times)
-    family = {w.name: w.family for w in workers}
-    rows = [{"name": name, "family": family[name], "tok_s": tokens / statistics.median(times)}
-            for name, times in pooled.items()]
+        pooled.setdefault(w.name, (w.family, []))[1].extend(w.times)
+    rows = [{"name": name, "family": family, "tok_s": tokens / statistics.median(times)}
+            for name, (family, times) in pooled.items()]
     return {"shape": shape, "dtype": dtype, "rows": rows, "peak": statistics.median(peaks),
             "floor_tok_s": tokens / statistics.median(floors), "gemms": len(gemms), "tokens": tokens,
             "flops_per_token": seed.flops_per_token(args.seq_len),

@@ -1,5 +1,7 @@
 """Dispatch and combine (layers/expert_dispatch.py): buffer layouts and both gathers' gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def test_dispatch_and_combine_gradients_match_autograd(layout, kind):
     plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
     T, K = routing.indices_TK.shape
     weights = routing.weights_TK.clone().requires_grad_()
-    plan = plan.__class__(**{**plan.__dict__, "weights_TK": weights})
+    plan = dataclasses.replace(plan, weights_TK=weights)
     scale = torch.randn(plan.rows, x.shape[1])  # a stand-in for the experts: any per-row function
     out_grad = torch.randn(T, x.shape[1])
 
@@ -125,7 +127,7 @@ def test_every_slot_off_gives_zeros_and_zero_gradients():
     x = torch.randn(T, D, requires_grad=True)
     weights = routing.weights_TK.clone().requires_grad_()
     plan = plan_dispatch(routing)
-    plan = plan.__class__(**{**plan.__dict__, "weights_TK": weights})
+    plan = dataclasses.replace(plan, weights_TK=weights)
     y = combine(dispatch(x, plan), plan)
     assert plan.rows == 0 and (y == 0).all()
     y.sum().backward()

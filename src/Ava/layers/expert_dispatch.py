@@ -117,8 +117,7 @@ def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = No
     return DispatchPlan(
         row_S=row_S, source_P=source_P, order_S=order_S, offsets_E=ends_E.to(torch.int32), counts_E=blocks_E,
         weights_TK=routing.weights_TK, mask_TK=routing.mask_TK, num_tokens=num_tokens, top_k=top_k,
-        num_kept=num_kept, rows=rows,
-        padded=padded,
+        num_kept=num_kept, rows=rows, padded=padded,
     )
 
 

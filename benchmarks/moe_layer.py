@@ -21,7 +21,8 @@ in fp32 the two rows are the same code) and ``split gate/up`` (grouped with gate
 GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``), ``fp32
 combine`` (the slots' outputs weighted and summed over K in fp32 element-wise ops, instead of one
 batched product per token) and ``two-pass dispatch`` (the slots gathered in expert order and then
-scattered into the padded buffer, and back the same two ways, instead of one gather each way).
+scattered into the padded buffer, and back the same two ways, instead of one gather each way)
+and ``recomputed silu`` (grouped recomputing ``silu(gate)`` in backward instead of keeping it).
 ``--skew 0.5`` skews the expert load (the setup line prints max/mean): the numbers behind
 ``resolve_backend``'s skew limit.
 
@@ -142,13 +143,29 @@ def _two_pass_combine(y_PD, plan):
     return torch.bmm(plan.weights_TK.to(y_PD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 
+class _SwiGLUHalvesRecompute(torch.autograd.Function):
+    """The earlier ``_SwiGLUHalves``: keeps only ``h`` and recomputes ``silu(gate)`` in backward."""
+
+    @staticmethod
+    def forward(ctx, h_PF):
+        ctx.save_for_backward(h_PF)
+        inter = h_PF.shape[-1] // 2
+        return F.silu(h_PF[:, :inter]) * h_PF[:, inter:]
+
+    @staticmethod
+    def backward(ctx, grad_PI):
+        (h_PF,) = ctx.saved_tensors
+        return experts_module._swiglu_halves_backward(grad_PI, h_PF)
+
+
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
     """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
-    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``)."""
+    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``)."""
     names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch")
     saved = {n: getattr(experts_module, n) for n in names}
     saved_apply = experts_module._BatchedSwiGLU.apply
+    saved_halves = experts_module._SwiGLUHalves
     if name == "exact rows":
         experts_module.row_multiple = lambda x_TD: 1
     elif name == "autograd SwiGLU":
@@ -159,12 +176,15 @@ def _ablation(name: str) -> Iterator[None]:
         experts_module.combine = _fp32_combine
     elif name == "two-pass dispatch":
         experts_module.dispatch, experts_module.combine = _two_pass_dispatch, _two_pass_combine
+    elif name == "recomputed silu":
+        experts_module._SwiGLUHalves = _SwiGLUHalvesRecompute
     try:
         yield
     finally:
         for n, fn in saved.items():
             setattr(experts_module, n, fn)
         experts_module._BatchedSwiGLU.apply = saved_apply
+        experts_module._SwiGLUHalves = saved_halves
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -214,6 +234,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants["moe batched, fp32 combine"] = backend_step("batched", "fp32 combine")
             variants["moe grouped, two-pass dispatch"] = backend_step("grouped", "two-pass dispatch")
             variants["moe batched, two-pass dispatch"] = backend_step("batched", "two-pass dispatch")
+            variants["moe grouped, recomputed silu"] = backend_step("grouped", "recomputed silu")
         if args.only:
             unknown = sorted(set(args.only) - set(variants))
             if unknown:

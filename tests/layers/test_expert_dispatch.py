@@ -12,6 +12,7 @@ LAYOUTS = {  # plan_dispatch keywords from the routing
     "exact": lambda routing: {},
     "rounded": lambda routing: {"multiple": 8},
     "fixed": lambda routing: {"cap": int(routing.tokens_per_expert_E.max()) + 3},
+    "uniform": lambda routing: {"multiple": 4, "uniform": True},
 }
 ROUTINGS = ["dropless", "capacity", "expert-choice"]
 
@@ -97,6 +98,16 @@ def test_off_slots_pass_no_gradient_back_whatever_arrives(layout):
     want[plan.row_S[kept]] = up.reshape(-1, x.shape[1])[kept]
     assert (~kept).any()  # the capacity dropped some slots: the case under test
     torch.testing.assert_close(y.grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ROUTINGS)
+def test_uniform_blocks_are_the_busiest_count_rounded_up(kind):
+    _, routing = _routing(kind)
+    plan = plan_dispatch(routing, multiple=4, uniform=True)
+    busiest = int(routing.tokens_per_expert_E.max())
+    cap = -(-busiest // 4) * 4
+    assert plan.counts_E.tolist() == [cap] * routing.tokens_per_expert_E.numel()
+    assert plan.rows == cap * routing.tokens_per_expert_E.numel()
 
 
 def test_cap_below_the_busiest_expert_is_an_error():

@@ -69,7 +69,8 @@ class DispatchPlan:
     padded: bool
 
 
-def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = None) -> DispatchPlan:
+def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = None,
+                  uniform: bool = False) -> DispatchPlan:
     """The buffer layout of a routing decision.
 
     Args:
@@ -77,10 +78,14 @@ def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = No
         multiple: round every expert's block up to a multiple of this many rows (1 = exact).
         cap: give every block exactly this many rows; overrides ``multiple``. Must be at least
             the busiest expert's count (checked: ValueError).
+        uniform: give every block the busiest expert's count rounded up to ``multiple`` (at
+            least ``multiple`` rows): the (E, C, D) batch of the ``batched`` backend, whose C is
+            then ``rows // E``.
 
     Returns:
         The :class:`DispatchPlan`. Host reads (one sync each, free on CPU): the kept count with
-        off slots, the buffer size with rounded blocks.
+        off slots; the buffer size with rounded blocks, the busiest count with ``uniform``, or
+        the check of ``cap``.
     """
     num_tokens, top_k = routing.indices_TK.shape
     counts_E = routing.tokens_per_expert_E
@@ -94,13 +99,16 @@ def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = No
         num_kept = int(counts_E.sum())
     order_S = torch.argsort(expert_S, stable=True)  # sorted position -> token-major slot
     kept_S = order_S[:num_kept]
+    if uniform:
+        busiest = int(counts_E.max()) if num_experts and num_kept else 0  # host read
+        cap = max(-(-busiest // multiple) * multiple, multiple)
+    elif cap is not None and num_experts and int(counts_E.max()) > cap:  # host read
+        raise ValueError(f"cap {cap} is below the busiest expert's {int(counts_E.max())} slots")
     if cap is None and multiple == 1:
         blocks_E, rows, padded = counts_E, num_kept, False
         ends_E = torch.cumsum(counts_E, dim=0)
         buffer_row_K = torch.arange(num_kept, device=device)  # (S_kept,) sorted position = buffer row
     else:
-        if cap is not None and num_experts and int(counts_E.max()) > cap:  # host read
-            raise ValueError(f"cap {cap} is below the busiest expert's {int(counts_E.max())} slots")
         blocks_E = torch.full_like(counts_E, cap) if cap is not None else (counts_E + multiple - 1) // multiple * multiple
         ends_E = torch.cumsum(blocks_E, dim=0)
         rows = num_experts * cap if cap is not None else (int(ends_E[-1]) if num_experts else 0)  # host read

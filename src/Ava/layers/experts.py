@@ -261,10 +261,8 @@ def experts_batched(
     x_TD = x_TD.to(_compute_dtype(x_TD))
     dtype, hidden = x_TD.dtype, x_TD.shape[-1]
     num_experts = gate_up_proj_EID.shape[0]
-    multiple = row_multiple(x_TD)
-    busiest = int(routing.tokens_per_expert_E.max()) if x_TD.shape[0] else 0
-    cap = max(-(-busiest // multiple) * multiple, multiple)
-    plan = plan_dispatch(routing, cap=cap)
+    plan = plan_dispatch(routing, row_multiple(x_TD), uniform=True)
+    cap = plan.rows // num_experts
     x_ECD = dispatch(x_TD, plan).view(num_experts, cap, hidden)  # (E, C_max, D)
     swiglu = _batched_swiglu_autograd if dtype == torch.float32 else _BatchedSwiGLU.apply
     y_ECD = swiglu(x_ECD, gate_up_proj_EID.to(dtype), down_proj_EDI.to(dtype))  # (E, C_max, D)

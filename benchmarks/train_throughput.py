@@ -193,7 +193,7 @@ def variant_worker(conn, args: argparse.Namespace, shape: str, dtype: str, spec:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         conn.send(("skip", f"{type(err).__name__}: {first[:160]}"))
         return
-    conn.send(("ready", (variant.name, variant.family, loss)))
+    conn.send(("ready", loss))
     while (steps := conn.recv()) is not None:
         start = time.perf_counter()
         for _ in range(steps):
@@ -205,11 +205,14 @@ def variant_worker(conn, args: argparse.Namespace, shape: str, dtype: str, spec:
 class Worker:
     """The parent's handle on one :func:`variant_worker` process."""
 
-    name: str
-    family: str
+    spec: Spec
     process: mp.process.BaseProcess
     conn: Connection
     times: list[float]
+
+    @property
+    def name(self) -> str:
+        return self.spec.label
 
     def run(self, steps: int) -> float:
         try:
@@ -276,10 +279,9 @@ def start_workers(args: argparse.Namespace, shape: str, dtype: str, batch: torch
             process.join()
             skipped.add(spec)
             continue
-        name, family, loss = payload
-        if loss is not None:
-            losses[name] = loss
-        workers.append(Worker(name, family, process, parent_conn, []))
+        if payload is not None:  # the fp32 init loss
+            losses[spec.label] = payload
+        workers.append(Worker(spec, process, parent_conn, []))
     if losses:
         print(f"  init LM loss ({shape}, fp32, shared weights): "
               + ", ".join(f"{k} {val:.5f}" for k, val in losses.items()))
@@ -347,11 +349,11 @@ def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Ten
             w.close()
     seed = shared_init_model(args, shape)
     tokens = batch.numel()
-    pooled: dict[str, tuple[str, list[float]]] = {}
+    pooled: dict[Spec, list[float]] = {}
     for w in workers:  # the processes of one variant pool their samples
-        pooled.setdefault(w.name, (w.family, []))[1].extend(w.times)
-    rows = [{"name": name, "family": family, "tok_s": tokens / statistics.median(times)}
-            for name, (family, times) in pooled.items()]
+        pooled.setdefault(w.spec, []).extend(w.times)
+    rows = [{"spec": spec, "name": spec.label, "family": spec.family, "tok_s": tokens / statistics.median(times)}
+            for spec, times in pooled.items()]
     return {"shape": shape, "dtype": dtype, "rows": rows, "peak": statistics.median(peaks),
             "floor_tok_s": tokens / statistics.median(floors), "gemms": len(gemms), "tokens": tokens,
             "flops_per_token": seed.flops_per_token(args.seq_len),
@@ -362,10 +364,12 @@ def print_block(block: dict, repeats: int, steps: int, processes: int = 1) -> di
     shape, dtype, rows = block["shape"], block["dtype"], block["rows"]
     experts, top_k, inter = SHAPES[shape]
     # The goal's reference is HF as it runs out of the box; HF rows given Ava's allocator tuning
-    # (--hf-allocators tuned) are printed and compared separately.
-    hf_rows = [r for r in rows if r["family"] == "hf" and "Ava's allocator" not in r["name"]]
-    hf_tuned_rows = [r for r in rows if r["family"] == "hf" and r not in hf_rows]
+    # (--hf-allocators tuned) are compared separately (or are the reference when alone).
+    hf_shipped = [r for r in rows if r["family"] == "hf" and r["spec"].allocator == "default"]
+    hf_tuned_rows = [r for r in rows if r["family"] == "hf" and r["spec"].allocator == "tuned"]
+    hf_rows, hf_tuned_rows = (hf_shipped, hf_tuned_rows) if hf_shipped else (hf_tuned_rows, [])
     ava_rows = [r for r in rows if r["family"] == "ava"]
+    auto_rows = {r["spec"].compiled: r for r in ava_rows if r["spec"].impl == "auto"}
     best_hf = max(hf_rows, key=lambda r: r["tok_s"]) if hf_rows else None
     print(f"\n### {experts} experts top-{top_k} (moe_intermediate_size {inter}), {dtype}\n")
     print(f"{block['params'] / 1e6:.1f}M parameters ({block['active'] / 1e6:.1f}M active); "
@@ -384,24 +388,23 @@ def print_block(block: dict, repeats: int, steps: int, processes: int = 1) -> di
     if best_hf and ava_rows:
         # The default backend when it ran: the best of several Ava rows would pick the luckiest of
         # variants that are often the same code (auto = grouped in fp32), inflating the ratio.
-        defaults = [r for r in ava_rows if r["name"] == "Ava `auto`"]
-        best_ava = defaults[0] if defaults else max(ava_rows, key=lambda r: r["tok_s"])
+        best_ava = auto_rows.get(False) or max(ava_rows, key=lambda r: r["tok_s"])
         ratio = best_ava["tok_s"] / best_hf["tok_s"]
         goal = GOALS.get((shape, dtype))
         met = "n/a" if goal is None else ("**met**" if ratio >= goal else "**not met**")
         ceiling = floor / best_hf["tok_s"]
         print(f"Ava ({best_ava['name']}) ÷ best HF ({best_hf['name']}) = {ratio:.2f}×; "
               f"goal ≥ {goal}×: {met}. A step that were its GEMMs alone would be {ceiling:.2f}× best HF.")
-        compiled = [r for r in ava_rows if r["name"] == "Ava `auto` + compile"]
+        compiled = auto_rows.get(True)
         if compiled:
-            print(f"With performance.compile: {compiled[0]['tok_s'] / best_hf['tok_s']:.2f}×.")
+            print(f"With performance.compile: {compiled['tok_s'] / best_hf['tok_s']:.2f}×.")
         if hf_tuned_rows:
             best_tuned = max(hf_tuned_rows, key=lambda r: r["tok_s"])
             print(f"Against HF given Ava's allocator tuning ({best_tuned['name']}): "
                   f"{best_ava['tok_s'] / best_tuned['tok_s']:.2f}×"
-                  + (f", compiled {compiled[0]['tok_s'] / best_tuned['tok_s']:.2f}×" if compiled else "") + ".")
+                  + (f", compiled {compiled['tok_s'] / best_tuned['tok_s']:.2f}×" if compiled else "") + ".")
         verdict.update(ratio=ratio, goal=goal, met=met, ava=best_ava["name"], hf=best_hf["name"], ceiling=ceiling,
-                       compiled=compiled[0]["tok_s"] / best_hf["tok_s"] if compiled else None,
+                       compiled=compiled["tok_s"] / best_hf["tok_s"] if compiled else None,
                        tuned=best_ava["tok_s"] / best_tuned["tok_s"] if hf_tuned_rows else None)
     return verdict
 

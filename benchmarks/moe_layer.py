@@ -155,17 +155,17 @@ class _SwiGLUHalvesRecompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_PI):
         (h_PF,) = ctx.saved_tensors
-        return experts_module._swiglu_halves_backward(grad_PI, h_PF)
+        silu_PI = F.silu(h_PF[:, :grad_PI.shape[-1]])
+        return experts_module._swiglu_halves_backward(grad_PI, h_PF, silu_PI)
 
 
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
     """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
     ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``)."""
-    names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch")
+    names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch", "_SwiGLUHalves")
     saved = {n: getattr(experts_module, n) for n in names}
     saved_apply = experts_module._BatchedSwiGLU.apply
-    saved_halves = experts_module._SwiGLUHalves
     if name == "exact rows":
         experts_module.row_multiple = lambda x_TD: 1
     elif name == "autograd SwiGLU":
@@ -184,7 +184,6 @@ def _ablation(name: str) -> Iterator[None]:
         for n, fn in saved.items():
             setattr(experts_module, n, fn)
         experts_module._BatchedSwiGLU.apply = saved_apply
-        experts_module._SwiGLUHalves = saved_halves
 
 
 def run(args: argparse.Namespace) -> list[dict]:

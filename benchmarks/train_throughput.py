@@ -115,15 +115,14 @@ def ava_config(args: argparse.Namespace, shape: str, backend: str) -> ModelConfi
     )
 
 
-def build_ava(args: argparse.Namespace, shape: str, backend: str, batch: torch.Tensor, autocast: bool,
-              seed_model: EnhancedMoEModel, compiled: bool = False) -> tuple[Variant, EnhancedMoEModel]:
-    model = EnhancedMoEModel(ava_config(args, shape, backend))
+def build_ava(args: argparse.Namespace, shape: str, spec: Spec, batch: torch.Tensor, autocast: bool,
+              seed_model: EnhancedMoEModel) -> tuple[Variant, EnhancedMoEModel]:
+    model = EnhancedMoEModel(ava_config(args, shape, spec.impl))
     model.load_state_dict(seed_model.state_dict())
     model.train()
-    model.compile_layers(compiled)
+    model.compile_layers(spec.compiled)
     optimizer = build_optimizer(model, OptimizerConfig(name="adamw"), LR, torch.device("cpu"))
-    label = Spec("ava", backend, "tuned", compiled=compiled).label
-    return Variant(label, "ava", training_step(model, optimizer, batch, autocast), []), model
+    return Variant(spec.label, "ava", training_step(model, optimizer, batch, autocast), []), model
 
 
 def build_hf(args: argparse.Namespace, seed_model: EnhancedMoEModel, spec: Spec, batch: torch.Tensor,
@@ -184,7 +183,7 @@ def variant_worker(conn, args: argparse.Namespace, shape: str, dtype: str, spec:
     try:
         seed = shared_init_model(args, shape)
         if spec.family == "ava":
-            variant, model = build_ava(args, shape, spec.impl, batch, bf16, seed, spec.compiled)
+            variant, model = build_ava(args, shape, spec, batch, bf16, seed)
         else:
             variant, model = build_hf(args, seed, spec, batch, bf16 and not spec.bf16_weights)
         loss = None if bf16 else init_lm_loss(variant.family, model, batch)
@@ -413,7 +412,8 @@ def profile_ava(args: argparse.Namespace, shape: str, dtype: str, batch: torch.T
     """torch.profiler of one Ava training step (first of ``--ava-backends``) by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    variant, _ = build_ava(args, shape, args.ava_backends[0], batch, dtype == "bf16", shared_init_model(args, shape))
+    spec = Spec("ava", args.ava_backends[0], args.allocator)
+    variant, _ = build_ava(args, shape, spec, batch, dtype == "bf16", shared_init_model(args, shape))
     for _ in range(2):
         variant.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -9,7 +9,8 @@ slots (in token order) and ends with zero rows up to the block's size. Three lay
 - exact: every block is its expert's count (P = the computed slots); no padding.
 - rounded (``multiple``): counts rounded up to a multiple, so GEMM shapes repeat from step to
   step (CPU bf16, :func:`~Ava.layers.experts.row_multiple`).
-- fixed (``cap``): every block has ``cap`` rows, so the buffer is an (E, cap, D) batch.
+- fixed (``cap``, or ``uniform``: the busiest count rounded up to ``multiple``): every block has
+  the same number of rows, so the buffer is an (E, cap, D) batch.
 
 :func:`dispatch` fills the buffer with one gather (padding rows read an appended zero row) and
 :func:`combine` reads it back with one gather into (T, K, D) and one batched weighted sum. An

@@ -143,14 +143,11 @@ def _grouped_swiglu_blocks(
     return _grouped_matmul(act_PI, w_down_EID, offsets_E, counts_E)  # (P, D)
 
 
-def _swiglu_halves_backward(
-    grad_NI: torch.Tensor, h_NF: torch.Tensor, silu_NI: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Gradient of ``silu(h[..., :I]) * h[..., I:]`` w.r.t. ``h``, written into one new (…, 2I) tensor."""
+def _swiglu_halves_backward(grad_NI: torch.Tensor, h_NF: torch.Tensor, silu_NI: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``silu(h[..., :I]) * h[..., I:]`` w.r.t. ``h`` (``silu_NI`` = ``silu(h[..., :I])``),
+    written into one new (…, 2I) tensor."""
     inter = grad_NI.shape[-1]
     gate_NI, up_NI = h_NF[..., :inter], h_NF[..., inter:]
-    if silu_NI is None:
-        silu_NI = F.silu(gate_NI)
     grad_NF = torch.empty_like(h_NF)
     torch.ops.aten.silu_backward.grad_input(grad_NI * up_NI, gate_NI, grad_input=grad_NF[..., :inter])
     torch.mul(grad_NI, silu_NI, out=grad_NF[..., inter:])

@@ -22,7 +22,10 @@ GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``
 combine`` (the slots' outputs weighted and summed over K in fp32 element-wise ops, instead of one
 batched product per token) and ``two-pass dispatch`` (the slots gathered in expert order and then
 scattered into the padded buffer, and back the same two ways, instead of one gather each way)
-and ``recomputed silu`` (grouped recomputing ``silu(gate)`` in backward instead of keeping it).
+and ``recomputed silu`` (grouped recomputing ``silu(gate)`` in backward instead of keeping it)
+and ``gathered combine`` (the slots' rows gathered into (T, K, D) and summed by one batched
+product per token, and the dispatch's backward gathering and summing each token's K slot
+gradients the same way, instead of one ``embedding_bag`` each).
 ``--skew 0.5`` skews the expert load (the setup line prints max/mean): the numbers behind
 ``resolve_backend``'s skew limit.
 
@@ -143,6 +146,20 @@ def _two_pass_combine(y_PD, plan):
     return torch.bmm(plan.weights_TK.to(y_PD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 
+class _GatherSumDispatch(expert_dispatch._Dispatch):
+    """The earlier dispatch backward: each token's K slot gradients gathered into (T, K, D) and summed."""
+
+    @staticmethod
+    def backward(ctx, grad_PD):
+        row_S, _ = ctx.saved_tensors
+        num_tokens, top_k, _ = ctx.sizes
+        return grad_PD.index_select(0, row_S).view(num_tokens, top_k, -1).sum(dim=1), None
+
+
+def _gathered_dispatch(x_TD, plan):
+    return _GatherSumDispatch.apply(x_TD, plan)
+
+
 class _SwiGLUHalvesRecompute(torch.autograd.Function):
     """The earlier ``_SwiGLUHalves``: keeps only ``h`` and recomputes ``silu(gate)`` in backward."""
 
@@ -162,7 +179,7 @@ class _SwiGLUHalvesRecompute(torch.autograd.Function):
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
     """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
-    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``)."""
+    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``, ``gathered combine``)."""
     names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch", "_SwiGLUHalves")
     saved = {n: getattr(experts_module, n) for n in names}
     saved_apply = experts_module._BatchedSwiGLU.apply
@@ -176,6 +193,9 @@ def _ablation(name: str) -> Iterator[None]:
         experts_module.combine = _fp32_combine
     elif name == "two-pass dispatch":
         experts_module.dispatch, experts_module.combine = _two_pass_dispatch, _two_pass_combine
+    elif name == "gathered combine":
+        experts_module.dispatch = _gathered_dispatch
+        experts_module.combine = expert_dispatch.gather_bmm_combine
     elif name == "recomputed silu":
         experts_module._SwiGLUHalves = _SwiGLUHalvesRecompute
     try:
@@ -234,6 +254,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants["moe grouped, two-pass dispatch"] = backend_step("grouped", "two-pass dispatch")
             variants["moe batched, two-pass dispatch"] = backend_step("batched", "two-pass dispatch")
             variants["moe grouped, recomputed silu"] = backend_step("grouped", "recomputed silu")
+            variants["moe grouped, gathered combine"] = backend_step("grouped", "gathered combine")
+            variants["moe batched, gathered combine"] = backend_step("batched", "gathered combine")
         if args.only:
             unknown = sorted(set(args.only) - set(variants))
             if unknown:

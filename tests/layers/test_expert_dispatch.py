@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from Ava.layers.expert_dispatch import combine, dispatch, gather_slots, plan_dispatch
+from Ava.layers.expert_dispatch import combine, dispatch, gather_bmm_combine, gather_slots, plan_dispatch
 from Ava.layers.routing import RouterOutput, apply_capacity, route_expert_choice, route_topk
 
 LAYOUTS = {  # plan_dispatch keywords from the routing
@@ -143,3 +143,28 @@ def test_every_slot_off_gives_zeros_and_zero_gradients():
     assert plan.rows == 0 and (y == 0).all()
     y.sum().backward()
     assert (x.grad == 0).all() and (weights.grad == 0).all()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_weighted_sum_matches_the_gathered_combine_in_bf16(layout):
+    """The dropless combine (one embedding_bag) and the gathered one (the off-slot path) agree in
+    bf16 to its rounding, values and both gradients, and weights without grad are fine."""
+    x, routing = _routing("dropless", T=64, D=32, seed=3)
+    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
+    y = torch.randn(plan.rows, x.shape[1]).bfloat16()
+    out_grad = torch.randn(x.shape[0], x.shape[1]).bfloat16()
+    results = []
+    for fn in (combine, gather_bmm_combine):
+        y_leaf = y.clone().requires_grad_()
+        w_leaf = routing.weights_TK.clone().requires_grad_()
+        out = fn(y_leaf, dataclasses.replace(plan, weights_TK=w_leaf))
+        (out.float() * out_grad.float()).sum().backward()
+        results.append((out.float(), y_leaf.grad.float(), w_leaf.grad))
+    for new, old in zip(*results):
+        torch.testing.assert_close(new, old, rtol=2e-2, atol=2e-2)
+    grads = []
+    for fn in (combine, gather_bmm_combine):  # routing weights without grad
+        y_leaf = y.clone().requires_grad_()
+        fn(y_leaf, plan).float().sum().backward()
+        grads.append(y_leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -13,7 +13,8 @@ slots (in token order) and ends with zero rows up to the block's size. Three lay
   the same number of rows, so the buffer is an (E, cap, D) batch.
 
 :func:`dispatch` fills the buffer with one gather (padding rows read an appended zero row) and
-:func:`combine` reads it back with one gather into (T, K, D) and one batched weighted sum. An
+:func:`combine` reads it back with one weighted ``embedding_bag`` (each token's K rows summed in
+one pass, fp32 accumulation); the dispatch's backward is the same unweighted. An
 earlier version gathered the sorted slots first and then scattered them into the padded buffer
 (and reversed both on the way back): two more passes over the (P, D) rows each way, with an
 accumulating scatter in backward. ``python benchmarks/moe_layer.py --tokens 2048 --fresh-routing
@@ -22,8 +23,8 @@ accumulating scatter in backward. ``python benchmarks/moe_layer.py --tokens 2048
 33.1 / 33.9, fp32 the same work.
 
 Slots the router left off (``routing.mask_TK``: capacity dropping, expert-choice) get no buffer
-row: :func:`combine` reads them as zeros (their weight is 0 too), and :func:`dispatch`'s backward
-gives them zero gradient.
+row: :func:`combine` (such plans take :func:`gather_bmm_combine`) reads them as zeros (their
+weight is 0 too), and :func:`dispatch`'s backward gives them zero gradient.
 """
 
 from __future__ import annotations
@@ -152,10 +153,45 @@ class _Dispatch(torch.autograd.Function):
         hidden = grad_PD.shape[-1]
         if rows == 0:  # every slot off
             return grad_PD.new_zeros(num_tokens, hidden), None
+        if mask_TK is None:  # every slot kept: each token's K rows summed in one pass (fp32 accumulation)
+            return F.embedding_bag(row_S.view(num_tokens, top_k), grad_PD, mode="sum"), None
         grad_TKD = grad_PD.index_select(0, row_S).view(num_tokens, top_k, hidden)
         if mask_TK is not None:
             grad_TKD.masked_fill_(~mask_TK.unsqueeze(-1), 0.0)  # off slots read row 0, not theirs
         return grad_TKD.sum(dim=1), None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """Each token's K buffer rows times its gate weights, summed: (P, D) -> (T, D), every slot kept.
+
+    Forward is one ``embedding_bag`` over the buffer: the rows are read, weighted and summed in
+    one pass with fp32 accumulation, without the (T, K, D) copy of the slots. Backward: a buffer
+    row's gradient is its token's output gradient times the row's weight (one gather from the
+    (T, D) gradient; padding rows read a zero row and have weight 0), and a weight's gradient is
+    its row's dot product with that same gathered gradient, accumulated in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, y_PD, weights_TK, plan):  # noqa: D102
+        w_TK = weights_TK.to(y_PD.dtype)  # embedding_bag wants one dtype (as HF rounds them under autocast)
+        ctx.save_for_backward(y_PD, w_TK, plan.row_S, plan.source_P, plan.order_S)
+        ctx.padded, ctx.weights_dtype = plan.padded, weights_TK.dtype
+        return F.embedding_bag(plan.row_S.view(w_TK.shape), y_PD, mode="sum", per_sample_weights=w_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TD):  # noqa: D102
+        y_PD, w_TK, row_S, source_P, order_S = ctx.saved_tensors
+        source_TD = F.pad(grad_TD, (0, 0, 0, 1)) if ctx.padded else grad_TD  # row T: zeros for padding rows
+        grad_PD = source_TD.index_select(0, source_P)  # (P, D): the gradient of each row's token
+        grad_w_TK = None
+        if ctx.needs_input_grad[1]:
+            dot_P = (y_PD * grad_PD).sum(dim=-1, dtype=torch.float32)  # (P,)
+            grad_w_TK = dot_P.index_select(0, row_S).view(w_TK.shape).to(ctx.weights_dtype)
+        if ctx.padded:  # padding rows: weight 0
+            w_P = w_TK.new_zeros(y_PD.shape[0]).index_copy_(0, row_S, w_TK.reshape(-1))
+        else:  # buffer row p is sorted position p
+            w_P = w_TK.reshape(-1).index_select(0, order_S)
+        return grad_PD.mul_(w_P.unsqueeze(1)), grad_w_TK, None
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -196,15 +232,24 @@ def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 def combine(y_PD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Each token's weighted sum of its K slots' expert outputs: (P, D) -> (T, D), in ``y_PD``'s dtype.
 
-    The sum is one batched product per token, ``w_t (1, K) @ y_t (K, D)``, in the compute dtype
-    with fp32 accumulation inside the GEMM; its backward gives the slots' and the weights'
-    gradients as two more batched products. Against an fp32 multiply, sum and cast over the
-    (T·K, D) rows (``python benchmarks/moe_layer.py --tokens 2048 --fresh-routing --ablations``,
-    fwd+bwd ms, this / ``fp32 combine``): 64 experts top-8 bf16 65.1 / 75.0 (grouped) and 59.8 /
-    66.9 (batched), fp32 68.4 / 69.5; 8 experts top-2 fp32 46.0 / 48.3, bf16 30.9 / 29.2 and
-    69.5 / 69.6 in a second run (noise). Under autocast the routing weights enter rounded to the
-    compute dtype, as in HF's Qwen3-MoE.
+    With every slot kept (dropless routing) it is one ``embedding_bag`` (:class:`_WeightedSum`);
+    plans with off slots take :func:`gather_bmm_combine`. ``python benchmarks/moe_layer.py
+    --tokens 2048 --fresh-routing --ablations`` (fwd+bwd ms of the layer, this / ``gathered
+    combine``, which also restores the dispatch's gather-and-sum backward): 8 experts top-2 bf16
+    25.0 / 28.5 (grouped) and 28.4 / 30.7 (batched), fp32 48.5 / 48.6; 64 experts top-8 bf16
+    62.1 / 64.3 and 48.0 / 51.1, fp32 75.3 / 77.2 and 89.2 / 91.0. The gathered form had in turn
+    beaten an fp32 multiply, sum and cast over the (T·K, D) rows (``fp32 combine``: 64 experts
+    top-8 bf16 65.1 / 75.0 grouped, 59.8 / 66.9 batched). Under autocast the routing weights
+    enter rounded to the compute dtype, as in HF's Qwen3-MoE.
     """
+    if plan.mask_TK is None and plan.rows:
+        return _WeightedSum.apply(y_PD, plan.weights_TK, plan)
+    return gather_bmm_combine(y_PD, plan)
+
+
+def gather_bmm_combine(y_PD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """:func:`combine` as the slots' rows gathered into (T, K, D) and one batched product per token:
+    the path for plans with off slots (they read as zeros, :func:`gather_slots`)."""
     y_TKD = gather_slots(y_PD, plan)
     w_T1K = plan.weights_TK.to(y_PD.dtype).unsqueeze(1)  # (T, 1, K); off slots have weight 0
     return torch.bmm(w_T1K, y_TKD).squeeze(1)  # (T, D)

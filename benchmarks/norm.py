@@ -1,12 +1,17 @@
-"""Forward + backward time of RMSNorm in fp32: Ava's hand-written backward against autograd's.
+"""Forward + backward time of Ava's RMSNorm paths against autograd over the plain ops.
 
-``Ava.layers.norm.rms_norm`` (``_RMSNormFunction``: ATen's fused forward, an 8-pass backward) is
-timed against ``F.rms_norm`` under autograd (ATen's fused forward, its decomposition
-differentiated: on CPU the backward is about 17 element-wise passes). Both interleaved in the
-same process, median of ``--repeats`` rounds of ``--calls`` calls; ``ratio`` = Ava ÷ F.rms_norm.
+1. fp32 RMSNorm: ``Ava.layers.norm.rms_norm`` (``_RMSNormFunction``: ATen's fused forward, an
+   8-pass backward) against ``F.rms_norm`` under autograd (ATen's fused forward, its
+   decomposition differentiated: on CPU the backward is about 17 element-wise passes).
+2. Per-head QK-norm + RoPE of the queries (``--qk-shape``, B×T×H×K, fp32 and bf16):
+   ``Ava.layers.rotary.norm_rotary`` against the module path (``RMSNorm``, then ``apply_rotary``,
+   then the cast to the input dtype), as attention ran it in training before.
 
-    python benchmarks/norm.py                     # (8·256, 256) and (8·256, 512) rows
-    python benchmarks/norm.py --shapes 2048x256
+Variants interleaved in the same process, median of ``--repeats`` rounds of ``--calls`` calls;
+``ratio`` = Ava ÷ the plain path.
+
+    python benchmarks/norm.py                     # (8·256, 256) and (8·256, 512) rows, queries 8×256×4×64
+    python benchmarks/norm.py --shapes 2048x256 --qk-shape 8x256x8x64
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
-from Ava.layers.norm import rms_norm
+from Ava.layers.norm import RMSNorm, rms_norm
+from Ava.layers.rotary import RotaryEmbedding, apply_rotary, norm_rotary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["2048x256", "2048x512"], help="ROWSxWIDTH")
+    parser.add_argument("--qk-shape", default="8x256x4x64", help="BxTxHxK of the queries")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -54,6 +61,32 @@ def main() -> None:
         }, args.repeats, args.warmup)
         ms = {name: statistics.median(ts) / args.calls * 1e3 for name, ts in times.items()}
         print(f"| {rows} × {width} | {ms['torch']:.2f} | {ms['ava']:.2f} | {ms['ava'] / ms['torch']:.2f} |")
+
+    B, T, H, K = (int(v) for v in args.qk_shape.split("x"))
+    cos, sin = RotaryEmbedding(K, T)(torch.arange(T).expand(B, T))
+    norm = RMSNorm(K)
+    print(f"\nQK-norm + RoPE of {B}×{T}×{H}×{K} queries, forward + backward, ms per call")
+    print("| dtype | RMSNorm, apply_rotary, cast | Ava norm_rotary | ratio |")
+    print("|---|---:|---:|---:|")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        q = torch.randn(B, T, H, K).to(dtype).requires_grad_()
+        grad = torch.randn(B, T, H, K).to(dtype)
+
+        def call_qk(fn):
+            def run() -> None:
+                for _ in range(args.calls):
+                    fn().backward(grad)
+                    q.grad = norm.weight.grad = None
+            return run
+
+        times = time_round_robin({
+            "plain": call_qk(lambda: apply_rotary(norm(q), cos, sin).to(dtype)),
+            "ava": call_qk(lambda: norm_rotary(q, norm.weight, norm.eps, cos, sin)),
+        }, args.repeats, args.warmup)
+        ms = {name: statistics.median(ts) / args.calls * 1e3 for name, ts in times.items()}
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        print(f"| {name} | {ms['plain']:.2f} | {ms['ava']:.2f} | {ms['ava'] / ms['plain']:.2f} |")
 
 
 if __name__ == "__main__":

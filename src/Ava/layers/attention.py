@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import ModelConfig
 from .norm import RMSNorm
-from .rotary import apply_rotary
+from .rotary import apply_rotary, norm_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, G, S, K)
 
@@ -178,6 +178,11 @@ class Attention(nn.Module):
         if self.qk_norm_full:
             q_BTF, k_BTF = self.q_norm(q_BTF), self.k_norm(k_BTF)
         q_BTHK, k_BTGK = q_BTF.unflatten(-1, (H, K)), k_BTF.unflatten(-1, (G, K))
+        if self.qk_norm_per_head and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+                and self.q_norm.weight.dtype == torch.float32:
+            # Training: norm, rotation and cast as one function (inductor fuses the plain path itself).
+            return (norm_rotary(q_BTHK, self.q_norm.weight, self.q_norm.eps, cos_BT1K, sin_BT1K),
+                    norm_rotary(k_BTGK, self.k_norm.weight, self.k_norm.eps, cos_BT1K, sin_BT1K), v_BTGK)
         if self.qk_norm_per_head:
             q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
         return apply_rotary(q_BTHK, cos_BT1K, sin_BT1K), apply_rotary(k_BTGK, cos_BT1K, sin_BT1K), v_BTGK

@@ -29,13 +29,21 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x * rstd
-        grad_w = (grad_y * x_hat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            u = grad_y * weight
-            grad_x = torch.addcmul(u, x_hat, (u * x_hat).mean(-1, keepdim=True), value=-1).mul_(rstd)
+        grad_x, grad_w = rms_norm_backward(grad_y, x, weight, rstd, *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None
+
+
+def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      need_x: bool = True, need_w: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``y = x · rstd · w`` (fp32 (..., D) ``x``, (..., 1) ``rstd`` from
+    ``aten._fused_rms_norm``): ``(dx, dw)``, each None where not needed."""
+    x_hat = x * rstd
+    grad_w = (grad_y * x_hat).flatten(0, -2).sum(0) if need_w else None
+    grad_x = None
+    if need_x:
+        u = grad_y * weight
+        grad_x = torch.addcmul(u, x_hat, (u * x_hat).mean(-1, keepdim=True), value=-1).mul_(rstd)
+    return grad_x, grad_w
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

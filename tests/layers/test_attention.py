@@ -303,3 +303,26 @@ def test_attention_traces_as_one_graph_with_a_dynamic_sequence_length():
         x = torch.randn(2, T, cfg.hidden_size)
         cos, sin = rope(torch.arange(T).expand(2, T))
         torch.testing.assert_close(compiled(x, cos, sin)[0], attn(x, cos, sin)[0])
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-6), (torch.bfloat16, 3e-2)])
+def test_training_path_equals_the_inference_path(dtype, tol):
+    """With autograd on, attention runs q/k/v as one GEMM and QK-norm + RoPE as one function
+    (norm_rotary); without, three projections and the modules. Same outputs, fp32 and bf16."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len)
+    B, T = 2, 11
+    x = torch.randn(B, T, cfg.hidden_size)
+    cos, sin = rope(torch.arange(T).expand(B, T))
+    outs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out, (k, v) = attn(x.clone().requires_grad_(grad), cos, sin)
+        outs.append((out.float().detach(), k.float().detach(), v.float().detach()))
+    for trained, inferred in zip(*outs):
+        torch.testing.assert_close(trained, inferred, rtol=tol, atol=tol)

@@ -17,11 +17,11 @@ linear cross-entropy)::
 Backward then only scales the stored ``dh``, ``dW`` by the incoming gradient (the loss is a
 scalar, so that is exact). One fp32 softmax per chunk gives both the gradient and, through
 ``lse = z_y − log p_y``, the loss. On the 2-core CPU (``python benchmarks/lm_head.py --repeats
-15``, N 2048, D 256, V 8192, fused ÷ logits path, same run) it is 1.06–1.07× in fp32 and
-1.10–1.11× in bf16; the version before, a log-softmax and then an exp over each chunk and a
+15``, N 2048, D 256, V 8192, fused ÷ logits path, same run) it is 1.17× in fp32 and 1.33× in
+bf16 (1.28× at V 32768); the version before, a log-softmax and then an exp over each chunk and a
 masked fill of the whole chunk for ignored rows, measured 0.93× / 0.91× in the same setting.
-Memory: one step of head + loss adds 124 MiB of peak memory instead of 274 (fp32) at N 2048,
-D 256, V 8192, and 382 MiB instead of 2,288 (bf16) at V 65536 (``--memory``).
+Memory (``--memory``): one step of head + loss adds 158 MiB of peak memory instead of 274 (fp32)
+at N 2048, D 256, V 8192, and 305 MiB instead of 2,318 (bf16) at V 65536.
 
 Not covered: the focal loss (its per-row factor depends on p_true non-linearly; it runs on
 materialised logits). ``model.loss.fused_head`` chooses (:func:`use_fused_head`).
@@ -36,15 +36,17 @@ from .language_modeling import IGNORE_INDEX, shifted_targets
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk: a (C, V) fp32 block of about 16 MiB on CPU (at least 256 rows), 1 GiB on GPU.
+    """Rows per chunk: a (C, V) fp32 block of about 64 MiB on CPU (at least 256 rows), 1 GiB on GPU.
 
-    ``python benchmarks/lm_head.py --dtypes bf16 --chunk-rows …`` (2 CPU threads, ÷ the logits
-    path): at V 8192, 128 / 256 / 512 (the default) / 1024 rows 0.79 / 0.77 / 0.95 / 0.94×; at
-    V 32768, 128 rows 0.56× against 0.89× for 512, and 256–1024 rows within the machine's noise
-    (0.69–0.95× over two runs). Small chunks make small GEMMs.
+    Every chunk also adds its (V, D) share into the weight's gradient, a pass over V·D floats,
+    so fewer, larger chunks win until the block leaves memory to spare. ``python
+    benchmarks/lm_head.py --dtypes bf16 --chunk-rows …`` (2 CPU threads, ÷ the logits path): at
+    V 8192, 64 / 128 / 256 / 512 / 1024 rows 0.62 / 0.89 / 1.09 / 1.18 / 1.30×, and 1.22× for
+    2048 (the default since) against 1.18× for 1024 in another run; at V 32768, 256 rows (the
+    earlier 16 MiB rule) 1.11×, 512 (now the default) / 1024 / 2048 rows 1.51 / 1.53 / 1.56×.
     """
     if device.type == "cpu":
-        return max(256, 2**22 // vocab)
+        return max(256, 2**24 // vocab)
     return max(256, 2**28 // vocab)
 
 

@@ -25,7 +25,8 @@ scattered into the padded buffer, and back the same two ways, instead of one gat
 and ``recomputed silu`` (grouped recomputing ``silu(gate)`` in backward instead of keeping it)
 and ``gathered combine`` (the slots' rows gathered into (T, K, D) and summed by one batched
 product per token, and the dispatch's backward gathering and summing each token's K slot
-gradients the same way, instead of one ``embedding_bag`` each).
+gradients the same way, instead of one ``embedding_bag`` each) and ``summed dots`` (the combine's
+weight gradient as a multiply and an fp32 sum over the (P, D) rows instead of ``_row_dots``).
 ``--skew 0.5`` skews the expert load (the setup line prints max/mean): the numbers behind
 ``resolve_backend``'s skew limit.
 
@@ -179,10 +180,12 @@ class _SwiGLUHalvesRecompute(torch.autograd.Function):
 @contextlib.contextmanager
 def _ablation(name: str) -> Iterator[None]:
     """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
-    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``, ``gathered combine``)."""
+    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``, ``gathered combine``,
+    ``summed dots``)."""
     names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch", "_SwiGLUHalves")
     saved = {n: getattr(experts_module, n) for n in names}
     saved_apply = experts_module._BatchedSwiGLU.apply
+    saved_dots = expert_dispatch._row_dots
     if name == "exact rows":
         experts_module.row_multiple = lambda x_TD: 1
     elif name == "autograd SwiGLU":
@@ -196,6 +199,8 @@ def _ablation(name: str) -> Iterator[None]:
     elif name == "gathered combine":
         experts_module.dispatch = _gathered_dispatch
         experts_module.combine = expert_dispatch.gather_bmm_combine
+    elif name == "summed dots":
+        expert_dispatch._row_dots = lambda a, b: (a * b).sum(dim=-1, dtype=torch.float32)
     elif name == "recomputed silu":
         experts_module._SwiGLUHalves = _SwiGLUHalvesRecompute
     try:
@@ -204,6 +209,7 @@ def _ablation(name: str) -> Iterator[None]:
         for n, fn in saved.items():
             setattr(experts_module, n, fn)
         experts_module._BatchedSwiGLU.apply = saved_apply
+        expert_dispatch._row_dots = saved_dots
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -256,6 +262,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants["moe grouped, recomputed silu"] = backend_step("grouped", "recomputed silu")
             variants["moe grouped, gathered combine"] = backend_step("grouped", "gathered combine")
             variants["moe batched, gathered combine"] = backend_step("batched", "gathered combine")
+            variants["moe grouped, summed dots"] = backend_step("grouped", "summed dots")
         if args.only:
             unknown = sorted(set(args.only) - set(variants))
             if unknown:

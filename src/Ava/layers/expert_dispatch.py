@@ -161,6 +161,17 @@ class _Dispatch(torch.autograd.Function):
         return grad_TKD.sum(dim=1), None
 
 
+def _row_dots(a_PD: torch.Tensor, b_PD: torch.Tensor) -> torch.Tensor:
+    """(P,) dot products of matching rows (``linalg.vecdot``; in bf16 the result is rounded once,
+    as the batched product of the gathered combine rounded it).
+
+    Against a multiply and an fp32 sum (``python benchmarks/moe_layer.py --tokens 4096 --experts
+    64 --top-k 8 --moe-intermediate 128 --ablations``, ``grouped`` fwd+bwd ms, this / ``summed
+    dots``, two runs): bf16 67.2 / 75.2 and 58.4 / 60.4; fp32 110.5 / 108.0 and 120.0 / 120.3.
+    """
+    return torch.linalg.vecdot(a_PD, b_PD)
+
+
 class _WeightedSum(torch.autograd.Function):
     """Each token's K buffer rows times its gate weights, summed: (P, D) -> (T, D), every slot kept.
 
@@ -168,7 +179,7 @@ class _WeightedSum(torch.autograd.Function):
     one pass with fp32 accumulation, without the (T, K, D) copy of the slots. Backward: a buffer
     row's gradient is its token's output gradient times the row's weight (one gather from the
     (T, D) gradient; padding rows read a zero row and have weight 0), and a weight's gradient is
-    its row's dot product with that same gathered gradient, accumulated in fp32.
+    its row's dot product with that same gathered gradient (:func:`_row_dots`).
     """
 
     @staticmethod
@@ -185,8 +196,7 @@ class _WeightedSum(torch.autograd.Function):
         grad_PD = source_TD.index_select(0, source_P)  # (P, D): the gradient of each row's token
         grad_w_TK = None
         if ctx.needs_input_grad[1]:
-            dot_P = (y_PD * grad_PD).sum(dim=-1, dtype=torch.float32)  # (P,)
-            grad_w_TK = dot_P.index_select(0, row_S).view(w_TK.shape).to(ctx.weights_dtype)
+            grad_w_TK = _row_dots(y_PD, grad_PD).index_select(0, row_S).view(w_TK.shape).to(ctx.weights_dtype)
         if ctx.padded:  # padding rows: weight 0
             w_P = w_TK.new_zeros(y_PD.shape[0]).index_copy_(0, row_S, w_TK.reshape(-1))
         else:  # buffer row p is sorted position p

@@ -29,7 +29,9 @@ Every variant runs in its own worker process (so the frameworks cannot evict eac
 kernels, see :func:`variant_worker`), and the variants of one shape and dtype run interleaved
 (round-robin, one at a time, the order rotated every repeat) after ``--warmup`` rounds; each
 sample is ``--steps`` consecutive steps, and the table reports the median of ``--repeats`` samples,
-so machine noise hits every variant alike. Identical workers still differ between processes
+so machine noise hits every variant alike. The verdict line also gives the ratio round by round
+(Ava's and HF's samples of the same round divided, so the machine's drift between rounds
+cancels): its median, quartiles, range, and how many rounds reached the goal. Identical workers still differ between processes
 (three processes of Ava ``grouped`` in one run: 5,664, 6,129 and 6,605 tok/s), so ``--processes
 N`` runs each variant in N processes and pools their samples. ``× best HF`` divides by the
 fastest HF variant of that dtype (bf16-weights included); the goal verdict takes Ava's default
@@ -351,7 +353,11 @@ def run_block(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Ten
     pooled: dict[Spec, list[float]] = {}
     for w in workers:  # the processes of one variant pool their samples
         pooled.setdefault(w.spec, []).extend(w.times)
-    rows = [{"spec": spec, "name": spec.label, "family": spec.family, "tok_s": tokens / statistics.median(times)}
+    # rounds[spec][r]: the median step time of that variant's processes in round r (all ran in it)
+    rounds = {spec: [statistics.median(w.times[r] for w in workers if w.spec == spec) for r in range(args.repeats)]
+              for spec in pooled}
+    rows = [{"spec": spec, "name": spec.label, "family": spec.family, "tok_s": tokens / statistics.median(times),
+             "rounds": rounds[spec]}
             for spec, times in pooled.items()]
     return {"shape": shape, "dtype": dtype, "rows": rows, "peak": statistics.median(peaks),
             "floor_tok_s": tokens / statistics.median(floors), "gemms": len(gemms), "tokens": tokens,
@@ -392,8 +398,14 @@ def print_block(block: dict, repeats: int, steps: int, processes: int = 1) -> di
         goal = GOALS.get((shape, dtype))
         met = "n/a" if goal is None else ("**met**" if ratio >= goal else "**not met**")
         ceiling = floor / best_hf["tok_s"]
+        paired = round_ratios(best_ava, best_hf)
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
         print(f"Ava ({best_ava['name']}) ÷ best HF ({best_hf['name']}) = {ratio:.2f}×; "
               f"goal ≥ {goal}×: {met}. A step that were its GEMMs alone would be {ceiling:.2f}× best HF.")
+        print(f"Round by round (the two timed in the same round, so the machine's drift cancels): median "
+              f"{statistics.median(paired):.2f}×, quartiles {quartiles[0]:.2f}–{quartiles[2]:.2f}×, "
+              f"range {min(paired):.2f}–{max(paired):.2f}× over {len(paired)} rounds; "
+              f"{sum(p >= goal for p in paired) if goal else 0} of {len(paired)} rounds at or above the goal.")
         compiled = auto_rows.get(True)
         if compiled:
             print(f"With performance.compile: {compiled['tok_s'] / best_hf['tok_s']:.2f}×.")
@@ -402,10 +414,15 @@ def print_block(block: dict, repeats: int, steps: int, processes: int = 1) -> di
             print(f"Against HF given Ava's allocator tuning ({best_tuned['name']}): "
                   f"{best_ava['tok_s'] / best_tuned['tok_s']:.2f}×"
                   + (f", compiled {compiled['tok_s'] / best_tuned['tok_s']:.2f}×" if compiled else "") + ".")
-        verdict.update(ratio=ratio, goal=goal, met=met, ava=best_ava["name"], hf=best_hf["name"], ceiling=ceiling,
+        verdict.update(paired=statistics.median(paired), ratio=ratio, goal=goal, met=met, ava=best_ava["name"], hf=best_hf["name"], ceiling=ceiling,
                        compiled=compiled["tok_s"] / best_hf["tok_s"] if compiled else None,
                        tuned=best_ava["tok_s"] / best_tuned["tok_s"] if hf_tuned_rows else None)
     return verdict
+
+
+def round_ratios(ava: dict, hf: dict) -> list[float]:
+    """Ava's speed ÷ HF's in each timed round (their step times in that round, processes' median)."""
+    return [t_hf / t_ava for t_ava, t_hf in zip(ava["rounds"], hf["rounds"])]
 
 
 def profile_ava(args: argparse.Namespace, shape: str, dtype: str, batch: torch.Tensor, top: int) -> None:
@@ -481,12 +498,13 @@ def main() -> None:
             block = run_block(args, shape, dtype, batch)
             verdicts.append(print_block(block, args.repeats, args.steps, args.processes))
     print("\n### Goals (Ava ÷ best HF)\n")
-    print("| shape | dtype | Ava | best HF | ratio | goal | | compiled | vs HF + Ava's allocator | GEMMs alone ÷ best HF |")
-    print("|---|---|---|---|---:|---:|---|---:|---:|---:|")
+    print("| shape | dtype | Ava | best HF | ratio | round by round | goal | | compiled | vs HF + Ava's allocator "
+          "| GEMMs alone ÷ best HF |")
+    print("|---|---|---|---|---:|---:|---:|---|---:|---:|---:|")
     for v in verdicts:
         if "ratio" in v:
             extra = " | ".join("–" if v[k] is None else f"{v[k]:.2f}×" for k in ("compiled", "tuned"))
-            print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | "
+            print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | {v['paired']:.2f}× | "
                   f"≥ {v['goal']}× | {v['met']} | {extra} | {v['ceiling']:.2f}× |")
     if args.profile:
         for shape in args.shapes:

@@ -326,3 +326,25 @@ def test_training_path_equals_the_inference_path(dtype, tol):
         outs.append((out.float().detach(), k.float().detach(), v.float().detach()))
     for trained, inferred in zip(*outs):
         torch.testing.assert_close(trained, inferred, rtol=tol, atol=tol)
+
+
+def test_training_keeps_a_swapped_in_projection_module():
+    """The fused q/k/v GEMM of training reads the weights directly, so it must not bypass a
+    projection module someone swapped in (FP8, adapters): those run their own forward."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    calls = []
+
+    class Tagged(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    tagged = Tagged(cfg.hidden_size, attn.k_proj.out_features, bias=False)
+    tagged.weight = attn.k_proj.weight
+    attn.k_proj = tagged
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len)
+    cos, sin = rope(torch.arange(5).expand(1, 5))
+    attn(torch.randn(1, 5, cfg.hidden_size, requires_grad=True), cos, sin)
+    assert calls == [1]

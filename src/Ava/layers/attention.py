@@ -172,9 +172,10 @@ class Attention(nn.Module):
                 q_BTHK, k_BTGK = apply_rotary(qk_BTNK, cos_BT1K, sin_BT1K).split([H, G], dim=2)
                 return q_BTHK, k_BTGK, v_BTGK
             q_BTF, k_BTF = qkv_BTF[..., :H * K], qkv_BTF[..., H * K:(H + G) * K]
-        elif torch.is_grad_enabled():
+        elif torch.is_grad_enabled() and all(type(p) is nn.Linear for p in (self.q_proj, self.k_proj, self.v_proj)):
             # Training: one GEMM over the concatenated weights (a 3·D·K-float copy per call) casts
             # and reads x once, and its backward is one GEMM instead of three products and two sums.
+            # Only over plain nn.Linear: a swapped-in module (FP8, adapters) keeps its own forward.
             weight_FD = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
             q_BTF, k_BTF, v_BTF = F.linear(x_BTD, weight_FD).split([H * K, G * K, G * K], dim=-1)
             v_BTGK = v_BTF.unflatten(-1, (G, K))

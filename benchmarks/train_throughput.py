@@ -31,8 +31,8 @@ kernels, see :func:`variant_worker`), and the variants of one shape and dtype ru
 sample is ``--steps`` consecutive steps, and the table reports the median of ``--repeats`` samples,
 so machine noise hits every variant alike. The verdict line also gives the ratio round by round
 (Ava's and HF's samples of the same round divided, so the machine's drift between rounds
-cancels): its median, quartiles, range, and how many rounds reached the goal. Identical workers still differ between processes
-(three processes of Ava ``grouped`` in one run: 5,664, 6,129 and 6,605 tok/s), so ``--processes
+cancels): its median, quartiles, range, and how many rounds reached the goal. Identical workers
+still differ between processes (three processes of Ava ``grouped`` in one run: 5,664, 6,129 and 6,605 tok/s), so ``--processes
 N`` runs each variant in N processes and pools their samples. ``× best HF`` divides by the
 fastest HF variant of that dtype (bf16-weights included); the goal verdict takes Ava's default
 backend (``auto``) when it ran, not the fastest Ava row. MFU = model FLOPs/s
@@ -414,7 +414,8 @@ def print_block(block: dict, repeats: int, steps: int, processes: int = 1) -> di
             print(f"Against HF given Ava's allocator tuning ({best_tuned['name']}): "
                   f"{best_ava['tok_s'] / best_tuned['tok_s']:.2f}×"
                   + (f", compiled {compiled['tok_s'] / best_tuned['tok_s']:.2f}×" if compiled else "") + ".")
-        verdict.update(paired=statistics.median(paired), ratio=ratio, goal=goal, met=met, ava=best_ava["name"], hf=best_hf["name"], ceiling=ceiling,
+        verdict.update(ratio=ratio, paired=statistics.median(paired), goal=goal, met=met, ava=best_ava["name"],
+                       hf=best_hf["name"], ceiling=ceiling,
                        compiled=compiled["tok_s"] / best_hf["tok_s"] if compiled else None,
                        tuned=best_ava["tok_s"] / best_tuned["tok_s"] if hf_tuned_rows else None)
     return verdict
@@ -504,8 +505,8 @@ def main() -> None:
     for v in verdicts:
         if "ratio" in v:
             extra = " | ".join("–" if v[k] is None else f"{v[k]:.2f}×" for k in ("compiled", "tuned"))
-            print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | {v['paired']:.2f}× | "
-                  f"≥ {v['goal']}× | {v['met']} | {extra} | {v['ceiling']:.2f}× |")
+            print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | "
+                  f"{v['paired']:.2f}× | ≥ {v['goal']}× | {v['met']} | {extra} | {v['ceiling']:.2f}× |")
     if args.profile:
         for shape in args.shapes:
             for dtype in args.dtypes:

@@ -321,7 +321,8 @@ def test_training_path_equals_the_inference_path(dtype, tol):
     cos, sin = rope(torch.arange(T).expand(B, T))
     outs = []
     for grad in (True, False):
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        autocast = torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+        with torch.set_grad_enabled(grad), autocast:
             out, (k, v) = attn(x.clone().requires_grad_(grad), cos, sin)
         outs.append((out.float().detach(), k.float().detach(), v.float().detach()))
     for trained, inferred in zip(*outs):

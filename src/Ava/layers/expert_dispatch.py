@@ -156,8 +156,7 @@ class _Dispatch(torch.autograd.Function):
         if mask_TK is None:  # every slot kept: each token's K rows summed in one pass (fp32 accumulation)
             return F.embedding_bag(row_S.view(num_tokens, top_k), grad_PD, mode="sum"), None
         grad_TKD = grad_PD.index_select(0, row_S).view(num_tokens, top_k, hidden)
-        if mask_TK is not None:
-            grad_TKD.masked_fill_(~mask_TK.unsqueeze(-1), 0.0)  # off slots read row 0, not theirs
+        grad_TKD.masked_fill_(~mask_TK.unsqueeze(-1), 0.0)  # off slots read row 0, not theirs
         return grad_TKD.sum(dim=1), None
 
 
@@ -185,22 +184,19 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_PD, weights_TK, plan):  # noqa: D102
         w_TK = weights_TK.to(y_PD.dtype)  # embedding_bag wants one dtype (as HF rounds them under autocast)
-        ctx.save_for_backward(y_PD, w_TK, plan.row_S, plan.source_P, plan.order_S)
+        ctx.save_for_backward(y_PD, w_TK, plan.row_S, plan.source_P)
         ctx.padded, ctx.weights_dtype = plan.padded, weights_TK.dtype
         return F.embedding_bag(plan.row_S.view(w_TK.shape), y_PD, mode="sum", per_sample_weights=w_TK)
 
     @staticmethod
     def backward(ctx, grad_TD):  # noqa: D102
-        y_PD, w_TK, row_S, source_P, order_S = ctx.saved_tensors
+        y_PD, w_TK, row_S, source_P = ctx.saved_tensors
         source_TD = F.pad(grad_TD, (0, 0, 0, 1)) if ctx.padded else grad_TD  # row T: zeros for padding rows
         grad_PD = source_TD.index_select(0, source_P)  # (P, D): the gradient of each row's token
         grad_w_TK = None
         if ctx.needs_input_grad[1]:
             grad_w_TK = _row_dots(y_PD, grad_PD).index_select(0, row_S).view(w_TK.shape).to(ctx.weights_dtype)
-        if ctx.padded:  # padding rows: weight 0
-            w_P = w_TK.new_zeros(y_PD.shape[0]).index_copy_(0, row_S, w_TK.reshape(-1))
-        else:  # buffer row p is sorted position p
-            w_P = w_TK.reshape(-1).index_select(0, order_S)
+        w_P = w_TK.new_zeros(y_PD.shape[0]).index_copy_(0, row_S, w_TK.reshape(-1))  # padding rows: 0
         return grad_PD.mul_(w_P.unsqueeze(1)), grad_w_TK, None
 
 

@@ -349,3 +349,67 @@ def test_training_keeps_a_swapped_in_projection_module():
     cos, sin = rope(torch.arange(5).expand(1, 5))
     attn(torch.randn(1, 5, cfg.hidden_size, requires_grad=True), cos, sin)
     assert calls == [1]
+
+
+def _bf16_qkv(B=2, T=48, H=4, G=2, K=16, seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(B, T, n, K).to(torch.bfloat16).transpose(1, 2).requires_grad_() for n in (H, G, G)]
+
+
+def test_fp32_flash_backward_matches_sdpa_forward_and_is_at_least_as_accurate():
+    """CPU bf16 training attention: the same forward kernel as SDPA (bit-identical output) and a
+    backward in fp32 whose gradients are as close to an fp64 reference as the bf16 kernel's."""
+    from Ava.layers.attention import attention
+
+    q, k, v = _bf16_qkv()
+    grad = torch.randn(q.shape).to(torch.bfloat16)
+    out = attention(q, k, v, is_causal=True)
+    assert out.grad_fn.name() == "_FlashAttentionFP32BackwardBackward"  # the rule picked it
+    ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, ref_out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    sdpa = torch.autograd.grad(ref_out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = torch.autograd.grad(F.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=True),
+                                (q64, k64, v64), grad.double())
+    for g_ours, g_sdpa, g_exact in zip(ours, sdpa, exact):
+        assert g_ours.dtype == torch.bfloat16 and g_ours.shape == g_exact.shape
+        scale = g_exact.abs().max()
+        err_ours = (g_ours.double() - g_exact).abs().max() / scale
+        err_sdpa = (g_sdpa.double() - g_exact).abs().max() / scale
+        assert err_ours < 2e-2 and err_ours <= 1.25 * err_sdpa
+
+
+def test_fp32_flash_backward_only_where_the_rule_allows():
+    from Ava.layers.attention import FP32_BACKWARD_MAX_TK, use_fp32_flash_backward
+
+    q = _bf16_qkv()[0]
+    assert use_fp32_flash_backward(q, masked=False, dropout_p=0.0)
+    assert not use_fp32_flash_backward(q, masked=True, dropout_p=0.0)  # masks: plain SDPA
+    assert not use_fp32_flash_backward(q, masked=False, dropout_p=0.1)
+    assert not use_fp32_flash_backward(q.detach().float().requires_grad_(), masked=False, dropout_p=0.0)
+    with torch.no_grad():
+        assert not use_fp32_flash_backward(q, masked=False, dropout_p=0.0)
+    long_q = torch.zeros(1, 2, FP32_BACKWARD_MAX_TK // 16 + 1, 16, dtype=torch.bfloat16, requires_grad=True)
+    assert not use_fp32_flash_backward(long_q, masked=False, dropout_p=0.0)
+
+
+def test_bf16_training_attention_takes_the_fp32_backward_and_trains(monkeypatch):
+    """Under bf16 autocast the model's attention goes through the fp32 backward (every layer),
+    gradients reach the projections, and evaluation keeps plain SDPA."""
+    from Ava.layers import attention as attention_module
+
+    calls = []
+    apply = attention_module._FlashAttentionFP32Backward.apply
+    monkeypatch.setattr(attention_module._FlashAttentionFP32Backward, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    model = _model().train()
+    x = torch.randint(0, 61, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x).logits
+    assert len(calls) == len(model.layers)
+    logits.float().sum().backward()
+    assert all(layer.self_attn.q_proj.weight.grad.abs().sum() > 0 for layer in model.layers)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert len(calls) == len(model.layers)

@@ -7,7 +7,8 @@ G key/value heads (H % G == 0), K head dim (H·K need not equal D), F a projecti
 Attention runs through ``F.scaled_dot_product_attention`` with ``enable_gqa=True``: on torch
 2.13 CPU this matches ``repeat_interleave`` of k/v exactly and is as fast or faster (measured:
 4×256 tokens, 8 q / 2 kv heads, fwd+bwd 8 ms vs 10 ms), and it never materialises the repeated
-k/v, which matters for long caches.
+k/v, which matters for long caches. On CPU in bf16 training, short sequences run the flash
+forward in bf16 and its backward in fp32 (:func:`use_fp32_flash_backward`), which is faster there.
 """
 
 from __future__ import annotations
@@ -35,6 +36,63 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+# CPU bf16 training: the flash backward in fp32 while query length × head dim is at most this.
+FP32_BACKWARD_MAX_TK = 16384
+
+
+def use_fp32_flash_backward(q_BHTK: torch.Tensor, masked: bool, dropout_p: float) -> bool:
+    """Whether :func:`attention` runs the CPU flash backward in fp32 for these bf16 queries.
+
+    ATen's CPU flash attention forward in bf16 is fast, but its bf16 backward is slow for short
+    sequences and narrow heads. ``python benchmarks/attention.py`` (2-core CPU, forward + backward
+    of one layer, 2,048 tokens, H·K = 512, time with the bf16 backward ÷ with the fp32 one, same
+    run): T 128:
+    4.19 / 2.93 / 1.55 at K 32 / 64 / 128; T 256: 1.80 / 1.41 / 1.13; T 512: 1.39 / 1.09 / 0.73;
+    T 1024: 1.16 / 0.82 / 0.68. The fp32 backward is taken while T·K ≤
+    :data:`FP32_BACKWARD_MAX_TK`. Only the unmasked, dropout-free training call on CPU in bf16,
+    in eager mode (inductor makes its own kernels); everything else is plain SDPA.
+    """
+    return (q_BHTK.device.type == "cpu" and q_BHTK.dtype == torch.bfloat16 and not masked and dropout_p == 0.0
+            and torch.is_grad_enabled() and q_BHTK.requires_grad and not torch.compiler.is_compiling()
+            and q_BHTK.shape[-2] * q_BHTK.shape[-1] <= FP32_BACKWARD_MAX_TK)
+
+
+class _FlashAttentionFP32Backward(torch.autograd.Function):
+    """CPU flash attention: the bf16 forward kernel, the backward kernel in fp32.
+
+    The backward upcasts its inputs (bf16 → fp32 is exact, so it recomputes the forward's
+    probabilities from the same q, k and the saved fp32 log-sum-exp) and rounds the gradients
+    to bf16 once at the end: as accurate as the bf16 kernel or more (``tests/layers/
+    test_attention.py``), and faster where :func:`use_fp32_flash_backward` says so.
+    """
+
+    @staticmethod
+    def forward(ctx, q_BHTK, k_BGSK, v_BGSK, is_causal):
+        out_BHTK, lse_BHT = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_BHTK, k_BGSK, v_BGSK, 0.0, is_causal)
+        ctx.save_for_backward(q_BHTK, k_BGSK, v_BGSK, out_BHTK, lse_BHT)
+        ctx.is_causal = is_causal
+        return out_BHTK
+
+    @staticmethod
+    def backward(ctx, grad_BHTK):
+        q_BHTK, k_BGSK, v_BGSK, out_BHTK, lse_BHT = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_BHTK.float(), q_BHTK.float(), k_BGSK.float(), v_BGSK.float(), out_BHTK.float(), lse_BHT,
+            0.0, ctx.is_causal)
+        return (*(g.to(torch.bfloat16) for g in grads), None)
+
+
+def attention(q_BHTK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with grouped k/v heads, and on CPU in bf16 training the
+    fp32 flash backward where it is faster (:func:`use_fp32_flash_backward`). (B, H, T, K)."""
+    if use_fp32_flash_backward(q_BHTK, attn_mask is not None, dropout_p):
+        return _FlashAttentionFP32Backward.apply(q_BHTK, k_BGSK, v_BGSK, is_causal)
+    return F.scaled_dot_product_attention(q_BHTK, k_BGSK, v_BGSK, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, enable_gqa=k_BGSK.shape[1] != q_BHTK.shape[1])
 
 
 def build_attention_mask(
@@ -228,14 +286,7 @@ class Attention(nn.Module):
         # A plain bool for SDPA: an ``if`` makes torch.compile guard on T (with T dynamic, ``T > 1``
         # passed as an argument would be a SymBool, which SDPA rejects: a graph break).
         is_causal = False if T == 1 else attn_mask_B1TS is None and past_kv is None
-        out_BHTK = F.scaled_dot_product_attention(
-            q_BHTK,
-            k_BGTK,
-            v_BGTK,
-            attn_mask=attn_mask_B1TS,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        out_BHTK = attention(q_BHTK, k_BGTK, v_BGTK, attn_mask=attn_mask_B1TS,
+                             dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
         out_BTD = out_BHTK.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·K)
         return self.o_proj(out_BTD), (k_BGTK, v_BGTK)

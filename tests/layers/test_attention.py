@@ -367,7 +367,10 @@ def test_fp32_flash_backward_matches_sdpa_forward_and_is_at_least_as_accurate():
     assert out.grad_fn.name() == "_FlashAttentionFP32BackwardBackward"  # the rule picked it
     ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(out, ref_out)
-    ours = torch.autograd.grad(out, (q, k, v), grad)
+    ours = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # backward called inside autocast: still fp32
+        for g_in, g_out in zip(torch.autograd.grad(out, (q, k, v), grad), ours):
+            assert torch.equal(g_in, g_out)
     sdpa = torch.autograd.grad(ref_out, (q, k, v), grad)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = torch.autograd.grad(F.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=True),

@@ -48,11 +48,11 @@ def use_fp32_flash_backward(q_BHTK: torch.Tensor, masked: bool, dropout_p: float
     ATen's CPU flash attention forward in bf16 is fast, but its bf16 backward is slow for short
     sequences and narrow heads. ``python benchmarks/attention.py`` (2-core CPU, forward + backward
     of one layer, 2,048 tokens, H·K = 512, time with the bf16 backward ÷ with the fp32 one, same
-    run): T 128:
-    4.19 / 2.93 / 1.55 at K 32 / 64 / 128; T 256: 1.80 / 1.41 / 1.13; T 512: 1.39 / 1.09 / 0.73;
-    T 1024: 1.16 / 0.82 / 0.68. The fp32 backward is taken while T·K ≤
-    :data:`FP32_BACKWARD_MAX_TK`. Only the unmasked, dropout-free training call on CPU in bf16,
-    in eager mode (inductor makes its own kernels); everything else is plain SDPA.
+    run): T 128: 4.19 / 2.93 / 1.55 at K 32 / 64 / 128; T 256: 1.80 / 1.41 / 1.13; T 512: 1.39 /
+    1.09 / 0.73; T 1024: 1.16 / 0.82 / 0.68. The fp32 backward is taken while T·K ≤
+    :data:`FP32_BACKWARD_MAX_TK` (the 1.1× cells at 32,768 read 0.7–1.0× in another run). Only
+    the unmasked, dropout-free training call on CPU in bf16, in eager mode (inductor makes its
+    own kernels); everything else is plain SDPA.
     """
     return (q_BHTK.device.type == "cpu" and q_BHTK.dtype == torch.bfloat16 and not masked and dropout_p == 0.0
             and torch.is_grad_enabled() and q_BHTK.requires_grad and not torch.compiler.is_compiling()

@@ -15,11 +15,10 @@ calls; ``bf16 bwd ÷ fp32 bwd`` > 1 means the fp32 backward is faster. ``rule`` 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
-from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
+from bench_common import add_cpu_args, add_fwd_bwd_args, apply_cpu_args, fwd_bwd_ms
 
 from Ava.layers.attention import _FlashAttentionFP32Backward, use_fp32_flash_backward
 
@@ -30,9 +29,7 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--tokens", type=int, default=2048, help="B·T per call")
     parser.add_argument("--width", type=int, default=512, help="H·K, the query projection's width")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
+    add_fwd_bwd_args(parser, repeats=9, calls=3, warmup=2)
     add_cpu_args(parser)
     args = parser.parse_args()
     apply_cpu_args(args)
@@ -50,20 +47,11 @@ def main() -> None:
                        for n in (H, G, G))
             grad = torch.randn(B, H, T, K, dtype=torch.bfloat16)
 
-            def call(fn):
-                def run() -> None:
-                    for _ in range(args.calls):
-                        fn().backward(grad)
-                        q.grad = k.grad = v.grad = None
-                return run
-
-            times = time_round_robin({
-                "sdpa": call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
-                "fp32": call(lambda: _FlashAttentionFP32Backward.apply(q, k, v, True)),
-            }, args.repeats, args.warmup)
-            ms = {name: statistics.median(ts) / args.calls * 1e3 for name, ts in times.items()}
-            with torch.enable_grad():
-                rule = "fp32" if use_fp32_flash_backward(q, False, 0.0) else "bf16"
+            ms = fwd_bwd_ms({
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                "fp32": lambda: _FlashAttentionFP32Backward.apply(q, k, v, True),
+            }, grad, [q, k, v], args)
+            rule = "fp32" if use_fp32_flash_backward(q, False, 0.0) else "bf16"
             print(f"| {T} | {K} | {B} × {H} / {G} | {ms['sdpa']:.1f} | {ms['fp32']:.1f} | "
                   f"{ms['sdpa'] / ms['fp32']:.2f} | {rule} |")
 

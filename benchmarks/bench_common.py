@@ -7,6 +7,7 @@ by round (one run of each per round) and the shared machine's drift hits them al
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -91,3 +92,27 @@ def time_round_robin(
             variants[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def add_fwd_bwd_args(parser: argparse.ArgumentParser, repeats: int, calls: int, warmup: int) -> None:
+    """``--repeats``, ``--calls`` and ``--warmup`` of :func:`fwd_bwd_ms`."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--calls", type=int, default=calls)
+    parser.add_argument("--warmup", type=int, default=warmup)
+
+
+def fwd_bwd_ms(variants: dict[str, Callable[[], torch.Tensor]], grad: torch.Tensor, leaves: list[torch.Tensor],
+               args: argparse.Namespace) -> dict[str, float]:
+    """Milliseconds per forward + backward call of each variant: ``args.calls`` calls per round,
+    each the variant's output backpropagated with ``grad`` and the ``leaves``' gradients cleared,
+    interleaved by :func:`time_round_robin`; the median of ``args.repeats`` rounds."""
+    def rounds(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(args.calls):
+                fn().backward(grad)
+                for leaf in leaves:
+                    leaf.grad = None
+        return run
+
+    times = time_round_robin({name: rounds(fn) for name, fn in variants.items()}, args.repeats, args.warmup)
+    return {name: statistics.median(ts) / args.calls * 1e3 for name, ts in times.items()}

@@ -17,11 +17,10 @@ Variants interleaved in the same process, median of ``--repeats`` rounds of ``--
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
-from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
+from bench_common import add_cpu_args, add_fwd_bwd_args, apply_cpu_args, fwd_bwd_ms
 
 from Ava.layers.norm import RMSNorm, rms_norm
 from Ava.layers.rotary import RotaryEmbedding, apply_rotary, norm_rotary
@@ -31,9 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["2048x256", "2048x512"], help="ROWSxWIDTH")
     parser.add_argument("--qk-shape", default="8x256x4x64", help="BxTxHxK of the queries")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_fwd_bwd_args(parser, repeats=15, calls=10, warmup=3)
     add_cpu_args(parser)
     args = parser.parse_args()
     apply_cpu_args(args)
@@ -48,18 +45,10 @@ def main() -> None:
         weight = torch.rand(width, requires_grad=True)
         grad = torch.randn(rows, width)
 
-        def call(fn):
-            def run() -> None:
-                for _ in range(args.calls):
-                    fn(x, weight).backward(grad)
-                    x.grad = weight.grad = None
-            return run
-
-        times = time_round_robin({
-            "torch": call(lambda a, w: F.rms_norm(a, (width,), w, 1e-6)),
-            "ava": call(lambda a, w: rms_norm(a, w, 1e-6)),
-        }, args.repeats, args.warmup)
-        ms = {name: statistics.median(ts) / args.calls * 1e3 for name, ts in times.items()}
+        ms = fwd_bwd_ms({
+            "torch": lambda: F.rms_norm(x, (width,), weight, 1e-6),
+            "ava": lambda: rms_norm(x, weight, 1e-6),
+        }, grad, [x, weight], args)
         print(f"| {rows} × {width} | {ms['torch']:.2f} | {ms['ava']:.2f} | {ms['ava'] / ms['torch']:.2f} |")
 
     B, T, H, K = (int(v) for v in args.qk_shape.split("x"))
@@ -73,18 +62,10 @@ def main() -> None:
         q = torch.randn(B, T, H, K).to(dtype).requires_grad_()
         grad = torch.randn(B, T, H, K).to(dtype)
 
-        def call_qk(fn):
-            def run() -> None:
-                for _ in range(args.calls):
-                    fn().backward(grad)
-                    q.grad = norm.weight.grad = None
-            return run
-
-        times = time_round_robin({
-            "plain": call_qk(lambda: apply_rotary(norm(q), cos, sin).to(dtype)),
-            "ava": call_qk(lambda: norm_rotary(q, norm.weight, norm.eps, cos, sin)),
-        }, args.repeats, args.warmup)
-        ms = {name: statistics.median(ts) / args.calls * 1e3 for name, ts in times.items()}
+        ms = fwd_bwd_ms({
+            "plain": lambda: apply_rotary(norm(q), cos, sin).to(dtype),
+            "ava": lambda: norm_rotary(q, norm.weight, norm.eps, cos, sin),
+        }, grad, [q, norm.weight], args)
         name = "fp32" if dtype == torch.float32 else "bf16"
         print(f"| {name} | {ms['plain']:.2f} | {ms['ava']:.2f} | {ms['ava'] / ms['plain']:.2f} |")
 

@@ -131,6 +131,12 @@ def plan_dispatch(routing: RouterOutput, multiple: int = 1, cap: int | None = No
     )
 
 
+def _token_rows(x_TD: torch.Tensor, source_P: torch.Tensor, padded: bool) -> torch.Tensor:
+    """Row p of the buffer = row ``source_P[p]`` of ``x_TD``; padding rows (index T) read zeros."""
+    source_TD = F.pad(x_TD, (0, 0, 0, 1)) if padded else x_TD  # row T: zeros for padding rows
+    return source_TD.index_select(0, source_P)
+
+
 class _Dispatch(torch.autograd.Function):
     """Buffer rows gathered from the tokens; backward sums each token's K slot gradients.
 
@@ -143,8 +149,7 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x_TD, plan):  # noqa: D102 (autograd protocol)
         ctx.save_for_backward(plan.row_S, plan.mask_TK)
         ctx.sizes = (plan.num_tokens, plan.top_k, plan.rows)
-        source_TD = F.pad(x_TD, (0, 0, 0, 1)) if plan.padded else x_TD  # row T: zeros for padding rows
-        return source_TD.index_select(0, plan.source_P)  # (P, D)
+        return _token_rows(x_TD, plan.source_P, plan.padded)  # (P, D)
 
     @staticmethod
     def backward(ctx, grad_PD):  # noqa: D102
@@ -191,8 +196,7 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_TD):  # noqa: D102
         y_PD, w_TK, row_S, source_P = ctx.saved_tensors
-        source_TD = F.pad(grad_TD, (0, 0, 0, 1)) if ctx.padded else grad_TD  # row T: zeros for padding rows
-        grad_PD = source_TD.index_select(0, source_P)  # (P, D): the gradient of each row's token
+        grad_PD = _token_rows(grad_TD, source_P, ctx.padded)  # (P, D): the gradient of each row's token
         grad_w_TK = None
         if ctx.needs_input_grad[1]:
             grad_w_TK = _row_dots(y_PD, grad_PD).index_select(0, row_S).view(w_TK.shape).to(ctx.weights_dtype)

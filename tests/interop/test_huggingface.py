@@ -182,12 +182,21 @@ def test_import_refuses_what_ava_cannot_compute(tmp_path):
         import_hf(tmp_path / "olmoe")
 
 
-def test_export_refuses_mtp_heads_and_uncertainty_weights():
-    from Ava.config import ModelConfig
-    from Ava.interop.huggingface import hf_export_problems
-    from Ava.models import EnhancedMoEModel
+def test_export_drops_mtp_heads_and_uncertainty_weights(tmp_path, tokenizer, capsys):
+    """They are training-only: `ava export` leaves them out, says so, and the logits still match."""
+    model, folder = _ava_checkpoint(tmp_path, tokenizer, qk_norm=False, moe={"norm_topk_prob": True},
+                                    mtp={"num_heads": 2},
+                                    loss={"uncertainty_weighting": ["lm_loss", "load_balance"]})
+    assert any(n.startswith("mtp.") for n in model.state_dict())
+    out = tmp_path / "hf"
+    assert main(["export", str(folder), "--format", "hf", "--out", str(out)]) == 0
+    names = set(read_hf_tensors(out))
+    assert not any("mtp." in n or "loss_weighting" in n for n in names)
+    log = capsys.readouterr().out
+    assert "multi-token prediction heads" in log and "uncertainty-weighting" in log
+    assert "MixtralForCausalLM" in log
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids(tokenizer.vocab_size)
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_experts=4,
-                      mtp={"num_heads": 1}, loss={"uncertainty_weighting": ["lm_loss", "load_balance"]})
-    problems = " ".join(hf_export_problems(EnhancedMoEModel(cfg), "qwen3_moe"))
-    assert "model.mtp.num_heads" in problems and "uncertainty_weighting" in problems

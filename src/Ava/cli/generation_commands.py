@@ -214,10 +214,10 @@ def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     """``ava export RUN_DIR --format hf --out DIR``."""
     from ..interop import export_hf
+    from ..utils.logging import setup_logging
 
-    out = export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    print(f"exported {config['architectures'][0]} to {out}")
+    setup_logging()  # the export logs what it leaves out (training-only tensors) and where it wrote
+    export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype)
     return 0
 
 

@@ -19,6 +19,11 @@ Refused (no HF architecture computes them): sigmoid / expert-choice / hash route
 scaling ≠ 1, group-limited routing, shared experts (Qwen2-MoE's are gated, Ava's are not), a
 non-zero aux-free expert bias, eval-time capacity dropping.
 
+Dropped (training-only, they do not change the main head's logits; see :data:`TRAINING_ONLY`):
+the noisy-top-k noise projection, a zero aux-free bias, the multi-token prediction heads
+(``mtp.*``: HF's architectures have none, so speculative decoding with them stays in Ava) and
+the uncertainty-weighting loss weights (``loss_weighting.*``). The export logs what it dropped.
+
 Import reads ``config.json`` and every ``*.safetensors`` file (sharded or not) and accepts both
 expert layouts: fused 3-D (transformers ≥ 5) and per-expert Linear modules
 (``experts.{i}.gate_proj/up_proj/down_proj``, Mixtral's ``block_sparse_moe.experts.{i}.w1/w3/w2``).
@@ -87,12 +92,6 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
     if eval_cf is not None and eval_cf < cfg.num_experts / moe.top_k:
         problems.append(f"model.moe.eval_capacity_factor={eval_cf}: HF models are dropless; set it ≥ "
                         f"num_experts/top_k = {cfg.num_experts / moe.top_k:g} to export")
-    if cfg.mtp.num_heads > 0:
-        problems.append(f"model.mtp.num_heads={cfg.mtp.num_heads}: HF Qwen3-MoE/Mixtral/OLMoE have no multi-token "
-                        "prediction heads; export a model trained without them")
-    if cfg.loss.uncertainty_weighting:
-        problems.append("model.loss.uncertainty_weighting: its learned loss weights are training-only state "
-                        "with no HF equivalent; export a model trained without it")
     if arch == "qwen3_moe" and not cfg.qk_norm:
         problems.append("model.qk_norm=false: Qwen3-MoE always normalises queries and keys; export as mixtral "
                         "(--arch mixtral) instead")
@@ -208,11 +207,38 @@ def hf_config(model: EnhancedMoEModel, arch: str, tokenizer: AvaTokenizer | None
     return common
 
 
+TRAINING_ONLY = {
+    "mlp.gate.noise_weight": "the noisy-top-k noise projection (clean routing at inference)",
+    "mlp.gate.expert_bias": "the aux-free expert bias (exported only when zero)",
+    "mtp.": "the multi-token prediction heads (HF has none; speculative decoding with them stays in Ava)",
+    "loss_weighting.": "the uncertainty-weighting loss weights",
+}
+"""Name pattern (suffix, or prefix when it ends in ``.``) → what the export drops and why."""
+
+
+def _training_only(name: str) -> str | None:
+    """The :data:`TRAINING_ONLY` pattern ``name`` matches, if any."""
+    for pattern in TRAINING_ONLY:
+        if (name.startswith(pattern) if pattern.endswith(".") else name.endswith(pattern)):
+            return pattern
+    return None
+
+
+def dropped_on_export(model: EnhancedMoEModel) -> dict[str, int]:
+    """What :func:`hf_state_dict` leaves out of ``model``: description → tensor count."""
+    counts: dict[str, int] = {}
+    for name in model.state_dict():
+        pattern = _training_only(name)
+        if pattern is not None:
+            counts[TRAINING_ONLY[pattern]] = counts.get(TRAINING_ONLY[pattern], 0) + 1
+    return counts
+
+
 def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Ava weights under HF names: ``model.`` + Ava name, ``lm_head.weight`` as is.
 
-    Training-only tensors are dropped (the noisy-top-k noise projection, a zero aux-free bias);
-    with tied embeddings only ``model.embed_tokens.weight`` is written (HF re-ties it).
+    Training-only tensors (:data:`TRAINING_ONLY`) are dropped; with tied embeddings only
+    ``model.embed_tokens.weight`` is written (HF re-ties it).
 
     Args:
         model: the Ava model.
@@ -223,7 +249,7 @@ def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None) -> 
     """
     out = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith(("mlp.gate.noise_weight", "mlp.gate.expert_bias")):
+        if _training_only(name):
             continue
         if name == "lm_head.weight":
             if model.config.tie_embeddings:
@@ -271,6 +297,8 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(model, target), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    for what, count in dropped_on_export(model).items():
+        logger.info("not exported (training-only): %s, %d tensor%s", what, count, "" if count == 1 else "s")
     _write_json(folder / "config.json", hf_config(model, arch, tokenizer, target))
     generation = {"eos_token_id": None, "pad_token_id": None, "bos_token_id": None}
     if tokenizer is not None:

@@ -1,5 +1,6 @@
 """Routing diagnostics on hand-made counts, the collapse alarm, and their wiring into the trainer."""
 
+import json
 import logging
 import math
 import types
@@ -19,6 +20,9 @@ from Ava.training.metrics import (
     moe_diagnostics,
     token_drop_rate,
 )
+from Ava.training.run_manager import check_resume_config
+from Ava.utils.checkpoint import load_training_state
+from tests.conftest import tiny_config
 
 
 def test_values_on_hand_made_counts():
@@ -63,8 +67,26 @@ def test_alarm_counts_dead_experts_over_the_window_and_can_stop():
     # Experts 2 and 3 unused for 3 steps; expert 1 used once inside the window -> alive.
     assert alarm.on_step(1, [torch.tensor([5, 0, 0, 0])]) is None
     assert alarm.on_step(2, [torch.tensor([4, 1, 0, 0])]) is None  # window not yet full
-    with pytest.raises(AvaTrainingError, match="2 experts got no token in the last 3 steps"):
-        alarm.on_step(3, [torch.tensor([5, 0, 0, 0])])
+    assert alarm.stop_reason is None
+    message = alarm.on_step(3, [torch.tensor([5, 0, 0, 0])])
+    assert "2 experts got no token in the last 3 steps" in message
+    assert alarm.stop_reason.startswith(message) and "set action: warn" in alarm.stop_reason
+
+
+def test_alarm_warns_once_then_reminds_every_window(caplog):
+    alarm = MoECollapseAlarm(MoEAlarmConfig(max_vio=1.0, window=3))
+    skewed, fine = [torch.tensor([9, 0, 0, 0])], [torch.tensor([2, 2, 3, 2])]
+    with caplog.at_level(logging.WARNING):
+        fired = [alarm.on_step(step, skewed) for step in range(1, 8)]  # steps 1-7 all violate
+        alarm.on_step(8, fine)  # the episode ends
+        alarm.on_step(9, skewed)  # a new one warns at once
+    assert all(fired)  # every violating step returns its message
+    warned = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
+    assert [m.split(":")[0] for m in warned] == [
+        "MoE collapse alarm at step 1", "MoE collapse alarm at step 4", "MoE collapse alarm at step 7",
+        "MoE collapse alarm at step 9"]
+    assert "still firing" in warned[1] and "still firing" not in warned[3]
+    assert alarm.stop_reason is None
 
 
 def test_alarm_respects_start_step_and_is_off_by_default():
@@ -117,7 +139,23 @@ def test_train_step_reports_diagnostics_and_updates_the_expert_bias():
     assert all(isinstance(v, float) for k, v in val.items() if k != "expert_load")
 
 
-def test_train_step_alarm_can_stop_the_run():
-    trainer = _trainer(alarm={"max_vio": 1e-6, "action": "stop"})
-    with pytest.raises(AvaTrainingError, match="MoE collapse alarm at step 1"):
-        trainer.train_step(_batches(1))
+def test_alarm_stop_logs_and_checkpoints_the_step_that_fired(tmp_path, corpus_cache):
+    """action: stop ends train() with AvaTrainingError only after that step is in metrics.jsonl, in a
+    checkpoint and in summary.json."""
+    config = tiny_config(tmp_path / "runs", corpus_cache, "training.moe_alarm.max_vio=1e-6",
+                         "training.moe_alarm.patience=3", "training.moe_alarm.action=stop",
+                         "training.log_every=100", "evaluation.sample_max_new_tokens=0")
+    trainer = EnhancedModularTrainer(EnhancedMoEModel(config.model), config)
+    with pytest.raises(AvaTrainingError, match=r"MoE collapse alarm at step 3: .*set action: warn .*step_3"):
+        trainer.train()
+    root = trainer.paths.root
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [3]  # logged although log_every is 100
+    assert load_training_state(root / "checkpoints" / "step_3")["step"] == 3
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["stopped_by_alarm"].startswith("MoE collapse alarm at step 3")
+    # the alarm only watches: --resume may continue with other alarm settings
+    relaxed = tiny_config(tmp_path / "runs", corpus_cache, "training.moe_alarm.max_vio=1e-6",
+                          "training.moe_alarm.patience=3", "training.moe_alarm.action=warn",
+                          "training.log_every=100", "evaluation.sample_max_new_tokens=0")
+    assert check_resume_config(root, relaxed) == ["training.moe_alarm.action: 'stop' -> 'warn'"]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
-from ..errors import AvaConfigError, AvaError
+from ..errors import AvaConfigError, AvaError, AvaTrainingError
 from ..optimization import build_optimizer
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
@@ -124,6 +124,9 @@ class EnhancedModularTrainer(DataFeed):
         Raises:
             AvaConfigError / AvaDataError / AvaCheckpointError: a problem found before the first
                 step, named with its key, file or checkpoint.
+            AvaTrainingError: the MoE collapse alarm stopped the run (``training.moe_alarm.action:
+                stop``), after the step that fired it was logged and checkpointed and
+                ``summary.json`` written (its ``stopped_by_alarm`` holds the message).
         """
         cfg = self.config
         start = time.perf_counter()
@@ -186,7 +189,8 @@ class EnhancedModularTrainer(DataFeed):
                 self._cursor_source_tokens = dict(self.source_tokens)
                 window_tokens += metrics.pop("tokens")
                 bar.update(1)
-                if self.step % cfg.training.log_every == 0 or self.step == total_steps:
+                alarm_stop = self.moe_alarm.stop_reason
+                if self.step % cfg.training.log_every == 0 or self.step == total_steps or alarm_stop:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     values = _to_floats(metrics)
                     values["tokens_per_s"] = window_tokens / elapsed
@@ -222,6 +226,8 @@ class EnhancedModularTrainer(DataFeed):
                     logger.info("early stopping at step %d: no val-loss improvement in %d evaluations",
                                 self.step, self.early_stopping.bad_evals)
                     break
+                if alarm_stop:  # the step is logged; the final checkpoint and summary follow below
+                    break
                 if self._stop_signal is not None:
                     self._stop_after_signal(bar)
                 timer.mark("other")  # bookkeeping above: not charged to the data wait
@@ -239,6 +245,7 @@ class EnhancedModularTrainer(DataFeed):
             wall_time_s=wall, tokens_per_second=self.tokens / wall, sample=sample,
             skipped_steps=self.health.skipped, rollbacks=self.health.rollbacks,
             stopped_early=stopped_early, resumed_from=str(checkpoint) if checkpoint else None,
+            stopped_by_alarm=self.moe_alarm.stop_reason,
         )
         write_summary(paths, summary.to_dict())
         data.report.log()  # rows skipped / characters replaced under the sources' policies, again at the end
@@ -250,6 +257,8 @@ class EnhancedModularTrainer(DataFeed):
         val_text = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
         logger.info("done: %d steps, %s tokens in %.0f s; final val loss %s; run folder %s",
                     self.step, f"{self.tokens:,}", wall, val_text, paths.root)
+        if self.moe_alarm.stop_reason:
+            raise AvaTrainingError(f"{self.moe_alarm.stop_reason} (checkpoint {checkpoint_dir})")
         return summary
 
     def train_step(self, micro_batches: list[torch.Tensor], timer: StepTimer | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AvaConfigError, AvaTrainingError
+from ..errors import AvaConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +298,10 @@ class MoECollapseAlarm:
     Two checks, each off when its threshold is null: a layer's MaxVio above ``max_vio`` for
     ``patience`` consecutive steps, and at least ``dead_experts`` experts (over all layers) that
     received no token in the last ``window`` steps (checked once the window is full). Steps
-    before ``start_step`` are ignored. ``action: stop`` raises :class:`~Ava.errors.AvaTrainingError`
-    after logging; the trainer lets it end the run.
+    before ``start_step`` are ignored. ``action: stop`` sets :attr:`stop_reason`; the trainer then
+    logs the step, saves a checkpoint and the run summary, and ends the run with an
+    :class:`~Ava.errors.AvaTrainingError` carrying it. While the condition holds, a warning is
+    logged when the alarm first fires and then at most once every ``window`` steps.
 
     Args:
         cfg: a :class:`~Ava.config.MoEAlarmConfig`.
@@ -309,7 +311,9 @@ class MoECollapseAlarm:
         self.cfg = cfg
         self._window: list[torch.Tensor] = []  # (L, E) counts of the last `window` steps
         self._violations = 0
+        self._last_logged: int | None = None  # step of the last warning of the current episode
         self.fired: list[str] = []
+        self.stop_reason: str | None = None
 
     @property
     def active(self) -> bool:
@@ -323,10 +327,8 @@ class MoECollapseAlarm:
             tokens_per_expert: one (E,) routed count per MoE layer over that step.
 
         Returns:
-            The alarm message when it fired (after logging it), else None.
-
-        Raises:
-            AvaTrainingError: when it fired and ``action`` is ``stop``.
+            The alarm message when it fired, else None. With ``action: stop`` it is also kept
+            in :attr:`stop_reason`, with the fix appended.
         """
         if not self.active or not tokens_per_expert or step < self.cfg.start_step:
             return None
@@ -347,18 +349,22 @@ class MoECollapseAlarm:
             if len(self._window) == self.cfg.window:
                 dead = int(dead_experts(torch.stack(self._window).sum(dim=0)).sum())
                 if dead >= self.cfg.dead_experts:
-                    problems.append(f"{dead} experts got no token in the last {self.cfg.window} steps "
+                    noun = "expert" if dead == 1 else "experts"
+                    problems.append(f"{dead} {noun} got no token in the last {self.cfg.window} steps "
                                     f"(threshold {self.cfg.dead_experts})")
         if not problems:
+            self._last_logged = None  # the episode is over; the next one warns at once
             return None
         message = f"MoE collapse alarm at step {step}: " + "; ".join(problems)
         self.fired.append(message)
-        logger.warning("%s", message)
         if self.cfg.action == "stop":
-            raise AvaTrainingError(
-                message + " — stopping (training.moe_alarm.action: stop); raise the thresholds, enable "
-                "balancing (model.moe.aux_loss_coef / aux_free_bias) or set action: warn"
-            )
+            self.stop_reason = (message + " — stopping (training.moe_alarm.action: stop); raise the thresholds, "
+                                "enable balancing (model.moe.aux_loss_coef / aux_free_bias) or set action: warn")
+            logger.warning("%s", message)
+        elif self._last_logged is None or step - self._last_logged >= self.cfg.window:
+            again = "" if self._last_logged is None else f" (still firing; next reminder in {self.cfg.window} steps)"
+            logger.warning("%s%s", message, again)
+            self._last_logged = step
         return message
 
     def state_dict(self) -> dict[str, Any]:

@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 # not what one step computes. Prefixes end with a dot.
 RESUMABLE_CHANGES = (
     "training.max_steps", "training.num_epochs", "training.eval_every", "training.eval_batches",
-    "training.save_every", "training.log_every", "logging.", "checkpoint.", "evaluation.",
-    "performance.", "gradient.health.", "run.output_dir", "run.num_threads", "run.device",
+    "training.save_every", "training.log_every", "training.moe_alarm.", "logging.", "checkpoint.",
+    "evaluation.", "performance.", "gradient.health.", "run.output_dir", "run.num_threads", "run.device",
     "data.num_workers", "data.cache_dir",
 )
 
@@ -214,6 +214,7 @@ class TrainingSummary:
     rollbacks: list[int] = field(default_factory=list)
     stopped_early: bool = False
     resumed_from: str | None = None
+    stopped_by_alarm: str | None = None  # the MoE collapse alarm's message when it ended the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

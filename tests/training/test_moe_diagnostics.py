@@ -57,7 +57,7 @@ def test_alarm_warns_on_max_vio_after_patience(caplog):
         assert alarm.on_step(2, fine) is None  # resets
         assert alarm.on_step(3, skewed) is None
         message = alarm.on_step(4, skewed)
-    assert message and "MaxVio 3.00 > 2.0 in MoE layer 0" in message
+    assert message and "MaxVio 3.00 > 2.0 in layer 0" in message
     assert "MoE collapse alarm at step 4" in caplog.text
 
 
@@ -103,7 +103,7 @@ def test_alarm_respects_start_step_and_is_off_by_default():
 def _trainer(**overrides) -> EnhancedModularTrainer:
     data = {"model": {"vocab_size": 40, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_experts": 4,
                       "max_seq_len": 16, "moe": {"top_k": 2, "moe_intermediate_size": 32,
-                                                 **overrides.get("moe", {})}},
+                                                 **overrides.get("moe", {})}, **overrides.get("model", {})},
             "training": {"moe_alarm": overrides.get("alarm", {}), "eval_batches": 2, "batch_size": 2},
             "run": {"device": "cpu"}}
     config = EnhancedTrainingConfig.model_validate(data)
@@ -136,7 +136,24 @@ def test_train_step_reports_diagnostics_and_updates_the_expert_bias():
     trainer.data = types.SimpleNamespace(val=torch.randint(0, 40, (6, 16)))
     val = trainer.evaluate()
     assert {"max_vio", "dead_experts", "router_entropy", "token_drop_rate"} <= set(val)
-    assert all(isinstance(v, float) for k, v in val.items() if k != "expert_load")
+    assert all(isinstance(v, float) for k, v in val.items() if not k.startswith("expert_load"))
+
+
+def test_layers_are_named_by_decoder_index_everywhere(caplog):
+    """With a dense first layer and an MTP block, the MoE layers are decoder layers 1 and 2 (the MTP
+    block) in the step's metrics, the validation load histogram, the alarm and the report's labels."""
+    from Ava.training.report import layer_labels
+
+    trainer = _trainer(moe={"first_dense_layers": 1}, model={"mtp": {"num_heads": 1}}, alarm={"max_vio": 1e-6})
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.train_step(_batches(1))
+    assert {k for k in metrics if k.startswith("moe/")} == {
+        "moe/l1/max_vio", "moe/l1/load_entropy", "moe/l2/max_vio", "moe/l2/load_entropy"}
+    assert "in layer 1" in caplog.text or "in layer 2" in caplog.text
+    trainer.data = types.SimpleNamespace(val=torch.randint(0, 40, (4, 16)))
+    val = trainer.evaluate()
+    assert val["expert_load_layers"] == [1, 2] and len(val["expert_load"]) == 2
+    assert layer_labels(val["expert_load_layers"], num_layers=2) == ["layer 1", "MTP 1"]
 
 
 def test_alarm_stop_logs_and_checkpoints_the_step_that_fired(tmp_path, corpus_cache):

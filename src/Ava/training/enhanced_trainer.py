@@ -337,7 +337,7 @@ class EnhancedModularTrainer(DataFeed):
                                    "skipped": 0.0 if verdict.ok else 1.0, **coefs, **extra}
         if loads:
             metrics.update(moe_diagnostics(loads, router_acc))
-            self.moe_alarm.on_step(self.step, loads)
+            self.moe_alarm.on_step(self.step, loads, router_acc.get("layers"))
         return metrics
 
     @torch.no_grad()
@@ -364,7 +364,7 @@ class EnhancedModularTrainer(DataFeed):
         loss = loss_sum / count
         result = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
         if loads:
-            result.update(expert_load_shares(loads))
+            result.update(expert_load_shares(loads, router_acc.get("layers")))
             result.update({k: float(v) for k, v in moe_diagnostics(loads, router_acc).items()})
         return result
 

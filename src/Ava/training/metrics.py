@@ -165,7 +165,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2.0 * size**3 * n / (time.perf_counter() - start)
 
 
-def expert_load_shares(tokens_per_expert: list[torch.Tensor]) -> dict[str, Any]:
+def expert_load_shares(tokens_per_expert: list[torch.Tensor], layers: list[int] | None = None) -> dict[str, Any]:
     """Per-layer share of routed assignments per expert, for the expert-load heatmap.
 
     (MaxVio and the other scalars come from :func:`moe_diagnostics`.)
@@ -173,14 +173,18 @@ def expert_load_shares(tokens_per_expert: list[torch.Tensor]) -> dict[str, Any]:
     Args:
         tokens_per_expert: one ``(E,)`` tensor of routed token counts per MoE layer.
 
+        layers: the decoder layer index of each (:func:`moe_layer_ids`); None = 0..L−1.
+
     Returns:
-        ``{"expert_load": [[share per expert] per layer]}``, or {} without MoE layers.
+        ``{"expert_load": [[share per expert] per layer], "expert_load_layers": [layer index]}``,
+        or {} without MoE layers.
     """
     if not tokens_per_expert:
         return {}
     loads = torch.stack([t.float() for t in tokens_per_expert])  # (L, E)
     share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1.0)
-    return {"expert_load": [[round(v, 4) for v in row] for row in share.tolist()]}
+    return {"expert_load": [[round(v, 4) for v in row] for row in share.tolist()],
+            "expert_load_layers": layers if layers is not None else list(range(len(tokens_per_expert)))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +247,9 @@ def accumulate_router_stats(acc: dict[str, torch.Tensor], router_stats: list[Any
 
     Returns:
         ``{"dropped": (L,) long, "router_entropy": (L,), "router_logit_norm": (L,), "batches": ()}``
-        sums on the device; :func:`moe_diagnostics` averages entropy and norm over ``batches``.
+        sums on the device (:func:`moe_diagnostics` averages entropy and norm over ``batches``),
+        and ``"layers"``: the decoder layer index of each entry (MTP block j: ``num_layers + j −
+        1``), which names the per-layer metrics.
     """
     if not router_stats:
         return acc
@@ -253,7 +259,8 @@ def accumulate_router_stats(acc: dict[str, torch.Tensor], router_stats: list[Any
         "router_logit_norm": torch.stack([s.logit_norm for s in router_stats]),
         "batches": torch.ones(()),
     }
-    return {k: acc[k] + v if k in acc else v for k, v in new.items()}
+    summed = {k: acc[k] + v if k in acc else v for k, v in new.items()}
+    return {**summed, "layers": [int(s.layer) for s in router_stats]}
 
 
 def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
@@ -268,8 +275,9 @@ def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
         ``max_vio`` (mean over layers), ``max_vio_worst`` (worst layer), ``load_entropy`` (mean
         normalised), ``dead_experts`` (summed over layers, this step), ``token_drop_rate``, and
         when ``router_acc`` is given ``router_entropy`` and ``router_logit_norm`` (means over
-        layers); plus per layer ``moe/l{k}/max_vio`` and ``moe/l{k}/load_entropy`` (k = the
-        k-th MoE layer). 0-dim tensors, read (synced) by the caller when it logs.
+        layers); plus per layer ``moe/l{i}/max_vio`` and ``moe/l{i}/load_entropy``, i = the
+        decoder layer index from ``router_acc["layers"]`` (the k-th entry's k without it). 0-dim
+        tensors, read (synced) by the caller when it logs.
     """
     if not tokens_per_expert:
         return {}
@@ -286,10 +294,17 @@ def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
         batches = float(router_acc["batches"])
         out["router_entropy"] = router_acc["router_entropy"].mean() / batches
         out["router_logit_norm"] = router_acc["router_logit_norm"].mean() / batches
-    for k in range(counts_LE.shape[0]):
-        out[f"moe/l{k}/max_vio"] = vio_L[k]
-        out[f"moe/l{k}/load_entropy"] = ent_L[k]
+    layers = moe_layer_ids(router_acc, counts_LE.shape[0])
+    for k, layer in enumerate(layers):
+        out[f"moe/l{layer}/max_vio"] = vio_L[k]
+        out[f"moe/l{layer}/load_entropy"] = ent_L[k]
     return out
+
+
+def moe_layer_ids(router_acc: dict[str, Any] | None, count: int) -> list[int]:
+    """The decoder layer index of each of ``count`` MoE layers (``router_acc["layers"]``, or 0..count−1)."""
+    layers = (router_acc or {}).get("layers")
+    return list(layers) if layers is not None and len(layers) == count else list(range(count))
 
 
 class MoECollapseAlarm:
@@ -319,12 +334,13 @@ class MoECollapseAlarm:
     def active(self) -> bool:
         return bool(self.cfg.enabled and (self.cfg.max_vio is not None or self.cfg.dead_experts is not None))
 
-    def on_step(self, step: int, tokens_per_expert: list[torch.Tensor]) -> str | None:
+    def on_step(self, step: int, tokens_per_expert: list[torch.Tensor], layers: list[int] | None = None) -> str | None:
         """Check one optimizer step.
 
         Args:
             step: the optimizer step just taken (1-based).
             tokens_per_expert: one (E,) routed count per MoE layer over that step.
+            layers: their decoder layer indices (the message names the layer by it); None = 0..L−1.
 
         Returns:
             The alarm message when it fired, else None. With ``action: stop`` it is also kept
@@ -340,7 +356,8 @@ class MoECollapseAlarm:
             if vio_L[worst] > self.cfg.max_vio:
                 self._violations += 1
                 if self._violations >= self.cfg.patience:
-                    problems.append(f"MaxVio {vio_L[worst]:.2f} > {self.cfg.max_vio} in MoE layer {worst} "
+                    layer = (layers if layers is not None else range(len(vio_L)))[worst]
+                    problems.append(f"MaxVio {vio_L[worst]:.2f} > {self.cfg.max_vio} in layer {layer} "
                                     f"for {self._violations} step(s)")
             else:
                 self._violations = 0

@@ -31,6 +31,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def layer_labels(layers: list[int], num_layers: int | None) -> list[str]:
+    """Axis labels of MoE layers by decoder index: ``layer i``, or ``MTP j`` for the MTP block at
+    index ``num_layers + j − 1`` (the numbering of ``moe/l{i}`` in metrics.jsonl and of ``ava eval``)."""
+    return [f"MTP {i - num_layers + 1}" if num_layers is not None and i >= num_layers else f"layer {i}"
+            for i in layers]
+
+
+def _num_decoder_layers(run_dir: Path) -> int | None:
+    """``model.num_layers`` from the run's config.yaml, or None when it cannot be read."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["model"]["num_layers"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Render the plots and ``report.md`` into ``run_dir/report/``; returns that folder."""
     import matplotlib
@@ -88,7 +105,8 @@ def write_report(run_dir: str | Path) -> Path:
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45)
         ax.set_yticks(range(0, grid.shape[0], num_experts),
-                      [f"layer {i}" for i in range(num_layers)])
+                      layer_labels(val[-1].get("expert_load_layers") or list(range(num_layers)),
+                                   _num_decoder_layers(run_dir)))
         ax.set_xlabel("step (evaluation)")
         ax.set_title(f"Share of routed tokens per expert ({num_experts} experts per layer; uniform = {1 / num_experts:.3f})")
         fig.colorbar(image, ax=ax)

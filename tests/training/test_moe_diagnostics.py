@@ -176,3 +176,17 @@ def test_alarm_stop_logs_and_checkpoints_the_step_that_fired(tmp_path, corpus_ca
                           "training.moe_alarm.patience=3", "training.moe_alarm.action=warn",
                           "training.log_every=100", "evaluation.sample_max_new_tokens=0")
     assert check_resume_config(root, relaxed) == ["training.moe_alarm.action: 'stop' -> 'warn'"]
+
+
+def test_unrouted_rate_counts_tokens_no_expert_computed():
+    """Expert-choice leaves some tokens without any expert: unrouted_rate reports them (token_drop_rate,
+    which counts dropped slots, stays 0); dropless top-k routes every token."""
+    choice = _trainer(moe={"router": "expert_choice", "capacity_factor": 0.5})  # 32 slots for 32 tokens
+    metrics = choice.train_step(_batches(1))
+    model = choice.model
+    with torch.no_grad():
+        out = model(_batches(1)[0])
+    stats = out.router_stats[0]
+    assert stats.num_tokens == 32 and 0 < int(stats.unrouted_tokens) < 32
+    assert 0.0 < float(metrics["unrouted_rate"]) < 1.0 and float(metrics["token_drop_rate"]) == 0.0
+    assert float(_trainer().train_step(_batches(1))["unrouted_rate"]) == 0.0

@@ -257,6 +257,9 @@ class EnhancedMoEModel(nn.Module):
                         (), dtype=torch.long, device=counts.device),
                     router_entropy=-(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean(),
                     logit_norm=r.logits_TE.norm(dim=-1).mean(),
+                    unrouted_tokens=(~r.mask_TK.any(dim=-1)).sum() if r.mask_TK is not None else torch.zeros(
+                        (), dtype=torch.long, device=counts.device),
+                    num_tokens=r.logits_TE.shape[0],
                 ))
         aux_losses: dict[str, torch.Tensor] = {}
         balance = moe.router != "expert_choice"  # expert-choice is balanced by construction

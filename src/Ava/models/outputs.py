@@ -24,6 +24,10 @@ class RouterStats:
         router_entropy: fp32 scalar, mean over tokens of the entropy of the router probabilities
             (ln E = undecided, 0 = one-hot).
         logit_norm: fp32 scalar, mean over tokens of the L2 norm of the router logits.
+        unrouted_tokens: long scalar, tokens none of whose slots is computed (every choice
+            dropped by capacity, or no expert picked them under expert-choice): they pass the
+            layer on the residual alone.
+        num_tokens: tokens routed in this layer (the denominator of the unrouted rate).
     """
 
     layer: int
@@ -33,6 +37,8 @@ class RouterStats:
     dropped_tokens: torch.Tensor | None = None
     router_entropy: torch.Tensor | None = None
     logit_norm: torch.Tensor | None = None
+    unrouted_tokens: torch.Tensor | None = None
+    num_tokens: int | None = None
 
 
 @dataclass

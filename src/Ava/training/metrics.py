@@ -246,8 +246,9 @@ def accumulate_router_stats(acc: dict[str, torch.Tensor], router_stats: list[Any
         router_stats: ``MoEModelOutput.router_stats`` of one batch (one entry per MoE layer).
 
     Returns:
-        ``{"dropped": (L,) long, "router_entropy": (L,), "router_logit_norm": (L,), "batches": ()}``
-        sums on the device (:func:`moe_diagnostics` averages entropy and norm over ``batches``),
+        ``{"dropped": (L,) long, "router_entropy": (L,), "router_logit_norm": (L,), "batches": (),
+        "unrouted": (L,) long, "tokens": (L,)}`` sums on the device (:func:`moe_diagnostics`
+        averages entropy and norm over ``batches``),
         and ``"layers"``: the decoder layer index of each entry (MTP block j: ``num_layers + j −
         1``), which names the per-layer metrics.
     """
@@ -259,6 +260,9 @@ def accumulate_router_stats(acc: dict[str, torch.Tensor], router_stats: list[Any
         "router_logit_norm": torch.stack([s.logit_norm for s in router_stats]),
         "batches": torch.ones(()),
     }
+    if all(s.unrouted_tokens is not None and s.num_tokens for s in router_stats):
+        new["unrouted"] = torch.stack([s.unrouted_tokens for s in router_stats])
+        new["tokens"] = torch.tensor([s.num_tokens for s in router_stats])
     summed = {k: acc[k] + v if k in acc else v for k, v in new.items()}
     return {**summed, "layers": [int(s.layer) for s in router_stats]}
 
@@ -275,7 +279,7 @@ def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
         ``max_vio`` (mean over layers), ``max_vio_worst`` (worst layer), ``load_entropy`` (mean
         normalised), ``dead_experts`` (summed over layers, this step), ``token_drop_rate``, and
         when ``router_acc`` is given ``router_entropy`` and ``router_logit_norm`` (means over
-        layers); plus per layer ``moe/l{i}/max_vio`` and ``moe/l{i}/load_entropy``, i = the
+        layers) and ``unrouted_rate`` (tokens that no expert computed, over tokens × layers); plus per layer ``moe/l{i}/max_vio`` and ``moe/l{i}/load_entropy``, i = the
         decoder layer index from ``router_acc["layers"]`` (the k-th entry's k without it). 0-dim
         tensors, read (synced) by the caller when it logs.
     """
@@ -294,6 +298,8 @@ def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
         batches = float(router_acc["batches"])
         out["router_entropy"] = router_acc["router_entropy"].mean() / batches
         out["router_logit_norm"] = router_acc["router_logit_norm"].mean() / batches
+        if "unrouted" in router_acc:
+            out["unrouted_rate"] = router_acc["unrouted"].sum().float() / router_acc["tokens"].sum().clamp_min(1)
     layers = moe_layer_ids(router_acc, counts_LE.shape[0])
     for k, layer in enumerate(layers):
         out[f"moe/l{layer}/max_vio"] = vio_L[k]

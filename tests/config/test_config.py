@@ -65,6 +65,7 @@ def test_typo_suggests_nearest_key(override, expected):
         load_config(REPO / "configs" / "tiny.yaml", [override])
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+    assert str(err.value).endswith("(from the command-line override)")  # not a typo in tiny.yaml
 
 
 def test_bad_values_name_the_key_and_all_problems_at_once(tmp_path):
@@ -72,6 +73,7 @@ def test_bad_values_name_the_key_and_all_problems_at_once(tmp_path):
     with pytest.raises(AvaConfigError) as err:
         load_config(path)
     message = str(err.value)
+    assert "command-line" not in message
     assert "model.hidden_size" in message and "greater than or equal to 8" in message
     assert "model.moe.backend" in message and "'grouped' or 'auto'" in message
 

@@ -53,17 +53,29 @@ def load_config(
         )
     for override in overrides or []:
         apply_override(data, override)
-    config = validate_config(data, str(path))
+    overridden = {o.partition("=")[0].strip() for o in overrides or []}
+    config = validate_config(data, str(path), overridden)
     raise_on_errors(check_compatibility(config, environment=check_environment), str(path), log_warnings=False)
     return config
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>") -> EnhancedTrainingConfig:
-    """Validate a plain dict into a config, converting every error into one readable line."""
+def validate_config(data: dict[str, Any], source: str = "<config>",
+                    overridden: set[str] | frozenset[str] = frozenset()) -> EnhancedTrainingConfig:
+    """Validate a plain dict into a config, converting every error into one readable line.
+
+    ``overridden``: dotted keys set by command-line overrides; a problem at such a key says it
+    came from the command line, not from ``source``.
+    """
     try:
         return EnhancedTrainingConfig.model_validate(data)
     except ValidationError as err:
-        problems = [_describe(error) for error in err.errors()]
+        problems = []
+        for error in err.errors():
+            key = ".".join(str(p) for p in error.get("loc", ()))
+            from_cli = any(key == o or key.startswith(o + ".")  # an unknown section the override created:
+                           or (error["type"] == "extra_forbidden" and o.startswith(key + "."))
+                           for o in overridden)
+            problems.append(_describe(error) + (" (from the command-line override)" if from_cli else ""))
         raise AvaConfigError(f"{source}: " + "; ".join(problems)) from None
     except AvaConfigError as err:
         raise AvaConfigError(f"{source}: {err}") from None

@@ -183,6 +183,13 @@ def test_auto_picks_batched_only_for_many_balanced_experts_in_bf16_on_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert resolve_backend("auto", x32, balanced) == "batched"  # autocast's dtype counts
     assert resolve_backend("grouped", x16, balanced) == "grouped"  # an explicit choice stays
+    # the trainer's log line says the same
+    from Ava.layers.experts import describe_auto
+
+    assert describe_auto("cpu", torch.float32, 64) == "grouped"
+    assert describe_auto("cpu", torch.bfloat16, 8) == "grouped"
+    assert describe_auto("cpu", torch.bfloat16, 64).startswith("batched while")
+    assert describe_auto("cuda", torch.bfloat16, 64) == "grouped"
 
 
 @pytest.mark.parametrize("backend", ["grouped", "batched"])

@@ -406,6 +406,15 @@ def resolve_backend(name: str, x_TD: torch.Tensor | None = None, routing: Router
     return "grouped"
 
 
+def describe_auto(device_type: str, compute_dtype: torch.dtype, num_experts: int) -> str:
+    """What :func:`resolve_backend` makes of ``auto`` for this device, dtype and expert count (for logs)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "batched"
+    if device_type == "cpu" and compute_dtype == torch.bfloat16 and num_experts >= BATCHED_MIN_EXPERTS:
+        return f"batched while the busiest expert has ≤ {BATCHED_MAX_SKEW:g}× the mean load, else grouped"
+    return "grouped"
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as two 3-D parameters (HF 5.23 layout).
 

@@ -28,6 +28,7 @@ from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibilit
 from ..config.feature_compatibility import raise_on_errors
 from ..data import PreparedData, prepare_data
 from ..errors import AvaConfigError, AvaError, AvaTrainingError
+from ..layers.experts import describe_auto
 from ..optimization import build_optimizer
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
@@ -568,10 +569,14 @@ class EnhancedModularTrainer(DataFeed):
     def _log_plan(self, total_steps: int) -> None:
         cfg = self.config
         model = self.model
+        backend = cfg.model.moe.backend
+        if backend == "auto":
+            dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else next(model.parameters()).dtype
+            backend = f"auto ({describe_auto(self.device.type, dtype, cfg.model.num_experts)})"
         logger.info(
             "model: %s parameters (%s active per token), %d layers, %d experts top-%d, backend %s",
             f"{model.num_parameters():,}", f"{model.num_parameters(active_only=True):,}",
-            cfg.model.num_layers, cfg.model.num_experts, cfg.model.moe.top_k, cfg.model.moe.backend,
+            cfg.model.num_layers, cfg.model.num_experts, cfg.model.moe.top_k, backend,
         )
         per_step = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
         logger.info(

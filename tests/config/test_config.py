@@ -68,6 +68,13 @@ def test_typo_suggests_nearest_key(override, expected):
     assert str(err.value).endswith("(from the command-line override)")  # not a typo in tiny.yaml
 
 
+def test_a_bad_value_from_the_command_line_says_so():
+    with pytest.raises(AvaConfigError) as err:
+        load_config(REPO / "configs" / "tiny.yaml", ["training.learning_rate=-1"])
+    assert "training.learning_rate" in str(err.value)
+    assert str(err.value).endswith("(from the command-line override)")
+
+
 def test_bad_values_name_the_key_and_all_problems_at_once(tmp_path):
     path = write(tmp_path, {"model": {"hidden_size": 4, "moe": {"backend": "fast"}}})
     with pytest.raises(AvaConfigError) as err:

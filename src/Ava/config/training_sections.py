@@ -25,7 +25,10 @@ class MoEAlarmConfig(AvaSection):
         description="Fire when at least this many experts (summed over layers) received no token over the "
         "last `window` steps; null = not checked.",
     )
-    window: int = Field(50, ge=1, description="Steps over which an expert must stay unused to count as dead.")
+    window: int = Field(
+        50, ge=1, description="Steps over which an expert must stay unused to count as dead; with action: warn "
+        "also the least number of steps between two warnings.",
+    )
     patience: int = Field(
         1, ge=1, description="Consecutive steps a MaxVio violation must persist before the alarm fires."
     )

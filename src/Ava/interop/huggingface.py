@@ -208,16 +208,17 @@ def hf_config(model: EnhancedMoEModel, arch: str, tokenizer: AvaTokenizer | None
 
 
 TRAINING_ONLY = {
-    "mlp.gate.noise_weight": "the noisy-top-k noise projection (clean routing at inference)",
-    "mlp.gate.expert_bias": "the aux-free expert bias (exported only when zero)",
     "mtp.": "the multi-token prediction heads (HF has none; speculative decoding with them stays in Ava)",
     "loss_weighting.": "the uncertainty-weighting loss weights",
+    "mlp.gate.noise_weight": "the noisy-top-k noise projection (clean routing at inference)",
+    "mlp.gate.expert_bias": "the aux-free expert bias, all zero (a non-zero one refuses the export)",
 }
-"""Name pattern (suffix, or prefix when it ends in ``.``) → what the export drops and why."""
+"""Name pattern (prefix when it ends in ``.``, else suffix) → what the export drops and why; the
+first match names a tensor (an MTP block's router tensors count as MTP heads)."""
 
 
 def _training_only(name: str) -> str | None:
-    """The :data:`TRAINING_ONLY` pattern ``name`` matches, if any."""
+    """The first :data:`TRAINING_ONLY` pattern ``name`` matches, if any."""
     for pattern in TRAINING_ONLY:
         if (name.startswith(pattern) if pattern.endswith(".") else name.endswith(pattern)):
             return pattern

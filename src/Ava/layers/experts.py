@@ -397,20 +397,24 @@ def resolve_backend(name: str, x_TD: torch.Tensor | None = None, routing: Router
         return name
     if not hasattr(torch, "_grouped_mm"):
         return "batched"
-    if x_TD is not None and routing is not None and x_TD.device.type == "cpu" \
-            and _compute_dtype(x_TD) == torch.bfloat16:
+    if x_TD is not None and routing is not None:
         load_E = routing.tokens_per_expert_E
-        if load_E.numel() >= BATCHED_MIN_EXPERTS \
+        if _batched_when_balanced(x_TD.device.type, _compute_dtype(x_TD), load_E.numel()) \
                 and float(load_E.max()) <= BATCHED_MAX_SKEW * float(load_E.float().mean()):
             return "batched"
     return "grouped"
+
+
+def _batched_when_balanced(device_type: str, compute_dtype: torch.dtype, num_experts: int) -> bool:
+    """Whether ``auto`` runs ``batched`` at balanced load here (CPU, bf16, many experts)."""
+    return device_type == "cpu" and compute_dtype == torch.bfloat16 and num_experts >= BATCHED_MIN_EXPERTS
 
 
 def describe_auto(device_type: str, compute_dtype: torch.dtype, num_experts: int) -> str:
     """What :func:`resolve_backend` makes of ``auto`` for this device, dtype and expert count (for logs)."""
     if not hasattr(torch, "_grouped_mm"):
         return "batched"
-    if device_type == "cpu" and compute_dtype == torch.bfloat16 and num_experts >= BATCHED_MIN_EXPERTS:
+    if _batched_when_balanced(device_type, compute_dtype, num_experts):
         return f"batched while the busiest expert has ≤ {BATCHED_MAX_SKEW:g}× the mean load, else grouped"
     return "grouped"
 

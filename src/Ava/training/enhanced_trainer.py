@@ -211,7 +211,8 @@ class EnhancedModularTrainer(DataFeed):
                 if cfg.logging.memory_every and self.step % cfg.logging.memory_every == 0:
                     writer.write(self.step, "memory", memory_snapshot(self.device))
                 evaluated = False
-                if data.val is not None and (self.step % cfg.training.eval_every == 0 or self.step == total_steps):
+                if data.val is not None and (self.step % cfg.training.eval_every == 0 or self.step == total_steps
+                                             or alarm_stop):
                     val = self.evaluate()
                     evaluated = True
                     self.last_val = val["loss"]
@@ -221,13 +222,14 @@ class EnhancedModularTrainer(DataFeed):
                     stopped_early = self.early_stopping.update(val["loss"])
                     self._adapt_lr(val["loss"])
                 save_every = cfg.training.save_every
-                if stopped_early or (save_every and self.step % save_every == 0 and self.step < total_steps):
+                if stopped_early or (save_every and self.step % save_every == 0 and self.step < total_steps
+                                     and not alarm_stop):  # an alarm stop saves once, below
                     self.save_checkpoint(val_loss=self.last_val if evaluated else None)
                 if stopped_early:
                     logger.info("early stopping at step %d: no val-loss improvement in %d evaluations",
                                 self.step, self.early_stopping.bad_evals)
                     break
-                if alarm_stop:  # the step is logged; the final checkpoint and summary follow below
+                if alarm_stop:  # the step is logged and evaluated; the final checkpoint and summary follow
                     break
                 if self._stop_signal is not None:
                     self._stop_after_signal(bar)

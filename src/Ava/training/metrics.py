@@ -320,9 +320,9 @@ class MoECollapseAlarm:
     ``patience`` consecutive steps, and at least ``dead_experts`` experts (over all layers) that
     received no token in the last ``window`` steps (checked once the window is full). Steps
     before ``start_step`` are ignored. ``action: stop`` sets :attr:`stop_reason`; the trainer then
-    logs the step, saves a checkpoint and the run summary, and ends the run with an
-    :class:`~Ava.errors.AvaTrainingError` carrying it. While the condition holds, a warning is
-    logged when the alarm first fires and then at most once every ``window`` steps.
+    logs and evaluates the step, saves a checkpoint and the run summary, and ends the run with an
+    :class:`~Ava.errors.AvaTrainingError` carrying it. ``action: warn`` logs at most one warning
+    every ``window`` steps, saying how many firings it left out since the last one.
 
     Args:
         cfg: a :class:`~Ava.config.MoEAlarmConfig`.
@@ -332,8 +332,8 @@ class MoECollapseAlarm:
         self.cfg = cfg
         self._window: list[torch.Tensor] = []  # (L, E) counts of the last `window` steps
         self._violations = 0
-        self._last_logged: int | None = None  # step of the last warning of the current episode
-        self.fired: list[str] = []
+        self._last_logged: int | None = None  # step of the last warning
+        self._unlogged = 0  # firings since then that were not logged
         self.stop_reason: str | None = None
 
     @property
@@ -376,18 +376,19 @@ class MoECollapseAlarm:
                     problems.append(f"{dead} {noun} got no token in the last {self.cfg.window} steps "
                                     f"(threshold {self.cfg.dead_experts})")
         if not problems:
-            self._last_logged = None  # the episode is over; the next one warns at once
             return None
         message = f"MoE collapse alarm at step {step}: " + "; ".join(problems)
-        self.fired.append(message)
         if self.cfg.action == "stop":
             self.stop_reason = (message + " — stopping (training.moe_alarm.action: stop); raise the thresholds, "
                                 "enable balancing (model.moe.aux_loss_coef / aux_free_bias) or set action: warn")
             logger.warning("%s", message)
         elif self._last_logged is None or step - self._last_logged >= self.cfg.window:
-            again = "" if self._last_logged is None else f" (still firing; next reminder in {self.cfg.window} steps)"
-            logger.warning("%s%s", message, again)
-            self._last_logged = step
+            left_out = (f" (and {self._unlogged} more firing(s) since step {self._last_logged}; at most one "
+                        f"warning per {self.cfg.window} steps)" if self._unlogged else "")
+            logger.warning("%s%s", message, left_out)
+            self._last_logged, self._unlogged = step, 0
+        else:
+            self._unlogged += 1
         return message
 
     def state_dict(self) -> dict[str, Any]:

@@ -172,8 +172,7 @@ def expert_load_shares(tokens_per_expert: list[torch.Tensor], layers: list[int] 
 
     Args:
         tokens_per_expert: one ``(E,)`` tensor of routed token counts per MoE layer.
-
-        layers: the decoder layer index of each (:func:`moe_layer_ids`); None = 0..L−1.
+        layers: the decoder layer index of each; None = 0..L−1 (:func:`moe_layer_ids`).
 
     Returns:
         ``{"expert_load": [[share per expert] per layer], "expert_load_layers": [layer index]}``,
@@ -184,7 +183,7 @@ def expert_load_shares(tokens_per_expert: list[torch.Tensor], layers: list[int] 
     loads = torch.stack([t.float() for t in tokens_per_expert])  # (L, E)
     share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1.0)
     return {"expert_load": [[round(v, 4) for v in row] for row in share.tolist()],
-            "expert_load_layers": layers if layers is not None else list(range(len(tokens_per_expert)))}
+            "expert_load_layers": moe_layer_ids(layers, len(tokens_per_expert))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,9 +278,10 @@ def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
         ``max_vio`` (mean over layers), ``max_vio_worst`` (worst layer), ``load_entropy`` (mean
         normalised), ``dead_experts`` (summed over layers, this step), ``token_drop_rate``, and
         when ``router_acc`` is given ``router_entropy`` and ``router_logit_norm`` (means over
-        layers) and ``unrouted_rate`` (tokens that no expert computed, over tokens × layers); plus per layer ``moe/l{i}/max_vio`` and ``moe/l{i}/load_entropy``, i = the
-        decoder layer index from ``router_acc["layers"]`` (the k-th entry's k without it). 0-dim
-        tensors, read (synced) by the caller when it logs.
+        layers) and ``unrouted_rate`` (tokens that no expert computed, over tokens × layers);
+        plus per layer ``moe/l{i}/max_vio`` and ``moe/l{i}/load_entropy``, i = the decoder layer
+        index from ``router_acc["layers"]`` (:func:`moe_layer_ids`). 0-dim tensors, read (synced)
+        by the caller when it logs.
     """
     if not tokens_per_expert:
         return {}
@@ -300,16 +300,15 @@ def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
         out["router_logit_norm"] = router_acc["router_logit_norm"].mean() / batches
         if "unrouted" in router_acc:
             out["unrouted_rate"] = router_acc["unrouted"].sum().float() / router_acc["tokens"].sum().clamp_min(1)
-    layers = moe_layer_ids(router_acc, counts_LE.shape[0])
-    for k, layer in enumerate(layers):
+    for k, layer in enumerate(moe_layer_ids((router_acc or {}).get("layers"), counts_LE.shape[0])):
         out[f"moe/l{layer}/max_vio"] = vio_L[k]
         out[f"moe/l{layer}/load_entropy"] = ent_L[k]
     return out
 
 
-def moe_layer_ids(router_acc: dict[str, Any] | None, count: int) -> list[int]:
-    """The decoder layer index of each of ``count`` MoE layers (``router_acc["layers"]``, or 0..count−1)."""
-    layers = (router_acc or {}).get("layers")
+def moe_layer_ids(layers: list[int] | None, count: int) -> list[int]:
+    """The decoder layer index of each of ``count`` MoE layers: ``layers`` (from
+    :func:`accumulate_router_stats`), or 0..count−1 when not known."""
     return list(layers) if layers is not None and len(layers) == count else list(range(count))
 
 
@@ -362,7 +361,7 @@ class MoECollapseAlarm:
             if vio_L[worst] > self.cfg.max_vio:
                 self._violations += 1
                 if self._violations >= self.cfg.patience:
-                    layer = (layers if layers is not None else range(len(vio_L)))[worst]
+                    layer = moe_layer_ids(layers, len(vio_L))[worst]
                     problems.append(f"MaxVio {vio_L[worst]:.2f} > {self.cfg.max_vio} in layer {layer} "
                                     f"for {self._violations} step(s)")
             else:

@@ -248,17 +248,16 @@ class EnhancedMoEModel(nn.Module):
         with torch.no_grad():
             for (i, r), counts, aux, z in zip(routings, routed, aux_per_layer, z_per_layer):
                 p_TE = r.probs_TE
+                none = torch.zeros((), dtype=torch.long, device=counts.device)  # no slot off / dropped
                 stats.append(RouterStats(
                     layer=i,
                     tokens_per_expert=counts.detach(),
                     aux_loss=aux.detach(),
                     z_loss=z.detach(),
-                    dropped_tokens=r.dropped_E.sum() if r.dropped_E is not None else torch.zeros(
-                        (), dtype=torch.long, device=counts.device),
+                    dropped_tokens=r.dropped_E.sum() if r.dropped_E is not None else none,
                     router_entropy=-(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean(),
                     logit_norm=r.logits_TE.norm(dim=-1).mean(),
-                    unrouted_tokens=(~r.mask_TK.any(dim=-1)).sum() if r.mask_TK is not None else torch.zeros(
-                        (), dtype=torch.long, device=counts.device),
+                    unrouted_tokens=(~r.mask_TK.any(dim=-1)).sum() if r.mask_TK is not None else none,
                     num_tokens=r.logits_TE.shape[0],
                 ))
         aux_losses: dict[str, torch.Tensor] = {}

@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ava train configs/demo.yaml
 
+# Code rules first (seconds): ruff, then the import contracts of pyproject.toml (DESIGN.md,
+# "Who may import whom"); a violation of either fails before the tests run.
 test: $(STAMP)
+	$(VENV)/bin/ruff check --no-cache src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

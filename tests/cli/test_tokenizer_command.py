@@ -11,7 +11,7 @@ import yaml
 
 from Ava.cli.main import main
 from Ava.config import DataConfig
-from Ava.data.pipeline import build_tokenizer
+from Ava.data.datasets import build_tokenizer
 from Ava.data.tokenizer import AvaTokenizer
 
 WORDS = "the king queen loves stars night moon sword crown castle river brave fool speaks".split()

@@ -218,52 +218,46 @@ def _fused_adamw_step(model, ids):
     model.eval()
 
 
-def test_fused_qkv_only_inside_the_decoding_scope_and_never_stale():
-    """model.decoding() fuses q/k/v without autograd; leaving it drops the copy, so weights
-    changed afterwards (even by a fused optimizer, which does not bump _version) are used."""
+def test_decoding_fuses_qkv_from_entry_to_exit():
+    """Entering model.decoding() copies q/k/v into one weight (before any forward), the fused
+    path then gives the plain path's logits bit for bit (fp32), and leaving drops the copy."""
     model = _decode_model()
     for layer in model.layers:  # distinct q and k gains, so mixing them up would show
         torch.nn.init.normal_(layer.self_attn.q_norm.weight)
         torch.nn.init.normal_(layer.self_attn.k_norm.weight)
     ids = torch.randint(0, 50, (2, 9))
+    assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
     with torch.no_grad():
         plain = model(ids).logits
         with model.decoding():
+            attn = model.layers[0].self_attn
+            assert torch.equal(attn._qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                                            attn.v_proj.weight]))
             fused = model(ids).logits
-            assert all(layer.self_attn._qkv_weight is not None for layer in model.layers)
-        assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
+        assert all(layer.self_attn._qkv_weight is None and layer.self_attn._qk_gain is None
+                   for layer in model.layers)
     assert torch.equal(fused, plain)  # the same arithmetic, merged calls (fp32 CPU)
-    _fused_adamw_step(model, ids)
-    with torch.no_grad():
-        after = model(ids).logits
-        with model.decoding():
-            torch.testing.assert_close(model(ids).logits, after, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(after, plain)
 
 
-def test_decoding_copies_follow_weight_changes_inside_an_open_scope():
-    """A scope left open (a half-read generation stream) never serves stale weights: a fused
-    optimizer step, an in-place edit and load_state_dict are all picked up."""
+def test_weights_changed_between_decoding_scopes_are_used():
+    """Inside decoding() the weights are frozen: the copy is taken once per outermost scope (a
+    nested scope and further forwards reuse it). A training step between two scopes (a fused
+    optimizer, which does not bump _version) is picked up by the next scope."""
     model = _decode_model()
     ids = torch.randint(0, 50, (1, 7))
-    with model.decoding():
-        with torch.no_grad():
-            before = model(ids).logits
-        _fused_adamw_step(model, ids)
-        with torch.no_grad():
-            after_step = model(ids).logits
-            with model.decoding():  # nested: the outer scope keeps the copies
-                pass
-            assert model.layers[0].self_attn._fuse_for_decoding
-        with torch.no_grad():
-            model.layers[0].self_attn.k_proj.weight.mul_(2.0)
-            after_edit = model(ids).logits
-            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    with torch.no_grad(), model.decoding():
+        copy = model.layers[0].self_attn._qkv_weight
+        before = model(ids).logits
+        with model.decoding():  # nested: the outer scope keeps its copies
+            model(ids)
+        assert model.layers[0].self_attn._qkv_weight is copy
+    _fused_adamw_step(model, ids)
     with torch.no_grad():
         plain_now = model(ids).logits
-    assert not torch.allclose(before, after_step)
-    assert not torch.allclose(after_step, after_edit)
-    torch.testing.assert_close(after_edit, plain_now, rtol=1e-5, atol=1e-6)
+        with model.decoding():
+            after = model(ids).logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, plain_now, rtol=1e-5, atol=1e-6)
 
 
 def test_decoding_scope_exits_cleanly_on_an_exception():
@@ -272,8 +266,7 @@ def test_decoding_scope_exits_cleanly_on_an_exception():
         with model.decoding():
             raise RuntimeError("boom")
     assert not model._decoding
-    assert all(not layer.self_attn._fuse_for_decoding and layer.self_attn._qkv_weight is None
-               for layer in model.layers)
+    assert all(layer.self_attn._qkv_weight is None for layer in model.layers)
 
 
 def test_decoding_scope_with_full_qk_norm_and_under_bf16_autocast():
@@ -384,7 +377,7 @@ def test_fp32_flash_backward_matches_sdpa_forward_and_is_at_least_as_accurate():
 
 
 def test_fp32_flash_backward_only_where_the_rule_allows():
-    from Ava.layers.attention import FP32_BACKWARD_MAX_TK, use_fp32_flash_backward
+    from Ava.layers.attention import FP32_BACKWARD_MAX_TA, use_fp32_flash_backward
 
     q = _bf16_qkv()[0]
     assert use_fp32_flash_backward(q, masked=False, dropout_p=0.0)
@@ -393,7 +386,7 @@ def test_fp32_flash_backward_only_where_the_rule_allows():
     assert not use_fp32_flash_backward(q.detach().float().requires_grad_(), masked=False, dropout_p=0.0)
     with torch.no_grad():
         assert not use_fp32_flash_backward(q, masked=False, dropout_p=0.0)
-    long_q = torch.zeros(1, 2, FP32_BACKWARD_MAX_TK // 16 + 1, 16, dtype=torch.bfloat16, requires_grad=True)
+    long_q = torch.zeros(1, 2, FP32_BACKWARD_MAX_TA // 16 + 1, 16, dtype=torch.bfloat16, requires_grad=True)
     assert not use_fp32_flash_backward(long_q, masked=False, dropout_p=0.0)
 
 

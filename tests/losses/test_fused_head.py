@@ -62,14 +62,14 @@ def test_log_sum_exp_from_the_softmax_both_paths(dtype, host_sync):
     """The CPU path (host check) and the accelerator path (no sync) both give each row's
     log-sum-exp, also where the target's probability underflows fp32."""
     g = torch.Generator().manual_seed(0)
-    z_CV = (torch.randn(64, 211, generator=g) * torch.linspace(1, 200, 64)[:, None]).to(dtype)
-    y_C = torch.randint(0, 211, (64,), generator=g)
-    p_CV = torch.softmax(z_CV, dim=-1, dtype=torch.float32)
-    p_true_C = p_CV[torch.arange(64), y_C]
-    z_true_C = z_CV.gather(1, y_C[:, None]).squeeze(1).float()
-    assert (p_true_C < 1e-30).sum() > 10  # the fallback rows exist
-    got = fused_module._log_sum_exp(z_CV, p_CV, p_true_C, z_true_C, host_sync)
-    torch.testing.assert_close(got, torch.logsumexp(z_CV.float(), dim=-1), rtol=1e-6, atol=1e-4)
+    z_ZV = (torch.randn(64, 211, generator=g) * torch.linspace(1, 200, 64)[:, None]).to(dtype)
+    y_Z = torch.randint(0, 211, (64,), generator=g)
+    p_ZV = torch.softmax(z_ZV, dim=-1, dtype=torch.float32)
+    p_true_Z = p_ZV[torch.arange(64), y_Z]
+    z_true_Z = z_ZV.gather(1, y_Z[:, None]).squeeze(1).float()
+    assert (p_true_Z < 1e-30).sum() > 10  # the fallback rows exist
+    got = fused_module._log_sum_exp(z_ZV, p_ZV, p_true_Z, z_true_Z, host_sync)
+    torch.testing.assert_close(got, torch.logsumexp(z_ZV.float(), dim=-1), rtol=1e-6, atol=1e-4)
 
 
 def test_bf16_autocast_matches_the_autocast_logits_path():

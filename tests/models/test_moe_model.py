@@ -161,9 +161,9 @@ def test_missing_or_broken_checkpoint_raises_ava_error(tmp_path):
 def test_parameter_and_flop_accounting():
     model = _model()
     cfg = model.config
-    D, V, E, I, L, k = 32, 53, 4, 32, 2, 2
+    D, V, E, inter, L, k = 32, 53, 4, 32, 2, 2  # inter: the experts' I
     attn = D * D + 2 * D * 16 + D * D  # q, k, v (2 kv heads of 8), o
-    expert = 3 * D * I
+    expert = 3 * D * inter
     norms = 2 * D + 2 * 8  # input/post norms + q/k norms
     per_layer = attn + E * D + E * expert + norms
     total = V * D + L * per_layer + D + V * D

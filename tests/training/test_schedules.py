@@ -68,7 +68,7 @@ def test_warmup_shapes():
     rad = [_lr("constant", s, warmup="radam") for s in range(WARM)]
     assert lin == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert exp[0] == pytest.approx((1 - math.exp(-0.5)) / (1 - math.exp(-5))) and exp[-1] == pytest.approx(1.0)
-    assert all(e > l for e, l in zip(exp[:-1], lin[:-1]))  # exponential rises faster early
+    assert all(e > li for e, li in zip(exp[:-1], lin[:-1]))  # exponential rises faster early
     assert rad[-1] == pytest.approx(1.0) and rad[0] == 0.0 and all(b >= a for a, b in zip(rad, rad[1:]))
     # β2 = 0.8: ρ∞ = 9; the rectification is defined from t = 5 on
     assert radam_rectification(4, 0.8) == 0.0 and radam_rectification(5, 0.8) > 0.0

@@ -8,7 +8,8 @@ from .corpus import embedded_corpus
 from .dedup import dedup_documents
 from .mixture import MixtureDataset
 from .packing import PackedDataset, TokenStream, pack_documents, split_documents, tokenize_documents, window_sample
-from .pipeline import PreparedData, SplitDocuments, build_tokenizer, collect_documents, prepare_data
+from .datasets import PreparedData, build_tokenizer
+from .pipeline import SplitDocuments, collect_documents, prepare_data
 from .prepare import prepare_corpus
 from .profile import profile_documents, write_profile
 from .readers import load_documents, read_source

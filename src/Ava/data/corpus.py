@@ -35,7 +35,7 @@ from pathlib import Path
 import platformdirs
 
 from ..errors import AvaDataError
-from .readers import Document
+from .records import Document
 
 logger = logging.getLogger(__name__)
 

@@ -471,7 +471,8 @@ def prepare_corpus(
     Raises:
         AvaDataError: ``data.prepared`` is set, ``out_dir`` is in the way, or the data is unusable.
     """
-    from .pipeline import build_tokenizer, collect_documents
+    from .datasets import build_tokenizer
+    from .pipeline import collect_documents
 
     if data.prepared is not None:
         raise AvaDataError(

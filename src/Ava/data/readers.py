@@ -53,10 +53,9 @@ import zstandard
 
 from ..config import DataConfig, SourceConfig
 from ..errors import AvaDataError
-# The module, not the function: multi_column_data imports data.records, so importing it first runs
-# this module while it is still half-initialised.
-from .. import multi_column_data
 from .arrow_reader import check_columns, iter_arrow_rows, iter_parquet_rows
+from .columns import row_to_document
+from .corpus import embedded_corpus
 from .records import DataReport, Document, Row
 from .text_files import _DecodedLines, _File, _open_binary, _open_text, _read_whole
 
@@ -198,7 +197,7 @@ def iter_documents(source: SourceConfig, report: DataReport, name: str) -> Itera
     ``report`` and left out. Arguments as :func:`iter_rows`.
     """
     for row in iter_rows(source, report, name):
-        document = multi_column_data.row_to_document(row, source, name, report)
+        document = row_to_document(row, source, name, report)
         if document is not None:
             yield document
 
@@ -262,9 +261,6 @@ def load_documents(data: DataConfig, seed: int = 0, report: DataReport | None = 
         if own_report:
             report.log()
     else:
-        # Imported here: corpus.py imports Document from this module.
-        from .corpus import embedded_corpus
-
         documents = [
             replace(doc, source_name=CORPUS_SOURCE_NAME) for doc in embedded_corpus(cache_dir=data.cache_dir)
         ]

@@ -1,6 +1,6 @@
 """Streaming document order: validation membership, the weighted round-robin over sources (with
 closed-form per-source counts) and the per-source readers (endless training passes, the first pass).
-``data_streaming.py`` builds the chunked stream on them; its docstring states the rules.
+``streaming.py`` builds the chunked stream on them; its docstring states the rules.
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ def source_counts(weights: Sequence[float], n: int) -> list[int]:
 
     The round-robin picks keys ``(k + 1) / w_s`` in increasing order (a merge of one sorted
     sequence per source), so the first ``n`` picks hold every key ``≤ n / Σw``, i.e.
-    ``⌊n·w_s / Σw⌋`` of source ``s``, plus fewer than ``S`` picks made greedily.
+    ``⌊n·w_s / Σw⌋`` of source ``s``, plus fewer than one pick per source made greedily.
 
     Args:
         weights: mixture weight per source (> 0).
         n: documents of the stream (≥ 0).
 
     Returns:
-        ``S`` counts summing to ``n``.
+        One count per source, summing to ``n``.
     """
     w = _fractions(weights)
     total = sum(w)

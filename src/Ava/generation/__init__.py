@@ -1,8 +1,9 @@
 """Text generation from a trained model: sampling, batched prompts, streaming, beam search,
 MTP speculative decoding."""
 
-from .generator import GenerationOutput, TextGenerator
+from .generator import TextGenerator
+from .rows import GenerationOutput, GenerationRow
 from .sampling import SamplingParams
 from .speculative import SpeculativeStats
 
-__all__ = ["GenerationOutput", "SamplingParams", "SpeculativeStats", "TextGenerator"]
+__all__ = ["GenerationOutput", "GenerationRow", "SamplingParams", "SpeculativeStats", "TextGenerator"]

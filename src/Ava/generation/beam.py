@@ -1,7 +1,7 @@
 """Beam search over one prompt, with the KV cache reordered to follow the surviving beams.
 
-Legend: N live beams (≤ num_beams), V vocabulary, G key/value heads, S cached positions,
-K head dim.
+Shape suffixes: see ``Ava/__init__.py``; here B live beams (≤ num_beams: the model's batch
+rows), V vocabulary, G key/value heads, L cached positions, A head dim.
 
 Each step scores every (beam, next token) pair by the beam's summed log-probability plus the
 token's, keeps the best ``2·num_beams`` candidates, moves candidates that end (EOS, a stop
@@ -43,9 +43,9 @@ class BeamHypothesis:
     finish_reason: str
 
 
-def _reorder_cache(past: list[tuple[torch.Tensor, torch.Tensor]], beam_idx_N: torch.Tensor):
-    """Gather the cache rows of each new beam's parent: k, v (N_old, G, S, K) → (N, G, S, K)."""
-    return [(k.index_select(0, beam_idx_N), v.index_select(0, beam_idx_N)) for k, v in past]
+def _reorder_cache(past: list[tuple[torch.Tensor, torch.Tensor]], beam_idx_B: torch.Tensor):
+    """Gather the cache rows of each new beam's parent: k, v (B_old, G, L, A) → (B, G, L, A)."""
+    return [(k.index_select(0, beam_idx_B), v.index_select(0, beam_idx_B)) for k, v in past]
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def beam_search(
     max_len = model.config.max_seq_len
     prompt = list(prompt_ids)[-max_len:]
     beams: list[list[int]] = [[]]  # generated ids per live beam
-    scores_N = torch.zeros(1, device=device)  # summed log-probs of the live beams
+    scores_B = torch.zeros(1, device=device)  # summed log-probs of the live beams
     hyps: list[BeamHypothesis] = []
 
     def add_hyp(ids: list[int], logprob: float, length: int, reason: str) -> None:
@@ -99,20 +99,21 @@ def beam_search(
     past = None
     out = model(torch.tensor([prompt], device=device), use_cache=use_cache)
     for step in range(max_new_tokens):
-        logits_NV = out.logits[:, -1].float()
+        logits_BV = out.logits[:, -1].float()
         histories = [prompt + b for b in beams] if params.no_repeat_ngram_size > 0 else None
-        seen_NV = None
+        seen_BV = None
         if params.repetition_penalty != 1.0:
-            seen_NV = torch.zeros_like(logits_NV, dtype=torch.bool)
+            seen_BV = torch.zeros_like(logits_BV, dtype=torch.bool)
             for row, beam in enumerate(beams):
-                seen_NV[row, prompt + beam] = True
+                seen_BV[row, prompt + beam] = True
         greedy_params = SamplingParams(
             temperature=0, repetition_penalty=params.repetition_penalty,
             no_repeat_ngram_size=params.no_repeat_ngram_size,
         )
-        logprobs_NV = process_logits(logits_NV, greedy_params, histories, seen_NV).log_softmax(dim=-1)
-        vocab = logprobs_NV.shape[-1]
-        cand_scores, cand_flat = (scores_N[:, None] + logprobs_NV).view(-1).topk(min(2 * num_beams, logprobs_NV.numel()))
+        logprobs_BV = process_logits(logits_BV, greedy_params, histories, seen_BV).log_softmax(dim=-1)
+        vocab = logprobs_BV.shape[-1]
+        cand_scores, cand_flat = (scores_B[:, None] + logprobs_BV).view(-1).topk(
+            min(2 * num_beams, logprobs_BV.numel()))
         next_beams: list[list[int]] = []
         next_scores: list[float] = []
         parents: list[int] = []
@@ -137,7 +138,7 @@ def beam_search(
                 break
         if not next_beams:
             break
-        beams, scores_N = next_beams, torch.tensor(next_scores, device=device)
+        beams, scores_B = next_beams, torch.tensor(next_scores, device=device)
         length = step + 1
         at_context = len(prompt) + length >= max_len
         if length == max_new_tokens or at_context:
@@ -146,11 +147,11 @@ def beam_search(
             break
         if len(hyps) == num_beams and max(next_scores) / length ** length_penalty <= hyps[-1].score:
             break
-        parent_N = torch.tensor(parents, device=device)
+        parent_B = torch.tensor(parents, device=device)
         if use_cache:
-            past = _reorder_cache(out.past_key_values, parent_N)
-            step_ids_N1 = torch.tensor([[b[-1]] for b in beams], device=device)  # (N, 1)
-            out = model(step_ids_N1, past_key_values=past, use_cache=True)
+            past = _reorder_cache(out.past_key_values, parent_B)
+            step_ids_B1 = torch.tensor([[b[-1]] for b in beams], device=device)  # (B, 1)
+            out = model(step_ids_B1, past_key_values=past, use_cache=True)
         else:
             out = model(torch.tensor([prompt + b for b in beams], device=device))
     if not hyps:  # max_new_tokens == 0 or every candidate was -inf

@@ -1,6 +1,6 @@
 """Autoregressive text generation: batched, streamed, sampled or beam-searched, with a KV cache.
 
-Legend: B prompts (rows), T positions, V vocabulary.
+Shape suffixes: see ``Ava/__init__.py``; here B prompts (rows), T positions, V vocabulary.
 
 Batched prompts are left-padded to one length; the padding is masked out (``attention_mask``)
 and every row gets its own positions (``cumsum(mask) - 1``), so a row's tokens are the same
@@ -8,7 +8,8 @@ as when it is generated alone. With the KV cache each new token costs one positi
 without it the whole (windowed) prefix is recomputed, which the tests use as the reference.
 Sampling options and their order are in :mod:`.sampling`; beam search is in :mod:`.beam`;
 stop strings and incremental decoding in :mod:`.streaming`; greedy decoding drafted by the
-model's MTP heads (``speculative=True``) in :mod:`.speculative`.
+model's MTP heads (``speculative=True``) in :mod:`.speculative`; one prompt's state and result in
+:mod:`.rows`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from ..errors import AvaCheckpointError
 from ..models import EnhancedMoEModel
 from ..utils.checkpoint import TOKENIZER_FILE, resolve_checkpoint
 from .beam import BeamHypothesis, beam_search
+from .rows import GenerationOutput, GenerationRow
 from .sampling import SamplingParams, choose_tokens, process_logits, sample_next_token
 from .speculative import SpeculativeStats, check_speculative, speculative_decode
 from .streaming import TextTracker
@@ -33,65 +34,6 @@ from .streaming import TextTracker
 logger = logging.getLogger(__name__)
 
 __all__ = ["GenerationOutput", "SpeculativeStats", "TextGenerator", "sample_next_token"]
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    """One prompt's continuation.
-
-    Attributes:
-        text: the generated text (without the prompt; cut before a stop string).
-        token_ids: the generated ids (EOS not included; with a stop string, up to and including
-            the token that completed it).
-        finish_reason: ``eos``, ``stop_string``, ``length`` (max_new_tokens reached) or
-            ``context`` (the model's ``max_seq_len`` reached).
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-
-
-class _Row:
-    """Generation state of one prompt."""
-
-    def __init__(self, prompt: list[int], tracker: TextTracker | None) -> None:
-        self.prompt = prompt
-        self.new: list[int] = []
-        self.tracker = tracker
-        self.finish_reason: str | None = None
-
-    def output(self) -> GenerationOutput:
-        text = self.tracker.text if self.tracker is not None else ""
-        return GenerationOutput(text, list(self.new), self.finish_reason or "length")
-
-    def take(self, token: int, eos_id: int | None, max_new_tokens: int, fills_context: bool) -> str | None:
-        """Add one chosen token and set ``finish_reason`` when it ends the row.
-
-        Args:
-            token: the chosen id.
-            eos_id: the end-of-text id (None = never stop on one).
-            max_new_tokens: the row ends once it has this many new tokens.
-            fills_context: adding the token fills the model's context (cached decoding).
-
-        Returns:
-            The token's stable text piece ("" without a tracker), or None when it is EOS (not
-            added; the row has ended).
-        """
-        if eos_id is not None and token == eos_id:
-            self.finish_reason = "eos"
-            return None
-        self.new.append(token)
-        piece = ""
-        if self.tracker is not None:
-            piece = self.tracker.add(token)
-            if self.tracker.stopped:
-                self.finish_reason = "stop_string"
-        if self.finish_reason is None and len(self.new) >= max_new_tokens:
-            self.finish_reason = "length"
-        if self.finish_reason is None and fills_context:
-            self.finish_reason = "context"
-        return piece
 
 
 class TextGenerator:
@@ -342,7 +284,7 @@ class TextGenerator:
         Returns:
             B lists of generated ids.
         """
-        rows = [_Row(list(p), self._tracker(params)) for p in prompts_ids]
+        rows = [GenerationRow(list(p), self._tracker(params)) for p in prompts_ids]
         if any(not row.prompt for row in rows):
             raise ValueError("prompt_ids must not be empty")
         for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative):
@@ -378,7 +320,7 @@ class TextGenerator:
 
     def _decode_rows(
         self,
-        rows: list[_Row],
+        rows: list[GenerationRow],
         max_new_tokens: int,
         params: SamplingParams,
         generator: torch.Generator,
@@ -412,7 +354,9 @@ class TextGenerator:
         finally:
             self.model.train(was_training)
 
-    def _speculative_rows(self, rows: list[_Row], max_new_tokens: int, params: SamplingParams) -> Iterator[list[str]]:
+    def _speculative_rows(
+        self, rows: list[GenerationRow], max_new_tokens: int, params: SamplingParams
+    ) -> Iterator[list[str]]:
         """MTP speculative greedy decoding, one row after another (batch size 1)."""
         stats = SpeculativeStats()
         self.speculative_stats = stats
@@ -425,7 +369,7 @@ class TextGenerator:
 
     def _decode_loop(
         self,
-        rows: list[_Row],
+        rows: list[GenerationRow],
         max_new_tokens: int,
         params: SamplingParams,
         generator: torch.Generator,
@@ -552,8 +496,8 @@ class TextGenerator:
             return None
         return TextTracker(self._decode, params.stop_strings)
 
-    def _row(self, prompt: str, params: SamplingParams) -> _Row:
-        return _Row(self._encode(prompt), self._tracker(params))
+    def _row(self, prompt: str, params: SamplingParams) -> GenerationRow:
+        return GenerationRow(self._encode(prompt), self._tracker(params))
 
     def _require_tokenizer(self) -> AvaTokenizer:
         if self.tokenizer is None:

@@ -1,6 +1,6 @@
 """Logits processors and the next-token choice, batched over rows.
 
-Legend: B rows (prompts or beams), V vocabulary.
+Shape suffixes: see ``Ava/__init__.py``; here B rows (prompts or beams), V vocabulary.
 
 Order per step (the one HF ``generate`` uses): the penalties that look at the history
 (repetition penalty, no-repeat n-gram) act on the raw logits; then temperature, top-k, top-p and

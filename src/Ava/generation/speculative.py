@@ -1,14 +1,15 @@
 """Self-speculative greedy decoding with the model's own multi-token-prediction heads.
 
-Legend: B batch (always 1 here), T positions, D hidden, V vocabulary, G key/value heads,
-K head dim; t_p is the token at position p, h^j_p the depth-j hidden state at p (h^0 = the main
-stack's last hidden state before its final norm, as :mod:`Ava.models.mtp` defines them).
+Shape suffixes: see ``Ava/__init__.py``; here B batch (always 1), T positions, D hidden, V
+vocabulary, G key/value heads, L cached positions, A head dim, M the MTP depths. t_p is the token
+at position p, h^j_p the depth-j hidden state at p (h^0 = the main stack's last hidden state
+before its final norm, as :mod:`Ava.models.mtp` defines them).
 
 One step, with t_0..t_n known (prompt and accepted output) and the main model's KV cache
 holding positions 0..n-1 (t_n, its latest greedy token, is pending)::
 
     draft:  MTP depth j at position i = n-1 combines h^{j-1}_i with Emb(d_{j-1}) (d_0 = t_n)
-            and predicts d_j, a guess at t_{n+j}; j = 1..k, k ≤ D
+            and predicts d_j, a guess at t_{n+j}; j = 1..k, k ≤ M
     verify: ONE cached main forward over [t_n, d_1..d_k] at positions n..n+k gives the main
             model's greedy choice g_r after each of them
     accept: d_1..d_a while d_{r+1} == g_r, then the main model's own g_a: a + 1 new tokens
@@ -36,17 +37,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import AvaConfigError
 from ..layers import KVCache, build_attention_mask
 from ..models import EnhancedMoEModel
+from .rows import GenerationRow
 from .sampling import SamplingParams, choose_tokens, process_logits
-
-if TYPE_CHECKING:
-    from .generator import _Row
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ class SpeculativeStats:
 
     @property
     def mean_accepted(self) -> float:
-        """Accepted drafts per verification step (0..D)."""
+        """Accepted drafts per verification step (0..M)."""
         return self.accepted / self.steps if self.steps else 0.0
 
     @property
@@ -114,7 +112,7 @@ def check_speculative(model: EnhancedMoEModel, use_cache: bool, num_beams: int =
 
 def _crop(past: list[KVCache], length: int) -> list[KVCache]:
     """The cache of the first ``length`` positions (views; the next forward concatenates)."""
-    return [(k_BGSK[:, :, :length], v_BGSK[:, :, :length]) for k_BGSK, v_BGSK in past]
+    return [(k_BGLA[:, :, :length], v_BGLA[:, :, :length]) for k_BGLA, v_BGLA in past]
 
 
 def forward_with_hidden(
@@ -165,7 +163,7 @@ class MTPDrafter:
 
     @property
     def num_depths(self) -> int:
-        """D, the most drafts one step can propose."""
+        """M, the most drafts one step can propose."""
         return len(self.depths)
 
     def _check(self) -> None:
@@ -175,7 +173,7 @@ class MTPDrafter:
 
     @torch.no_grad()
     def draft(self, k: int) -> list[int]:
-        """Greedy drafts d_1..d_k of the tokens after ``tokens`` (k ≤ D; depths > k are skipped
+        """Greedy drafts d_1..d_k of the tokens after ``tokens`` (k ≤ M; depths > k are skipped
         and catch up on a later call).
 
         Args:
@@ -201,9 +199,9 @@ class MTPDrafter:
                                    f"for {T} positions")
             ids_1T = torch.tensor([ext[start + j: i + j + 1]], device=device)  # t_{p+j} (drafts past t_n)
             positions_1T = torch.arange(start, i + 1, device=device)[None]
-            cos_1T1K, sin_1T1K = model.rotary(positions_1T)
+            cos_1T1A, sin_1T1A = model.rotary(positions_1T)
             mask = build_attention_mask(None, T, start, device)
-            out_1TD, present = depth.forward_cached(h_1TD, model.embed_tokens(ids_1T), cos_1T1K, sin_1T1K, mask,
+            out_1TD, present = depth.forward_cached(h_1TD, model.embed_tokens(ids_1T), cos_1T1A, sin_1T1A, mask,
                                                     self.caches[j], ids_1T)
             logits_1V = model.lm_head(depth.norm(out_1TD[:, -1]))  # predicts t_{n+j}
             token = int(logits_1V.float().argmax(dim=-1)[0])
@@ -235,7 +233,7 @@ class MTPDrafter:
 
 def speculative_decode(
     model: EnhancedMoEModel,
-    row: "_Row",
+    row: GenerationRow,
     max_new_tokens: int,
     params: SamplingParams,
     stats: SpeculativeStats,

@@ -1,6 +1,7 @@
 """Dense SwiGLU MLP (Shazeer 2020), named like HF Llama/Qwen3.
 
-Legend: N rows (any leading shape), D hidden, I intermediate.
+Shape suffixes: see ``Ava/__init__.py``; here N rows (any leading shape, flattened), D hidden,
+I intermediate.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """RMSNorm (Zhang & Sennrich 2019), computed in fp32 whatever the input dtype.
 
-Legend: B batch, T sequence, D normalised width, N rows (every axis but the last).
+Shape suffixes: see ``Ava/__init__.py``; here D the normalised width (the last axis, whatever it
+is: hidden, or a head's A) and N the rows (every axis but the last, flattened).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ class _RMSNormFunction(torch.autograd.Function):
 
     On CPU, autograd differentiates ``F.rms_norm`` through its decomposition: about 17 passes
     over (N, D) for the two gradients. With ``x̂ = x · rstd`` and ``u = g · w`` they are
-    ``dx = rstd · (u − x̂ · mean(u · x̂))`` and ``dw = Σ_N g · x̂``: 8 passes here.
-    ``python benchmarks/norm.py`` (fwd+bwd, 2-core CPU, ms F.rms_norm / this): 2048 × 256 rows
-    2.00 / 1.53, 2048 × 512 3.99 / 2.87.
+    ``dx = rstd · (u − x̂ · mean(u · x̂))`` and ``dw = Σ_N g · x̂``: 8 passes here, 1.3–1.4×
+    faster (``docs/performance.md``, "Attention, norms, rotary and the fused head").
     """
 
     @staticmethod

@@ -1,6 +1,7 @@
 """Rotary position embeddings (RoPE, Su et al. 2021), rotate-half convention of HF Llama/Qwen3.
 
-Legend: B batch, T sequence, H heads, K head dim (even), F = K/2 frequencies, P cached positions.
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T positions, H heads (query or key/value
+heads alike), A head dim (even; A/2 rotary frequencies).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ class RotaryEmbedding(nn.Module):
     checkpoint and follows the module across ``.to(device)``.
 
     Args:
-        head_dim: K, the per-head width (even).
-        max_positions: P, the number of cached positions (the model's ``max_seq_len``).
+        head_dim: A, the per-head width (even).
+        max_positions: the number of positions in the table (the model's ``max_seq_len``).
         theta: base frequency.
     """
 
@@ -28,12 +29,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_positions = max_positions
         self.theta = theta
-        inv_freq_F = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        pos_P = torch.arange(max_positions, dtype=torch.float64)
-        angles_PF = torch.outer(pos_P, inv_freq_F)
-        angles_PK = torch.cat([angles_PF, angles_PF], dim=-1)  # rotate-half pairs i with i + K/2
-        self.register_buffer("cos_PK", angles_PK.cos().float(), persistent=False)
-        self.register_buffer("sin_PK", angles_PK.sin().float(), persistent=False)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (A/2,)
+        pos_T = torch.arange(max_positions, dtype=torch.float64)
+        angles = torch.outer(pos_T, inv_freq)  # (T, A/2)
+        angles_TA = torch.cat([angles, angles], dim=-1)  # rotate-half pairs i with i + A/2
+        self.register_buffer("cos_TA", angles_TA.cos().float(), persistent=False)
+        self.register_buffer("sin_TA", angles_TA.sin().float(), persistent=False)
 
     def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Look up the table.
@@ -42,10 +43,10 @@ class RotaryEmbedding(nn.Module):
             position_ids_BT: (B, T) long, each < ``max_positions`` (an index error otherwise).
 
         Returns:
-            ``(cos_BT1K, sin_BT1K)``, both fp32 (B, T, 1, K): the head axis is 1 so the tables
+            ``(cos_BT1A, sin_BT1A)``, both fp32 (B, T, 1, A): the head axis is 1 so the tables
             broadcast over any number of heads (made once per forward, used by every layer).
         """
-        return self.cos_PK[position_ids_BT].unsqueeze(2), self.sin_PK[position_ids_BT].unsqueeze(2)
+        return self.cos_TA[position_ids_BT].unsqueeze(2), self.sin_TA[position_ids_BT].unsqueeze(2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,20 +55,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    x_BTHK: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor
+    x_BTHA: torch.Tensor, cos_BT1A: torch.Tensor, sin_BT1A: torch.Tensor
 ) -> torch.Tensor:
     """Rotate queries or keys by their positions.
 
     Args:
-        x_BTHK: (B, T, H, K) queries or keys.
-        cos_BT1K, sin_BT1K: (B, T, 1, K) from :class:`RotaryEmbedding`.
+        x_BTHA: (B, T, H, A) queries or keys.
+        cos_BT1A, sin_BT1A: (B, T, 1, A) from :class:`RotaryEmbedding`.
 
     Returns:
-        (B, T, H, K) in the dtype of ``x_BTHK``.
+        (B, T, H, A) in the dtype of ``x_BTHA``.
     """
-    if cos_BT1K.dtype != x_BTHK.dtype:
-        cos_BT1K, sin_BT1K = cos_BT1K.to(x_BTHK.dtype), sin_BT1K.to(x_BTHK.dtype)
-    return x_BTHK * cos_BT1K + _rotate_half(x_BTHK) * sin_BT1K
+    if cos_BT1A.dtype != x_BTHA.dtype:
+        cos_BT1A, sin_BT1A = cos_BT1A.to(x_BTHA.dtype), sin_BT1A.to(x_BTHA.dtype)
+    return x_BTHA * cos_BT1A + _rotate_half(x_BTHA) * sin_BT1A
 
 
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -93,39 +94,39 @@ class _NormRotary(torch.autograd.Function):
     multiply-adds and a cast; backward is the transposed rotation (the same three ops) and the
     norm's backward (:func:`~Ava.layers.norm.rms_norm_backward`). The normalised queries are not
     rounded to the input dtype before the gain (the module path rounds them): the product is
-    taken in fp32 and rounded once, at the end. ``python benchmarks/norm.py`` (8×256×4×64
-    queries, fwd+bwd ms, module path / this): fp32 4.15 / 3.27, bf16 5.32 / 3.63.
+    taken in fp32 and rounded once, at the end. Faster in fp32 and bf16 (``docs/performance.md``,
+    "Attention, norms, rotary and the fused head").
     """
 
     @staticmethod
-    def forward(ctx, x_BTHK, weight_K, eps, cos_BT1K, sin_BT1K):  # noqa: D102
-        x32 = _wide(x_BTHK)
-        y, rstd = torch.ops.aten._fused_rms_norm(x32, [x32.shape[-1]], weight_K, eps)
-        out = _rotate_into(y * cos_BT1K, y, sin_BT1K, 1.0)
-        ctx.save_for_backward(x_BTHK, weight_K, rstd, cos_BT1K, sin_BT1K)
-        return out.to(x_BTHK.dtype)
+    def forward(ctx, x_BTHA, weight_A, eps, cos_BT1A, sin_BT1A):  # noqa: D102
+        x32 = _wide(x_BTHA)
+        y, rstd = torch.ops.aten._fused_rms_norm(x32, [x32.shape[-1]], weight_A, eps)
+        out = _rotate_into(y * cos_BT1A, y, sin_BT1A, 1.0)
+        ctx.save_for_backward(x_BTHA, weight_A, rstd, cos_BT1A, sin_BT1A)
+        return out.to(x_BTHA.dtype)
 
     @staticmethod
-    def backward(ctx, grad_BTHK):  # noqa: D102
-        x_BTHK, weight_K, rstd, cos_BT1K, sin_BT1K = ctx.saved_tensors
-        g32 = _wide(grad_BTHK)
-        grad_y = _rotate_into(g32 * cos_BT1K, g32, sin_BT1K, -1.0)  # rotate_halfᵀ = −rotate_half
-        grad_x, grad_w = rms_norm_backward(grad_y, _wide(x_BTHK), weight_K, rstd, *ctx.needs_input_grad[:2])
-        return (grad_x.to(x_BTHK.dtype) if grad_x is not None else None), grad_w, None, None, None
+    def backward(ctx, grad_BTHA):  # noqa: D102
+        x_BTHA, weight_A, rstd, cos_BT1A, sin_BT1A = ctx.saved_tensors
+        g32 = _wide(grad_BTHA)
+        grad_y = _rotate_into(g32 * cos_BT1A, g32, sin_BT1A, -1.0)  # rotate_halfᵀ = −rotate_half
+        grad_x, grad_w = rms_norm_backward(grad_y, _wide(x_BTHA), weight_A, rstd, *ctx.needs_input_grad[:2])
+        return (grad_x.to(x_BTHA.dtype) if grad_x is not None else None), grad_w, None, None, None
 
 
-def norm_rotary(x_BTHK: torch.Tensor, weight_K: torch.Tensor, eps: float,
-                cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor) -> torch.Tensor:
+def norm_rotary(x_BTHA: torch.Tensor, weight_A: torch.Tensor, eps: float,
+                cos_BT1A: torch.Tensor, sin_BT1A: torch.Tensor) -> torch.Tensor:
     """``apply_rotary(RMSNorm(x), cos, sin)`` in ``x``'s dtype, with the norm and the rotation in
     fp32, as one autograd function (:class:`_NormRotary`) for training.
 
     Args:
-        x_BTHK: (B, T, H, K) queries or keys (fp32, or bf16 / fp16 under autocast).
-        weight_K: (K,) fp32 gain of the per-head QK-norm.
+        x_BTHA: (B, T, H, A) queries or keys (fp32, or bf16 / fp16 under autocast).
+        weight_A: (A,) fp32 gain of the per-head QK-norm.
         eps: the norm's epsilon.
-        cos_BT1K, sin_BT1K: (B, T, 1, K) fp32 from :class:`RotaryEmbedding`.
+        cos_BT1A, sin_BT1A: (B, T, 1, A) fp32 from :class:`RotaryEmbedding`.
 
     Returns:
-        (B, T, H, K) in the dtype of ``x_BTHK``.
+        (B, T, H, A) in the dtype of ``x_BTHA``.
     """
-    return _NormRotary.apply(x_BTHK, weight_K, eps, cos_BT1K, sin_BT1K)
+    return _NormRotary.apply(x_BTHA, weight_A, eps, cos_BT1A, sin_BT1A)

@@ -1,6 +1,7 @@
 """The configurable LM objective (label smoothing, focal, chunked CE) and uncertainty weighting.
 
-Legend: B batch, T sequence, V vocabulary, N predicted rows. Losses are fp32 per row, as a sum
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T sequence, V vocabulary, N predicted rows,
+Z sequence positions in one chunk (chunked loss). Losses are fp32 per row, as a sum
 or as a mean over the valid rows as stated; ``ignore_index`` rows count for nothing. All of it
 is switched from ``model.loss`` (:class:`~Ava.config.LossConfig`) and applied to the main head
 and to every multi-token-prediction head alike.
@@ -107,8 +108,8 @@ def chunked_loss_sum(
     vocab = logits_BTV.shape[-1]
     smoothed = label_smoothing > 0 and focal_gamma == 0.0
 
-    def chunk_rows(logits_BCV: torch.Tensor, targets_BC: torch.Tensor) -> torch.Tensor:
-        logits_NV, targets_N = logits_BCV.reshape(-1, vocab), targets_BC.reshape(-1)  # N = B·C
+    def chunk_rows(logits_BZV: torch.Tensor, targets_BZ: torch.Tensor) -> torch.Tensor:
+        logits_NV, targets_N = logits_BZV.reshape(-1, vocab), targets_BZ.reshape(-1)  # N = B·Z
         if not smoothed:
             return token_losses(logits_NV, targets_N, ignore_index, 0.0, focal_gamma)[:, None]  # (N, 1)
         logp_NV = F.log_softmax(logits_NV.float(), dim=-1)  # (N, V) fp32, this chunk only
@@ -119,12 +120,12 @@ def chunked_loss_sum(
     recompute = torch.is_grad_enabled() and logits_BTV.requires_grad
     rows: list[torch.Tensor] = []
     for start in range(0, logits_BTV.shape[1], chunk_size):
-        logits_BCV = logits_BTV[:, start:start + chunk_size]  # (B, C, V) view, no copy
-        targets_BC = targets_BT[:, start:start + chunk_size]  # (B, C)
+        logits_BZV = logits_BTV[:, start:start + chunk_size]  # (B, Z, V) view, no copy
+        targets_BZ = targets_BT[:, start:start + chunk_size]  # (B, Z)
         if recompute:
-            rows.append(checkpoint(chunk_rows, logits_BCV, targets_BC, use_reentrant=False))
+            rows.append(checkpoint(chunk_rows, logits_BZV, targets_BZ, use_reentrant=False))
         else:
-            rows.append(chunk_rows(logits_BCV, targets_BC))
+            rows.append(chunk_rows(logits_BZV, targets_BZ))
     rows_N2 = torch.cat(rows)  # (B·T, 1 or 2)
     if rows_N2.device.type == "mps":  # no float64 there
         sums = rows_N2.sum(dim=0)
@@ -212,6 +213,6 @@ class UncertaintyWeighting(nn.Module):
         missing = [name for name in self.terms if name not in named_losses]
         if missing:
             raise KeyError(f"uncertainty weighting: terms {missing} are not produced (have {sorted(named_losses)})")
-        losses_I = torch.stack([named_losses[name].float() for name in self.terms])  # (I,)
-        s_I = self.log_vars.float()
-        return ((torch.exp(-s_I) - 1.0) * losses_I + 0.5 * s_I).sum()
+        losses = torch.stack([named_losses[name].float() for name in self.terms])  # (terms,)
+        s = self.log_vars.float()  # (terms,)
+        return ((torch.exp(-s) - 1.0) * losses + 0.5 * s).sum()

@@ -1,6 +1,7 @@
 """DeepSeek-style total loss: LM + multi-token prediction + balancing terms, in one place.
 
-Legend: B batch, T sequence, V vocabulary, D number of MTP heads.
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T sequence, V vocabulary, D hidden, M the
+multi-token-prediction heads (depths).
 
 The rule the whole code base relies on (trainer logging, gradient surgery, reports) is defined
 here once, by :func:`total_loss`::
@@ -8,7 +9,7 @@ here once, by :func:`total_loss`::
     loss = lm_loss + Σ aux_losses
 
 Every term in ``aux_losses`` is already weighted: the balance terms by their ``model.moe``
-coefficients, ``mtp`` by ``λ / D`` (DeepSeek-V3), ``uncertainty`` is the change made by learned
+coefficients, ``mtp`` by ``λ / M`` (DeepSeek-V3), ``uncertainty`` is the change made by learned
 uncertainty weighting. :func:`assemble_losses` builds the dict and the total.
 """
 
@@ -43,7 +44,7 @@ class LossTerms:
         loss: fp32 scalar ``lm_loss + Σ aux_losses``.
         lm_loss: fp32 scalar, the main head's objective (``model.loss``), unweighted.
         aux_losses: weighted terms by name (balance terms, ``mtp``, ``uncertainty``).
-        mtp_head_losses: unweighted per-head objectives L_1..L_D (empty without MTP).
+        mtp_head_losses: unweighted per-head objectives L_1..L_M (empty without MTP).
     """
 
     loss: torch.Tensor
@@ -81,8 +82,8 @@ def shift_labels(labels_BT: torch.Tensor, shift: int, ignore_index: int = IGNORE
     """
     if shift == 0:
         return labels_BT
-    tail_BJ = labels_BT.new_full((labels_BT.shape[0], min(shift, labels_BT.shape[1])), ignore_index)
-    return torch.cat([labels_BT[:, shift:], tail_BJ], dim=1)
+    tail = labels_BT.new_full((labels_BT.shape[0], min(shift, labels_BT.shape[1])), ignore_index)  # (B, shift)
+    return torch.cat([labels_BT[:, shift:], tail], dim=1)
 
 
 def mtp_loss(
@@ -92,14 +93,14 @@ def mtp_loss(
     cfg: LossConfig | None = None,
     objective: Objective | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """DeepSeek-V3 multi-token prediction loss ``L_MTP = (λ / D)·Σ_j L_j``.
+    """DeepSeek-V3 multi-token prediction loss ``L_MTP = (λ / M)·Σ_j L_j``.
 
     Head j (1-based) at position i predicts token i + j + 1; its logits are aligned with the
     input positions like the main head's, so L_j is the configured next-token objective on
     labels shifted by j.
 
     Args:
-        mtp_logits: D tensors (B, T, V), head 1 first.
+        mtp_logits: M tensors (B, T, V), head 1 first.
         labels_BT: (B, T) labels aligned with the inputs, -100 = ignore.
         loss_weight: λ.
         cfg: the LM objective (label smoothing, focal, chunking) shared with the main head.
@@ -107,7 +108,7 @@ def mtp_loss(
             ``mtp_logits`` are the heads' normalised hidden states.
 
     Returns:
-        ``(weighted L_MTP, [L_1, ..., L_D] unweighted)``, fp32 scalars.
+        ``(weighted L_MTP, [L_1, ..., L_M] unweighted)``, fp32 scalars.
     """
     objective = objective or logits_objective(cfg)
     head_losses = [
@@ -132,7 +133,7 @@ def assemble_losses(
         logits_BTV: (B, T, V) main-head logits.
         labels_BT: (B, T) labels aligned with the inputs, -100 = ignore.
         balance_terms: the model's weighted balancing / z-loss terms (kept as they are).
-        mtp_logits: D tensors (B, T, V) from the MTP heads, or None.
+        mtp_logits: M tensors (B, T, V) from the MTP heads, or None.
         mtp_weight: λ of the MTP loss.
         cfg: the LM objective (``model.loss``).
         weighting: learned uncertainty weights over some of the terms, or None.

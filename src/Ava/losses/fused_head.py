@@ -1,27 +1,25 @@
 """Fused output head + cross-entropy: the training loss straight from the last hidden states.
 
-Legend: N rows (B·T positions), D hidden, V vocabulary, C rows per chunk.
+Shape suffixes: see ``Ava/__init__.py``; here N rows (the B·T positions), D hidden, V vocabulary,
+Z rows in one chunk.
 
 The plain path computes ``logits = h @ Wᵀ`` for all N rows, casts them to fp32, runs a
 log-softmax and keeps the (N, V) result for backward; at N = 2048, V = 8192 that is 64 MiB of
 fp32 logits, the same again for their gradient, and (under bf16 autocast) two more casts of
-that size. Here the rows are processed C at a time and, because the loss is the last operation,
+that size. Here the rows are processed Z at a time and, because the loss is the last operation,
 the gradients of ``h`` and ``W`` are computed in the same pass (as in Liger-Kernel's fused
 linear cross-entropy)::
 
-    z_C = h_C @ Wᵀ              # (C, V), in the compute dtype, then fp32
-    loss_C = lse(z_C) − (1−ε)·z_C[y] − ε/V·Σ_v z_C,v
-    g_C = softmax(z_C) − (1−ε)·onehot(y) − ε/V   # d loss_C / d z_C, 0 on ignored rows
-    dh_C = g_C @ W ;  dW += g_Cᵀ @ h_C
+    z_Z = h_Z @ Wᵀ              # (Z, V), in the compute dtype, then fp32
+    loss_Z = lse(z_Z) − (1−ε)·z_Z[y] − ε/V·Σ_v z_Z,v
+    g_Z = softmax(z_Z) − (1−ε)·onehot(y) − ε/V   # d loss_Z / d z_Z, 0 on ignored rows
+    dh_Z = g_Z @ W ;  dW += g_Zᵀ @ h_Z
 
 Backward then only scales the stored ``dh``, ``dW`` by the incoming gradient (the loss is a
 scalar, so that is exact). One fp32 softmax per chunk gives both the gradient and, through
-``lse = z_y − log p_y``, the loss. On the 2-core CPU (``python benchmarks/lm_head.py --repeats
-15``, N 2048, D 256, V 8192, fused ÷ logits path, same run) it is 1.17× in fp32 and 1.33× in
-bf16 (1.28× at V 32768); the version before, a log-softmax and then an exp over each chunk and a
-masked fill of the whole chunk for ignored rows, measured 0.93× / 0.91× in the same setting.
-Memory (``--memory``): one step of head + loss adds 158 MiB of peak memory instead of 274 (fp32)
-at N 2048, D 256, V 8192, and 305 MiB instead of 2,318 (bf16) at V 65536.
+``lse = z_y − log p_y``, the loss. It is faster than the logits path on CPU in fp32 and bf16 and
+needs a fraction of its peak memory (``docs/performance.md``, "Attention, norms, rotary and the
+fused head").
 
 Not covered: the focal loss (its per-row factor depends on p_true non-linearly; it runs on
 materialised logits). ``model.loss.fused_head`` chooses (:func:`use_fused_head`).
@@ -36,33 +34,30 @@ from .language_modeling import IGNORE_INDEX, shifted_targets
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk: a (C, V) fp32 block of about 64 MiB on CPU (at least 256 rows), 1 GiB on GPU.
+    """Rows per chunk: a (Z, V) fp32 block of about 64 MiB on CPU (at least 256 rows), 1 GiB on GPU.
 
     Every chunk also adds its (V, D) share into the weight's gradient, a pass over V·D floats,
-    so fewer, larger chunks win until the block leaves memory to spare. ``python
-    benchmarks/lm_head.py --dtypes bf16 --chunk-rows …`` (2 CPU threads, ÷ the logits path): at
-    V 8192, 64 / 128 / 256 / 512 / 1024 rows 0.62 / 0.89 / 1.09 / 1.18 / 1.30×, and 1.22× for
-    2048 (the default since) against 1.18× for 1024 in another run; at V 32768, 256 rows (the
-    earlier 16 MiB rule) 1.11×, 512 (now the default) / 1024 / 2048 rows 1.51 / 1.53 / 1.56×.
+    so fewer, larger chunks win until the block leaves memory to spare (the sweep over chunk
+    sizes: ``docs/performance.md``, "Attention, norms, rotary and the fused head").
     """
     if device.type == "cpu":
         return max(256, 2**24 // vocab)
     return max(256, 2**28 // vocab)
 
 
-def _zero_rows(g_CV: torch.Tensor, valid_C: torch.Tensor) -> None:
+def _zero_rows(g_ZV: torch.Tensor, valid_Z: torch.Tensor) -> None:
     """Zero the gradient rows of ignored targets, touching only those rows."""
-    if g_CV.device.type == "cpu":
+    if g_ZV.device.type == "cpu":
         # Host check and row index: free on CPU. A boolean row mask (``g[~valid] = 0``) runs as a
-        # masked fill over the whole (C, V) block, ~3 ms per 512 × 8192 chunk on the 2-core box.
-        ignored_C = (~valid_C).nonzero().squeeze(1)
-        if ignored_C.numel():
-            g_CV.index_fill_(0, ignored_C, 0.0)
+        # masked fill over the whole (Z, V) block, milliseconds per chunk on CPU.
+        ignored_Z = (~valid_Z).nonzero().squeeze(1)
+        if ignored_Z.numel():
+            g_ZV.index_fill_(0, ignored_Z, 0.0)
     else:  # no host sync on accelerators
-        g_CV.masked_fill_(~valid_C[:, None], 0.0)
+        g_ZV.masked_fill_(~valid_Z[:, None], 0.0)
 
 
-def _log_sum_exp(z_CV: torch.Tensor, p_CV: torch.Tensor, p_true_C: torch.Tensor, z_true_C: torch.Tensor,
+def _log_sum_exp(z_ZV: torch.Tensor, p_ZV: torch.Tensor, p_true_Z: torch.Tensor, z_true_Z: torch.Tensor,
                  host_sync: bool) -> torch.Tensor:
     """Each row's log-sum-exp of the logits, from the softmax already computed: ``z_y − log p_y``.
 
@@ -71,18 +66,18 @@ def _log_sum_exp(z_CV: torch.Tensor, p_CV: torch.Tensor, p_true_C: torch.Tensor,
     it is free; such rows are rare) those rows' log-sum-exp is taken from their logits. Without
     (accelerators, no host sync) they get ``z_max − log p_max``: the row maximum's probability is
     ``1 / Σ exp(z − z_max) ≥ 1/V`` and never underflows, and a max over the softmax costs no
-    fp32 copy of the (C, V) logits. (C,) fp32.
+    fp32 copy of the (Z, V) logits. (Z,) fp32.
     """
-    lse_C = z_true_C - torch.log(p_true_C)
-    tiny_C = p_true_C < 1e-30
+    lse_Z = z_true_Z - torch.log(p_true_Z)
+    tiny_Z = p_true_Z < 1e-30
     if host_sync:
-        rows = tiny_C.nonzero().squeeze(1)
+        rows = tiny_Z.nonzero().squeeze(1)
         if rows.numel():
-            lse_C[rows] = torch.logsumexp(z_CV[rows].float(), dim=-1)
-        return lse_C
-    p_max_C, arg_max_C = p_CV.max(dim=-1)
-    z_max_C = z_CV.gather(1, arg_max_C[:, None]).squeeze(1).float()
-    return torch.where(tiny_C, z_max_C - torch.log(p_max_C), lse_C)
+            lse_Z[rows] = torch.logsumexp(z_ZV[rows].float(), dim=-1)
+        return lse_Z
+    p_max_Z, arg_max_Z = p_ZV.max(dim=-1)
+    z_max_Z = z_ZV.gather(1, arg_max_Z[:, None]).squeeze(1).float()
+    return torch.where(tiny_Z, z_max_Z - torch.log(p_max_Z), lse_Z)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -102,36 +97,36 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
         step = chunk_rows(V, hidden_ND.device)
         for start in range(0, N, step):
-            h_CD = hidden_ND[start:start + step].to(compute_dtype)
-            y_C = targets_N[start:start + step]
-            valid_C = y_C != ignore_index
-            y_safe_C = torch.where(valid_C, y_C, 0)
-            z_CV = h_CD @ w_VD.t()  # (C, V) logits in the compute dtype
-            z_true_C = z_CV.gather(1, y_safe_C[:, None]).squeeze(1).float()
+            h_ZD = hidden_ND[start:start + step].to(compute_dtype)
+            y_Z = targets_N[start:start + step]
+            valid_Z = y_Z != ignore_index
+            y_safe_Z = torch.where(valid_Z, y_Z, 0)
+            z_ZV = h_ZD @ w_VD.t()  # (Z, V) logits in the compute dtype
+            z_true_Z = z_ZV.gather(1, y_safe_Z[:, None]).squeeze(1).float()
             # One softmax kernel (fp32) serves the loss and the gradient (log_softmax then exp
-            # was two passes more over the block; see the module docstring for the timings).
-            g_CV = torch.softmax(z_CV, dim=-1, dtype=torch.float32)  # (C, V)
-            rows_C = torch.arange(g_CV.shape[0], device=g_CV.device)
-            lse_C = _log_sum_exp(z_CV, g_CV, g_CV[rows_C, y_safe_C], z_true_C, g_CV.device.type == "cpu")
+            # was two passes more over the block and measured slower than the logits path).
+            g_ZV = torch.softmax(z_ZV, dim=-1, dtype=torch.float32)  # (Z, V)
+            rows_Z = torch.arange(g_ZV.shape[0], device=g_ZV.device)
+            lse_Z = _log_sum_exp(z_ZV, g_ZV, g_ZV[rows_Z, y_safe_Z], z_true_Z, g_ZV.device.type == "cpu")
             # −(1−ε)·log p_y − ε/V·Σ_v log p_v with log p_v = z_v − lse
-            loss_C = lse_C - (1.0 - label_smoothing) * z_true_C
+            loss_Z = lse_Z - (1.0 - label_smoothing) * z_true_Z
             if label_smoothing:
-                loss_C = loss_C - (label_smoothing / V) * z_CV.sum(dim=-1, dtype=torch.float32)
-            total += torch.where(valid_C, loss_C, 0.0).sum()
+                loss_Z = loss_Z - (label_smoothing / V) * z_ZV.sum(dim=-1, dtype=torch.float32)
+            total += torch.where(valid_Z, loss_Z, 0.0).sum()
             if not (need_h or need_w):
                 continue
-            g_CV[rows_C, y_safe_C] -= 1.0 - label_smoothing
+            g_ZV[rows_Z, y_safe_Z] -= 1.0 - label_smoothing
             if label_smoothing:
-                g_CV.sub_(label_smoothing / V)
-            _zero_rows(g_CV, valid_C)
-            g_CV = g_CV.to(grad_dtype)
+                g_ZV.sub_(label_smoothing / V)
+            _zero_rows(g_ZV, valid_Z)
+            g_ZV = g_ZV.to(grad_dtype)
             if need_h:
-                torch.mm(g_CV, w_grad_VD, out=grad_h_ND[start:start + step])
+                torch.mm(g_ZV, w_grad_VD, out=grad_h_ND[start:start + step])
             if need_w:  # fp32 accumulation across chunks (a bf16 product is rounded once per chunk)
                 if grad_dtype == torch.float32:
-                    grad_w_VD.addmm_(g_CV.t(), h_CD.float())
+                    grad_w_VD.addmm_(g_ZV.t(), h_ZD.float())
                 else:
-                    grad_w_VD.add_(g_CV.t() @ h_CD)
+                    grad_w_VD.add_(g_ZV.t() @ h_ZD)
         ctx.save_for_backward(grad_h_ND, grad_w_VD)
         ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
         return total

@@ -1,6 +1,7 @@
 """Causal language-modelling cross-entropy (HF convention: labels aligned with input ids).
 
-Legend: B batch, T sequence, V vocabulary, N = B·(T-1) predicted positions.
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T sequence, V vocabulary, N the B·T
+flattened positions (the last of each row has no target).
 """
 
 from __future__ import annotations

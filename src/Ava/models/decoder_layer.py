@@ -1,7 +1,7 @@
 """One pre-norm decoder block (attention + dense or MoE MLP), shared by the stack and the MTP heads.
 
-Legend: B batch, T new positions, S = past + T key positions, D hidden, G key/value heads,
-K head dim.
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T new positions, L = past + T key
+positions, D hidden, G key/value heads, A head dim.
 
 Two training-only switches change how the block runs, never what it computes: activation
 checkpointing (recompute the block in backward instead of keeping its activations) and a
@@ -84,9 +84,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x_BTD: torch.Tensor,
-        cos_BT1K: torch.Tensor,
-        sin_BT1K: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None,
+        cos_BT1A: torch.Tensor,
+        sin_BT1A: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None,
         past_kv: KVCache | None,
         token_ids_BT: torch.Tensor | None = None,
     ) -> LayerOutput:
@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
         ``token_ids_BT`` (B, T) are the input ids, for the hash router. A training forward (train
         mode, autograd on) goes through the compiled block and/or activation checkpointing when
         they are switched on; everything else runs :meth:`_block` directly."""
-        args = (x_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv, token_ids_BT)
+        args = (x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, token_ids_BT)
         if not (self.training and torch.is_grad_enabled()):
             return self._block(*args)
         block = self._block
@@ -108,15 +108,15 @@ class DecoderLayer(nn.Module):
     def _block(
         self,
         x_BTD: torch.Tensor,
-        cos_BT1K: torch.Tensor,
-        sin_BT1K: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None,
+        cos_BT1A: torch.Tensor,
+        sin_BT1A: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None,
         past_kv: KVCache | None,
         token_ids_BT: torch.Tensor | None,
     ) -> LayerOutput:
         """The block itself (see :meth:`forward`); free of side effects, so it may run twice."""
         attn_BTD, present_kv = self.self_attn(
-            self.input_layernorm(x_BTD), cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv
+            self.input_layernorm(x_BTD), cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv
         )
         x_BTD = x_BTD + self._dropout(attn_BTD)
         h_BTD = self.post_attention_layernorm(x_BTD)

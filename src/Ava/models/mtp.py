@@ -1,6 +1,7 @@
 """Multi-token prediction heads (DeepSeek-V3 §2.2).
 
-Legend: B batch, T positions, D hidden, V vocabulary; j = 1..num_heads is the prediction depth.
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T positions, D hidden, V vocabulary, M
+prediction depths (``model.mtp.num_heads``); j = 1..M is one depth.
 
 Module j keeps the full causal chain of V3: at position i it combines the previous depth's hidden
 state h^{j-1}_i (h^0 = the main stack's last hidden state, before its final norm) with the
@@ -42,7 +43,7 @@ class MTPOutput:
     """What the MTP heads return.
 
     Attributes:
-        logits: one (B, T, V) tensor per depth j = 1..D; position i predicts token i + j + 1.
+        logits: one (B, T, V) tensor per depth j = 1..M; position i predicts token i + j + 1.
             Empty when the heads ran without the output head (fused training loss).
         normed_hidden: one (B, T, D) tensor per depth, ``norm(h^j)``: what the shared output head
             turns into ``logits`` (the fused loss takes these instead).
@@ -75,9 +76,9 @@ class MTPModule(nn.Module):
         self,
         h_BTD: torch.Tensor,
         emb_BTD: torch.Tensor,
-        cos_BT1K: torch.Tensor,
-        sin_BT1K: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None,
+        cos_BT1A: torch.Tensor,
+        sin_BT1A: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None,
         token_ids_BT: torch.Tensor,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         """Next depth's hidden state.
@@ -85,33 +86,33 @@ class MTPModule(nn.Module):
         Args:
             h_BTD: (B, T, D) previous depth's hidden state h^{j-1} (un-normalised).
             emb_BTD: (B, T, D) embeddings of the tokens j positions ahead.
-            cos_BT1K, sin_BT1K: RoPE tables of the positions (as in the main stack).
-            attn_mask_B1TS: the main stack's attention mask, or None (causal).
+            cos_BT1A, sin_BT1A: RoPE tables of the positions (as in the main stack).
+            attn_mask_B1TL: the main stack's attention mask, or None (causal).
             token_ids_BT: (B, T) the ids behind ``emb_BTD`` (for the hash router).
 
         Returns:
             ``(h^j (B, T, D), routing or None for a dense block)``.
         """
-        x_BTD, _, routing = self._combine_and_run(h_BTD, emb_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, None,
+        x_BTD, _, routing = self._combine_and_run(h_BTD, emb_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, None,
                                                   token_ids_BT)
         return x_BTD, routing
 
     def _combine_and_run(
-        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None, past_kv: KVCache | None, token_ids_BT: torch.Tensor,
+        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos_BT1A: torch.Tensor, sin_BT1A: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None, past_kv: KVCache | None, token_ids_BT: torch.Tensor,
     ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
         """eh_proj([enorm(emb); hnorm(h)]) through the block: ``(h^j, (k, v), routing)``."""
         x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
         x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
-        return self.block(x_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv, token_ids_BT)
+        return self.block(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, token_ids_BT)
 
     def forward_cached(
         self,
         h_BTD: torch.Tensor,
         emb_BTD: torch.Tensor,
-        cos_BT1K: torch.Tensor,
-        sin_BT1K: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None,
+        cos_BT1A: torch.Tensor,
+        sin_BT1A: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None,
         past_kv: KVCache | None,
         token_ids_BT: torch.Tensor,
     ) -> tuple[torch.Tensor, KVCache]:
@@ -123,22 +124,22 @@ class MTPModule(nn.Module):
 
         Args:
             h_BTD, emb_BTD, token_ids_BT: as in :meth:`forward`, for the new positions only.
-            cos_BT1K, sin_BT1K: RoPE tables of the new positions (their absolute positions).
-            attn_mask_B1TS: :func:`~Ava.layers.attention.build_attention_mask` for T new
+            cos_BT1A, sin_BT1A: RoPE tables of the new positions (their absolute positions).
+            attn_mask_B1TL: :func:`~Ava.layers.attention.build_attention_mask` for T new
                 positions after ``past_kv`` (None for one position, or with no past).
-            past_kv: this block's ``(k, v)`` of the earlier positions, each (B, G, S_past, K),
+            past_kv: this block's ``(k, v)`` of the earlier positions, each (B, G, past, A),
                 or None.
 
         Returns:
-            ``(h^j (B, T, D), (k, v) of past and new positions, each (B, G, S_past + T, K))``.
+            ``(h^j (B, T, D), (k, v) of past and new positions, each (B, G, L, A), L = past + T)``.
         """
-        x_BTD, present_kv, _ = self._combine_and_run(h_BTD, emb_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv,
+        x_BTD, present_kv, _ = self._combine_and_run(h_BTD, emb_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv,
                                                      token_ids_BT)
         return x_BTD, present_kv
 
 
 class MultiTokenPrediction(nn.ModuleList):
-    """The D sequential MTP modules, ``mtp.{j-1}`` for depth j.
+    """The M sequential MTP modules, ``mtp.{j-1}`` for depth j.
 
     Args:
         cfg: the model config (``cfg.mtp.num_heads`` ≥ 1 modules).
@@ -153,9 +154,9 @@ class MultiTokenPrediction(nn.ModuleList):
         input_ids_BT: torch.Tensor,
         embed_tokens: nn.Embedding,
         lm_head: nn.Linear | None,
-        cos_BT1K: torch.Tensor,
-        sin_BT1K: torch.Tensor,
-        attn_mask_B1TS: torch.Tensor | None,
+        cos_BT1A: torch.Tensor,
+        sin_BT1A: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None,
     ) -> MTPOutput:
         """Run every depth and the shared head.
 
@@ -165,8 +166,8 @@ class MultiTokenPrediction(nn.ModuleList):
             embed_tokens: the model's (shared) input embedding.
             lm_head: the model's (shared) output head; None = return only ``normed_hidden``
                 (the fused loss applies the head itself).
-            cos_BT1K, sin_BT1K: the main stack's RoPE tables.
-            attn_mask_B1TS: the main stack's attention mask, or None.
+            cos_BT1A, sin_BT1A: the main stack's RoPE tables.
+            attn_mask_B1TL: the main stack's attention mask, or None.
 
         Returns:
             :class:`MTPOutput`.
@@ -182,7 +183,7 @@ class MultiTokenPrediction(nn.ModuleList):
             # Tokens j positions ahead; the last j positions (no such token) repeat the last one.
             ids_BT = torch.cat([input_ids_BT[:, j:], input_ids_BT[:, -1:].expand(-1, j)], dim=1)  # (B, T)
             ahead_BTD = torch.cat([emb_BTD[:, j:], emb_BTD[:, -1:].expand(-1, j, -1)], dim=1)  # (B, T, D)
-            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, ids_BT)
+            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, ids_BT)
             normed.append(module.norm(h_BTD))  # (B, T, D)
             if lm_head is not None:
                 logits.append(lm_head(normed[-1]))  # (B, T, V)

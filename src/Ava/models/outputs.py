@@ -58,7 +58,7 @@ class MoEModelOutput:
             (its own value and its schedule's) is left out (the balance terms also with
             expert-choice, balanced by construction); a scheduled one stays (0 while its
             coefficient is 0), so the set of terms is the same at every step. With labels also
-            ``mtp`` (``model.mtp`` on: (λ/D)·Σ_j L_j) and ``uncertainty``
+            ``mtp`` (``model.mtp`` on: (λ/M)·Σ_j L_j) and ``uncertainty``
             (``model.loss.uncertainty_weighting``: the change the learned weights make to the
             plain sum).
         logits: (B, T, V); None in a training forward (train mode, grad enabled, labels given,
@@ -66,7 +66,7 @@ class MoEModelOutput:
             which never makes them.
         router_stats: one :class:`RouterStats` per MoE layer (main stack, then MTP blocks); empty,
             like ``aux_losses``, in cached inference without labels (decoding).
-        past_key_values: per layer ``(k, v)`` each (B, G, S, K) when ``use_cache``, else None.
+        past_key_values: per layer ``(k, v)`` each (B, G, L, A) when ``use_cache``, else None.
         mtp_logits: one (B, T, V) per MTP depth j (position i predicts token i + j + 1) when
             the heads ran (labels given or ``return_mtp``), else None (also with the fused head).
     """

@@ -74,3 +74,15 @@ def test_generate_from_run_folder(trained_run):
 def test_generate_missing_run_is_a_clear_error(tmp_path):
     result = run_ava("generate", str(tmp_path / "nope"), "--prompt", "x")
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_defaults_come_from_the_config_schema():
+    from Ava.cli.main import build_parser
+    from Ava.config import EvaluationConfig, SourceConfig
+
+    parser = build_parser()
+    gen = parser.parse_args(["generate", "run", "--prompt", "x"])
+    assert gen.temperature == EvaluationConfig.model_fields["sample_temperature"].default
+    tok = parser.parse_args(["tokenizer", "train", "a.txt", "--out", "t.json"])
+    assert tok.format == SourceConfig.model_fields["format"].default
+    assert tok.text_field == SourceConfig.model_fields["text_field"].default

@@ -174,3 +174,28 @@ def test_invalid_yaml_and_wrong_top_level(tmp_path):
         load_config(bad)
     with pytest.raises(AvaConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_distributed_section_is_one_process_today():
+    from Ava.config import DistributedConfig
+
+    assert EnhancedTrainingConfig().distributed.strategy == "none"
+    assert DistributedConfig.model_fields["strategy"].description
+    with pytest.raises(AvaConfigError, match="distributed.strategy: input should be 'none'"):
+        EnhancedTrainingConfig.from_dict({"distributed": {"strategy": "ddp"}})
+    with pytest.raises(AvaConfigError, match="unknown key 'distributed.stratgy'; did you mean 'distributed.strategy'"):
+        EnhancedTrainingConfig.from_dict({"distributed": {"stratgy": "none"}})
+
+
+def test_config_modules_import_without_a_cycle():
+    """loading.py knows no schema; training_config.py builds on it (no import inside a function)."""
+    import ast
+    import inspect
+
+    from Ava.config import loading, training_config
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(loading)))
+                if isinstance(node, ast.ImportFrom) and node.level}
+    assert "training_config" not in imported and "feature_compatibility" not in imported
+    assert training_config.load_config(REPO / "configs" / "tiny.yaml") == EnhancedTrainingConfig.from_yaml(
+        REPO / "configs" / "tiny.yaml")

@@ -15,6 +15,7 @@ from Ava.evaluation import (
     expert_utilisation,
     read_multiple_choice,
 )
+from Ava.models.routing_metrics import RoutingTotals
 
 
 def test_ece_on_a_hand_computed_case():
@@ -40,11 +41,11 @@ def test_evaluate_tokens_loss_equals_the_model_loss(trained_run):
     model, tok = trainer.model.eval(), trainer.data.tokenizer
     ids = tok.encode("ROMEO:\nThe king loves the stars. JULIET:\nThe moon remembers a poor soul.")[:40]
     ref = model(torch.tensor([ids]), labels=torch.tensor([ids])).lm_loss.item()
-    routing = {}
+    routing = RoutingTotals()
     out = evaluate_tokens(model, ids, routing=routing)
     assert out["tokens"] == len(ids) - 1 and out["loss"] == pytest.approx(ref, rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
-    counts = routing[0][0]
+    counts = routing.counts[0]
     assert int(counts.sum()) == len(ids) * model.config.moe.top_k
 
 

@@ -36,6 +36,45 @@ def test_values_on_hand_made_counts():
     assert token_drop_rate(torch.tensor(3), 12).item() == pytest.approx(0.25)
 
 
+def test_one_convention_for_empty_layers_and_a_single_expert():
+    """A layer that routed nothing is not a violation (MaxVio 0) and has no spread (entropy 0, shares 0);
+    one expert is trivially balanced (MaxVio 0, entropy 1)."""
+    from Ava.models.routing_metrics import load_shares
+
+    empty = torch.zeros(2, 4, dtype=torch.long)
+    assert max_vio(empty).tolist() == [0.0, 0.0] and load_entropy(empty).tolist() == [0.0, 0.0]
+    assert load_shares(empty).sum().item() == 0.0 and dead_experts(empty).tolist() == [4, 4]
+    single = torch.tensor([[7], [3]])
+    assert max_vio(single).tolist() == [0.0, 0.0] and load_entropy(single).tolist() == [1.0, 1.0]
+
+
+def test_training_metrics_and_the_eval_report_read_the_same_numbers():
+    """RoutingTotals (ava eval's per-layer table) and moe_diagnostics (metrics.jsonl) agree per layer."""
+    from types import SimpleNamespace
+
+    from Ava.models.routing_metrics import RoutingTotals
+
+    def stats(layer, counts, entropy):
+        return SimpleNamespace(layer=layer, tokens_per_expert=torch.tensor(counts), dropped_tokens=torch.tensor(0),
+                               router_entropy=torch.tensor(entropy), logit_norm=torch.tensor(1.0),
+                               unrouted_tokens=None, num_tokens=None)
+
+    totals = RoutingTotals()
+    totals.add([stats(1, [6, 2, 0, 0], 0.5), stats(3, [2, 2, 2, 2], 1.0)])
+    totals.add([stats(1, [2, 2, 0, 0], 0.7), stats(3, [4, 0, 2, 2], 1.2)])
+    metrics, layers = totals.metrics(), totals.per_layer()
+    assert metrics["expert_load_layers"] == [1, 3] and sorted(layers) == [1, 3]
+    for layer, row in zip((1, 3), metrics["expert_load"]):
+        assert layers[layer]["load_shares"] == row
+        assert layers[layer]["max_vio"] == metrics[f"moe/l{layer}/max_vio"]
+        assert layers[layer]["load_entropy"] == metrics[f"moe/l{layer}/load_entropy"]
+    assert layers[1]["dead_experts"] == [2, 3] and layers[3]["dead_experts"] == []
+    assert metrics["dead_experts"] == 2.0 and metrics["max_vio"] == pytest.approx((8 / 3 - 1 + 6 / 4 - 1) / 2)
+    # router entropy: each batch's value, batches weighted equally
+    assert layers[1]["router_entropy"] == pytest.approx(0.6) and layers[3]["router_entropy"] == pytest.approx(1.1)
+    assert metrics["router_entropy"] == pytest.approx((0.6 + 1.1) / 2)
+
+
 def test_moe_diagnostics_summary():
     loads = [torch.tensor([4, 4, 4, 4]), torch.tensor([16, 0, 0, 0])]
     acc = {"dropped": torch.tensor([0, 8]), "router_entropy": torch.tensor([2.0, 1.0]),

@@ -106,8 +106,14 @@ def test_wandb_offline_logging_with_a_stand_in_module(tmp_path, corpus_cache, mo
 
 
 def test_wandb_enabled_but_missing_is_a_config_error(tmp_path, corpus_cache, monkeypatch):
+    """A compatibility rule: reported when the config is loaded, and again when training starts."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(AvaConfigError, match="logging.wandb.enabled: true but the wandb package is not installed; "
+                                             "`pip install wandb`"):
+        tiny_config(tmp_path / "runs", corpus_cache, "logging.wandb.enabled=true")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace())  # installed while loading
     config = tiny_config(tmp_path / "runs", corpus_cache, "logging.wandb.enabled=true")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # gone when the run starts
     with pytest.raises(AvaConfigError, match="pip install wandb"):
         EnhancedModularTrainer(EnhancedMoEModel(config.model), config).train()
 

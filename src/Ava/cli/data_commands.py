@@ -31,7 +31,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """
     import time
 
-    from ..config import SourceConfig, load_config
+    from ..config import SourceConfig, TokenizerConfig, load_config
     from ..data.tokenizer import SPECIAL_TOKENS, train_tokenizer
     from ..errors import AvaConfigError, AvaDataError
     from ..utils.logging import setup_logging
@@ -54,15 +54,16 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
             "ava tokenizer train: no sources; pass text files, folders or globs as SOURCE arguments, "
             "or --config CONFIG.yaml to use its data.sources"
         )
-    vocab_size = 8192 if vocab_size is None else vocab_size
-    min_frequency = 2 if min_frequency is None else min_frequency
+    defaults = TokenizerConfig.model_fields
+    vocab_size = defaults["vocab_size"].default if vocab_size is None else vocab_size
+    min_frequency = defaults["min_frequency"].default if min_frequency is None else min_frequency
     special_tokens = list(dict.fromkeys(args.special_token or []))
     all_specials = list(dict.fromkeys([*SPECIAL_TOKENS, *special_tokens]))  # Ava's two first, no repeats
     num_special = len(all_specials)
     if vocab_size < _BYTE_TOKENS + num_special:
         raise AvaConfigError(
             f"--vocab-size {vocab_size} is smaller than the {_BYTE_TOKENS} byte tokens plus {num_special} "
-            f"special tokens; use at least {_BYTE_TOKENS + num_special} (e.g. 8192)"
+            f"special tokens; use at least {_BYTE_TOKENS + num_special} (e.g. {defaults['vocab_size'].default})"
         )
     for source in sources:
         _check_source_exists(source.path)
@@ -170,8 +171,11 @@ def _non_empty(text: str) -> str:
 def _add_tokenizer(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from typing import get_args
 
+    from ..config import SourceConfig, TokenizerConfig
     from ..config.data_config import SourceFormat
     from .arg_types import positive_int
+
+    source, tok = SourceConfig.model_fields, TokenizerConfig.model_fields
 
     tokenizer = sub.add_parser("tokenizer", parents=[common], help="train a byte-level BPE tokenizer")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=type(tokenizer))
@@ -188,14 +192,15 @@ def _add_tokenizer(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     train.add_argument("--out", required=True, help="tokenizer.json to write (a folder gets tokenizer.json inside)")
     train.add_argument("--vocab-size", type=positive_int, default=None,
                        help="target vocabulary size incl. the 256 bytes and special tokens "
-                            "(default: the config's data.tokenizer.vocab_size, else 8192)")
+                            f"(default: the config's data.tokenizer.vocab_size, else {tok['vocab_size'].default})")
     train.add_argument("--min-frequency", type=positive_int, default=None,
-                       help="minimum pair count for a merge (default: the config's, else 2)")
+                       help=f"minimum pair count for a merge (default: the config's, else {tok['min_frequency'].default})")
     train.add_argument("--special-token", action="append", type=_non_empty, metavar="TOK", default=[],
                        help="extra special token, e.g. <|im_start|> (repeatable; ids 2, 3, ... in order)")
-    train.add_argument("--format", choices=list(get_args(SourceFormat)), default="auto",
-                       help="format of the SOURCE arguments (default auto: by extension)")
-    train.add_argument("--text-field", default="text", help="field holding the text in SOURCE rows (default text)")
+    train.add_argument("--format", choices=list(get_args(SourceFormat)), default=source["format"].default,
+                       help=f"format of the SOURCE arguments (default {source['format'].default}: by extension)")
+    train.add_argument("--text-field", default=source["text_field"].default,
+                       help=f"field holding the text in SOURCE rows (default {source['text_field'].default})")
     train.add_argument("--config", default=None, metavar="CONFIG.yaml",
                        help="also train on this config's data.sources (with their formats, templates, chat)")
     train.set_defaults(func=cmd_tokenizer_train)

@@ -11,10 +11,14 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import AvaConfigError, AvaDataError, AvaError
 from .arg_types import non_negative, non_negative_int, positive, positive_int, probability
+
+if TYPE_CHECKING:
+    from ..data import AvaTokenizer
+    from ..models import EnhancedMoEModel
 
 # option name → (type, help); the REPL's `:set` accepts the same names
 _REPL_OPTIONS: dict[str, Callable[[str], object]] = {
@@ -231,6 +235,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _greedy_completion(model: EnhancedMoEModel, tokenizer: AvaTokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The report's generation sample: greedy decoding of ``prompt`` (``ava eval``'s ``sample_fn``).
+
+    Args:
+        model: the evaluated model.
+        tokenizer: its tokenizer.
+        prompt: the text to continue.
+        max_new_tokens: tokens to generate at most.
+
+    Returns:
+        The completion (the text after the prompt).
+    """
+    from ..generation import TextGenerator
+
+    return TextGenerator(model, tokenizer).generate(prompt, max_new_tokens, temperature=0)[len(prompt):]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``ava eval RUN_DIR|CKPT [--data FILE ...] [--mc FILE] [--out DIR]``."""
     from ..evaluation import run_evaluation
@@ -238,6 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run_evaluation(
         args.path, data=args.data, mc_file=args.mc, out=args.out, max_tokens=args.max_tokens,
         num_samples=args.samples, sample_max_new_tokens=args.sample_tokens, device=args.device,
+        sample_fn=_greedy_completion,
     )
     for name, source in report.results["sources"].items():
         print(f"{name}: loss {source['loss']:.4f}  ppl {source['perplexity']:.2f}  ({source['tokens']:,} tokens)")
@@ -257,6 +279,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``generate``, ``export``, ``import`` and ``eval`` on the ``ava`` subparsers."""
+    from ..config import EvaluationConfig
+
     gen = sub.add_parser("generate", parents=[common], help="generate text from a run or checkpoint")
     gen.add_argument("path", help="run folder (uses checkpoints/latest), checkpoint folder or imported model")
     what = gen.add_mutually_exclusive_group(required=True)
@@ -266,7 +290,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     gen.add_argument("--out", default=None, help="with --file: the JSONL to write (default stdout)")
     gen.add_argument("--batch-size", type=positive_int, default=8, help="with --file: prompts per batch (default 8)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default 100)")
-    gen.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy (default 0.8)")
+    temperature = EvaluationConfig.model_fields["sample_temperature"].default
+    gen.add_argument("--temperature", type=non_negative, default=temperature,
+                     help=f"0 = greedy (default {temperature:g}, as evaluation.sample_temperature)")
     gen.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass")
     gen.add_argument("--min-p", type=probability, default=None, help="keep tokens with p ≥ min_p · max p")

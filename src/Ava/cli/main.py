@@ -32,16 +32,12 @@ class _ArgumentParser(argparse.ArgumentParser):
 def cmd_train(args: argparse.Namespace) -> int:
     """``ava train CONFIG [key=value ...]``."""
     from ..config import load_config
-    from ..models import EnhancedMoEModel
     from ..training import EnhancedModularTrainer
-    from ..training.run_manager import seed_everything
     from ..utils.logging import setup_logging
 
     setup_logging()
     config = load_config(args.config, args.overrides)
-    seed_everything(config.run.seed)  # the model's initialisation is part of the run
-    model = EnhancedMoEModel(config.model)
-    summary = EnhancedModularTrainer(model, config).train(resume=args.resume)
+    summary = EnhancedModularTrainer.from_config(config).train(resume=args.resume)
     print(json.dumps({k: v for k, v in summary.to_dict().items() if k != "sample"}, indent=2))
     return 0
 

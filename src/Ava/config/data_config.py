@@ -1,11 +1,15 @@
 """The ``data`` section: sources (formats, encodings, templates, mixture weights), tokenizer,
-prepared shards or streaming, packing, deduplication and the train/validation split."""
+prepared shards or streaming, packing, deduplication and the train/validation split.
+
+Rules on combinations (one origin of the data, one renderer per source) live in
+:mod:`Ava.config.feature_compatibility`, with all the others.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from .base import AvaSection
 
@@ -60,12 +64,6 @@ class SourceConfig(AvaSection):
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="Malformed rows (bad JSON, missing field): error = stop naming file and row; skip = count them."
     )
-
-    @model_validator(mode="after")
-    def _one_renderer(self) -> SourceConfig:
-        if self.template is not None and self.chat is not None:
-            raise ValueError("set either template or chat on a source, not both")
-        return self
 
 
 class TokenizerConfig(AvaSection):
@@ -122,11 +120,3 @@ class DataConfig(AvaSection):
     def _tokenizer_path_shorthand(cls, value: Any) -> Any:
         # `data.tokenizer: path/to/tokenizer.json` is shorthand for `{path: ...}`.
         return {"path": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _one_origin(self) -> DataConfig:
-        if self.prepared is not None and self.sources:
-            raise ValueError("set either data.prepared (shards from `ava prepare`) or data.sources, not both")
-        if self.prepared is not None and self.streaming:
-            raise ValueError("data.streaming reads data.sources; prepared shards are already memory-mapped")
-        return self

@@ -11,15 +11,49 @@ import glob
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import AvaConfigError
 
 if TYPE_CHECKING:
+    from .data_config import DataConfig
     from .model_config import ModelConfig
-    from .training_config import EnhancedTrainingConfig
+    from .training_sections import (
+        GradientConfig,
+        LoggingConfig,
+        OptimizerConfig,
+        PerformanceConfig,
+        PrecisionConfig,
+        ProgressiveConfig,
+        RunConfig,
+        SchedulerConfig,
+        TrainingSection,
+    )
 
 logger = logging.getLogger(__name__)
+
+
+class ConfigSections(Protocol):
+    """The sections of an :class:`~Ava.config.EnhancedTrainingConfig` the rules read.
+
+    A structural type, so this module needs only the section models: the whole config
+    (``training_config.py``) builds on this module and checks itself with it when it is loaded.
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingSection
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    precision: PrecisionConfig
+    logging: LoggingConfig
+    gradient: GradientConfig
+    progressive: ProgressiveConfig
+    performance: PerformanceConfig
+    run: RunConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict of the resolved config."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +68,7 @@ class Issue:
         return f"{self.key}: {self.message}"
 
 
-def check_compatibility(config: "EnhancedTrainingConfig", *, environment: bool = False) -> list[Issue]:
+def check_compatibility(config: ConfigSections, *, environment: bool = False) -> list[Issue]:
     """Every issue of ``config``: structural rules always, machine rules when ``environment``."""
     issues = _model_rules(config) + _training_rules(config)
     if environment:
@@ -62,6 +96,11 @@ def raise_on_errors(issues: list[Issue], source: str, log_warnings: bool = True)
 def model_issues(m: "ModelConfig") -> list[Issue]:
     """Structural rules of the model section alone (also checked when a model is built)."""
     issues = []
+    if m.vocab_size is None:  # only a bare ModelConfig: EnhancedTrainingConfig derives it
+        issues.append(Issue(
+            "model.vocab_size",
+            "unset; set it (or load the config through EnhancedTrainingConfig, which takes it from the tokenizer)",
+        ))
     if m.moe.top_k > m.num_experts:
         issues.append(Issue(
             "model.moe.top_k",
@@ -228,7 +267,7 @@ def _moe_issues(m: "ModelConfig") -> list[Issue]:
     return issues
 
 
-def _model_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _model_rules(config: ConfigSections) -> list[Issue]:
     m = config.model
     issues = model_issues(m)
     if config.data.seq_len > m.max_seq_len:
@@ -254,7 +293,7 @@ def _model_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
     return issues
 
 
-def _training_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _training_rules(config: ConfigSections) -> list[Issue]:
     t, s = config.training, config.scheduler
     issues = []
     if t.max_steps is not None and s.warmup_steps >= t.max_steps:
@@ -272,10 +311,14 @@ def _training_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
     return issues + _optimizer_rules(config) + _surgery_rules(config) + _progressive_rules(config) + _data_rules(config)
 
 
-def _data_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _data_rules(config: ConfigSections) -> list[Issue]:
     d, t = config.data, config.training
     issues = []
-    if d.streaming:
+    if d.prepared is not None and d.sources:
+        issues.append(Issue("data", "set either data.prepared (shards from `ava prepare`) or data.sources, not both"))
+    elif d.prepared is not None and d.streaming:
+        issues.append(Issue("data", "data.streaming reads data.sources; prepared shards are already memory-mapped"))
+    elif d.streaming:
         if not d.sources:
             issues.append(Issue("data.streaming", "streaming reads data.sources; add sources or set streaming: false"))
         if t.max_steps is None:
@@ -294,13 +337,16 @@ def _data_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
                 "progressive", "the curriculum and batch-size ramp need indexed data; turn them off with "
                 "data.streaming or prepare the data (`ava prepare`) and use data.prepared",
             ))
+    for i, source in enumerate(d.sources):
+        if source.template is not None and source.chat is not None:
+            issues.append(Issue(f"data.sources.{i}", "set either template or chat on a source, not both"))
     names = [s.name for s in d.sources if s.name is not None]
     if len(names) != len(set(names)):
         issues.append(Issue("data.sources", f"source names must be unique (got {names}); rename one"))
     return issues
 
 
-def _optimizer_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _optimizer_rules(config: ConfigSections) -> list[Issue]:
     t, s, o = config.training, config.scheduler, config.optimizer
     issues = []
     if o.name == "lion" and t.learning_rate >= 1e-3:
@@ -332,7 +378,7 @@ def _optimizer_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
     return issues
 
 
-def surgery_terms(config: "EnhancedTrainingConfig") -> list[str]:
+def surgery_terms(config: ConfigSections) -> list[str]:
     """The loss terms the model produces under ``config`` (those surgery can act on)."""
     return model_loss_terms(config.model)
 
@@ -358,7 +404,7 @@ def model_loss_terms(m: "ModelConfig") -> list[str]:
     return terms
 
 
-def _surgery_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _surgery_rules(config: ConfigSections) -> list[Issue]:
     surgery = config.gradient.surgery
     if surgery.method == "none":
         return []
@@ -379,7 +425,7 @@ def _surgery_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
     return []
 
 
-def _progressive_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _progressive_rules(config: ConfigSections) -> list[Issue]:
     """Sequence-length warmup, batch-size ramp and curriculum against the run they schedule."""
     p, t = config.progressive, config.training
     issues = []
@@ -435,7 +481,7 @@ def _progressive_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
     return issues
 
 
-def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
+def _environment_rules(config: ConfigSections) -> list[Issue]:
     import torch
 
     issues = []
@@ -461,6 +507,14 @@ def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
             ))
         else:
             issues += _tokenizer_rules(config, tok_path)
+    if config.logging.wandb.enabled:
+        try:
+            import wandb  # noqa: F401  (installed is all this checks; training imports it again)
+        except ImportError:
+            issues.append(Issue(
+                "logging.wandb.enabled",
+                "true but the wandb package is not installed; `pip install wandb` or set logging.wandb.enabled: false",
+            ))
     cuda = torch.cuda.is_available()
     if config.run.device == "cuda" and not cuda:
         issues.append(Issue("run.device", "cuda was requested but no CUDA device is available; use auto or cpu"))
@@ -489,16 +543,100 @@ def _environment_rules(config: "EnhancedTrainingConfig") -> list[Issue]:
     return issues
 
 
-def _tokenizer_rules(config: "EnhancedTrainingConfig", tok_path: str) -> list[Issue]:
+def _tokenizer_rules(config: ConfigSections, tok_path: str) -> list[Issue]:
     from tokenizers import Tokenizer
 
     try:
         size = Tokenizer.from_file(tok_path).get_vocab_size()
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
         return [Issue("data.tokenizer.path", f"'{tok_path}' is not a valid tokenizer.json ({err})")]
-    if config.model.vocab_size < size:
+    return tokenizer_vocab_issues(config.model.vocab_size, size)
+
+
+def tokenizer_vocab_issues(model_vocab: int, tokenizer_vocab: int) -> list[Issue]:
+    """The model's embedding must hold every id of the tokenizer.
+
+    Checked on the config when ``data.tokenizer.path`` names a file, and by whoever builds the
+    model against a tokenizer known only later (trained or read from prepared shards).
+
+    Args:
+        model_vocab: ``model.vocab_size``.
+        tokenizer_vocab: the tokenizer's number of tokens.
+
+    Returns:
+        One error when the model's vocabulary is smaller, else nothing.
+    """
+    if model_vocab < tokenizer_vocab:
         return [Issue(
             "model.vocab_size",
-            f"{config.model.vocab_size} is smaller than the tokenizer's {size} tokens; raise it or set null",
+            f"{model_vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens; raise it or set null",
         )]
     return []
+
+
+# --------------------------------------------------------------------------------------------
+# resuming a run with a changed config
+# --------------------------------------------------------------------------------------------
+
+# Dotted key prefixes a resumed run may change: they steer how long, how often and what is
+# observed, not what a step computes.
+RESUMABLE_CHANGES = (
+    "training.max_steps", "training.num_epochs", "training.eval_every", "training.eval_batches",
+    "training.save_every", "training.log_every", "training.moe_alarm.", "logging.", "checkpoint.",
+    "evaluation.", "performance.", "gradient.health.", "run.output_dir", "run.num_threads", "run.device",
+    "data.num_workers", "data.cache_dir",
+)
+
+
+def resume_changes(saved: Any, config: ConfigSections, run: str | Path) -> list[str]:
+    """Compare ``config`` with the config a run was saved with; refuse changes that break the run.
+
+    Args:
+        saved: the run's ``config.yaml`` as loaded (a dict); keys added to the schema since it
+            was written take their defaults, so a newer Ava can resume an older run.
+        config: the config the run is resumed with.
+        run: the run folder, named in the error.
+
+    Returns:
+        ``"key: old -> new"`` for each allowed change (to be logged).
+
+    Raises:
+        AvaConfigError: a change of any key outside :data:`RESUMABLE_CHANGES`, listing them all.
+    """
+    # type(config): the config's own schema (EnhancedTrainingConfig), without importing it here
+    old, new = _flatten(_with_current_defaults(saved, type(config))), _flatten(config.to_dict())
+    allowed, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        if key.startswith(RESUMABLE_CHANGES):
+            allowed.append(change)
+        else:
+            refused.append(change)
+    if refused:
+        raise AvaConfigError(
+            f"cannot resume {run} with a changed " + "; ".join(refused)
+            + ": these change what training computes; restore them, or start a new run without --resume"
+        )
+    return allowed
+
+
+def _with_current_defaults(saved: Any, schema: Any) -> Any:
+    """The saved config as the current schema resolves it; the raw dict if it no longer validates
+    (every difference is then reported as is)."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return schema.model_validate(saved).to_dict()
+    except ValueError:  # pydantic.ValidationError is a ValueError
+        return saved
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}

@@ -1,14 +1,17 @@
-"""Loading configs from YAML, dotted overrides, and turning validation errors into one clear line.
+"""Reading config files, dotted overrides, and turning validation errors into one clear line.
 
-A user error never surfaces as a pydantic traceback: each problem becomes ``key: what is wrong
-(got X); fix`` and all problems of one config are reported together, on one line, in an
-:class:`~Ava.errors.AvaConfigError`.
+The pieces :class:`~Ava.config.training_config.EnhancedTrainingConfig` is loaded with; this module
+knows no schema (the schema class is passed in), so the config module imports it and not the
+other way round. A user error never surfaces as a pydantic traceback: each problem becomes
+``key: what is wrong (got X); fix`` and all problems of one config are reported together, on one
+line, in an :class:`~Ava.errors.AvaConfigError`.
 """
 
 from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +19,20 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import AvaConfigError
-from .feature_compatibility import check_compatibility, raise_on_errors
-from .training_config import EnhancedTrainingConfig
 
 
-def load_config(
-    path: str | Path, overrides: list[str] | None = None, *, check_environment: bool = True
-) -> EnhancedTrainingConfig:
-    """Read ``path``, apply ``overrides``, validate, check compatibility.
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (``{}`` for an empty file).
 
     Args:
-        path: YAML file.
-        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars/lists.
-        check_environment: also check things outside the config (files exist, CUDA present).
+        path: the YAML file.
 
     Returns:
-        The resolved :class:`EnhancedTrainingConfig`.
+        The parsed sections, not yet validated.
+
+    Raises:
+        AvaConfigError: a missing file, invalid YAML (with line and column), a file that is not
+            UTF-8, or a top level that is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
@@ -51,34 +52,44 @@ def load_config(
         raise AvaConfigError(
             f"{path}: the top level must be a mapping of sections (model:, training:, ...), got {type(data).__name__}"
         )
-    for override in overrides or []:
-        apply_override(data, override)
-    overridden = {o.partition("=")[0].strip() for o in overrides or []}
-    config = validate_config(data, str(path), overridden)
-    raise_on_errors(check_compatibility(config, environment=check_environment), str(path), log_warnings=False)
-    return config
+    return data
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>",
-                    overridden: set[str] | frozenset[str] = frozenset()) -> EnhancedTrainingConfig:
-    """Validate a plain dict into a config, converting every error into one readable line.
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> frozenset[str]:
+    """Apply each ``a.b.c=value`` of ``overrides`` to ``data`` in place (see :func:`apply_override`).
 
-    ``overridden``: dotted keys set by command-line overrides; a problem at such a key says it
-    came from the command line, not from ``source``.
+    Returns:
+        The dotted keys the overrides set (a problem at one of them is said to come from the
+        command line).
     """
-    try:
-        return EnhancedTrainingConfig.model_validate(data)
-    except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            key = ".".join(str(p) for p in error.get("loc", ()))
-            from_cli = any(key == o or key.startswith(o + ".")  # an unknown section the override created:
-                           or (error["type"] == "extra_forbidden" and o.startswith(key + "."))
-                           for o in overridden)
-            problems.append(_describe(error) + (" (from the command-line override)" if from_cli else ""))
-        raise AvaConfigError(f"{source}: " + "; ".join(problems)) from None
-    except AvaConfigError as err:
-        raise AvaConfigError(f"{source}: {err}") from None
+    overrides = list(overrides)
+    for override in overrides:
+        apply_override(data, override)
+    return frozenset(o.partition("=")[0].strip() for o in overrides)
+
+
+def validation_problems(err: ValidationError, schema: type[BaseModel],
+                        overridden: Iterable[str] = ()) -> list[str]:
+    """One readable line per error of a failed validation against ``schema``.
+
+    Args:
+        err: what ``schema.model_validate`` raised.
+        schema: the root model (unknown keys are matched against its sections' keys).
+        overridden: dotted keys set by command-line overrides; a problem at such a key says it
+            came from the command line.
+
+    Returns:
+        ``key: what is wrong (got X); fix`` per error, in pydantic's order.
+    """
+    overridden = list(overridden)
+    problems = []
+    for error in err.errors():
+        key = ".".join(str(p) for p in error.get("loc", ()))
+        from_cli = any(key == o or key.startswith(o + ".")  # an unknown section the override created:
+                       or (error["type"] == "extra_forbidden" and o.startswith(key + "."))
+                       for o in overridden)
+        problems.append(_describe(error, schema) + (" (from the command-line override)" if from_cli else ""))
+    return problems
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -127,11 +138,11 @@ def _list_item(items: list[Any], part: str, key: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     loc = tuple(error.get("loc", ()))
     key = ".".join(str(p) for p in loc) or "<top level>"
     if error["type"] == "extra_forbidden":
-        parent = _section_at(loc[:-1])
+        parent = _section_at(schema, loc[:-1])
         valid = sorted(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         prefix = ".".join(str(p) for p in loc[:-1])
@@ -152,9 +163,9 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that sits at ``loc`` inside the config schema."""
-    cls: type[BaseModel] | None = EnhancedTrainingConfig
+def _section_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at ``loc`` inside ``schema``."""
+    cls: type[BaseModel] | None = schema
     for part in loc:
         if cls is None:
             return None

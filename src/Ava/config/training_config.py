@@ -2,7 +2,9 @@
 
 Every field has a default and a ``description``; the descriptions feed ``ava config schema`` and
 ``configs/reference.yaml``. All models forbid unknown keys, so a typo is an error that suggests
-the nearest valid key (see :mod:`Ava.config.loading`).
+the nearest valid key (see :mod:`Ava.config.loading`). :func:`load_config` and
+:func:`validate_config` are the function forms of :meth:`EnhancedTrainingConfig.from_yaml` and
+:meth:`EnhancedTrainingConfig.from_dict`.
 
 Sizes left unset are derived from the ones given (SPEC §3), so the seed's three model keys are
 enough at any size: ``num_heads = max(1, hidden_size // 64)``, ``num_kv_heads = num_heads``,
@@ -13,17 +15,23 @@ and ``vocab_size`` = the tokenizer's.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from ..errors import AvaConfigError
 from .base import AvaSection
 from .data_config import DataConfig, TokenizerConfig
+from .feature_compatibility import check_compatibility, raise_on_errors
+from .loading import apply_overrides, read_config_file, validation_problems
 from .model_config import ModelConfig
 from .training_sections import (
     PERFORMANCE_PRESETS,
     CheckpointConfig,
+    DistributedConfig,
     EvaluationConfig,
     GradientConfig,
     LoggingConfig,
@@ -50,6 +58,9 @@ class EnhancedTrainingConfig(AvaSection):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="LR schedule.")
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig, description="Precision.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Distributed training: how the run is spread over processes."
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
@@ -64,7 +75,7 @@ class EnhancedTrainingConfig(AvaSection):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
 
     @model_validator(mode="after")
-    def _resolve_cross_section(self) -> "EnhancedTrainingConfig":
+    def _resolve_cross_section(self) -> EnhancedTrainingConfig:
         if self.data.seq_len is None:
             object.__setattr__(self.data, "seq_len", self.model.max_seq_len)
         if self.model.vocab_size is None:
@@ -84,13 +95,15 @@ class EnhancedTrainingConfig(AvaSection):
     # -- I/O --------------------------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "EnhancedTrainingConfig":
-        """Load, override, validate and resolve a YAML config.
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None, *,
+                  check_environment: bool = True) -> EnhancedTrainingConfig:
+        """Load, override, validate and resolve a YAML config, then check its compatibility rules.
 
         Args:
             path: the YAML file.
             overrides: dotted ``key=value`` strings applied before validation
-                (``training.learning_rate=3e-4``).
+                (``training.learning_rate=3e-4``); values are parsed as YAML scalars/lists.
+            check_environment: also check things outside the config (files exist, CUDA present).
 
         Returns:
             The resolved config.
@@ -99,16 +112,38 @@ class EnhancedTrainingConfig(AvaSection):
             AvaConfigError: unreadable file, unknown key (with the nearest valid key), bad value
                 or contradictory combination; one line naming the key and the fix.
         """
-        from .loading import load_config
-
-        return load_config(path, overrides)
+        data = read_config_file(path)
+        overridden = apply_overrides(data, overrides or [])
+        config = cls.from_dict(data, str(path), overridden)
+        raise_on_errors(check_compatibility(config, environment=check_environment), str(path), log_warnings=False)
+        return config
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "EnhancedTrainingConfig":
-        """Validate a plain dict (as loaded from YAML); errors name ``source``."""
-        from .loading import validate_config
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>",
+                  overridden: Iterable[str] = ()) -> EnhancedTrainingConfig:
+        """Validate a plain dict (as loaded from YAML), converting every error into one readable line.
 
-        return validate_config(data, source)
+        Only the schema is checked here; :func:`~Ava.config.check_compatibility` holds the rules
+        on combinations (``from_yaml`` applies them).
+
+        Args:
+            data: the sections.
+            source: named at the start of the error (a file name).
+            overridden: dotted keys set by command-line overrides; a problem at such a key says
+                it came from the command line, not from ``source``.
+
+        Returns:
+            The resolved config.
+
+        Raises:
+            AvaConfigError: every problem of ``data``, on one line.
+        """
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise AvaConfigError(f"{source}: " + "; ".join(validation_problems(err, cls, overridden))) from None
+        except AvaConfigError as err:
+            raise AvaConfigError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict of the resolved config."""
@@ -116,12 +151,42 @@ class EnhancedTrainingConfig(AvaSection):
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The resolved config as YAML; also written to ``path`` when given."""
-        import yaml
-
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, check_environment: bool = True
+) -> EnhancedTrainingConfig:
+    """Read ``path``, apply ``overrides``, validate, check compatibility.
+
+    Args:
+        path: YAML file.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars/lists.
+        check_environment: also check things outside the config (files exist, CUDA present).
+
+    Returns:
+        The resolved :class:`EnhancedTrainingConfig` (see :meth:`EnhancedTrainingConfig.from_yaml`).
+    """
+    return EnhancedTrainingConfig.from_yaml(path, overrides, check_environment=check_environment)
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>",
+                    overridden: Iterable[str] = frozenset()) -> EnhancedTrainingConfig:
+    """Validate a plain dict into a config, converting every error into one readable line.
+
+    Args:
+        data: the sections.
+        source: named at the start of the error.
+        overridden: dotted keys set by command-line overrides (see
+            :meth:`EnhancedTrainingConfig.from_dict`).
+
+    Returns:
+        The resolved config.
+    """
+    return EnhancedTrainingConfig.from_dict(data, source, overridden)
 
 
 def _tokenizer_vocab_size(tokenizer: TokenizerConfig) -> int:

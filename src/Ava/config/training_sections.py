@@ -1,5 +1,5 @@
-"""The sections that steer a training run: loop, optimizer, schedule, precision, logging,
-evaluation, checkpoints, gradient health and surgery, progressive training, performance presets, run.
+"""The sections that steer a training run: loop, optimizer, schedule, precision, distribution,
+logging, evaluation, checkpoints, gradient health and surgery, progressive training, performance presets, run.
 """
 
 from __future__ import annotations
@@ -186,6 +186,16 @@ class PrecisionConfig(AvaSection):
 
     dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="fp32, or bf16 autocast (CPU and CUDA) with fp32 master weights."
+    )
+
+
+class DistributedConfig(AvaSection):
+    """How training is spread over processes (see ``training/parallel.py``)."""
+
+    strategy: Literal["none"] = Field(
+        "none",
+        description="How training is spread over processes; only none (one process) today. ddp, fsdp2 and "
+        "expert parallelism come with distributed training.",
     )
 
 

@@ -2,14 +2,19 @@
 
 Legend: B windows, T positions, V vocabulary, E experts.
 
-Each source's documents are encoded, joined with the end-of-text token and cut into windows
-of ``max_seq_len`` tokens; every position except the first of a window is scored. From the same
-forward passes come the routing counts per MoE layer (load shares, MaxVio, dead experts, router
-entropy) and the calibration of the next-token distribution: expected calibration error over
-15 equal-width confidence bins (Guo et al. 2017), confidence = the top-1 probability, correct =
-the top-1 token is the target. Multiple-choice questions are scored by the mean log-likelihood
-per token of each choice after the question (length-normalised, so longer answers are not
-penalised for their length); the best-scoring choice is the prediction.
+Without ``--data`` the run's own validation split is scored exactly as the trainer scores it
+(same windows, batch size, precision and document mask, through the same
+:func:`~Ava.evaluation.validation.validation_loss`), only over more batches. A ``--data`` file's
+documents are encoded, joined with the end-of-text token and cut into windows of ``max_seq_len``
+tokens (a shorter last window is right-padded within its batch); every position except the first
+of a window is scored. From the same forward passes come the routing counts per MoE layer (load
+shares, MaxVio, dead experts, router entropy; :mod:`Ava.models.routing_metrics`) and the
+calibration of the next-token distribution: expected calibration error over 15 equal-width
+confidence bins (Guo et al. 2017), confidence = the top-1 probability, correct = the top-1 token
+is the target. Multiple-choice questions are scored by the mean log-likelihood per token of each
+choice after the question (length-normalised, so longer answers are not penalised for their
+length); the best-scoring choice is the prediction. Generation samples are made by a function the
+caller passes (the CLI composes generation with evaluation).
 """
 
 from __future__ import annotations
@@ -17,183 +22,88 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from torch.utils.data import Dataset
 
-from ..data import AvaTokenizer, Document
+from ..config import EnhancedTrainingConfig, SourceConfig, TokenizerConfig
+from ..data import AvaTokenizer, prepare_data, read_source
 from ..errors import AvaCheckpointError, AvaDataError, AvaError
 from ..models import EnhancedMoEModel
+from ..models.routing_metrics import RoutingTotals
 from ..utils.checkpoint import CONFIG_FILE, TOKENIZER_FILE, resolve_checkpoint
+from .calibration import ECE_BINS, CalibrationBins
 from .report import write_markdown
+from .validation import validation_loss
 
 logger = logging.getLogger(__name__)
-
-ECE_BINS = 15
-
-
-# --------------------------------------------------------------------------------------------
-# calibration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CalibrationBins:
-    """Running per-bin sums for the expected calibration error.
-
-    Bin b holds confidences in ``(b/n, (b+1)/n]`` (bin 0 also takes 0).
-    """
-
-    num_bins: int = ECE_BINS
-    count: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    confidence: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    correct: torch.Tensor = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.count = torch.zeros(self.num_bins, dtype=torch.float64)
-        self.confidence = torch.zeros(self.num_bins, dtype=torch.float64)
-        self.correct = torch.zeros(self.num_bins, dtype=torch.float64)
-
-    def add(self, confidence_N: torch.Tensor, correct_N: torch.Tensor) -> None:
-        """Add N predictions: top-1 probabilities and whether the top-1 token was right."""
-        conf = confidence_N.detach().double().cpu()
-        bins = (conf * self.num_bins).ceil().long().clamp(1, self.num_bins) - 1  # (N,)
-        self.count.index_add_(0, bins, torch.ones_like(conf))
-        self.confidence.index_add_(0, bins, conf)
-        self.correct.index_add_(0, bins, correct_N.detach().double().cpu())
-
-    def ece(self) -> float:
-        """``Σ_b (n_b / N) · |accuracy_b − confidence_b|``."""
-        total = self.count.sum()
-        if total == 0:
-            return float("nan")
-        return float((self.correct - self.confidence).abs().sum() / total)
-
-    def table(self) -> list[dict[str, float]]:
-        """Per non-empty bin: range, count, mean confidence, accuracy."""
-        rows = []
-        for b in range(self.num_bins):
-            n = float(self.count[b])
-            if n:
-                rows.append({"low": b / self.num_bins, "high": (b + 1) / self.num_bins, "count": n,
-                             "confidence": float(self.confidence[b]) / n, "accuracy": float(self.correct[b]) / n})
-        return rows
-
-
-def expected_calibration_error(confidence_N: torch.Tensor, correct_N: torch.Tensor, num_bins: int = ECE_BINS) -> float:
-    """ECE of N predictions (see :class:`CalibrationBins`).
-
-    Args:
-        confidence_N: (N,) top-1 probabilities in [0, 1].
-        correct_N: (N,) bool or 0/1, the top-1 prediction was right.
-        num_bins: equal-width bins over [0, 1].
-
-    Returns:
-        The ECE in [0, 1].
-    """
-    bins = CalibrationBins(num_bins)
-    bins.add(confidence_N, correct_N.float())
-    return bins.ece()
-
-
-# --------------------------------------------------------------------------------------------
-# expert utilisation
-# --------------------------------------------------------------------------------------------
-
-
-def expert_utilisation(counts_E: torch.Tensor, router_entropy: float | None = None) -> dict[str, Any]:
-    """Load statistics of one MoE layer.
-
-    Args:
-        counts_E: (E,) token-slots routed to each expert.
-        router_entropy: token-averaged entropy of the router probabilities (nats), if known.
-
-    Returns:
-        ``load_shares`` (sum 1), ``max_vio`` = max load / mean load − 1 (0 = perfectly balanced),
-        ``load_entropy`` = entropy of the shares / ln E (1 = uniform), ``dead_experts`` (indices
-        never chosen), ``router_entropy`` and ``router_entropy_normalised`` (/ ln E).
-    """
-    counts = counts_E.double().cpu()
-    E = counts.numel()
-    total = counts.sum()
-    shares = counts / total if total > 0 else torch.full_like(counts, 1.0 / E)
-    mean = total / E
-    nz = shares[shares > 0]
-    return {
-        "load_shares": [round(float(s), 6) for s in shares],
-        "max_vio": float(counts.max() / mean - 1) if total > 0 else 0.0,
-        "load_entropy": float(-(nz * nz.log()).sum() / math.log(E)) if E > 1 else 1.0,
-        "dead_experts": [i for i, c in enumerate(counts.tolist()) if c == 0],
-        "router_entropy": router_entropy,
-        "router_entropy_normalised": (router_entropy / math.log(E)) if router_entropy is not None and E > 1 else None,
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # loss, perplexity, routing and calibration over a token stream
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+class TokenWindows(Dataset):
+    """Consecutive windows of ``seq_len`` tokens over one token stream, the last one possibly shorter.
+
+    ``dataset[i]`` is the (≤ seq_len,) id tensor of window i; windows of fewer than 2 tokens (nothing
+    to predict) are left out.
+    """
+
+    def __init__(self, token_ids: Sequence[int], seq_len: int) -> None:
+        self.ids = torch.tensor(list(token_ids), dtype=torch.long)
+        self.seq_len = seq_len
+        starts = range(0, max(len(self.ids) - 1, 0), seq_len)
+        self.starts = [i for i in starts if len(self.ids) - i >= 2]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = self.starts[i]
+        return self.ids[start:start + self.seq_len]
+
+
 def evaluate_tokens(
     model: EnhancedMoEModel,
     token_ids: Sequence[int],
     batch_size: int = 8,
     calibration: CalibrationBins | None = None,
-    routing: dict[int, list] | None = None,
-) -> dict[str, float]:
-    """Mean next-token loss over ``token_ids`` cut into windows of ``max_seq_len``.
+    routing: RoutingTotals | None = None,
+) -> dict[str, Any]:
+    """Mean next-token loss over ``token_ids`` cut into windows of ``max_seq_len`` (:class:`TokenWindows`).
 
     Args:
-        model: the model (put in eval mode by the caller).
+        model: the model (its device is used).
         token_ids: the joined token stream of one source.
         batch_size: windows per forward pass.
         calibration: bins to add every scored position to.
-        routing: layer → ``[counts_E, entropy_sum, tokens]`` accumulators to add to.
+        routing: router statistics to add every batch to.
 
     Returns:
-        ``loss`` (nats/token), ``perplexity``, ``tokens`` scored, ``accuracy`` (top-1).
+        ``loss`` (plain cross-entropy, nats/token), ``perplexity``, ``objective`` (the model's
+        ``lm_loss``, which label smoothing or focal loss change), ``tokens`` scored, ``accuracy``
+        (top-1).
     """
-    device = next(model.parameters()).device
-    T = model.config.max_seq_len
-    ids = torch.tensor(list(token_ids), dtype=torch.long)
-    windows = [ids[i:i + T] for i in range(0, max(len(ids) - 1, 0), T)]
-    windows = [w for w in windows if len(w) >= 2]
-    nll_sum, correct_sum, scored = 0.0, 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        width = max(len(w) for w in batch)
-        ids_BT = torch.zeros(len(batch), width, dtype=torch.long)
-        mask_BT = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, w in enumerate(batch):  # right padding: positions stay 0..len-1
-            ids_BT[b, :len(w)], mask_BT[b, :len(w)] = w, 1
-        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
-        out = model(ids_BT, attention_mask=mask_BT if bool((mask_BT == 0).any()) else None)
-        logprobs_BTV = out.logits[:, :-1].float().log_softmax(dim=-1)  # predicts positions 1..
-        target_BT = ids_BT[:, 1:]
-        valid_BT = mask_BT[:, 1:].bool()
-        nll_BT = -logprobs_BTV.gather(-1, target_BT[..., None]).squeeze(-1)
-        top_BT = logprobs_BTV.max(dim=-1)
-        correct_BT = top_BT.indices == target_BT
-        nll_sum += float(nll_BT[valid_BT].sum())
-        correct_sum += float(correct_BT[valid_BT].sum())
-        scored += int(valid_BT.sum())
-        if calibration is not None:
-            calibration.add(top_BT.values[valid_BT].exp(), correct_BT[valid_BT].float())
-        if routing is not None:
-            n_tokens = int(ids_BT.numel())  # router stats cover padding rows too (few, right-padded)
-            for stat in out.router_stats:
-                acc = routing.setdefault(stat.layer, [torch.zeros_like(stat.tokens_per_expert, device="cpu"), 0.0, 0])
-                acc[0] += stat.tokens_per_expert.cpu()
-                if stat.router_entropy is not None:
-                    acc[1] += float(stat.router_entropy) * n_tokens
-                    acc[2] += n_tokens
-    loss = nll_sum / scored if scored else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if scored else float("nan"), "tokens": scored,
-            "accuracy": correct_sum / scored if scored else float("nan")}
+    windows = TokenWindows(token_ids, model.config.max_seq_len)
+    result = validation_loss(model, windows, batch_size=batch_size,
+                             calibration=calibration if calibration is not None else CalibrationBins(),
+                             routing=routing)
+    return _source_result(result)
+
+
+def _source_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The report's view of one source from :func:`validation_loss`'s result (with calibration):
+    ``loss`` is the plain cross-entropy (so ``perplexity`` is one, whatever ``model.loss`` trains),
+    ``objective`` the training objective the trainer's validation loss reports."""
+    nll = result["nll"]
+    return {"loss": nll, "perplexity": math.exp(nll) if math.isfinite(nll) else float("nan"),
+            "objective": result["loss"], "tokens": result["tokens"], "accuracy": result["accuracy"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +204,10 @@ class EvaluationReport:
     markdown_path: Path
 
 
+SampleFn = Callable[[EnhancedMoEModel, AvaTokenizer, str, int], str]
+"""``(model, tokenizer, prompt, max_new_tokens) -> completion`` (the text after the prompt)."""
+
+
 def run_evaluation(
     path: str | Path,
     data: Sequence[str] | None = None,
@@ -303,56 +217,48 @@ def run_evaluation(
     num_samples: int = 3,
     sample_max_new_tokens: int = 48,
     device: str = "cpu",
+    sample_fn: SampleFn | None = None,
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write ``eval_report.json`` + ``eval_report.md``.
 
     Args:
         path: run folder, checkpoint folder or Ava model folder.
         data: text/JSONL files, one source each (None = the run's validation split, rebuilt from
-            the checkpoint's config.yaml).
+            the checkpoint's config.yaml and scored as the trainer scores it).
         mc_file: optional multiple-choice JSONL.
         out: report folder (None = ``<checkpoint>/eval``).
-        max_tokens: tokens scored per source at most.
-        num_samples: greedy generation samples (prompts: the first words of source documents).
+        max_tokens: tokens scored per source at most (the validation split: whole batches of
+            ``training.batch_size`` windows, at least one).
+        num_samples: generation samples (prompts: the first words of the source documents, or of
+            the validation windows); none without ``sample_fn``.
         sample_max_new_tokens: tokens per sample.
         device: where to run.
+        sample_fn: makes one sample; the caller composes generation with evaluation (the CLI
+            passes greedy decoding).
 
     Returns:
         The :class:`EvaluationReport`.
     """
-    from ..generation import TextGenerator
-
     checkpoint = resolve_checkpoint(path)
     tokenizer_file = checkpoint / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise AvaCheckpointError(f"{tokenizer_file} is missing; evaluation needs the model's tokenizer")
     tokenizer = AvaTokenizer.from_file(tokenizer_file)
     model = EnhancedMoEModel.from_pretrained(checkpoint, device=device).eval()
-    sources = _sources(checkpoint, data)
-    calibration, routing = CalibrationBins(), {}
+    calibration, routing = CalibrationBins(), RoutingTotals()
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "sources": {}}
-    for name, docs in sources.items():
-        stream: list[int] = []
-        for ids in tokenizer.encode_batch([d.text for d in docs]):
-            stream.extend(ids + [tokenizer.eos_id])
-            if len(stream) >= max_tokens + 1:
-                break
-        results["sources"][name] = evaluate_tokens(model, stream[:max_tokens + 1], calibration=calibration,
-                                                   routing=routing)
-        results["sources"][name]["documents"] = len(docs)
+    if data:
+        prompts = _evaluate_files(model, tokenizer, data, max_tokens, calibration, routing, results["sources"])
+    else:
+        prompts = _evaluate_validation(model, tokenizer, checkpoint, max_tokens, device, num_samples,
+                                       calibration, routing, results["sources"])
     results["calibration"] = {"ece": calibration.ece(), "bins": calibration.table(), "num_bins": ECE_BINS}
-    results["experts"] = {
-        str(layer): expert_utilisation(acc[0], acc[1] / acc[2] if acc[2] else None)
-        for layer, acc in sorted(routing.items())
-    }
+    results["experts"] = {str(layer): stats for layer, stats in sorted(routing.per_layer().items())}
     if mc_file is not None:
         results["multiple_choice"] = score_multiple_choice(model, tokenizer, read_multiple_choice(mc_file))
-    generator = TextGenerator(model, tokenizer)
-    prompts = [" ".join(d.text.split()[:4]) for docs in sources.values() for d in docs][:num_samples]
-    results["samples"] = [
-        {"prompt": p, "completion": generator.generate(p, sample_max_new_tokens, temperature=0)[len(p):]}
-        for p in prompts
-    ]
+    prompts = prompts[:num_samples] if sample_fn is not None else []
+    results["samples"] = [{"prompt": p, "completion": sample_fn(model, tokenizer, p, sample_max_new_tokens)}
+                          for p in prompts]
     folder = Path(out) if out is not None else checkpoint / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "eval_report.json", folder / "eval_report.md"
@@ -361,23 +267,51 @@ def run_evaluation(
     return EvaluationReport(results, json_path, md_path)
 
 
-def _sources(checkpoint: Path, data: Sequence[str] | None) -> dict[str, list[Document]]:
-    """Source name → documents: the given files, or the run's validation split."""
-    from ..config import EnhancedTrainingConfig, SourceConfig
-    from ..data import load_documents, read_source, split_documents
+def _evaluate_files(
+    model: EnhancedMoEModel, tokenizer: AvaTokenizer, files: Sequence[str], max_tokens: int,
+    calibration: CalibrationBins, routing: RoutingTotals, into: dict[str, Any],
+) -> list[str]:
+    """Score each file as one source into ``into``; returns sample prompts (first words of documents)."""
+    prompts = []
+    for f in files:
+        docs = read_source(SourceConfig(path=str(f)))
+        stream: list[int] = []
+        for ids in tokenizer.encode_batch([d.text for d in docs]):
+            stream.extend(ids + [tokenizer.eos_id])
+            if len(stream) >= max_tokens + 1:
+                break
+        result = evaluate_tokens(model, stream[:max_tokens + 1], calibration=calibration, routing=routing)
+        into[Path(f).name] = {**result, "documents": len(docs)}
+        prompts += [" ".join(d.text.split()[:4]) for d in docs]
+    return prompts
 
-    if data:
-        return {Path(f).name: read_source(SourceConfig(path=str(f))) for f in data}
-    import yaml
 
+def _evaluate_validation(
+    model: EnhancedMoEModel, tokenizer: AvaTokenizer, checkpoint: Path, max_tokens: int, device: str,
+    num_samples: int, calibration: CalibrationBins, routing: RoutingTotals, into: dict[str, Any],
+) -> list[str]:
+    """Score the run's validation split as the trainer does, into ``into["validation"]``; returns
+    sample prompts (the first words of the first validation windows)."""
     try:
         raw = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         config = EnhancedTrainingConfig.from_dict(raw, source=str(checkpoint / CONFIG_FILE))
     except (OSError, yaml.YAMLError, AvaError, TypeError, AttributeError) as err:
         raise AvaDataError(f"{checkpoint / CONFIG_FILE} is not a full training config ({err}); pass --data FILE "
                            "to evaluate on explicit text files") from None
-    docs = load_documents(config.data, seed=config.run.seed)
-    _, val = split_documents(docs, config.data.val_fraction, config.run.seed)
-    if not val:
+    if config.data.val_fraction == 0:
         raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --data FILE")
-    return {"validation": val}
+    batch_size, seq_len = config.training.batch_size, config.data.seq_len
+    max_batches = max(1, max_tokens // (batch_size * seq_len))
+    # the run's own tokenizer, as a resumed trainer uses it (never a retrained one)
+    data_cfg = config.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(checkpoint / TOKENIZER_FILE))})
+    prepared = prepare_data(data_cfg, config.run.seed, eval_windows=max_batches * batch_size)
+    if prepared.val is None:
+        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --data FILE")
+    result = validation_loss(
+        model, prepared.val, batch_size=batch_size, max_batches=max_batches, device=device,
+        autocast_dtype=torch.bfloat16 if config.precision.dtype == "bf16" else None,
+        document_mask=config.data.document_mask, calibration=calibration, routing=routing,
+    )
+    into["validation"] = {**_source_result(result), "documents": prepared.stats.get("val_documents")}
+    windows = [prepared.val[i]["input_ids"] for i in range(min(num_samples, len(prepared.val)))]
+    return [" ".join(tokenizer.decode(ids[:64].tolist()).split()[:4]) for ids in windows]

@@ -1,7 +1,10 @@
-"""Training metrics: one writer for ``metrics.jsonl`` and TensorBoard, plus MoE load summaries.
+"""Training metrics: one writer for ``metrics.jsonl`` and TensorBoard, step timing, MFU, and the
+MoE collapse alarm.
 
 Every record is a flat dict of numbers tagged with the step and a ``split`` (``train`` / ``val``),
-so ``metrics.jsonl`` can be read with one ``json.loads`` per line and plotted directly.
+so ``metrics.jsonl`` can be read with one ``json.loads`` per line and plotted directly. The MoE
+routing metrics (MaxVio, load entropy, dead experts, drop rate, router statistics) are computed by
+:mod:`Ava.models.routing_metrics`, which ``ava eval`` shares; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,23 @@ from typing import Any
 
 import torch
 
-from ..errors import AvaConfigError
+from ..models.routing_metrics import (
+    accumulate_router_stats,
+    add_loads,
+    dead_experts,
+    expert_load_shares,
+    load_entropy,
+    max_vio,
+    moe_diagnostics,
+    moe_layer_ids,
+    token_drop_rate,
+)
+
+__all__ = [
+    "MetricsWriter", "MoECollapseAlarm", "StepTimer", "accumulate_router_stats", "add_loads", "dead_experts",
+    "expert_load_shares", "load_entropy", "max_vio", "measure_matmul_peak", "moe_diagnostics", "moe_layer_ids",
+    "start_wandb", "token_drop_rate", "truncate_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +107,23 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 def start_wandb(config: Any, run_dir: Path, resume: bool) -> Any:
     """Initialise a W&B run from ``logging.wandb`` (None when disabled).
 
-    Raises:
-        AvaConfigError: W&B is enabled but the ``wandb`` package is not installed.
+    That ``wandb`` is installed when enabled is a rule of
+    :func:`~Ava.config.check_compatibility` (environment checks), reported with the config's
+    other problems before the run starts.
+
+    Args:
+        config: the resolved config.
+        run_dir: the run folder (W&B writes beside it; the run's id is its name).
+        resume: continue the W&B run of that id.
+
+    Returns:
+        The ``wandb`` run, or None.
     """
     section = config.logging.wandb
     if not section.enabled:
         return None
-    try:
-        import wandb
-    except ImportError as err:
-        raise AvaConfigError(
-            "logging.wandb.enabled is true but the wandb package is not installed; "
-            "`pip install wandb` or set logging.wandb.enabled: false"
-        ) from err
+    import wandb
+
     return wandb.init(project=section.project, entity=section.entity, mode=section.mode,
                       dir=str(run_dir), name=run_dir.name, id=run_dir.name, config=config.to_dict(),
                       resume="allow" if resume else None)
@@ -165,151 +188,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2.0 * size**3 * n / (time.perf_counter() - start)
 
 
-def expert_load_shares(tokens_per_expert: list[torch.Tensor], layers: list[int] | None = None) -> dict[str, Any]:
-    """Per-layer share of routed assignments per expert, for the expert-load heatmap.
-
-    (MaxVio and the other scalars come from :func:`moe_diagnostics`.)
-
-    Args:
-        tokens_per_expert: one ``(E,)`` tensor of routed token counts per MoE layer.
-        layers: the decoder layer index of each; None = 0..L−1 (:func:`moe_layer_ids`).
-
-    Returns:
-        ``{"expert_load": [[share per expert] per layer], "expert_load_layers": [layer index]}``,
-        or {} without MoE layers.
-    """
-    if not tokens_per_expert:
-        return {}
-    loads = torch.stack([t.float() for t in tokens_per_expert])  # (L, E)
-    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1.0)
-    return {"expert_load": [[round(v, 4) for v in row] for row in share.tolist()],
-            "expert_load_layers": moe_layer_ids(layers, len(tokens_per_expert))}
-
-
 # --------------------------------------------------------------------------------------------
-# MoE routing diagnostics and the collapse alarm
+# the MoE collapse alarm (the routing metrics themselves: models/routing_metrics.py)
 # --------------------------------------------------------------------------------------------
-# Legend: L MoE layers, E experts. Counts are routed token-slots (before capacity dropping).
-
-
-def max_vio(counts_LE: torch.Tensor) -> torch.Tensor:
-    """MaxVio per layer: ``max_i load_i / mean load − 1`` (Wang et al. 2024).
-
-    Args:
-        counts_LE: (L, E) or (E,) token counts.
-
-    Returns:
-        (L,) or scalar fp32: 0 = perfectly balanced, E − 1 = everything on one expert.
-    """
-    loads = counts_LE.float()
-    return loads.max(dim=-1).values / loads.mean(dim=-1).clamp_min(1e-9) - 1.0
-
-
-def load_entropy(counts_LE: torch.Tensor) -> torch.Tensor:
-    """Normalised entropy of the load shares per layer: 1 = uniform, 0 = one expert takes all.
-
-    Args:
-        counts_LE: (L, E) or (E,) token counts (E ≥ 2).
-
-    Returns:
-        (L,) or scalar fp32, ``H(share) / ln E``.
-    """
-    loads = counts_LE.float()
-    share = loads / loads.sum(dim=-1, keepdim=True).clamp_min(1e-9)
-    entropy = -(share * share.clamp_min(1e-20).log()).sum(dim=-1)
-    return entropy / math.log(max(loads.shape[-1], 2))
-
-
-def dead_experts(counts_LE: torch.Tensor) -> torch.Tensor:
-    """Experts that received no token, per layer.
-
-    Args:
-        counts_LE: (L, E) or (E,) token counts over the window of interest.
-
-    Returns:
-        (L,) or scalar long.
-    """
-    return (counts_LE == 0).sum(dim=-1)
-
-
-def token_drop_rate(dropped: torch.Tensor | float, routed: torch.Tensor | float) -> torch.Tensor:
-    """Share of routed token-slots dropped by capacity (0 when dropless)."""
-    return torch.as_tensor(dropped, dtype=torch.float32) / max(float(routed), 1.0)
-
-
-def accumulate_router_stats(acc: dict[str, torch.Tensor], router_stats: list[Any]) -> dict[str, torch.Tensor]:
-    """Running sums of the scalar router statistics over the micro-batches of a step (or an eval).
-
-    Args:
-        acc: the previous result ({} at the start).
-        router_stats: ``MoEModelOutput.router_stats`` of one batch (one entry per MoE layer).
-
-    Returns:
-        ``{"dropped": (L,) long, "router_entropy": (L,), "router_logit_norm": (L,), "batches": (),
-        "unrouted": (L,) long, "tokens": (L,)}`` sums on the device (:func:`moe_diagnostics`
-        averages entropy and norm over ``batches``),
-        and ``"layers"``: the decoder layer index of each entry (MTP block j: ``num_layers + j −
-        1``), which names the per-layer metrics.
-    """
-    if not router_stats:
-        return acc
-    new = {
-        "dropped": torch.stack([s.dropped_tokens for s in router_stats]),
-        "router_entropy": torch.stack([s.router_entropy for s in router_stats]),
-        "router_logit_norm": torch.stack([s.logit_norm for s in router_stats]),
-        "batches": torch.ones(()),
-    }
-    if all(s.unrouted_tokens is not None and s.num_tokens for s in router_stats):
-        new["unrouted"] = torch.stack([s.unrouted_tokens for s in router_stats])
-        new["tokens"] = torch.tensor([s.num_tokens for s in router_stats])
-    summed = {k: acc[k] + v if k in acc else v for k, v in new.items()}
-    return {**summed, "layers": [int(s.layer) for s in router_stats]}
-
-
-def moe_diagnostics(tokens_per_expert: list[torch.Tensor],
-                    router_acc: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Scalar routing diagnostics of one step (or one evaluation) for metrics.jsonl / TensorBoard.
-
-    Args:
-        tokens_per_expert: one (E,) routed count per MoE layer, summed over the micro-batches.
-        router_acc: from :func:`accumulate_router_stats`, or None.
-
-    Returns:
-        ``max_vio`` (mean over layers), ``max_vio_worst`` (worst layer), ``load_entropy`` (mean
-        normalised), ``dead_experts`` (summed over layers, this step), ``token_drop_rate``, and
-        when ``router_acc`` is given ``router_entropy`` and ``router_logit_norm`` (means over
-        layers) and ``unrouted_rate`` (tokens that no expert computed, over tokens × layers);
-        plus per layer ``moe/l{i}/max_vio`` and ``moe/l{i}/load_entropy``, i = the decoder layer
-        index from ``router_acc["layers"]`` (:func:`moe_layer_ids`). 0-dim tensors, read (synced)
-        by the caller when it logs.
-    """
-    if not tokens_per_expert:
-        return {}
-    counts_LE = torch.stack([t.detach().float() for t in tokens_per_expert])  # (L, E)
-    vio_L, ent_L = max_vio(counts_LE), load_entropy(counts_LE)
-    out: dict[str, Any] = {
-        "max_vio": vio_L.mean(),
-        "max_vio_worst": vio_L.max(),
-        "load_entropy": ent_L.mean(),
-        "dead_experts": dead_experts(counts_LE).sum(),
-    }
-    if router_acc:
-        out["token_drop_rate"] = token_drop_rate(router_acc["dropped"].sum().float(), counts_LE.sum())
-        batches = float(router_acc["batches"])
-        out["router_entropy"] = router_acc["router_entropy"].mean() / batches
-        out["router_logit_norm"] = router_acc["router_logit_norm"].mean() / batches
-        if "unrouted" in router_acc:
-            out["unrouted_rate"] = router_acc["unrouted"].sum().float() / router_acc["tokens"].sum().clamp_min(1)
-    for k, layer in enumerate(moe_layer_ids((router_acc or {}).get("layers"), counts_LE.shape[0])):
-        out[f"moe/l{layer}/max_vio"] = vio_L[k]
-        out[f"moe/l{layer}/load_entropy"] = ent_L[k]
-    return out
-
-
-def moe_layer_ids(layers: list[int] | None, count: int) -> list[int]:
-    """The decoder layer index of each of ``count`` MoE layers: ``layers`` (from
-    :func:`accumulate_router_stats`), or 0..count−1 when not known."""
-    return list(layers) if layers is not None and len(layers) == count else list(range(count))
 
 
 class MoECollapseAlarm:
@@ -329,7 +210,7 @@ class MoECollapseAlarm:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self._window: list[torch.Tensor] = []  # (L, E) counts of the last `window` steps
+        self._window: list[torch.Tensor] = []  # (Q, E) counts of the last `window` steps
         self._violations = 0
         self._last_logged: int | None = None  # step of the last warning
         self._unlogged = 0  # firings since then that were not logged
@@ -353,21 +234,21 @@ class MoECollapseAlarm:
         """
         if not self.active or not tokens_per_expert or step < self.cfg.start_step:
             return None
-        counts_LE = torch.stack([t.detach().float() for t in tokens_per_expert]).cpu()  # (L, E)
+        counts_QE = torch.stack([t.detach().float() for t in tokens_per_expert]).cpu()  # (Q, E)
         problems = []
         if self.cfg.max_vio is not None:
-            vio_L = max_vio(counts_LE)
-            worst = int(vio_L.argmax())
-            if vio_L[worst] > self.cfg.max_vio:
+            vio_Q = max_vio(counts_QE)
+            worst = int(vio_Q.argmax())
+            if vio_Q[worst] > self.cfg.max_vio:
                 self._violations += 1
                 if self._violations >= self.cfg.patience:
-                    layer = moe_layer_ids(layers, len(vio_L))[worst]
-                    problems.append(f"MaxVio {vio_L[worst]:.2f} > {self.cfg.max_vio} in layer {layer} "
+                    layer = moe_layer_ids(layers, len(vio_Q))[worst]
+                    problems.append(f"MaxVio {vio_Q[worst]:.2f} > {self.cfg.max_vio} in layer {layer} "
                                     f"for {self._violations} step(s)")
             else:
                 self._violations = 0
         if self.cfg.dead_experts is not None:
-            self._window = (self._window + [counts_LE])[-self.cfg.window:]
+            self._window = (self._window + [counts_QE])[-self.cfg.window:]
             if len(self._window) == self.cfg.window:
                 dead = int(dead_experts(torch.stack(self._window).sum(dim=0)).sum())
                 if dead >= self.cfg.dead_experts:

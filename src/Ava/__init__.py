@@ -26,6 +26,9 @@ C   rows per expert in a uniform (E, C, D) expert buffer
 I   intermediate width (an expert's or a dense MLP's)
 F   fused gate|up width, 2I
 M   multi-token-prediction depths
+Q   layers (e.g. per-layer expert counts, (Q, E))
+J   loss terms (gradient surgery)
+P   parameters, flattened into one vector
 Z   rows in one chunk of a chunked computation
 ==  =====================================================================================
 """

@@ -59,7 +59,7 @@ def test_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, 
     names = reference.data.source_names
     assert names == ["a", "small"]
     # token accounting per source follows the 3:1 weights (one epoch of slots is 4× the small source)
-    shares = {n: reference.source_tokens[n] / summary.tokens for n in names}
+    shares = {n: reference.feed.source_tokens[n] / summary.tokens for n in names}
     assert abs(shares["a"] - 0.75) < 0.1 and abs(shares["small"] - 0.25) < 0.1
 
     config = _config(tmp_path, corpus_cache, tmp_path / "crashed", *extra)

@@ -33,8 +33,16 @@ def test_sweep_is_exponential_restores_state_and_stops_on_divergence():
     model.w.grad = torch.ones(4)
     opt.step()  # give the optimizer some state to restore
     w_before, buf_before = model.w.detach().clone(), opt.state[model.w]["momentum_buffer"].clone()
-    result = lr_range_test(model, opt, _batches(), min_lr=1e-4, max_lr=100.0, num_steps=61, grad_clip=None,
-                           smoothing=0.5)
+    batches = _batches()
+
+    def step():
+        loss = model(next(batches)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    result = lr_range_test(step, opt, [model, opt], min_lr=1e-4, max_lr=100.0, num_steps=61, smoothing=0.5)
     assert result.lrs[:3] == pytest.approx([1e-4, 1e-4 * 10 ** 0.1, 1e-4 * 10 ** 0.2])
     assert result.diverged and len(result.lrs) < 61
     assert result.losses[-1] > 4 * min(result.losses)

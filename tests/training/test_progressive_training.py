@@ -167,7 +167,7 @@ def test_a_run_trains_on_the_scheduled_batches(tmp_path, corpus_cache):
     summary = trainer.train()
     s, ds = trainer.progressive, trainer.data.train
     # 102 windows: ramp steps of 2×(4, 5, 6, 7) windows use 44, then ⌊58/16⌋ = 3 full steps
-    assert summary.steps == len(trainer.seen) == trainer._total_steps(len(ds)) == 7
+    assert summary.steps == len(trainer.seen) == trainer.feed.total_steps() == 7
     order, pos, tokens = s.epoch_order(ds, 0), 0, 0
     for step, micro_batches in enumerate(trainer.seen):
         b, t = s.batch_size(step), s.seq_len(step)

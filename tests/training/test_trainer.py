@@ -57,7 +57,7 @@ def test_final_checkpoint_is_complete_and_loads_safely(trained_run):
     assert {"model.safetensors", "state.pt", "config.yaml", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["step"] == 60 and manifest["val_loss"] == pytest.approx(summary.final_val_loss)
     state = load_training_state(ckpt)  # weights_only=True
-    assert state["step"] == 60 and state["tokens"] == summary.tokens
+    assert state["step"] == 60 and state["progress"]["tokens"] == summary.tokens
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 60
 
 

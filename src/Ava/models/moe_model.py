@@ -1,7 +1,7 @@
 """The decoder-only MoE language model (Qwen3-MoE layout and parameter names).
 
-Legend: B batch, T new positions, S = past + T key positions, D hidden, V vocabulary,
-E experts, G key/value heads, K head dim.
+Shape suffixes: see ``Ava/__init__.py``; here B batch, T new positions, L = past + T key
+positions, D hidden, V vocabulary, E experts, G key/value heads, A head dim.
 
 Parameter names follow HF Qwen3-MoE without its ``model.`` prefix (``embed_tokens``,
 ``layers.{i}.self_attn.q_proj``, ``layers.{i}.mlp.gate``, ``layers.{i}.mlp.experts.gate_up_proj``,
@@ -11,6 +11,7 @@ Parameter names follow HF Qwen3-MoE without its ``model.`` prefix (``embed_token
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..config.checkpoint_layout import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
@@ -35,7 +37,6 @@ from ..losses import (
     sequence_balancing_loss,
     use_fused_head,
 )
-from ..utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 from .decoder_layer import DecoderLayer
 from .mtp import MultiTokenPrediction
 from .outputs import MoEModelOutput, RouterStats
@@ -44,9 +45,6 @@ from .outputs import MoEModelOutput, RouterStats
 def _check_config(cfg: ModelConfig) -> None:
     """Raise once with every structural problem of ``cfg`` the model cannot be built with."""
     problems = [str(issue) for issue in model_issues(cfg) if issue.severity == "error"]
-    if cfg.vocab_size is None:
-        problems.insert(0, "model.vocab_size: unset; set it (or load the config through "
-                           "EnhancedTrainingConfig, which takes it from the tokenizer)")
     if problems:
         raise AvaConfigError("; ".join(problems))
 
@@ -62,20 +60,20 @@ class EnhancedMoEModel(nn.Module):
         super().__init__()
         _check_config(cfg)
         self.config = cfg
+        # One draw from the global RNG, before any submodule's default init consumes it: the
+        # construction-time weights then depend only on the RNG state at entry (and the main
+        # stack's on nothing that follows it, such as the MTP heads).
+        construction_seed = int(torch.randint(0, 2**62, ()).item())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Built and initialised after the main stack, so the main weights are the same draw
-        # with or without MTP heads (and num_heads 0 leaves the model exactly as it was).
         self.mtp: MultiTokenPrediction | None = None
         if cfg.mtp.num_heads > 0:
             self.mtp = MultiTokenPrediction(cfg)
-            self.mtp.apply(self._init_weights)
         self.loss_weighting: UncertaintyWeighting | None = None
         if cfg.loss.uncertainty_weighting:
             self.loss_weighting = UncertaintyWeighting(cfg.loss.uncertainty_weighting)
@@ -83,31 +81,73 @@ class EnhancedMoEModel(nn.Module):
         # (checkpointed) step before every optimizer step.
         self._balancing_step = 0
         self._decoding = False  # inside decoding(): derived inference copies of weights allowed
+        # Where the weights came from: init_weights(seed) records the seed; any load_state_dict
+        # (from_pretrained, checkpoints, import) marks them loaded, so a trainer never
+        # re-initialises them (see Ava.training.parallel.Parallelism.prepare_model).
+        self.init_seed: int | None = None
+        self.weights_loaded = False
+        self.register_load_state_dict_post_hook(_mark_weights_loaded)
+        if self.embed_tokens.weight.device.type != "meta":  # meta: materialise, then init_weights(seed)
+            self._initialize(construction_seed)
 
     # -- init --------------------------------------------------------------------------------
 
-    def _init_weights(self, module: nn.Module) -> None:
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """(Re)initialise every weight (GPT-2 style, depth-scaled output projections).
+
+        With a ``seed`` the draw comes from a generator of its own, so the weights depend on the
+        seed alone, not on what consumed the global RNG before: the CLI, the Quick Start and
+        :meth:`~Ava.training.enhanced_trainer.EnhancedModularTrainer.from_config` start from the
+        same weights for the same ``run.seed``. The main stack is drawn before the MTP heads, so
+        the main weights are the same with or without them. Afterwards :attr:`init_seed` is
+        ``seed`` and :attr:`weights_loaded` False.
+
+        Args:
+            seed: the generator's seed (``run.seed``).
+        """
+        self._initialize(seed)
+        self.init_seed = seed
+        self.weights_loaded = False
+
+    @torch.no_grad()
+    def _initialize(self, seed: int) -> None:
+        generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        init = functools.partial(self._init_weights, generator=generator)
+        for name, module in self.named_children():
+            if name not in ("mtp", "loss_weighting"):
+                module.apply(init)
+        if self.mtp is not None:
+            self.mtp.apply(init)
+        if self.loss_weighting is not None:
+            nn.init.zeros_(self.loss_weighting.log_vars)  # equal weights: log σ² = 0
+
+    def _init_weights(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
         std = self.config.initializer_range
         # Every layer adds two branches (attention, MLP) into the residual stream, so at init its
         # variance grows like 2·L·Var(branch). Scaling the projections that write into the stream
         # by 1/sqrt(2·L) keeps it O(1) at any depth (GPT-2 / nanoGPT).
         out_std = std / math.sqrt(2 * self.config.num_layers)
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, Attention):
-            nn.init.normal_(module.o_proj.weight, mean=0.0, std=out_std)
+            nn.init.normal_(module.o_proj.weight, mean=0.0, std=out_std, generator=generator)
         elif isinstance(module, SwiGLU):
-            nn.init.normal_(module.down_proj.weight, mean=0.0, std=out_std)
+            nn.init.normal_(module.down_proj.weight, mean=0.0, std=out_std, generator=generator)
         elif isinstance(module, MoEBlock):
-            nn.init.normal_(module.gate.weight, mean=0.0, std=std)
-            nn.init.normal_(module.experts.gate_up_proj, mean=0.0, std=std)
-            nn.init.normal_(module.experts.down_proj, mean=0.0, std=out_std)
+            nn.init.normal_(module.gate.weight, mean=0.0, std=std, generator=generator)
+            nn.init.normal_(module.experts.gate_up_proj, mean=0.0, std=std, generator=generator)
+            nn.init.normal_(module.experts.down_proj, mean=0.0, std=out_std, generator=generator)
+            if module.gate.noise_weight is not None:  # noisy top-k starts noise-free
+                nn.init.zeros_(module.gate.noise_weight)
+            if module.gate.expert_bias is not None:  # aux-free balancing starts unbiased
+                module.gate.expert_bias.zero_()
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -128,11 +168,11 @@ class EnhancedMoEModel(nn.Module):
         Args:
             input_ids: (B, T) long.
             labels: (B, T) long aligned with ``input_ids`` (shifted inside), -100 = ignore.
-            attention_mask: (B, S) 1 = real token, 0 = padding (left padding for generation),
-                S = past + T.
+            attention_mask: (B, L) 1 = real token, 0 = padding (left padding for generation),
+                L = past + T.
             position_ids: (B, T) long; default ``past + arange(T)`` for every row. With left
                 padding pass ``cumsum(mask) - 1`` (clamped at 0) for exact positions.
-            past_key_values: one ``(k, v)`` per layer, each (B, G, S_past, K), or None.
+            past_key_values: one ``(k, v)`` per layer, each (B, G, past, A), or None.
             use_cache: return the updated per-layer ``(k, v)``.
             moe_load_prefix: per MoE layer, (E,) routed counts of the earlier micro-batches of
                 this optimizer step; the global-batch balancing loss counts f over them plus
@@ -167,15 +207,15 @@ class EnhancedMoEModel(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-        cos_BT1K, sin_BT1K = self.rotary(position_ids)  # (B, T, 1, K), shared by every layer
-        attn_mask_B1TS = build_attention_mask(attention_mask, T, past_len, input_ids.device, document_ids)
+        cos_BT1A, sin_BT1A = self.rotary(position_ids)  # (B, T, 1, A), shared by every layer
+        attn_mask_B1TL = build_attention_mask(attention_mask, T, past_len, input_ids.device, document_ids)
 
         x_BTD = self.embed_tokens(input_ids)  # (B, T, D)
         presents: list[KVCache] = []
         routings: list[tuple[int, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
-            x_BTD, present_kv, routing = layer(x_BTD, cos_BT1K, sin_BT1K, attn_mask_B1TS, past_kv, input_ids)
+            x_BTD, present_kv, routing = layer(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, input_ids)
             if use_cache:
                 presents.append(present_kv)
             if routing is not None:
@@ -188,7 +228,7 @@ class EnhancedMoEModel(nn.Module):
         mtp_logits = mtp_normed = None
         if run_mtp:
             mtp_out = self.mtp(x_BTD, input_ids, self.embed_tokens, None if fused else self.lm_head,
-                               cos_BT1K, sin_BT1K, attn_mask_B1TS)
+                               cos_BT1A, sin_BT1A, attn_mask_B1TL)
             mtp_logits, mtp_normed = mtp_out.logits or None, mtp_out.normed_hidden
             routings += mtp_out.routings
 
@@ -338,13 +378,13 @@ class EnhancedMoEModel(nn.Module):
     def decoding(self) -> Iterator[None]:
         """Scope in which the weights are frozen, so inference may keep derived copies of them.
 
-        Inside it, every attention layer runs q, k, v as one matmul over a concatenated copy of
-        their weights (:meth:`~Ava.layers.Attention.fuse_qkv_for_decoding`) whenever autograd is
-        off: fewer, larger calls per decoded token. The copies are remade if the weights change
-        (an optimizer step, an in-place edit, new tensors), so results never go stale, and they
-        are dropped when the outermost scope exits; a half-consumed generation stream keeps its
-        scope (and the copies' memory) open until it is closed or collected. The generators
-        (:mod:`Ava.generation`) decode inside it.
+        Entering the outermost scope copies every attention layer's q, k, v weights into one
+        matrix (:meth:`~Ava.layers.Attention.fuse_qkv_for_decoding`), which it then runs as one
+        matmul whenever autograd is off: fewer, larger calls per decoded token. Leaving it drops
+        the copies. Do not change the weights inside the scope (no optimizer step, in-place edit,
+        ``load_state_dict`` or move): the copies would not follow; leave it and enter it again
+        instead. A half-consumed generation stream keeps its scope (and the copies' memory) open
+        until it is closed or collected. The generators (:mod:`Ava.generation`) decode inside it.
         """
         attentions = [m for m in self.modules() if isinstance(m, Attention)]
         outermost = not self._decoding
@@ -519,6 +559,11 @@ class EnhancedMoEModel(nn.Module):
                 f"does not match {config_path} — re-save it or point at another checkpoint"
             ) from err
         return model.to(device).eval()
+
+
+def _mark_weights_loaded(model: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the weights are no longer the initial draw."""
+    model.weights_loaded = True
 
 
 def _read_model_config(config_path: Path) -> ModelConfig:

@@ -5,9 +5,9 @@
     θ ← θ − lr·λ·θ;  θ ← θ − lr·clip(m / max(ρ·h, ε), 1)
 
 ĝ is the gradient of the loss on labels *sampled from the model's own predictions* (the
-Gauss–Newton–Bartlett estimator), B the number of tokens in that batch. The trainer computes ĝ
-(a forward pass, sampled labels, a backward) and then calls :meth:`update_hessian`; the
-optimizer only turns the gradients it finds in ``p.grad`` into the diagonal estimate.
+Gauss–Newton–Bartlett estimator), B the number of tokens in that batch. :func:`refresh_hessian`
+computes ĝ (a forward pass, sampled labels, a backward) and then calls :meth:`update_hessian`;
+the optimizer only turns the gradients it finds in ``p.grad`` into the diagonal estimate.
 Where h is small the clip turns the step into sign-momentum (like Lion); where the curvature is
 large the step is a Newton step m/(ρh).
 """
@@ -15,6 +15,7 @@ large the step is a Newton step m/(ρh).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -103,3 +104,32 @@ class SophiaG(torch.optim.Optimizer):
                 ratio = (m / (rho * h).clamp_(min=eps)).clamp_(-1.0, 1.0)
                 p.add_(ratio, alpha=-lr)
         return loss
+
+
+def refresh_hessian(
+    model: torch.nn.Module,
+    optimizer: SophiaG,
+    input_ids_BT: torch.Tensor,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> None:
+    """Sophia-G's Hessian refresh: ĥ = B·ĝ⊙ĝ from labels sampled from the model's own predictions.
+
+    A forward over ``input_ids_BT``, labels drawn from its softmax (Gauss–Newton–Bartlett), a
+    backward of their mean cross-entropy, then :meth:`SophiaG.update_hessian` with B = the number
+    of sampled labels; the gradients are cleared afterwards. The trainer calls it every
+    ``optimizer.sophia_hessian_every`` steps, after the optimizer step.
+
+    Args:
+        model: the model (its forward returns ``.logits``).
+        optimizer: the Sophia optimizer of ``model``.
+        input_ids_BT: (B, T) token ids (the step's last micro-batch), on the model's device.
+        autocast: factory of the training's autocast context.
+    """
+    with autocast():
+        logits_BTV = model(input_ids_BT).logits[:, :-1].float()
+    with torch.no_grad():
+        sampled_BT = torch.distributions.Categorical(logits=logits_BTV).sample()
+    loss = torch.nn.functional.cross_entropy(logits_BTV.flatten(0, 1), sampled_BT.flatten())
+    loss.backward()
+    optimizer.update_hessian(scale=float(sampled_BT.numel()))
+    optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,10 @@
 """The trainer's data feed: micro-batches per optimizer step, the data cursor, token accounting.
 
-A mixin of :class:`~Ava.training.enhanced_trainer.EnhancedModularTrainer` (it uses the
-trainer's ``config``, ``data``, ``progressive``, ``device`` and ``step``). Indexed data (in memory
-or prepared shards) is drawn through the progressive schedule's batch sampler; a stream
+An object the trainer holds (registered as the ``data_cursor`` stateful part). Indexed data (in
+memory or prepared shards) is drawn through the progressive schedule's batch sampler; a stream
 (``data.streaming``) through :class:`~Ava.data_streaming.StreamBatcher`. Either way the batches
-depend only on the config and the cursor, never on the worker count.
+depend only on the config and the cursor, never on the worker count; which rows of each batch
+this process reads comes from the :class:`~Ava.training.parallel.Parallelism`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,51 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
+from ..config import EnhancedTrainingConfig
+from ..data import PreparedData
 from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
 from ..errors import AvaDataError
+from .parallel import Parallelism
+from .progressive_training import ProgressiveSchedule
+from .state import TrainProgress
 
 logger = logging.getLogger(__name__)
 
 
-class DataFeed:
-    """Data-side state and methods of the trainer (see the module docstring)."""
+class _RankRows(Sampler[list[int]]):
+    """A batch sampler's global batches cut to this rank's rows (:meth:`Parallelism.shard`)."""
 
-    def _init_data_feed(self) -> None:
+    def __init__(self, batches: Sampler[list[int]], parallel: Parallelism) -> None:
+        self.batches = batches
+        self.parallel = parallel
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.batches:
+            yield self.parallel.shard(list(indices))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class DataFeed:
+    """Hands the trainer ``grad_accum_steps`` micro-batches per optimizer step and keeps the cursor.
+
+    Args:
+        config: the resolved training config.
+        progressive: the batch-size / row-length / curriculum schedule.
+        progress: the run's counters (the feed stops at ``total_steps`` of ``progress.step``).
+        parallel: this process's parallelism (rank, data shard).
+    """
+
+    def __init__(self, config: EnhancedTrainingConfig, progressive: ProgressiveSchedule,
+                 progress: TrainProgress, parallel: Parallelism) -> None:
+        self.config = config
+        self.progressive = progressive
+        self.progress = progress
+        self.parallel = parallel
+        self.data: PreparedData | None = None
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of the current epoch handed out by the loader
         self._cursor = (0, 0)  # (epoch, batches_in_epoch) after the last completed step
@@ -34,7 +67,18 @@ class DataFeed:
         self._cursor_source_tokens: dict[str, int] = {}  # the same, after the last completed step
         self.stream_cursor: StreamCursor | None = None  # data.streaming: position after the last step
 
-    def _data_cursor(self) -> dict[str, Any]:
+    def attach(self, data: PreparedData) -> None:
+        """Feed from ``data`` (prepared by the trainer's setup)."""
+        self.data = data
+
+    # -- the cursor (stateful part) ----------------------------------------------------------
+
+    def commit(self) -> None:
+        """Mark the step just taken as complete: the cursor a checkpoint saves moves past it."""
+        self._cursor = (self.epoch, self.batches_in_epoch)
+        self._cursor_source_tokens = dict(self.source_tokens)
+
+    def state_dict(self) -> dict[str, Any]:
         """Where the data stands after the last completed step.
 
         The sample order is a pure function of (seed, epoch, position) — see
@@ -46,30 +90,34 @@ class DataFeed:
         return {
             "epoch": self._cursor[0], "batches_in_epoch": self._cursor[1],
             "source_tokens": dict(self._cursor_source_tokens),
-            "num_workers": self.config.data.num_workers, "rank": 0, "world_size": 1,
-            "fingerprint": self._data_fingerprint(),
+            "num_workers": self.config.data.num_workers,
+            "rank": self.parallel.rank, "world_size": self.parallel.world_size,
+            "fingerprint": self._fingerprint(),
             "stream": self.stream_cursor.to_dict() if self.stream_cursor is not None else None,
         }
 
-    def _restore_data_cursor(self, cursor: dict[str, Any]) -> None:
+    def load_state_dict(self, cursor: dict[str, Any]) -> None:
+        """Continue from a saved cursor (warns when the data changed since)."""
         self.epoch, self.batches_in_epoch = cursor["epoch"], cursor["batches_in_epoch"]
         self._cursor = (self.epoch, self.batches_in_epoch)
         self.source_tokens = dict(cursor.get("source_tokens", {}))
         self._cursor_source_tokens = dict(self.source_tokens)
         if cursor.get("stream") is not None:
             self.stream_cursor = StreamCursor.from_dict(cursor["stream"])
-        saved, now = cursor.get("fingerprint"), self._data_fingerprint()
+        saved, now = cursor.get("fingerprint"), self._fingerprint()
         if saved is not None and saved != now:
             logger.warning("the data changed since the checkpoint (%s, now %s): training goes on from the "
                            "same position, but not over exactly the batches the first run would have seen",
                            saved, now)
 
-    def _data_fingerprint(self) -> dict[str, Any]:
+    def _fingerprint(self) -> dict[str, Any]:
         assert self.data is not None
         windows = "stream" if isinstance(self.data.train, StreamingDataset) else len(self.data.train)
         return {"train_windows": windows, "sources": list(self.data.source_names)}
 
-    def _count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
+    # -- accounting --------------------------------------------------------------------------
+
+    def count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
         """Add a micro-batch's tokens to the per-source counts (mixture accounting)."""
         if "source" not in batch or self.data is None:
             return
@@ -78,16 +126,19 @@ class DataFeed:
         for name, count in zip(self.data.source_names, counts.tolist()):
             self.source_tokens[name] = self.source_tokens.get(name, 0) + count
 
-    def _optimizer_steps(self, total_steps: int) -> Iterator[list[torch.Tensor]]:
+    # -- batches -----------------------------------------------------------------------------
+
+    def optimizer_steps(self, total_steps: int) -> Iterator[list[torch.Tensor]]:
         """Yield ``grad_accum_steps`` micro-batches per optimizer step, epoch after epoch.
 
         The order comes from :class:`~Ava.data.sampling.EpochSampler` (seeded by seed + epoch;
         epoch 0's first steps sorted by a curriculum if one is set), resumed at
         ``batches_in_epoch``, so the batches do not depend on worker count or interruptions. A
         partial accumulation group at the epoch's end is dropped. Micro-batch size and row length
-        follow ``self.progressive`` (constant ``(batch_size, seq_len)`` unless configured).
+        follow the progressive schedule (constant ``(batch_size, seq_len)`` unless configured).
         """
-        cfg = self.config.training
+        assert self.data is not None, "attach() the data first"
+        accum = self.config.training.grad_accum_steps
         workers = self.config.data.num_workers
         if workers:
             # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
@@ -95,18 +146,20 @@ class DataFeed:
         if isinstance(self.data.train, StreamingDataset):
             yield from self._stream_steps(total_steps)
             return
-        while self.step < total_steps:
-            sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.step, self.batches_in_epoch)
-            loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=workers,
-                                persistent_workers=False, pin_memory=self.device.type == "cuda")
+        pin = self.parallel.device.type == "cuda"
+        while self.progress.step < total_steps:
+            sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.progress.step,
+                                                     self.batches_in_epoch)
+            loader = DataLoader(self.data.train, batch_sampler=_RankRows(sampler, self.parallel),
+                                num_workers=workers, persistent_workers=False, pin_memory=pin)
             pending: list[torch.Tensor] = []
             for batch in loader:
                 pending.append(batch)
                 self.batches_in_epoch += 1
-                if len(pending) == cfg.grad_accum_steps:
-                    yield self.progressive.shape(pending, self.step)
+                if len(pending) == accum:
+                    yield self.progressive.shape(pending, self.progress.step)
                     pending = []
-                    if self.step >= total_steps:
+                    if self.progress.step >= total_steps:
                         return
             self.epoch += 1
             self.batches_in_epoch = 0
@@ -118,7 +171,7 @@ class DataFeed:
         ``self.stream_cursor`` for the checkpoint; a resumed run starts there.
         """
         batcher = StreamBatcher(self.data.train, self.config.training.batch_size, self.config.data.num_workers,
-                                cursor=self.stream_cursor, pin_memory=self.device.type == "cuda")
+                                cursor=self.stream_cursor, pin_memory=self.parallel.device.type == "cuda")
         self.data.report = batcher.report  # the stream's reads, filled as chunks arrive (reported at the end)
         pending: list[dict[str, torch.Tensor]] = []
         for batch, cursor in batcher:
@@ -127,10 +180,13 @@ class DataFeed:
                 self.stream_cursor = cursor
                 yield pending
                 pending = []
-                if self.step >= total_steps:
+                if self.progress.step >= total_steps:
                     return
 
-    def _total_steps(self, train: Any) -> int:
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (``max_steps`` bounds ``num_epochs``)."""
+        assert self.data is not None
+        train = self.data.train
         cfg = self.config.training
         if isinstance(train, StreamingDataset):
             assert cfg.max_steps is not None  # a config rule: a stream has no length

@@ -1,84 +1,87 @@
 """The trainer: orchestrates run folder, data, optimisation loop, evaluation and checkpoints.
 
-``train()`` reads like the pipeline in DESIGN.md; ``train_step()`` holds forward, backward,
-health check, clip and optimizer step; every concern it touches (schedules, gradient health,
-metrics, checkpoints, run folders, data order) lives in its own module. Everything that changes
-during training is gathered by :meth:`EnhancedModularTrainer.training_state` and restored by
-:meth:`_restore`, which is what makes ``--resume`` bit-exact on CPU.
+``train()`` reads as setup → loop → finish; ``train_step()`` holds forward, backward, health
+check, clip and optimizer step. Every concern it touches lives in its own module and object:
+the parallelism seam (:mod:`.parallel`: device, model building, collectives, data shard), the
+data feed (:mod:`.data_feed`), schedules, gradient health, metrics, checkpoints and run folders.
+Everything that changes during training is registered once in :attr:`states`
+(:mod:`.state`); a checkpoint saves that registry and ``--resume`` restores it, bit-exactly on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
 from tqdm import tqdm
 
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
-from ..config.feature_compatibility import raise_on_errors
+from ..config.feature_compatibility import raise_on_errors, tokenizer_vocab_issues
 from ..data import PreparedData, prepare_data
-from ..errors import AvaConfigError, AvaError, AvaTrainingError
+from ..errors import AvaError, AvaTrainingError
+from ..evaluation.validation import validation_loss
 from ..layers.experts import describe_auto
+from ..models.routing_metrics import accumulate_router_stats, add_loads, moe_diagnostics
 from ..optimization import build_optimizer
+from ..optimization.sophia import refresh_hessian
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
-from ..utils.checkpoint import (
-    CheckpointWriter,
-    load_training_state,
-    load_weights,
-    rng_state,
-    set_rng_state,
-)
+from ..utils.checkpoint import CheckpointWriter, load_training_state, read_weights
 from ..utils.logging import setup_logging
 from .adaptive_lr import PlateauLR, build_plateau
-from .batch import as_batch, model_inputs, predicted_tokens, to_device
+from .batch import as_batch, model_inputs, to_device
 from .data_feed import DataFeed
 from .early_stopping import EarlyStopping
 from .gradient_health import GradientHealthMonitor, layer_grad_norms
-from .gradient_surgery import build_surgery
+from .gradient_surgery import build_surgery, surgery_backward
 from .lr_manager import build_scheduler
 from .memory_monitor import memory_snapshot, oom_hint
-from .metrics import (
-    MetricsWriter,
-    MoECollapseAlarm,
-    StepTimer,
-    accumulate_router_stats,
-    expert_load_shares,
-    measure_matmul_peak,
-    moe_diagnostics,
-    start_wandb,
-)
+from .metrics import MetricsWriter, MoECollapseAlarm, StepTimer, measure_matmul_peak, start_wandb
+from .parallel import Parallelism, build_parallelism
 from .progressive_training import ProgressiveSchedule
 from .run_manager import (
     RunPaths,
     TrainingSummary,
     check_resume_config,
     create_run_folder,
-    resolve_device,
     resolve_resume,
     seed_everything,
     write_summary,
 )
+from .state import MODEL_KEY, BalancingSchedule, ModelWeights, RNGState, StateRegistry, TrainProgress
 
 logger = logging.getLogger(__name__)
 
 
-class EnhancedModularTrainer(DataFeed):
+@dataclass
+class _LoopEnd:
+    """How the loop ended: the last logged train loss, early stopping, the final checkpoint."""
+
+    train_loss: float
+    stopped_early: bool
+    checkpoint: Path | None
+
+
+class EnhancedModularTrainer:
     """Trains an :class:`~Ava.models.EnhancedMoEModel` as described by a config.
+
+    A freshly constructed model is initialised from ``run.seed`` when training starts (so the
+    Quick Start below and :meth:`from_config` start from the same weights); a model whose weights
+    were loaded (``from_pretrained``, ``load_state_dict``) is trained from those weights.
 
     Args:
         model: the model, built from ``config.model``.
         config: the resolved training config.
+        parallel: how training is spread over processes (default: from ``config.distributed``).
 
     Example::
 
@@ -87,31 +90,66 @@ class EnhancedModularTrainer(DataFeed):
         summary = EnhancedModularTrainer(model, config).train()
     """
 
-    def __init__(self, model: torch.nn.Module, config: EnhancedTrainingConfig) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, config: EnhancedTrainingConfig,
+                 parallel: Parallelism | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.run.device)
-        self.step = 0
-        self.tokens = 0
-        self._init_data_feed()
-        self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
-        self.best_val: float | None = None
-        self.last_val: float | None = None
-        self.paths: RunPaths | None = None
-        self.data: PreparedData | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.parallel = parallel if parallel is not None else build_parallelism(config)
+        self.device = self.parallel.device
+        self.model = model
+        self._model_prepared = False  # initialised, placed and wrapped by the parallelism seam
+        self.progress = TrainProgress()
         self.health = GradientHealthMonitor(config.gradient.health)
         self.moe_alarm = MoECollapseAlarm(config.training.moe_alarm)
         self.early_stopping = EarlyStopping(config.evaluation.early_stopping)
-        self.plateau: PlateauLR | None = None
         self.surgery = build_surgery(config.gradient.surgery, config.run.seed)
         self.progressive = ProgressiveSchedule(config)  # batch size, row length, epoch order per step
+        self.feed = DataFeed(config, self.progressive, self.progress, self.parallel)
+        self.data: PreparedData | None = None
+        self.paths: RunPaths | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.plateau: PlateauLR | None = None
         self.checkpoints: CheckpointWriter | None = None
         self._last_good_checkpoint: Path | None = None
+        self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
+        # Every part with training state, once; the optimizer, scheduler and plateau LR join
+        # when they are built (_build_optimization). Saving and resuming walk this registry.
+        self.states = StateRegistry()
+        self.states.register(MODEL_KEY, ModelWeights(model, self.parallel))
+        self.states.register("progress", self.progress)
+        self.states.register("rng", RNGState())
+        self.states.register("data_cursor", self.feed)
+        self.states.register("health", self.health)
+        self.states.register("early_stopping", self.early_stopping)
+        self.states.register("moe_alarm", self.moe_alarm)
+        self.states.register("progressive", self.progressive, optional=True)
+        self.states.register("coef_schedules", BalancingSchedule(model), optional=True)
+        if self.surgery is not None:
+            self.states.register("surgery", self.surgery, optional=True)
+
+    @classmethod
+    def from_config(cls, config: EnhancedTrainingConfig) -> "EnhancedModularTrainer":
+        """A trainer with a new model built by the parallelism seam (what ``ava train`` runs).
+
+        Args:
+            config: the resolved training config.
+
+        Returns:
+            The trainer; its model is initialised from ``run.seed``.
+        """
+        parallel = build_parallelism(config)
+        trainer = cls(parallel.build_model(config), config, parallel)
+        trainer._model_prepared = True
+        return trainer
+
+    # the run's counters, kept in the registered ``progress`` part
+    step = property(lambda self: self.progress.step)
+    tokens = property(lambda self: self.progress.tokens)
+    best_val = property(lambda self: self.progress.best_val)
+    last_val = property(lambda self: self.progress.last_val)
 
     # ------------------------------------------------------------------------------------
-    # the loop
+    # setup → loop → finish
     # ------------------------------------------------------------------------------------
 
     def train(self, resume: str | Path | None = None) -> TrainingSummary:
@@ -129,8 +167,18 @@ class EnhancedModularTrainer(DataFeed):
                 stop``), after the step that fired it was logged and checkpointed and
                 ``summary.json`` written (its ``stopped_by_alarm`` holds the message).
         """
-        cfg = self.config
         start = time.perf_counter()
+        checkpoint = self._setup(resume)
+        end = self._loop()
+        return self._finish(end, checkpoint, time.perf_counter() - start)
+
+    def _setup(self, resume: str | Path | None) -> Path | None:
+        """Run folder, logging, seeds, data, model, optimizer and (when resuming) the saved state.
+
+        Returns:
+            The checkpoint resumed from, or None for a fresh run.
+        """
+        cfg = self.config
         raise_on_errors(check_compatibility(cfg, environment=True), "config")
         run_dir, checkpoint = resolve_resume(cfg, resume) if resume is not None else (None, None)
         if run_dir is not None:
@@ -156,26 +204,54 @@ class EnhancedModularTrainer(DataFeed):
         data_cfg = cfg.data
         if checkpoint is not None:  # the run's own tokenizer, never a retrained one
             data_cfg = cfg.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(paths.tokenizer))})
-        self.data = data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer,
-                                        eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
-        self._check_vocab(data)
-        self.model.to(self.device)
-        self._set_layer_execution()
-        total_steps = self._total_steps(data.train)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.learning_rate, total_steps)
-        self.plateau = build_plateau(self.scheduler, cfg.scheduler.plateau, cfg.training.learning_rate)
+        data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer,
+                            eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
+        self.total_steps = self.prepare(data)
         self.checkpoints = CheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
                                             cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
         if checkpoint is not None:
             self._restore(checkpoint)
-        self._log_plan(total_steps)
+        self._log_plan(self.total_steps)
+        return checkpoint
 
+    def prepare(self, data: PreparedData) -> int:
+        """Attach ``data``, prepare the model and build the optimizer and schedules.
+
+        What :meth:`train` does before its first step, without a run folder; ``ava lr-find``
+        calls it to drive :meth:`train_step` over the training's own data and optimizer.
+
+        Args:
+            data: the prepared splits and tokenizer.
+
+        Returns:
+            The run's total optimizer steps.
+        """
+        cfg = self.config
+        self.data = data
+        self.feed.attach(data)
+        self._check_vocab(data)
+        if not self._model_prepared:
+            self.model = self.parallel.prepare_model(self.model, cfg)
+            self._model_prepared = True
+        total_steps = self.feed.total_steps()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.learning_rate, total_steps)
+        self.plateau = build_plateau(self.scheduler, cfg.scheduler.plateau, cfg.training.learning_rate)
+        self.states.register("optimizer", self.optimizer)
+        self.states.register("scheduler", self.scheduler)
+        if self.plateau is not None:
+            self.states.register("plateau", self.plateau, optional=True)
+        return total_steps
+
+    def _loop(self) -> _LoopEnd:
+        """Optimizer steps until the end, early stopping, the alarm or a signal; then the final save."""
+        cfg, paths, total_steps = self.config, self.paths, self.total_steps
+        resumed = self.step > 0
         peak = measure_matmul_peak(self.device, torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32)
         flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         sink = MetricsWriter(paths.metrics, paths.tensorboard if cfg.logging.tensorboard else None,
-                             resume_step=self.step if checkpoint is not None else None,
-                             wandb_run=start_wandb(cfg, paths.root, resume=checkpoint is not None))
+                             resume_step=self.step if resumed else None,
+                             wandb_run=start_wandb(cfg, paths.root, resume=resumed))
         writer = AsyncSink(sink) if cfg.logging.async_metrics else sink
         timer = StepTimer(self.device, cfg.logging.time_breakdown)
         train_loss = float("nan")
@@ -183,26 +259,16 @@ class EnhancedModularTrainer(DataFeed):
         try:
             bar = self._progress_bar(total_steps)
             window_tokens, window_start = 0, time.perf_counter()
-            for micro_batches in self._stop_on_signals(self._optimizer_steps(total_steps)):
+            for micro_batches in self._stop_on_signals(self.feed.optimizer_steps(total_steps)):
                 timer.mark("data")
                 metrics = self._guarded_step(micro_batches, timer)
-                self._cursor = (self.epoch, self.batches_in_epoch)
-                self._cursor_source_tokens = dict(self.source_tokens)
+                self.feed.commit()
                 window_tokens += metrics.pop("tokens")
                 bar.update(1)
                 alarm_stop = self.moe_alarm.stop_reason
                 if self.step % cfg.training.log_every == 0 or self.step == total_steps or alarm_stop:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    values = _to_floats(metrics)
-                    values["tokens_per_s"] = window_tokens / elapsed
-                    values["mfu"] = values["tokens_per_s"] * flops_per_token / peak
-                    values["tokens"] = self.tokens
-                    if len(data.source_names) > 1:
-                        values.update({f"tokens/{name}": float(n) for name, n in self.source_tokens.items()})
-                    values.update(self.progressive.metrics())
-                    values.update(timer.read())
-                    if cfg.logging.memory_every == 0:
-                        values.update(memory_snapshot(self.device))
+                    values = self._log_values(metrics, window_tokens / elapsed, flops_per_token, peak, timer)
                     train_loss = values["loss"]
                     writer.write(self.step, "train", values)
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}", lr=f"{values['lr']:.2e}",
@@ -211,16 +277,10 @@ class EnhancedModularTrainer(DataFeed):
                 if cfg.logging.memory_every and self.step % cfg.logging.memory_every == 0:
                     writer.write(self.step, "memory", memory_snapshot(self.device))
                 evaluated = False
-                if data.val is not None and (self.step % cfg.training.eval_every == 0 or self.step == total_steps
-                                             or alarm_stop):
-                    val = self.evaluate()
+                if self.data.val is not None and (self.step % cfg.training.eval_every == 0
+                                                  or self.step == total_steps or alarm_stop):
+                    stopped_early = self._validate(writer, total_steps)
                     evaluated = True
-                    self.last_val = val["loss"]
-                    self.best_val = val["loss"] if self.best_val is None else min(self.best_val, val["loss"])
-                    writer.write(self.step, "val", val)
-                    logger.info("step %d/%d  val loss %.4f  ppl %.1f", self.step, total_steps, val["loss"], val["ppl"])
-                    stopped_early = self.early_stopping.update(val["loss"])
-                    self._adapt_lr(val["loss"])
                 save_every = cfg.training.save_every
                 if stopped_early or (save_every and self.step % save_every == 0 and self.step < total_steps
                                      and not alarm_stop):  # an alarm stop saves once, below
@@ -235,19 +295,22 @@ class EnhancedModularTrainer(DataFeed):
                     self._stop_after_signal(bar)
                 timer.mark("other")  # bookkeeping above: not charged to the data wait
             bar.close()
-            checkpoint_dir = self.save_checkpoint(val_loss=self.last_val) if not stopped_early else self.checkpoints.last_path
+            final = self.save_checkpoint(val_loss=self.last_val) if not stopped_early else self.checkpoints.last_path
             self.checkpoints.wait()
         finally:
             writer.close()
+        return _LoopEnd(train_loss, stopped_early, final)
 
+    def _finish(self, end: _LoopEnd, resumed_from: Path | None, wall: float) -> TrainingSummary:
+        """Sample, write ``summary.json``, report what was skipped, and return the summary."""
+        paths, data = self.paths, self.data
         sample = self._sample()
-        wall = time.perf_counter() - start
         summary = TrainingSummary(
-            run_dir=str(paths.root), checkpoint=str(checkpoint_dir), steps=self.step, tokens=self.tokens,
-            final_train_loss=train_loss, final_val_loss=self.last_val, best_val_loss=self.best_val,
+            run_dir=str(paths.root), checkpoint=str(end.checkpoint), steps=self.step, tokens=self.tokens,
+            final_train_loss=end.train_loss, final_val_loss=self.last_val, best_val_loss=self.best_val,
             wall_time_s=wall, tokens_per_second=self.tokens / wall, sample=sample,
             skipped_steps=self.health.skipped, rollbacks=self.health.rollbacks,
-            stopped_early=stopped_early, resumed_from=str(checkpoint) if checkpoint else None,
+            stopped_early=end.stopped_early, resumed_from=str(resumed_from) if resumed_from else None,
             stopped_by_alarm=self.moe_alarm.stop_reason,
         )
         write_summary(paths, summary.to_dict())
@@ -261,8 +324,35 @@ class EnhancedModularTrainer(DataFeed):
         logger.info("done: %d steps, %s tokens in %.0f s; final val loss %s; run folder %s",
                     self.step, f"{self.tokens:,}", wall, val_text, paths.root)
         if self.moe_alarm.stop_reason:
-            raise AvaTrainingError(f"{self.moe_alarm.stop_reason} (checkpoint {checkpoint_dir})")
+            raise AvaTrainingError(f"{self.moe_alarm.stop_reason} (checkpoint {end.checkpoint})")
         return summary
+
+    def _log_values(self, metrics: dict[str, Any], tokens_per_s: float, flops_per_token: float, peak: float,
+                    timer: StepTimer) -> dict[str, float]:
+        """The train record of a logged step: step metrics, throughput, MFU, tokens, timings."""
+        values = _to_floats(metrics)
+        values["tokens_per_s"] = tokens_per_s
+        values["mfu"] = tokens_per_s * flops_per_token / peak
+        values["tokens"] = self.tokens
+        if len(self.data.source_names) > 1:
+            values.update({f"tokens/{name}": float(n) for name, n in self.feed.source_tokens.items()})
+        values.update(self.progressive.metrics())
+        values.update(timer.read())
+        if self.config.logging.memory_every == 0:
+            values.update(memory_snapshot(self.device))
+        return values
+
+    def _validate(self, writer: Any, total_steps: int) -> bool:
+        """Evaluate, log, update best/last val loss and the plateau LR; True when early stopping fires."""
+        val = self.evaluate()
+        self.progress.last_val = val["loss"]
+        self.progress.best_val = val["loss"] if self.best_val is None else min(self.best_val, val["loss"])
+        writer.write(self.step, "val", val)
+        logger.info("step %d/%d  val loss %.4f  ppl %.1f", self.step, total_steps, val["loss"], val["ppl"])
+        stopped = self.early_stopping.update(val["loss"])
+        if self.plateau is not None:  # plateau-adaptive LR: lower the schedule's peak when the val loss stalls
+            self.plateau.step(val["loss"])
+        return stopped
 
     def train_step(self, micro_batches: list[torch.Tensor], timer: StepTimer | None = None) -> dict[str, Any]:
         """One optimizer step over ``micro_batches`` (gradient accumulation).
@@ -302,15 +392,18 @@ class EnhancedModularTrainer(DataFeed):
             if self.surgery is None:
                 (out.loss / accum).backward()
             else:
-                self._surgery_backward(out, accum)
+                surgery_backward(self.model, self.surgery, {"lm_loss": out.lm_loss, **out.aux_losses}, accum)
             timer.mark("backward")
             terms = {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
-            loads = _add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
+            loads = add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
             router_acc = accumulate_router_stats(router_acc, out.router_stats)
             tokens += input_ids.numel()
-            self._count_source_tokens(batch)
+            self.feed.count_source_tokens(batch)
+        # The whole batch's expert load over the data-parallel ranks: every rank then makes the
+        # same aux-free bias update and logs the same diagnostics.
+        loads = [self.parallel.all_reduce(load_E) for load_E in loads]
 
         grad_clip = self.config.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -329,11 +422,13 @@ class EnhancedModularTrainer(DataFeed):
             logger.warning("step %d skipped: %s", self.step + 1, verdict.reason)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if verdict.ok and hasattr(self.optimizer, "update_hessian"):
-            self._update_hessian(micro_batches[-1])
+        if verdict.ok and hasattr(self.optimizer, "update_hessian") \
+                and (self.step + 1) % self.config.optimizer.sophia_hessian_every == 0:
+            input_ids = as_batch(micro_batches[-1])["input_ids"].to(self.device, non_blocking=True)
+            refresh_hessian(self.model, self.optimizer, input_ids, self._autocast)
         timer.mark("optimizer")
-        self.step += 1
-        self.tokens += tokens
+        self.progress.step += 1
+        self.progress.tokens += tokens
         if verdict.rollback:
             self._rollback()
         metrics: dict[str, Any] = {**totals, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
@@ -343,82 +438,36 @@ class EnhancedModularTrainer(DataFeed):
             self.moe_alarm.on_step(self.step, loads, router_acc.get("layers"))
         return metrics
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss/perplexity over the first ``eval_batches`` batches of the val split."""
+        """Validation loss/perplexity and routing diagnostics over the first ``eval_batches``
+        batches of the val split (:func:`~Ava.evaluation.validation.validation_loss`, which
+        ``ava eval`` runs too)."""
+        cfg = self.config
         assert self.data is not None and self.data.val is not None
-        self.model.eval()
-        loader = DataLoader(self.data.val, batch_size=self.config.training.batch_size,
-                            sampler=SequentialSampler(self.data.val))
-        loss_sum, count = 0.0, 0
-        loads: list[torch.Tensor] = []
-        router_acc: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(loader):
-            if i >= self.config.training.eval_batches:
-                break
-            batch = to_device(as_batch(batch), self.device)
-            with self._autocast():
-                out = self.model(batch["input_ids"], **model_inputs(batch, self.config.data.document_mask))
-            n = predicted_tokens(batch)
-            loss_sum += out.lm_loss.item() * n
-            count += n
-            loads = _add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
-            router_acc = accumulate_router_stats(router_acc, out.router_stats)
-        loss = loss_sum / count
-        result = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
-        if loads:
-            result.update(expert_load_shares(loads, router_acc.get("layers")))
-            result.update({k: float(v) for k, v in moe_diagnostics(loads, router_acc).items()})
-        return result
+        return validation_loss(self.model, self.data.val, batch_size=cfg.training.batch_size,
+                               max_batches=cfg.training.eval_batches, device=self.device,
+                               autocast_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else None,
+                               document_mask=cfg.data.document_mask)
 
     # ------------------------------------------------------------------------------------
     # state: checkpoints, resume, rollback
     # ------------------------------------------------------------------------------------
 
-    def training_state(self) -> dict[str, Any]:
-        """Everything besides the weights that a bit-exact resume needs (weights_only-safe)."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "tokens": self.tokens,
-            "data_cursor": self._data_cursor(),
-            "health": self.health.state_dict(),
-            "early_stopping": self.early_stopping.state_dict(),
-            "best_val": self.best_val,
-            "last_val": self.last_val,
-            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-            "surgery": self.surgery.state_dict() if self.surgery is not None else None,
-            "moe_alarm": self.moe_alarm.state_dict(),
-            "progressive": self.progressive.state_dict(),
-        }
-
     def save_checkpoint(self, val_loss: float | None = None) -> Path:
-        """Save the model and the whole training state to ``checkpoints/step_<step>``."""
-        path = self.checkpoints.save(self.step, self.model, self.config.to_yaml(), self.training_state(),
-                                     self.paths.tokenizer, val_loss)
+        """Save the registry (:attr:`states`) to ``checkpoints/step_<step>``: the model's weights to
+        ``model.safetensors``, every other part under its key to ``state.pt``."""
+        weights = self.states[MODEL_KEY].state_dict()
+        path = self.checkpoints.save(self.step, weights, self.config.to_yaml(),
+                                     self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss)
         self._last_good_checkpoint = path
         return path
 
     def _restore(self, checkpoint: Path) -> None:
-        """Load weights and training state of ``checkpoint`` into this trainer."""
+        """Walk the registry: every registered part from ``checkpoint``."""
         state = load_training_state(checkpoint)
-        load_weights(self.model, checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self._restore_data_cursor(state["data_cursor"])
-        self.health.load_state_dict(state["health"])
-        self.early_stopping.load_state_dict(state["early_stopping"])
-        self.moe_alarm.load_state_dict(state["moe_alarm"])
-        self.best_val, self.last_val = state["best_val"], state["last_val"]
-        if self.plateau is not None and state.get("plateau"):
-            self.plateau.load_state_dict(state["plateau"])
-        if self.surgery is not None and state.get("surgery"):
-            self.surgery.load_state_dict(state["surgery"])
-        if state.get("progressive") is not None:
-            self.progressive.load_state_dict(state["progressive"])
+        self.states[MODEL_KEY].load_state_dict(read_weights(checkpoint))
+        self.states.load_state_dict(state, only=tuple(k for k in self.states.keys() if k != MODEL_KEY),
+                                    source=str(checkpoint))
         self._last_good_checkpoint = checkpoint
 
     def _rollback(self) -> None:
@@ -430,69 +479,15 @@ class EnhancedModularTrainer(DataFeed):
                          self.config.gradient.health.rollback_after, self.step)
             return
         state = load_training_state(self._last_good_checkpoint)
-        load_weights(self.model, self._last_good_checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.states[MODEL_KEY].load_state_dict(read_weights(self._last_good_checkpoint))
+        self.states.load_state_dict(state, only=("optimizer",), source=str(self._last_good_checkpoint))
         logger.warning("rolled back model and optimizer to %s after %d bad steps; continuing at step %d "
                        "with the next data", self._last_good_checkpoint,
                        self.config.gradient.health.rollback_after, self.step)
 
     # ------------------------------------------------------------------------------------
-    # optional optimisation features (off by default; each one small call from the loop/step)
+    # signals
     # ------------------------------------------------------------------------------------
-
-    def _adapt_lr(self, val_loss: float) -> None:
-        """Plateau-adaptive LR: lower the schedule's peak when the val loss stalls (if enabled)."""
-        if self.plateau is not None:
-            self.plateau.step(val_loss)
-
-    def _update_hessian(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> None:
-        """Sophia-G: refresh the Hessian estimate every ``optimizer.sophia_hessian_every`` steps.
-
-        Labels are sampled from the model's own predictions; the gradient of the loss on them
-        gives ĥ = B·ĝ⊙ĝ (Gauss–Newton–Bartlett), B = the number of predicted tokens.
-
-        Args:
-            batch: this step's last micro-batch.
-        """
-        if (self.step + 1) % self.config.optimizer.sophia_hessian_every:
-            return
-        input_ids = as_batch(batch)["input_ids"].to(self.device, non_blocking=True)  # (B, T)
-        with self._autocast():
-            logits_BTV = self.model(input_ids).logits[:, :-1].float()
-        with torch.no_grad():
-            sampled_BT = torch.distributions.Categorical(logits=logits_BTV).sample()
-        loss = torch.nn.functional.cross_entropy(logits_BTV.flatten(0, 1), sampled_BT.flatten())
-        loss.backward()
-        self.optimizer.update_hessian(scale=float(sampled_BT.numel()))
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _surgery_backward(self, out: Any, accum: int) -> None:
-        """Per-term backward on the shared parameters, combined by ``gradient.surgery``.
-
-        Terms listed in ``gradient.surgery.terms`` get their own gradient; the combined
-        direction (plus the plain gradient of any unlisted term) is added to ``p.grad``.
-
-        Args:
-            out: the model output (``lm_loss``, ``aux_losses``, ``loss``).
-            accum: micro-batches per optimizer step (the gradient is divided by it).
-        """
-        named = {"lm_loss": out.lm_loss, **out.aux_losses}
-        terms = [named[name] for name in self.surgery.terms]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        flat = []
-        for term in terms:
-            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                   for p, g in zip(params, grads)]))
-        combined_P = self.surgery.combine(torch.stack(flat), torch.stack([t.detach() for t in terms]))
-        rest = [value for name, value in named.items() if name not in self.surgery.terms]
-        if rest:  # unlisted terms keep their plain gradient
-            (sum(rest) / accum).backward(retain_graph=True)
-        offset = 0
-        for p in params:
-            g = combined_P[offset:offset + p.numel()].view_as(p) / accum
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-            offset += p.numel()
 
     def _stop_on_signals(self, steps: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
         """Iterate ``steps`` with SIGINT/SIGTERM turned into "stop after this step".
@@ -541,21 +536,7 @@ class EnhancedModularTrainer(DataFeed):
     # ------------------------------------------------------------------------------------
 
     def _check_vocab(self, data: PreparedData) -> None:
-        model_vocab = self.model.config.vocab_size
-        if data.tokenizer.vocab_size > model_vocab:
-            raise AvaConfigError(
-                f"model.vocab_size={model_vocab} is smaller than the tokenizer's {data.tokenizer.vocab_size} "
-                "tokens; set model.vocab_size to null (derive it) or to at least the tokenizer's size"
-            )
-
-    def _set_layer_execution(self) -> None:
-        """``performance.activation_checkpointing`` and ``performance.compile`` onto the model."""
-        perf = self.config.performance
-        self.model.set_activation_checkpointing(perf.activation_checkpointing)
-        self.model.compile_layers(perf.compile)
-        if perf.compile:
-            logger.info("performance.compile: torch.compile of the decoder layers (routed experts stay eager); "
-                        "the first training step is slow while it compiles")
+        raise_on_errors(tokenizer_vocab_issues(self.model.config.vocab_size, data.tokenizer.vocab_size), "config")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision.dtype == "bf16":
@@ -600,13 +581,6 @@ class EnhancedModularTrainer(DataFeed):
         )
         logger.info("sample:\n%s", text)
         return text
-
-
-def _add_loads(acc: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Element-wise sum of two per-layer lists of token counts."""
-    if not acc:
-        return list(new)
-    return [a + b for a, b in zip(acc, new)]
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:

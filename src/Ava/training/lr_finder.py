@@ -2,8 +2,9 @@
 
 The LR grows exponentially from ``min_lr`` to ``max_lr`` over ``num_steps`` optimizer steps, one
 batch each; the loss is smoothed with a bias-corrected exponential moving average, and the sweep
-stops once the smoothed loss exceeds ``divergence`` × the best seen. Model weights and optimizer
-state are restored afterwards, so the test leaves no trace. Three suggestions:
+stops once the smoothed loss exceeds ``divergence`` × the best seen. Each step is the trainer's
+own :meth:`~Ava.training.enhanced_trainer.EnhancedModularTrainer.train_step`; the trainer's
+stateful registry is restored afterwards, so the test leaves no trace. Three suggestions:
 
 - ``valley``: the longest decreasing run of the loss; the point half-way through its middle third
   (fastai's "valley": well inside the descent, clear of both the plateau and the blow-up).
@@ -13,16 +14,18 @@ state are restored afterwards, so the test leaves no trace. Three suggestions:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..config import EnhancedTrainingConfig
+from .state import Stateful
 
 logger = logging.getLogger(__name__)
 
@@ -47,61 +50,48 @@ class LRFinderResult:
 
 
 def lr_range_test(
-    model: torch.nn.Module,
+    step: Callable[[], float],
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[torch.Tensor],
+    restore: Sequence[Stateful] = (),
     *,
     min_lr: float = 1e-6,
     max_lr: float = 1.0,
     num_steps: int = 100,
     smoothing: float = 0.98,
     divergence: float = 4.0,
-    grad_clip: float | None = 1.0,
-    device: torch.device | str = "cpu",
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> LRFinderResult:
-    """Run the sweep and restore ``model`` and ``optimizer`` to their state before it.
+    """Run the sweep, then put every part in ``restore`` back as it was before it.
 
     Args:
-        model: a model whose forward takes ``(input_ids, labels=...)`` and returns ``.loss``.
-        optimizer: its optimizer; a group's ``lr_mult`` (if any) scales that group's LR.
-        batches: ``(B, T)`` token-id batches (at least ``num_steps``).
+        step: one optimizer step at the LR now in ``optimizer``'s groups; returns its loss (the
+            trainer's :meth:`~Ava.training.enhanced_trainer.EnhancedModularTrainer.train_step`
+            in ``ava lr-find``).
+        optimizer: the optimizer ``step`` updates with; a group's ``lr_mult`` (if any) scales
+            that group's LR.
+        restore: stateful parts (model, optimizer, the trainer's whole registry) whose state is
+            copied before the sweep and loaded back after it.
         min_lr: first LR.
         max_lr: last LR.
         num_steps: sweep length.
         smoothing: EMA factor β of the loss.
         divergence: stop when the smoothed loss exceeds this × the best smoothed loss.
-        grad_clip: global gradient-norm clip (None = off), as in training.
-        device: where the batches go.
-        autocast: optional factory of the autocast context.
 
     Returns:
         The :class:`LRFinderResult` with suggestions.
     """
     if not 0 < min_lr < max_lr:
         raise ValueError(f"need 0 < min_lr < max_lr, got {min_lr}, {max_lr}")
-    model_state = copy.deepcopy(model.state_dict())
-    optim_state = copy.deepcopy(optimizer.state_dict())
-    was_training = model.training
+    saved = [copy.deepcopy(part.state_dict()) for part in restore]
     lrs: list[float] = []
     smoothed: list[float] = []
     raw: list[float] = []
     avg, best, diverged = 0.0, math.inf, False
-    model.train()
     try:
         for i in range(num_steps):
             lr = min_lr * (max_lr / min_lr) ** (i / max(1, num_steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_mult", 1.0)
-            input_ids = next(batches).to(device)
-            with autocast() if autocast else contextlib.nullcontext():
-                loss = model(input_ids, labels=input_ids).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            value = loss.item()
+            value = step()
             if not math.isfinite(value):
                 diverged = True
                 break
@@ -115,10 +105,9 @@ def lr_range_test(
                 diverged = True
                 break
     finally:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        for part, state in zip(restore, saved):
+            part.load_state_dict(state)
         optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
     result = LRFinderResult(lrs, smoothed, raw, diverged=diverged)
     result.suggestions = suggest(lrs, smoothed)
     return result
@@ -238,47 +227,40 @@ def write_learning_rate(path: str | Path, lr: float) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def run_lr_finder(config, *, min_lr: float = 1e-6, max_lr: float = 1.0, num_steps: int = 100,
-                  work_dir: str | Path) -> LRFinderResult:
-    """The LR range test of a whole config: its data, a freshly initialised model, its optimizer.
+def run_lr_finder(config: EnhancedTrainingConfig, *, min_lr: float = 1e-6, max_lr: float = 1.0,
+                  num_steps: int = 100, work_dir: str | Path) -> LRFinderResult:
+    """The LR range test of a whole config, run by the trainer's own step.
+
+    A trainer is built as ``ava train`` builds it (a new model initialised from ``run.seed``,
+    the config's optimizer, precision, activation checkpointing and compile, gradient
+    accumulation and clipping); each sweep step is its :meth:`train_step` over the training's own
+    batches. The gradient health check is off during the sweep: its late steps are meant to
+    blow up, and skipping them would hide that.
 
     Args:
         config: a resolved :class:`~Ava.config.EnhancedTrainingConfig`.
         min_lr: first LR of the sweep.
         max_lr: last LR of the sweep.
-        num_steps: sweep length (batches cycle through the training split if it is shorter).
+        num_steps: sweep length (batches continue into the next epoch if it is shorter).
         work_dir: where the (trained or copied) tokenizer is written.
 
     Returns:
         The sweep's :class:`LRFinderResult`.
     """
-    from torch.utils.data import DataLoader, RandomSampler
-
     from ..data import prepare_data
-    from ..models import EnhancedMoEModel
-    from ..optimization import build_optimizer
-    from .run_manager import resolve_device, seed_everything
+    from .enhanced_trainer import EnhancedModularTrainer
+    from .run_manager import seed_everything
 
+    config = config.model_copy(deep=True)
+    config.gradient.health.enabled = False
     seed_everything(config.run.seed)
-    device = resolve_device(config.run.device)
     data = prepare_data(config.data, config.run.seed, Path(work_dir) / "tokenizer.json")
-    model = EnhancedMoEModel(config.model).to(device)
-    # The sweep's steps run like the training's (memory and numerics): checkpointing and compile.
-    model.set_activation_checkpointing(config.performance.activation_checkpointing)
-    model.compile_layers(config.performance.compile)
-    optimizer = build_optimizer(model, config.optimizer, min_lr, device)
-    generator = torch.Generator().manual_seed(config.run.seed)
+    trainer = EnhancedModularTrainer.from_config(config)
+    trainer.prepare(data)
+    batches = trainer.feed.optimizer_steps(trainer.step + num_steps)
 
-    def forever() -> Iterator[torch.Tensor]:
-        while True:
-            for batch in DataLoader(data.train, batch_size=config.training.batch_size, drop_last=True,
-                                    sampler=RandomSampler(data.train, generator=generator)):
-                yield batch["input_ids"]
+    def step() -> float:
+        return float(trainer.train_step(next(batches))["loss"])
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if config.precision.dtype == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    return lr_range_test(model, optimizer, forever(), min_lr=min_lr, max_lr=max_lr, num_steps=num_steps,
-                         grad_clip=config.training.grad_clip, device=device, autocast=autocast)
+    return lr_range_test(step, trainer.optimizer, [trainer.states], min_lr=min_lr, max_lr=max_lr,
+                         num_steps=num_steps)

@@ -33,20 +33,11 @@ import torch
 import yaml
 
 from ..config import EnhancedTrainingConfig
-from ..errors import AvaCheckpointError, AvaConfigError
+from ..config.feature_compatibility import resume_changes
+from ..errors import AvaCheckpointError
 from ..utils.checkpoint import find_good_checkpoint, list_checkpoints, verify_checkpoint
 
 logger = logging.getLogger(__name__)
-
-# Keys that may change when a run is resumed: they steer how long it runs and what it records,
-# not what one step computes. Prefixes end with a dot.
-RESUMABLE_CHANGES = (
-    "training.max_steps", "training.num_epochs", "training.eval_every", "training.eval_batches",
-    "training.save_every", "training.log_every", "training.moe_alarm.", "logging.", "checkpoint.",
-    "evaluation.", "performance.", "gradient.health.", "run.output_dir", "run.num_threads", "run.device",
-    "data.num_workers", "data.cache_dir",
-)
-
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -189,13 +180,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class TrainingSummary:
     """What ``train()`` returns (also written to ``summary.json`` in the run folder)."""
@@ -278,49 +262,14 @@ def check_resume_config(run_dir: Path, config: EnhancedTrainingConfig) -> list[s
         ``"key: old -> new"`` for each allowed change (to be logged).
 
     Raises:
-        AvaConfigError: a change of any key outside :data:`RESUMABLE_CHANGES`, listing them all.
+        AvaConfigError: a change of any key outside
+            :data:`~Ava.config.feature_compatibility.RESUMABLE_CHANGES`, listing them all.
     """
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise AvaCheckpointError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({err})") from err
-    old, new = _flatten(_with_current_defaults(saved)), _flatten(config.to_dict())
-    allowed, refused = [], []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) == new.get(key):
-            continue
-        change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        if key.startswith(RESUMABLE_CHANGES):
-            allowed.append(change)
-        else:
-            refused.append(change)
-    if refused:
-        raise AvaConfigError(
-            f"cannot resume {run_dir} with a changed " + "; ".join(refused)
-            + ": these change what training computes; restore them, or start a new run without --resume"
-        )
-    return allowed
-
-
-def _with_current_defaults(saved: Any) -> Any:
-    """The saved config as the current schema resolves it (keys added since it was written get
-    their defaults and derived sizes), so a newer Ava can resume an older run; the raw dict if it
-    no longer validates (every difference is then reported as is)."""
-    if not isinstance(saved, dict):
-        return saved
-    try:
-        return EnhancedTrainingConfig.model_validate(saved).to_dict()
-    except ValueError:  # pydantic.ValidationError is a ValueError
-        return saved
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
+    return resume_changes(saved, config, run_dir)
 
 
 def _step_of(folder: Path) -> int:

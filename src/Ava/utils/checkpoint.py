@@ -34,20 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.serialization as torch_serialization
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_file, load_model, save_file
 
+# The folder layout is shared with models/ (save_pretrained, from_pretrained), which may not import utils/.
+from ..config.checkpoint_layout import (
+    BEST, CONFIG_FILE, LATEST, MANIFEST_FILE, STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+    resolve_checkpoint as resolve_checkpoint,
+)
 from ..errors import AvaCheckpointError
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.json"
-MANIFEST_FILE = "manifest.json"
-LATEST = "latest"
-BEST = "best"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: step/tokens/val losses under "progress" (the trainer's stateful registry)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -75,7 +73,7 @@ class CheckpointSnapshot:
 
 def take_snapshot(
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     config_yaml: str,
     state: dict[str, Any],
     tokenizer_file: Path | None = None,
@@ -86,12 +84,13 @@ def take_snapshot(
     """Capture the model and training state for :func:`write_checkpoint`.
 
     Args:
+        model: the model, or its state dict (tied tensors are stored once either way).
         copy: copy every tensor to CPU, so training may go on while the snapshot is written.
         buffers: CPU tensors of an earlier snapshot to copy into when shapes match (reusing
             them avoids allocating, and page-faulting, hundreds of MiB per save); updated in
             place with any new allocation.
     """
-    weights = _unique_tensors(model.state_dict())
+    weights = unique_tensors(model.state_dict() if isinstance(model, torch.nn.Module) else model)
     if copy:
         buffers = {} if buffers is None else buffers
         weights = {k: _copy_into(v, buffers, f"weights/{k}") for k, v in weights.items()}
@@ -189,7 +188,7 @@ class CheckpointWriter:
         self._buffers: dict[str, torch.Tensor] = {}  # reused by every asynchronous snapshot
         remove_stale_temporaries(directory)
 
-    def save(self, step: int, model: torch.nn.Module, config_yaml: str, state: dict[str, Any],
+    def save(self, step: int, model: torch.nn.Module | dict[str, torch.Tensor], config_yaml: str, state: dict[str, Any],
              tokenizer_file: Path | None = None, val_loss: float | None = None) -> Path:
         """Save ``step``; returns the folder the checkpoint has (or will have, when async)."""
         self.wait()
@@ -323,9 +322,22 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AvaCheckpointError(f"{path} is missing; pass a checkpoint folder (checkpoints/step_N)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt files
         raise AvaCheckpointError(f"{path} cannot be loaded ({err}); use an earlier checkpoint") from err
+    if state.get("version", 1) == 1 and "progress" not in state:  # version 1 kept the counters at the top
+        state["progress"] = {"step": state.get("step", 0), "tokens": state.get("tokens", 0),
+                             "best_val": state.get("best_val"), "last_val": state.get("last_val")}
+    return state
+
+
+def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's ``model.safetensors`` (tied tensors once), on the CPU."""
+    path = Path(checkpoint) / WEIGHTS_FILE
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors/OS raise several types
+        raise AvaCheckpointError(f"{path}: cannot read weights ({err}); use another checkpoint") from err
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -335,18 +347,6 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         load_model(model, str(path), strict=True)
     except Exception as err:  # safetensors/torch raise several types
         raise AvaCheckpointError(f"{path}: cannot load weights ({err}); use another checkpoint") from err
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a run folder, a ``checkpoints/`` folder or a checkpoint folder."""
-    path = Path(path)
-    for candidate in (path, path / "checkpoints" / LATEST, path / LATEST):
-        if (candidate / WEIGHTS_FILE).is_file():
-            return candidate.resolve()
-    raise AvaCheckpointError(
-        f"no checkpoint at {path}: expected {WEIGHTS_FILE} there or in {path}/checkpoints/{LATEST}; "
-        "pass a run folder (runs/<name>_<time>) or a checkpoint folder"
-    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -379,7 +379,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the second name of tensors that share storage (tied weights), keeping the first.
 
     ``safetensors.torch.load_model`` restores the tie from the model's own structure.

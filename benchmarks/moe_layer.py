@@ -14,48 +14,47 @@ numerator for every row.
 
 ``--fresh-routing`` gives every call a new input (a pool of 16), so the routing and every
 expert's row count change from call to call as in training; the default reuses one input.
-``--ablations`` adds the backends with parts of them switched back: ``exact rows`` (no padding of
-expert blocks to multiples of 64 rows, which CPU bf16 uses: ``row_multiple``), ``autograd
-SwiGLU`` (batched without its hand-written backward ``_BatchedSwiGLU``, which it uses below fp32;
-in fp32 the two rows are the same code) and ``split gate/up`` (grouped with gate and up as two
-GEMMs over slices of the fused weight, instead of one GEMM and ``_SwiGLUHalves``), ``fp32
-combine`` (the slots' outputs weighted and summed over K in fp32 element-wise ops, instead of one
-batched product per token) and ``two-pass dispatch`` (the slots gathered in expert order and then
-scattered into the padded buffer, and back the same two ways, instead of one gather each way)
-and ``recomputed silu`` (grouped recomputing ``silu(gate)`` in backward instead of keeping it)
-and ``gathered combine`` (the slots' rows gathered into (T, K, D) and summed by one batched
-product per token, and the dispatch's backward gathering and summing each token's K slot
-gradients the same way, instead of one ``embedding_bag`` each) and ``summed dots`` (the combine's
-weight gradient as a multiply and an fp32 sum over the (P, D) rows instead of ``_row_dots``).
-``--skew 0.5`` skews the expert load (the setup line prints max/mean): the numbers behind
-``resolve_backend``'s skew limit.
+``--ablations`` adds variants that swap one kernel or dispatcher for an earlier or simpler one
+(``routed_experts`` with another ``ExpertKernel`` or ``TokenDispatcher``; nothing is patched):
+``exact rows`` (no padding of expert blocks to multiples of 64 rows, which CPU bf16 uses:
+``kernels.registry.row_multiple``), ``autograd SwiGLU`` (batched without its hand-written
+backward ``BatchedSwiGLU``, which it uses below fp32; in fp32 the two rows are the same code),
+``split gate/up`` (grouped with gate and up as two GEMMs over slices of the fused weight),
+``recomputed silu`` (grouped recomputing ``silu(gate)`` in backward instead of keeping it),
+``fp32 combine`` (the slots' outputs weighted and summed over K in fp32 element-wise ops) and
+``gathered combine`` (the slots' rows gathered into (T, K, D) and summed by one batched product
+per token, the dispatch's backward gathering and summing each token's K slot gradients the same
+way, instead of one ``embedding_bag`` each). ``--skew 0.5`` skews the expert load (the setup line
+prints max/mean): the numbers behind ``auto``'s skew limit.
 
 ``--decode 1 2 4`` instead times the inference forward (no autograd) of the experts alone for that
 many tokens, per path (``slots``, ``gathered``, ``grouped``, ``batched``), in µs and ÷ grouped:
-the numbers behind ``decode_path``'s rule.
+the numbers behind the decode paths' thresholds (``kernels.decode``).
 
     python benchmarks/moe_layer.py --dtypes bf16 --tokens 2048 --fresh-routing --ablations
     python benchmarks/moe_layer.py --decode 1 2 3 4 --moe-intermediate 256
+
+Measurements and the commands behind them: docs/performance.md ("MoE layer"; "Expert kernels and
+dispatch: the measurements behind the choices").
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import statistics
 from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from bench_common import add_cpu_args, apply_cpu_args, time_round_robin
 
-import Ava.layers.expert_dispatch as expert_dispatch
-import Ava.layers.experts as experts_module
 from Ava.config import ModelConfig
-from Ava.layers import MoEBlock, SwiGLU
-from Ava.layers.experts import DECODE_PATHS, EXPERT_BACKENDS
+from Ava.layers import BufferLayout, ExpertKernel, LocalDispatcher, MoEBlock, SwiGLU, kernel_for, routed_experts
+from Ava.layers.expert_kernels import grouped_matmul, swiglu_halves_backward
+from Ava.layers.kernels import batched_autograd_kernel, experts_gathered, experts_slots
+from Ava.layers.token_dispatcher import _Dispatch, gather_bmm_combine, gather_slots
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -73,143 +72,101 @@ def _step_fn(module: torch.nn.Module, inputs: Iterator[torch.Tensor], grad: torc
     return step
 
 
-def _split_gate_up_blocks(x_SD, offsets_E, counts_E, gate_up_proj_EID, down_proj_EDI):
+# --------------------------------------------------------------------------------------------
+# ablations: earlier or simpler kernels and dispatchers
+# --------------------------------------------------------------------------------------------
+
+
+def _split_gate_up_kernel(rows_RD, counts_E, gate_up_proj_EFD, down_proj_EDI):
     """The earlier grouped SwiGLU: gate and up as two grouped GEMMs over slices of the fused weight."""
-    dtype, inter = x_SD.dtype, down_proj_EDI.shape[-1]
-    gate_up_EID = gate_up_proj_EID.to(dtype)
-    gate_SI = experts_module._grouped_matmul(x_SD, gate_up_EID[:, :inter].transpose(1, 2), offsets_E, counts_E)
-    up_SI = experts_module._grouped_matmul(x_SD, gate_up_EID[:, inter:].transpose(1, 2), offsets_E, counts_E)
+    dtype, inter = rows_RD.dtype, down_proj_EDI.shape[-1]
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    gate_up_EFD = gate_up_proj_EFD.to(dtype)
+    gate_RI = grouped_matmul(rows_RD, gate_up_EFD[:, :inter].transpose(1, 2), offsets_E, counts_E)
+    up_RI = grouped_matmul(rows_RD, gate_up_EFD[:, inter:].transpose(1, 2), offsets_E, counts_E)
     w_down_EID = down_proj_EDI.to(dtype).transpose(1, 2)
-    return experts_module._grouped_matmul(F.silu(gate_SI) * up_SI, w_down_EID, offsets_E, counts_E)
-
-
-def _fp32_combine(y_PD, plan):
-    """The earlier combine: fp32 multiply of the slots' rows by their weights, sum over K, cast."""
-    y_TKD = expert_dispatch.gather_slots(y_PD, plan)
-    return (y_TKD.float() * plan.weights_TK.unsqueeze(-1)).sum(dim=1).to(y_PD.dtype)
-
-
-class _SortedGather(torch.autograd.Function):
-    """Rows ``x[index]`` whose backward gathers each token's K slot gradients back (the earlier
-    dispatch's first pass); ``inverse`` maps token-major slots to rows of the result."""
-
-    @staticmethod
-    def forward(ctx, x_TD, index_S, inverse_S, top_k):
-        ctx.save_for_backward(inverse_S)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, index_S)
-
-    @staticmethod
-    def backward(ctx, grad_SD):
-        (inverse_S,) = ctx.saved_tensors
-        return grad_SD.index_select(0, inverse_S).view(-1, ctx.top_k, grad_SD.shape[-1]).sum(dim=1), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """``x[perm]`` whose backward is the inverse permutation's gather (the earlier un-sort)."""
-
-    @staticmethod
-    def forward(ctx, x_SD, perm_S, inverse_S):
-        ctx.save_for_backward(inverse_S)
-        return x_SD.index_select(0, perm_S)
-
-    @staticmethod
-    def backward(ctx, grad_SD):
-        (inverse_S,) = ctx.saved_tensors
-        return grad_SD.index_select(0, inverse_S), None, None
-
-
-def _two_pass(plan):
-    """Index maps of the earlier dispatch: token of each sorted slot, buffer row of each sorted
-    slot, and the sorted position of each token-major slot (dropless plans only)."""
-    sorted_S = plan.order_S
-    unsort_S = torch.empty_like(sorted_S)
-    unsort_S[sorted_S] = torch.arange(sorted_S.numel(), device=sorted_S.device)
-    return sorted_S // plan.top_k, plan.row_S[sorted_S], unsort_S
-
-
-def _two_pass_dispatch(x_TD, plan):
-    """The earlier dispatch: gather the slots sorted by expert, then scatter them into the
-    zero-padded buffer (autograd ``index_copy``)."""
-    token_S, buffer_row_S, unsort_S = _two_pass(plan)
-    x_SD = _SortedGather.apply(x_TD, token_S, unsort_S, plan.top_k)
-    if not plan.padded:
-        return x_SD
-    return x_SD.new_zeros(plan.rows, x_SD.shape[-1]).index_copy(0, buffer_row_S, x_SD)
-
-
-def _two_pass_combine(y_PD, plan):
-    """The earlier combine: gather the sorted slots out of the padded buffer (autograd
-    ``index_select``), un-sort them (a gather both ways), then the batched weighted sum."""
-    _, buffer_row_S, unsort_S = _two_pass(plan)
-    y_SD = y_PD.index_select(0, buffer_row_S) if plan.padded else y_PD
-    y_TKD = _Permute.apply(y_SD, unsort_S, plan.order_S).view(plan.num_tokens, plan.top_k, -1)
-    return torch.bmm(plan.weights_TK.to(y_PD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-
-
-class _GatherSumDispatch(expert_dispatch._Dispatch):
-    """The earlier dispatch backward: each token's K slot gradients gathered into (T, K, D) and summed."""
-
-    @staticmethod
-    def backward(ctx, grad_PD):
-        row_S, _ = ctx.saved_tensors
-        num_tokens, top_k, _ = ctx.sizes
-        return grad_PD.index_select(0, row_S).view(num_tokens, top_k, -1).sum(dim=1), None
-
-
-def _gathered_dispatch(x_TD, plan):
-    return _GatherSumDispatch.apply(x_TD, plan)
+    return grouped_matmul(F.silu(gate_RI) * up_RI, w_down_EID, offsets_E, counts_E)
 
 
 class _SwiGLUHalvesRecompute(torch.autograd.Function):
     """The earlier ``_SwiGLUHalves``: keeps only ``h`` and recomputes ``silu(gate)`` in backward."""
 
     @staticmethod
-    def forward(ctx, h_PF):
-        ctx.save_for_backward(h_PF)
-        inter = h_PF.shape[-1] // 2
-        return F.silu(h_PF[:, :inter]) * h_PF[:, inter:]
+    def forward(ctx, h_RF):
+        ctx.save_for_backward(h_RF)
+        inter = h_RF.shape[-1] // 2
+        return F.silu(h_RF[:, :inter]) * h_RF[:, inter:]
 
     @staticmethod
-    def backward(ctx, grad_PI):
-        (h_PF,) = ctx.saved_tensors
-        silu_PI = F.silu(h_PF[:, :grad_PI.shape[-1]])
-        return experts_module._swiglu_halves_backward(grad_PI, h_PF, silu_PI)
+    def backward(ctx, grad_RI):
+        (h_RF,) = ctx.saved_tensors
+        silu_RI = F.silu(h_RF[:, :grad_RI.shape[-1]])
+        return swiglu_halves_backward(grad_RI, h_RF, silu_RI)
 
 
-@contextlib.contextmanager
-def _ablation(name: str) -> Iterator[None]:
-    """Switch one part of the experts back for the duration (``exact rows``, ``autograd SwiGLU``,
-    ``split gate/up``, ``fp32 combine``, ``two-pass dispatch``, ``recomputed silu``, ``gathered combine``,
-    ``summed dots``)."""
-    names = ("row_multiple", "_grouped_swiglu_blocks", "combine", "dispatch", "_SwiGLUHalves")
-    saved = {n: getattr(experts_module, n) for n in names}
-    saved_apply = experts_module._BatchedSwiGLU.apply
-    saved_dots = expert_dispatch._row_dots
-    if name == "exact rows":
-        experts_module.row_multiple = lambda x_TD: 1
-    elif name == "autograd SwiGLU":
-        experts_module._BatchedSwiGLU.apply = experts_module._batched_swiglu_autograd
-    elif name == "split gate/up":
-        experts_module._grouped_swiglu_blocks = _split_gate_up_blocks
-    elif name == "fp32 combine":
-        experts_module.combine = _fp32_combine
-    elif name == "two-pass dispatch":
-        experts_module.dispatch, experts_module.combine = _two_pass_dispatch, _two_pass_combine
-    elif name == "gathered combine":
-        experts_module.dispatch = _gathered_dispatch
-        experts_module.combine = expert_dispatch.gather_bmm_combine
-    elif name == "summed dots":
-        expert_dispatch._row_dots = lambda a, b: (a * b).sum(dim=-1, dtype=torch.float32)
-    elif name == "recomputed silu":
-        experts_module._SwiGLUHalves = _SwiGLUHalvesRecompute
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(experts_module, n, fn)
-        experts_module._BatchedSwiGLU.apply = saved_apply
-        expert_dispatch._row_dots = saved_dots
+def _recomputed_silu_kernel(rows_RD, counts_E, gate_up_proj_EFD, down_proj_EDI):
+    """The grouped kernel with :class:`_SwiGLUHalvesRecompute`."""
+    dtype = rows_RD.dtype
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    h_RF = grouped_matmul(rows_RD, gate_up_proj_EFD.to(dtype).transpose(1, 2), offsets_E, counts_E)
+    act_RI = _SwiGLUHalvesRecompute.apply(h_RF)
+    return grouped_matmul(act_RI, down_proj_EDI.to(dtype).transpose(1, 2), offsets_E, counts_E)
+
+
+class _FP32CombineDispatcher(LocalDispatcher):
+    """The earlier combine: fp32 multiply of the slots' rows by their weights, sum over K, cast."""
+
+    def combine(self, y_RD, plan):
+        y_TKD = gather_slots(y_RD, plan)
+        return (y_TKD.float() * plan.weights_TK.unsqueeze(-1)).sum(dim=1).to(y_RD.dtype)
+
+
+class _GatherSumDispatch(_Dispatch):
+    """The earlier dispatch backward: each token's K slot gradients gathered into (T, K, D) and summed."""
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        row_S, _ = ctx.saved_tensors
+        num_tokens, top_k, _ = ctx.sizes
+        return grad_RD.index_select(0, row_S).view(num_tokens, top_k, -1).sum(dim=1), None
+
+
+class _GatheredCombineDispatcher(LocalDispatcher):
+    """The earlier gathers: combine as a (T, K, D) gather and a batched product per token, the
+    dispatch's backward as a gather and a sum over K."""
+
+    def dispatch(self, x_TD, routing, layout=BufferLayout()):
+        _, counts_E, plan = super().dispatch(x_TD.detach(), routing, layout)  # the plan only
+        return _GatherSumDispatch.apply(x_TD, plan), counts_E, plan
+
+    def combine(self, y_RD, plan):
+        return gather_bmm_combine(y_RD, plan)
+
+
+def _ablation(backend: str, ablation: str, compute_dtype: torch.dtype) -> tuple[ExpertKernel, LocalDispatcher]:
+    """The kernel and dispatcher of one ablation of ``backend`` for this compute dtype on CPU."""
+    kernel = kernel_for(backend, "cpu", compute_dtype)
+    dispatcher = LocalDispatcher()
+    if ablation == "exact rows":
+        kernel = ExpertKernel(kernel.name, kernel.fn, BufferLayout(uniform=kernel.layout.uniform))
+    elif ablation == "autograd SwiGLU":
+        kernel = ExpertKernel(kernel.name, batched_autograd_kernel, kernel.layout)
+    elif ablation == "split gate/up":
+        kernel = ExpertKernel(kernel.name, _split_gate_up_kernel, kernel.layout)
+    elif ablation == "recomputed silu":
+        kernel = ExpertKernel(kernel.name, _recomputed_silu_kernel, kernel.layout)
+    elif ablation == "fp32 combine":
+        dispatcher = _FP32CombineDispatcher()
+    elif ablation == "gathered combine":
+        dispatcher = _GatheredCombineDispatcher()
+    else:
+        raise ValueError(f"unknown ablation {ablation!r}")
+    return kernel, dispatcher
+
+
+ABLATIONS = [("grouped", "exact rows"), ("batched", "exact rows"), ("batched", "autograd SwiGLU"),
+             ("grouped", "split gate/up"), ("grouped", "recomputed silu"), ("grouped", "fp32 combine"),
+             ("batched", "fp32 combine"), ("grouped", "gathered combine"), ("batched", "gathered combine")]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -234,13 +191,32 @@ def run(args: argparse.Namespace) -> list[dict]:
     for dtype_name in args.dtypes:
         autocast = DTYPES[dtype_name]
 
-        def backend_step(name: str, ablation: str = "") -> Callable[[], None]:
+        compute_dtype = autocast or torch.float32
+
+        def backend_step(name: str) -> Callable[[], None]:
             inner = _step_fn(moe, itertools.cycle(pool), grad, autocast, moe=True)
 
             def step() -> None:
                 moe.experts.backend = name
-                with _ablation(ablation):
-                    inner()
+                inner()
+
+            return step
+
+        def ablation_step(backend: str, ablation: str) -> Callable[[], None]:
+            """The MoE block's forward (router, experts, shared experts) and backward, with the
+            ablation's kernel and dispatcher in place of the registry's."""
+            kernel, dispatcher = _ablation(backend, ablation, compute_dtype)
+            inputs = itertools.cycle(pool)
+
+            def step() -> None:
+                moe.zero_grad(set_to_none=True)
+                x_TD = next(inputs)[0]
+                with torch.autocast("cpu", dtype=compute_dtype, enabled=autocast is not None):
+                    y_TD = routed_experts(x_TD, moe.gate(x_TD), moe.experts.gate_up_proj, moe.experts.down_proj,
+                                          kernel, dispatcher)
+                    if moe.shared_experts is not None:
+                        y_TD = y_TD + moe.shared_experts(x_TD)
+                (y_TD.float().view_as(grad) * grad).sum().backward()
 
             return step
 
@@ -251,18 +227,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             "moe batched": backend_step("batched"),
         }
         if args.ablations:
-            variants["moe grouped, exact rows"] = backend_step("grouped", "exact rows")
-            variants["moe batched, exact rows"] = backend_step("batched", "exact rows")
-            variants["moe batched, autograd SwiGLU"] = backend_step("batched", "autograd SwiGLU")
-            variants["moe grouped, split gate/up"] = backend_step("grouped", "split gate/up")
-            variants["moe grouped, fp32 combine"] = backend_step("grouped", "fp32 combine")
-            variants["moe batched, fp32 combine"] = backend_step("batched", "fp32 combine")
-            variants["moe grouped, two-pass dispatch"] = backend_step("grouped", "two-pass dispatch")
-            variants["moe batched, two-pass dispatch"] = backend_step("batched", "two-pass dispatch")
-            variants["moe grouped, recomputed silu"] = backend_step("grouped", "recomputed silu")
-            variants["moe grouped, gathered combine"] = backend_step("grouped", "gathered combine")
-            variants["moe batched, gathered combine"] = backend_step("batched", "gathered combine")
-            variants["moe grouped, summed dots"] = backend_step("grouped", "summed dots")
+            for backend, ablation in ABLATIONS:
+                variants[f"moe {backend}, {ablation}"] = ablation_step(backend, ablation)
         if args.only:
             unknown = sorted(set(args.only) - set(variants))
             if unknown:
@@ -294,7 +260,9 @@ def run_decode(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     moe = MoEBlock(cfg)
     experts = moe.experts
-    paths = {**DECODE_PATHS, "grouped": EXPERT_BACKENDS["grouped"], "batched": EXPERT_BACKENDS["batched"]}
+    kernels = {name: kernel_for(name, "cpu", torch.float32) for name in ("grouped", "batched")}
+    paths = {"slots": experts_slots, "gathered": experts_gathered,
+             **{name: lambda *a, k=kernel: routed_experts(*a, kernel=k) for name, kernel in kernels.items()}}
     print(f"Setup: torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {args.hidden}, "
           f"{args.experts} experts top-{args.top_k}, moe_intermediate {args.moe_intermediate}; inference "
           f"forward of the experts, µs per call, median of {args.repeats} rounds of 200 calls")
@@ -331,7 +299,7 @@ def main() -> None:
                         help="time only these variants (and the dense reference), e.g. --only 'moe grouped' "
                              "'moe grouped, split gate/up'")
     parser.add_argument("--ablations", action="store_true",
-                        help="also the backends without row padding / with autograd SwiGLU")
+                        help="also the backends with one kernel or dispatcher part swapped for an earlier one")
     parser.add_argument("--decode", type=int, nargs="+", default=None, metavar="TOKENS",
                         help="time the inference forward of the experts for these token counts instead")
     add_cpu_args(parser)

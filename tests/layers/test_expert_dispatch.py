@@ -1,18 +1,26 @@
-"""Dispatch and combine (layers/expert_dispatch.py): buffer layouts and both gathers' gradients."""
+"""The token dispatcher (layers/token_dispatcher.py): buffer layouts and both gathers' gradients."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from Ava.layers.expert_dispatch import combine, dispatch, gather_bmm_combine, gather_slots, plan_dispatch
 from Ava.layers.routing import RouterOutput, apply_capacity, route_expert_choice, route_topk
+from Ava.layers.token_dispatcher import (
+    BufferLayout,
+    LocalDispatcher,
+    combine,
+    dispatch,
+    gather_bmm_combine,
+    gather_slots,
+    plan_dispatch,
+)
 
-LAYOUTS = {  # plan_dispatch keywords from the routing
-    "exact": lambda routing: {},
-    "rounded": lambda routing: {"multiple": 8},
-    "fixed": lambda routing: {"cap": int(routing.tokens_per_expert_E.max()) + 3},
-    "uniform": lambda routing: {"multiple": 4, "uniform": True},
+LAYOUTS = {  # the BufferLayout of the routing
+    "exact": lambda routing: BufferLayout(),
+    "rounded": lambda routing: BufferLayout(multiple=8),
+    "fixed": lambda routing: BufferLayout(cap=int(routing.tokens_per_expert_E.max()) + 3),
+    "uniform": lambda routing: BufferLayout(multiple=4, uniform=True),
 }
 ROUTINGS = ["dropless", "capacity", "expert-choice"]
 
@@ -30,10 +38,10 @@ def _routing(kind, T=29, E=5, D=12, K=2, seed=0):
 @pytest.mark.parametrize("kind", ROUTINGS)
 def test_buffer_blocks_hold_each_experts_slots_then_zeros(layout, kind):
     x, routing = _routing(kind)
-    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
+    plan = plan_dispatch(routing, LAYOUTS[layout](routing))
     buf = dispatch(x, plan)
     assert buf.shape == (plan.rows, x.shape[1])
-    starts = (plan.offsets_E - plan.counts_E).tolist()
+    starts = (torch.cumsum(plan.counts_E, 0) - plan.counts_E).tolist()
     kept_TK = routing.mask_TK if routing.mask_TK is not None else torch.ones_like(routing.indices_TK, dtype=torch.bool)
     used = torch.zeros(plan.rows, dtype=torch.bool)
     for t in range(x.shape[0]):
@@ -59,7 +67,7 @@ def test_dispatch_and_combine_gradients_match_autograd(layout, kind):
     """Both hand-written backwards equal autograd over a plain indexing reference; off slots get
     no gradient and contribute nothing."""
     x, routing = _routing(kind, seed=1)
-    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
+    plan = plan_dispatch(routing, LAYOUTS[layout](routing))
     T, K = routing.indices_TK.shape
     weights = routing.weights_TK.clone().requires_grad_()
     plan = dataclasses.replace(plan, weights_TK=weights)
@@ -72,7 +80,7 @@ def test_dispatch_and_combine_gradients_match_autograd(layout, kind):
 
     x2 = x.clone().requires_grad_()
     w2 = routing.weights_TK.clone().requires_grad_()
-    source = torch.cat([x2, torch.zeros(1, x.shape[1])])[plan.source_P] if plan.padded else x2[plan.source_P]
+    source = torch.cat([x2, torch.zeros(1, x.shape[1])])[plan.source_R] if plan.padded else x2[plan.source_R]
     slots_TKD = (source * scale)[plan.row_S].view(T, K, -1)
     if routing.mask_TK is not None:
         slots_TKD = slots_TKD * routing.mask_TK.unsqueeze(-1)
@@ -89,7 +97,7 @@ def test_off_slots_pass_no_gradient_back_whatever_arrives(layout):
     """gather_slots alone, with an arbitrary upstream gradient (non-zero on off slots too): the
     buffer gets exactly the kept slots' gradients, rows of nobody's slot get zero."""
     x, routing = _routing("capacity", seed=2)
-    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
+    plan = plan_dispatch(routing, LAYOUTS[layout](routing))
     y = torch.randn(plan.rows, x.shape[1], requires_grad=True)
     up = torch.randn(*routing.indices_TK.shape, x.shape[1])
     (gather_slots(y, plan) * up).sum().backward()
@@ -103,7 +111,7 @@ def test_off_slots_pass_no_gradient_back_whatever_arrives(layout):
 @pytest.mark.parametrize("kind", ROUTINGS)
 def test_uniform_blocks_are_the_busiest_count_rounded_up(kind):
     _, routing = _routing(kind)
-    plan = plan_dispatch(routing, multiple=4, uniform=True)
+    plan = plan_dispatch(routing, BufferLayout(multiple=4, uniform=True))
     busiest = int(routing.tokens_per_expert_E.max())
     cap = -(-busiest // 4) * 4
     assert plan.counts_E.tolist() == [cap] * routing.tokens_per_expert_E.numel()
@@ -113,7 +121,7 @@ def test_uniform_blocks_are_the_busiest_count_rounded_up(kind):
 def test_cap_below_the_busiest_expert_is_an_error():
     _, routing = _routing("dropless")
     with pytest.raises(ValueError, match="busiest"):
-        plan_dispatch(routing, cap=int(routing.tokens_per_expert_E.max()) - 1)
+        plan_dispatch(routing, BufferLayout(cap=int(routing.tokens_per_expert_E.max()) - 1))
 
 
 def test_no_tokens_is_empty_both_ways():
@@ -121,7 +129,7 @@ def test_no_tokens_is_empty_both_ways():
     routing = route_topk(torch.randn(0, D), torch.randn(E, D), K, True)
     x = torch.randn(0, D, requires_grad=True)
     for layout in LAYOUTS.values():
-        plan = plan_dispatch(routing, **layout(routing))
+        plan = plan_dispatch(routing, layout(routing))
         y = combine(dispatch(x, plan), plan)
         assert y.shape == (0, D)
         y.sum().backward()
@@ -150,7 +158,7 @@ def test_weighted_sum_matches_the_gathered_combine_in_bf16(layout):
     """The dropless combine (one embedding_bag) and the gathered one (the off-slot path) agree in
     bf16 to its rounding, values and both gradients, and weights without grad are fine."""
     x, routing = _routing("dropless", T=64, D=32, seed=3)
-    plan = plan_dispatch(routing, **LAYOUTS[layout](routing))
+    plan = plan_dispatch(routing, LAYOUTS[layout](routing))
     y = torch.randn(plan.rows, x.shape[1]).bfloat16()
     out_grad = torch.randn(x.shape[0], x.shape[1]).bfloat16()
     results = []
@@ -168,3 +176,18 @@ def test_weighted_sum_matches_the_gathered_combine_in_bf16(layout):
         fn(y_leaf, plan).float().sum().backward()
         grads.append(y_leaf.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("kind", ROUTINGS)
+def test_local_dispatcher_is_plan_dispatch_and_combine(layout, kind):
+    """The protocol's two calls are the plan, the gather and the combine above, and the counts
+    handed to the kernel are the plan's block sizes (summing to the buffer's rows)."""
+    x, routing = _routing(kind, seed=4)
+    dispatcher = LocalDispatcher()
+    rows, counts, plan = dispatcher.dispatch(x, routing, LAYOUTS[layout](routing))
+    assert torch.equal(rows, dispatch(x, plan_dispatch(routing, LAYOUTS[layout](routing))))
+    assert torch.equal(counts, plan.counts_E) and int(counts.sum()) == rows.shape[0] == plan.rows
+    assert (counts >= routing.tokens_per_expert_E).all()
+    y = torch.randn_like(rows)
+    assert torch.equal(dispatcher.combine(y, plan), combine(y, plan))

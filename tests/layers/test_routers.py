@@ -14,6 +14,8 @@ from Ava.layers import (
     hash_experts,
     route_topk,
 )
+from Ava.layers.routing import count_per_expert
+from Ava.losses.balancing import load_balancing_loss
 
 D, E = 16, 8
 
@@ -190,3 +192,26 @@ def test_bias_update_moves_toward_underloaded_experts():
     router.update_bias(torch.tensor([10, 0, 5, 5, 5, 5, 5, 5]), rate=1e-3)
     assert router.expert_bias[0] == pytest.approx(-1e-3) and router.expert_bias[1] == pytest.approx(1e-3)
     assert router.expert_bias[2:].abs().max() == 0  # exactly at the mean (5): sign 0
+
+
+def test_counts_are_bincount_without_calling_it(monkeypatch):
+    """Tokens per expert come from an integer scatter-add (no host sync on a GPU): the same
+    counts as ``bincount``, which no router calls."""
+    torch.manual_seed(1)
+    for num_experts, shape in [(8, (50, 2)), (64, (333, 8)), (5, (0, 2)), (3, (7, 1))]:
+        indices = torch.randint(0, num_experts, shape)
+        got = count_per_expert(indices, num_experts)
+        assert got.dtype == torch.long
+        assert torch.equal(got, torch.bincount(indices.flatten(), minlength=num_experts))
+    real_bincount = torch.bincount
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("bincount syncs with the host on a GPU"))
+    for kind in ("softmax", "sigmoid", "switch", "noisy_topk", "hash"):
+        top_k = 1 if kind == "switch" else 2
+        out = _router(kind, top_k=top_k)(torch.randn(40, D), torch.arange(40))
+        assert torch.equal(out.tokens_per_expert_E, real_bincount(out.indices_TK.flatten(), minlength=E))
+        dropping = _router(kind, top_k=top_k, capacity_factor=0.5)(torch.randn(40, D), torch.arange(40))
+        assert torch.equal(dropping.routed_per_expert_E, real_bincount(dropping.indices_TK.flatten(), minlength=E))
+    probs = torch.softmax(torch.randn(40, E), dim=-1)
+    indices = probs.topk(2, dim=-1).indices
+    assert torch.equal(load_balancing_loss(probs, indices),  # counts itself without bincount
+                       load_balancing_loss(probs, indices, real_bincount(indices.flatten(), minlength=E)))

@@ -1,6 +1,6 @@
-"""The MoE block: router -> experts (dispatch, grouped GEMMs, combine), Qwen3-MoE naming.
+"""The MoE block: router -> experts (dispatch, kernel, combine), Qwen3-MoE naming.
 
-Legend: B batch, T sequence, D hidden, N = B·T tokens, E experts.
+Shapes (legend in ``Ava/__init__.py``): B batch, T sequence, D hidden, N = B·T flattened tokens.
 """
 
 from __future__ import annotations

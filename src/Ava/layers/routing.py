@@ -1,7 +1,8 @@
 """Routers: learned scores -> chosen experts and gate weights, always computed in fp32.
 
-Legend: T tokens (batch × sequence, flattened), D hidden, E routed experts, K slots per token
-(``top_k``; E for expert-choice), G expert groups, C per-expert capacity.
+Shapes (legend in ``Ava/__init__.py``): T tokens (batch × sequence, flattened), D hidden, E routed
+experts, K slots per token (``top_k``; E for expert-choice), S = T·K token-slots, C per-expert
+capacity. Expert groups have no letter; their tensors say their shape in a comment.
 
 Every router returns the same :class:`RouterOutput`, so dispatch, experts, losses and metrics
 never depend on the routing rule. The pure functions here hold the math; :class:`Router` (held as
@@ -66,8 +67,16 @@ def _fp32(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def _count(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(indices_TK.reshape(-1), minlength=num_experts)  # (E,)
+def count_per_expert(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) long, how many of the slots in ``indices_TK`` chose each expert.
+
+    An integer scatter-add into E zeros: exact and deterministic, and unlike ``bincount`` (whose
+    output size depends on the data) it needs no host sync on a GPU.
+    """
+    flat_S = indices_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat_S.device).scatter_add_(
+        0, flat_S, torch.ones_like(flat_S)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,22 +88,23 @@ def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int)
     """Keep only experts in each token's best ``topk_groups`` of ``n_groups`` groups.
 
     A group scores the sum of its top-2 expert scores (DeepSeek-V3; the max when a group holds
-    one expert). Experts are grouped contiguously: group g holds experts ``g·E/G .. (g+1)·E/G − 1``.
+    one expert). Experts are grouped contiguously: with n = ``n_groups``, group g holds experts
+    ``g·E/n .. (g+1)·E/n − 1``.
 
     Args:
         scores_TE: (T, E) selection scores (already biased, if a bias is used).
-        n_groups: G, divides E.
-        topk_groups: M ≤ G groups kept per token.
+        n_groups: the number of groups; divides E.
+        topk_groups: groups kept per token (≤ ``n_groups``).
 
     Returns:
         (T, E) bool, True for experts inside a kept group.
     """
     T, E = scores_TE.shape
-    scores_TGe = scores_TE.view(T, n_groups, E // n_groups)  # (T, G, E/G)
-    group_TG = scores_TGe.topk(min(2, E // n_groups), dim=-1).values.sum(dim=-1)  # (T, G)
-    keep_TM = group_TG.topk(topk_groups, dim=-1).indices  # (T, M)
-    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TM, True)
-    return keep_TG.repeat_interleave(E // n_groups, dim=1)  # (T, E)
+    by_group = scores_TE.view(T, n_groups, E // n_groups)  # (T, groups, E/groups)
+    group_scores = by_group.topk(min(2, E // n_groups), dim=-1).values.sum(dim=-1)  # (T, groups)
+    kept_groups = group_scores.topk(topk_groups, dim=-1).indices  # (T, topk_groups)
+    keep_group = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)  # (T, groups)
+    return keep_group.repeat_interleave(E // n_groups, dim=1)  # (T, E)
 
 
 def select_topk(
@@ -172,7 +182,7 @@ def route_topk(
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if routed_scaling_factor != 1.0:
             weights_TK = weights_TK * routed_scaling_factor
-    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, _count(indices_TK, weight_ED.shape[0]))
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]))
 
 
 def route_sigmoid(
@@ -211,7 +221,7 @@ def route_sigmoid(
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, _count(indices_TK, weight_ED.shape[0]))
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]))
 
 
 def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
@@ -265,7 +275,7 @@ def route_hash(
         if norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = weights_TK * routed_scaling_factor
-    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, _count(indices_TK, weight_ED.shape[0]))
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,13 +310,14 @@ def apply_capacity(routing: RouterOutput, capacity_factor: float) -> RouterOutpu
     cap = expert_capacity(T, K, E, capacity_factor)
     if cap >= T:
         return routing
-    expert_P = routing.indices_TK.t().reshape(-1)  # (P = K·T,) choice-major priority order
-    order_P = torch.argsort(expert_P, stable=True)  # grouped by expert, priority kept inside
+    # The slots in priority order (choice-major: slot k·T + t), not the token-major S order.
+    expert_by_priority = routing.indices_TK.t().reshape(-1)  # (K·T,)
+    order = torch.argsort(expert_by_priority, stable=True)  # (K·T,) grouped by expert, priority kept inside
     counts_E = routing.tokens_per_expert_E
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-    rank_sorted_P = torch.arange(expert_P.numel(), device=expert_P.device) - starts_E[expert_P[order_P]]
-    rank_P = torch.empty_like(rank_sorted_P).scatter_(0, order_P, rank_sorted_P)  # place in its expert's queue
-    keep_TK = (rank_P < cap).view(K, T).t().contiguous()  # (T, K)
+    rank_sorted = torch.arange(order.numel(), device=order.device) - starts_E[expert_by_priority[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (K·T,) place in its expert's queue
+    keep_TK = (rank < cap).view(K, T).t().contiguous()  # (T, K)
     kept_E = counts_E.clamp(max=cap)
     return RouterOutput(
         indices_TK=routing.indices_TK,

@@ -34,7 +34,10 @@ def load_balancing_loss(
     """
     num_tokens, num_experts = probs_TE.shape
     if tokens_per_expert_E is None:
-        tokens_per_expert_E = torch.bincount(indices_TK.reshape(-1), minlength=num_experts)
+        flat_S = indices_TK.reshape(-1)  # a scatter-add, not bincount: no host sync on a GPU
+        tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.long, device=flat_S.device).scatter_add_(
+            0, flat_S, torch.ones_like(flat_S)
+        )
     f_E = tokens_per_expert_E.float() / max(indices_TK.numel(), 1)  # (E,) share of T·K slots
     p_E = probs_TE.float().mean(dim=0)  # (E,)
     return num_experts * (f_E * p_E).sum()

@@ -90,3 +90,21 @@ def test_a_loaded_model_is_never_reinitialised(tmp_path, corpus_cache):
         SingleProcess(torch.device("cpu")).prepare_model(model, config)
         for (name, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_a_model_built_on_the_meta_device_initialises_like_any_other(tmp_path, corpus_cache):
+    """What sharded strategies do: build without memory, materialise, then init_weights(seed)."""
+    config = tiny_config(tmp_path, corpus_cache, "model.mtp.num_heads=1")
+    with torch.device("meta"):
+        meta = EnhancedMoEModel(config.model)
+    assert meta.embed_tokens.weight.is_meta
+    meta.to_empty(device="cpu")
+    meta.init_weights(config.run.seed)
+    plain = EnhancedMoEModel(config.model)
+    plain.init_weights(config.run.seed)
+    for (name, a), (_, b) in zip(plain.state_dict(keep_vars=True).items(), meta.state_dict(keep_vars=True).items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(plain.rotary.cos_TA, meta.rotary.cos_TA)
+    ids = torch.randint(0, config.model.vocab_size, (2, 8))
+    assert torch.equal(plain(ids).logits, meta(ids).logits)

@@ -29,12 +29,22 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_positions = max_positions
         self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (A/2,)
-        pos_T = torch.arange(max_positions, dtype=torch.float64)
+        self.register_buffer("cos_TA", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin_TA", torch.empty(max_positions, head_dim), persistent=False)
+        if self.cos_TA.device.type != "meta":
+            self.reset_table()
+
+    @torch.no_grad()
+    def reset_table(self) -> None:
+        """(Re)compute the cos/sin tables in place, on their device (after building on the meta
+        device and materialising, they hold garbage until this runs)."""
+        head_dim, device = self.head_dim, self.cos_TA.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (A/2,)
+        pos_T = torch.arange(self.max_positions, dtype=torch.float64)
         angles = torch.outer(pos_T, inv_freq)  # (T, A/2)
         angles_TA = torch.cat([angles, angles], dim=-1)  # rotate-half pairs i with i + A/2
-        self.register_buffer("cos_TA", angles_TA.cos().float(), persistent=False)
-        self.register_buffer("sin_TA", angles_TA.sin().float(), persistent=False)
+        self.cos_TA.copy_(angles_TA.cos().float().to(device))
+        self.sin_TA.copy_(angles_TA.sin().float().to(device))
 
     def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Look up the table.

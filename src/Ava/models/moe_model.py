@@ -63,7 +63,7 @@ class EnhancedMoEModel(nn.Module):
         # One draw from the global RNG, before any submodule's default init consumes it: the
         # construction-time weights then depend only on the RNG state at entry (and the main
         # stack's on nothing that follows it, such as the MTP heads).
-        construction_seed = int(torch.randint(0, 2**62, ()).item())
+        construction_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -121,6 +121,7 @@ class EnhancedMoEModel(nn.Module):
             self.mtp.apply(init)
         if self.loss_weighting is not None:
             nn.init.zeros_(self.loss_weighting.log_vars)  # equal weights: log σ² = 0
+        self.rotary.reset_table()  # not a weight, but garbage after a meta-device build until recomputed
 
     def _init_weights(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
         std = self.config.initializer_range

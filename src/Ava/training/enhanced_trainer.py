@@ -109,11 +109,12 @@ class EnhancedModularTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: PlateauLR | None = None
+        self.total_steps = 0  # set by prepare()
         self.checkpoints: CheckpointWriter | None = None
         self._last_good_checkpoint: Path | None = None
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
         # Every part with training state, once; the optimizer, scheduler and plateau LR join
-        # when they are built (_build_optimization). Saving and resuming walk this registry.
+        # when prepare() builds them. Saving, resuming and rolling back walk this registry.
         self.states = StateRegistry()
         self.states.register(MODEL_KEY, ModelWeights(model, self.parallel))
         self.states.register("progress", self.progress)
@@ -206,7 +207,7 @@ class EnhancedModularTrainer:
             data_cfg = cfg.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(paths.tokenizer))})
         data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer,
                             eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
-        self.total_steps = self.prepare(data)
+        self.prepare(data)
         self.checkpoints = CheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
                                             cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
         if checkpoint is not None:
@@ -233,7 +234,7 @@ class EnhancedModularTrainer:
         if not self._model_prepared:
             self.model = self.parallel.prepare_model(self.model, cfg)
             self._model_prepared = True
-        total_steps = self.feed.total_steps()
+        self.total_steps = total_steps = self.feed.total_steps()
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.learning_rate, total_steps)
         self.plateau = build_plateau(self.scheduler, cfg.scheduler.plateau, cfg.training.learning_rate)

@@ -10,7 +10,7 @@ from Ava.config import ModelConfig
 from Ava.data import AvaTokenizer
 from Ava.errors import AvaConfigError
 from Ava.interop import export_hf, import_hf
-from Ava.interop.huggingface import read_hf_tensors
+from Ava.interop.huggingface import ava_config_from_hf, read_hf_tensors
 from Ava.models import EnhancedMoEModel
 
 transformers = pytest.importorskip("transformers")
@@ -143,6 +143,7 @@ def test_import_matches_transformers_and_round_trips_losslessly(tmp_path, kind, 
     export_hf(tmp_path / "ava", tmp_path / "back")  # auto picks the source architecture
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
     assert exported["model_type"] == kind and exported["head_dim"] == cfg.head_dim
+    assert exported["router_aux_loss_coef"] == pytest.approx(hf.config.router_aux_loss_coef, rel=1e-12)
     again = type(hf).from_pretrained(tmp_path / "back").eval()
     ref = hf.state_dict()
     assert set(again.state_dict()) == set(ref)
@@ -200,3 +201,115 @@ def test_export_drops_mtp_heads_and_uncertainty_weights(tmp_path, tokenizer, cap
     with torch.no_grad():
         assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
 
+
+
+# -- the balancing coefficient ---------------------------------------------------------------
+# transformers' load_balancing_loss_func pools the router logits of every MoE layer and divides
+# the routed counts by the tokens (not tokens·K): aux = K·E·Σ_i f̄_i·p̄_i, with f_l (share of the
+# T·K slots) and p_l (mean probability) of each MoE layer l averaged over the layers. Ava's term is
+# aux_loss_coef·E·mean_l Σ_i f_l,i·p_l,i. With router_aux_loss_coef = aux_loss_coef / K the two
+# are equal for one MoE layer and differ by aux_loss_coef·E·Σ_i Cov_l(f_l,i, p_l,i) for several.
+
+
+def _ava_balance(model: EnhancedMoEModel, ids: torch.Tensor):
+    """Ava's forward (balancing terms on) and each MoE layer's (f_E, p_E), stacked (L, E)."""
+    seen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda _m, _i, out: seen.append(out))
+             for layer in model.layers if layer.is_moe]
+    try:
+        out = model(ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    f_LE = torch.stack([r.routed_per_expert_E.float() / r.indices_TK.numel() for r in seen]).detach()
+    p_LE = torch.stack([r.probs_TE.mean(dim=0) for r in seen]).detach()
+    return out, f_LE, p_LE
+
+
+def _hf_weighted_aux(hf, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router_aux_loss_coef · aux_loss, aux_loss) of ``hf`` on ``ids``, as HF adds it to ``loss``."""
+    out = hf(ids, labels=ids, output_router_logits=True)
+    lm_only = hf(ids, labels=ids).loss
+    weighted = hf.config.router_aux_loss_coef * out.aux_loss
+    torch.testing.assert_close(out.loss.detach(), (lm_only + weighted).detach())  # what HF trains on
+    return weighted, out.aux_loss
+
+
+@pytest.mark.parametrize("shape, moe_layers", [
+    ({"qk_norm": False, "num_layers": 1}, 1),  # Mixtral
+    ({"qk_norm": True, "moe": {"first_dense_layers": 1}}, 1),  # Qwen3-MoE, a dense layer first
+    ({"qk_norm": True, "qk_norm_scope": "full", "num_layers": 1, "moe": {"top_k": 3}}, 1),  # OLMoE
+    ({"qk_norm": False, "num_layers": 3}, 3),
+    ({"qk_norm": True, "num_layers": 3, "moe": {"top_k": 3}}, 3),
+])
+def test_exported_aux_loss_equals_ava_load_balance_term(tmp_path, tokenizer, caplog, shape, moe_layers):
+    shape = {**shape, "moe": {"aux_loss_coef": 0.03, "z_loss_coef": 0.002, "seq_aux_loss_coef": 1e-4,
+                              **shape.get("moe", {})}}
+    model, folder = _ava_checkpoint(tmp_path, tokenizer, **shape)
+    top_k, coef = model.config.moe.top_k, model.config.moe.aux_loss_coef
+    with caplog.at_level("INFO", logger="Ava.interop.huggingface"):
+        out = export_hf(folder, tmp_path / "hf")
+    assert "router_aux_loss_coef = model.moe.aux_loss_coef / top_k" in caplog.text
+    assert "z_loss_coef=0.002" in caplog.text and "seq_aux_loss_coef=0.0001" in caplog.text
+    assert json.loads((out / "config.json").read_text())["router_aux_loss_coef"] == pytest.approx(coef / top_k)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids(tokenizer.vocab_size)
+    ava, f_LE, p_LE = _ava_balance(model, ids)
+    theirs, aux = _hf_weighted_aux(hf, ids)
+    assert f_LE.shape[0] == moe_layers
+    E = model.config.num_experts
+    # HF's pooled loss, from Ava's own routing: K·E·Σ f̄·p̄
+    torch.testing.assert_close(aux, top_k * E * (f_LE.mean(0) * p_LE.mean(0)).sum(), rtol=1e-5, atol=0)
+    ours = ava.aux_losses["load_balance"]
+    if moe_layers == 1:
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0)
+        # and the same gradient on the router (the term the coefficient weights is the same term)
+        name = f"layers.{len(model.layers) - 1}.mlp.gate.weight"
+        ours.backward()
+        theirs.backward()
+        torch.testing.assert_close(hf.get_parameter("model." + name).grad, model.get_parameter(name).grad,
+                                   rtol=1e-4, atol=1e-8)
+    else:  # several layers: they differ by the covariance over layers of f and p
+        cov_E = (f_LE * p_LE).mean(0) - f_LE.mean(0) * p_LE.mean(0)
+        torch.testing.assert_close(theirs, ours - coef * E * cov_E.sum(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, extra, moe_layers", [
+    ("qwen3_moe", {"router_aux_loss_coef": 0.02}, 1),  # mlp_only_layers [0]: one MoE layer of two
+    ("mixtral", {"router_aux_loss_coef": 0.02, "num_hidden_layers": 1}, 1),
+    ("olmoe", {"router_aux_loss_coef": 0.02, "num_hidden_layers": 1, "num_experts_per_tok": 3}, 1),
+    ("olmoe", {"router_aux_loss_coef": 0.02, "num_hidden_layers": 3}, 3),
+])
+def test_import_keeps_the_source_balancing_and_adds_no_other_term(tmp_path, caplog, kind, extra, moe_layers):
+    hf = _hf_model(kind, **extra)
+    hf.save_pretrained(tmp_path / "hf")
+    with caplog.at_level("INFO", logger="Ava.interop.huggingface"):
+        model = import_hf(tmp_path / "hf")
+    assert "router_aux_loss_coef · num_experts_per_tok" in caplog.text
+    moe, top_k = model.config.moe, hf.config.num_experts_per_tok
+    assert moe.aux_loss_coef == pytest.approx(0.02 * top_k)
+    assert (moe.z_loss_coef, moe.seq_aux_loss_coef, moe.global_aux_loss_coef, moe.aux_free_bias) == (0, 0, 0, False)
+    assert moe.capacity_factor is None  # dropless, as HF trains
+    ids = _ids(120)
+    ava, f_LE, p_LE = _ava_balance(model, ids)
+    assert set(ava.aux_losses) == {"load_balance"} and f_LE.shape[0] == moe_layers
+    theirs, _ = _hf_weighted_aux(hf, ids)
+    ours = ava.aux_losses["load_balance"]
+    if moe_layers == 1:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    else:
+        cov_E = (f_LE * p_LE).mean(0) - f_LE.mean(0) * p_LE.mean(0)
+        torch.testing.assert_close(ours, theirs + moe.aux_loss_coef * model.config.num_experts * cov_E.sum(),
+                                   rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, default", [("qwen3_moe", 0.001), ("mixtral", 0.001), ("olmoe", 0.01)])
+def test_import_without_router_aux_loss_coef_uses_transformers_default(kind, default):
+    """A config.json without the key trains in transformers with its class default; Ava uses it too."""
+    hf_cfg = _hf_model(kind).config
+    assert type(hf_cfg)().router_aux_loss_coef == default  # transformers' own default
+    config = hf_cfg.to_dict()
+    config.pop("router_aux_loss_coef")
+    cfg = ava_config_from_hf(config)
+    assert cfg.moe.aux_loss_coef == pytest.approx(default * config["num_experts_per_tok"])
+    assert cfg.moe.z_loss_coef == 0

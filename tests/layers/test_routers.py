@@ -215,3 +215,24 @@ def test_counts_are_bincount_without_calling_it(monkeypatch):
     indices = probs.topk(2, dim=-1).indices
     assert torch.equal(load_balancing_loss(probs, indices),  # counts itself without bincount
                        load_balancing_loss(probs, indices, real_bincount(indices.flatten(), minlength=E)))
+
+
+# -- the unbiased top-k the sequence-wise / global balancing losses count --------------------
+
+
+def test_unbiased_indices_are_none_without_bias_or_groups():
+    out = _router()(torch.randn(32, D))
+    assert out.balance_indices_TK is None
+    assert out.unbiased_indices_TK is out.indices_TK
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_unbiased_indices_ignore_the_bias_and_the_group_limit(kind):
+    router = _router(kind, aux_free_bias=True, n_groups=4, topk_groups=1)
+    router.expert_bias[0] = 10.0  # every token's biased choice includes expert 0 (and group 0)
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(3))
+    out = apply_capacity(router(x), 1.0)  # capacity keeps the unbiased choice
+    affinity_TE = out.logits_TE.sigmoid() if kind == "sigmoid" else out.probs_TE
+    assert torch.equal(out.unbiased_indices_TK, affinity_TE.topk(2, dim=-1).indices)
+    assert (out.indices_TK == 0).any(dim=-1).all()
+    assert not torch.equal(out.unbiased_indices_TK, out.indices_TK)

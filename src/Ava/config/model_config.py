@@ -126,20 +126,35 @@ class MoEConfig(AvaSection):
     )
     aux_loss_coef: float = Field(
         0.01, ge=0.0,
-        description="Switch/GShard load-balancing loss coefficient α (0 disables it unless scheduled).",
+        description="Switch/GShard load-balancing loss coefficient α on E·Σ f_i·P_i per MoE layer (1 when "
+        "uniform), reduced over layers by balance_reduction (0 disables it unless scheduled). A Hugging Face "
+        "router_aux_loss_coef c is α ≈ top_k·c with mean (HF pools the layers); Megatron's moe_aux_loss_coeff is "
+        "α with sum. See docs/moe.md for the conversion table.",
     )
     seq_aux_loss_coef: float = Field(
         0.0, ge=0.0,
-        description="Sequence-level balancing loss coefficient (DeepSeek-V3, f·P per sequence, averaged; "
-        "V3 uses 1e-4); 0 disables it unless scheduled.",
+        description="Sequence-level balancing loss coefficient (DeepSeek-V3 eq. 17-20: f·P per sequence, "
+        "averaged; f from the top-k of the affinities, without bias or group limit). DeepSeek-V3/Megatron's "
+        "1e-4 is per layer, summed over layers: use it with balance_reduction: sum, or multiply it by the "
+        "number of MoE layers (MTP blocks included) with mean. 0 disables it unless scheduled.",
     )
     global_aux_loss_coef: float = Field(
         0.0, ge=0.0,
         description="Global-batch balancing loss coefficient (Qwen 2025): f_i counted over all micro-batches "
-        "of the optimizer step so far; 0 disables it unless scheduled.",
+        "of the optimizer step so far, from the top-k of the affinities (without bias or group limit); "
+        "reduced over layers by balance_reduction; 0 disables it unless scheduled.",
     )
     z_loss_coef: float = Field(
-        0.001, ge=0.0, description="Router z-loss coefficient (ST-MoE; 0 disables it unless scheduled)."
+        0.001, ge=0.0,
+        description="Router z-loss coefficient on mean_t (logsumexp x_t)² per MoE layer (ST-MoE), reduced over "
+        "layers by balance_reduction (0 disables it unless scheduled).",
+    )
+    balance_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="How the per-layer balancing terms (load_balance, seq_load_balance, global_load_balance, "
+        "z_loss) combine over the MoE layers (MTP blocks included): mean (a coefficient means the same at "
+        "any depth) or sum (Megatron-LM, DeepSeek-V3; sum = mean × number of MoE layers). Copy a Megatron "
+        "moe_aux_loss_coeff / moe_z_loss_coeff with sum. See docs/moe.md for a conversion table.",
     )
     aux_free_bias: bool = Field(
         False,

@@ -27,6 +27,14 @@ the uncertainty-weighting loss weights (``loss_weighting.*``). The export logs w
 Import reads ``config.json`` and every ``*.safetensors`` file (sharded or not) and accepts both
 expert layouts: fused 3-D (transformers ≥ 5) and per-expert Linear modules
 (``experts.{i}.gate_proj/up_proj/down_proj``, Mixtral's ``block_sparse_moe.experts.{i}.w1/w3/w2``).
+
+Balancing coefficient: transformers' ``load_balancing_loss_func`` divides the routed counts by
+the tokens, not by tokens × top-k, so at uniform routing it is K where Ava's
+``load_balancing_loss`` is 1; for one MoE layer it is exactly K times Ava's. Export writes
+``router_aux_loss_coef = aux_loss_coef / top_k`` and import sets
+``aux_loss_coef = router_aux_loss_coef · num_experts_per_tok``, so the weighted term is the same
+(several layers: see docs/interop.md). Import switches on no other balancing term (z-loss,
+sequence/global balancing, aux-free bias): no importable HF architecture trains with one.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausa
 IMPORTABLE = ("qwen3_moe", "mixtral", "olmoe")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+HF_AUX_LOSS_COEF_DEFAULT = {"qwen3_moe": 0.001, "mixtral": 0.001, "olmoe": 0.01}
+"""transformers 5.23's ``router_aux_loss_coef`` default per ``model_type`` (used when config.json omits it)."""
+HF_ABSENT_TERMS = ("seq_aux_loss_coef", "global_aux_loss_coef", "z_loss_coef")
+"""Ava balancing coefficients no HF Qwen3-MoE / Mixtral / OLMoE computes: 0 on import, dropped on export."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +186,8 @@ def hf_config(model: EnhancedMoEModel, arch: str, tokenizer: AvaTokenizer | None
         "attention_dropout": cfg.dropout,
         "num_experts_per_tok": moe.top_k,
         "num_local_experts": cfg.num_experts,
-        "router_aux_loss_coef": moe.aux_loss_coef,
+        # HF's balancing loss is top_k × Ava's (it divides counts by T, Ava by T·K): same weighted term
+        "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k,
         "output_router_logits": False,
         "sliding_window": None,
         "use_cache": True,
@@ -300,6 +313,14 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
     save_file(hf_state_dict(model, target), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     for what, count in dropped_on_export(model).items():
         logger.info("not exported (training-only): %s, %d tensor%s", what, count, "" if count == 1 else "s")
+    moe = model.config.moe
+    logger.info("router_aux_loss_coef = model.moe.aux_loss_coef / top_k = %g / %d = %g (transformers' "
+                "load-balancing loss is top_k times Ava's)", moe.aux_loss_coef, moe.top_k,
+                moe.aux_loss_coef / moe.top_k)
+    for name in HF_ABSENT_TERMS:
+        if moe.coef_peak(name) > 0:
+            logger.info("not exported (training-only): model.moe.%s=%g, %s has no such term", name,
+                        getattr(moe, name), ARCHITECTURES[arch])
     _write_json(folder / "config.json", hf_config(model, arch, tokenizer, target))
     generation = {"eos_token_id": None, "pad_token_id": None, "bos_token_id": None}
     if tokenizer is not None:
@@ -386,6 +407,16 @@ def ava_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if problems:
         raise AvaConfigError(f"{source}: cannot import this {kind} model: " + "; ".join(problems))
     expert_width = hf["intermediate_size"] if kind in ("mixtral", "olmoe") else hf["moe_intermediate_size"]
+    top_k = hf["num_experts_per_tok"]
+    router_aux = hf.get("router_aux_loss_coef")
+    if router_aux is None:  # absent or null: what transformers trains this model_type with
+        router_aux = HF_AUX_LOSS_COEF_DEFAULT[kind]
+    logger.info("model.moe.aux_loss_coef = router_aux_loss_coef · num_experts_per_tok = %g · %d = %g (transformers' "
+                "load-balancing loss is top_k times Ava's); %s, aux_free_bias off: %s trains with none of them",
+                router_aux, top_k, router_aux * top_k, " = ".join(HF_ABSENT_TERMS) + " = 0", kind)
+    if hf.get("router_jitter_noise"):
+        logger.warning("%s: router_jitter_noise=%g not imported (Ava has no multiplicative router jitter)",
+                       source, hf["router_jitter_noise"])
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, max_seq_len=hf.get("max_position_embeddings", 4096),
@@ -394,11 +425,11 @@ def ava_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         qk_norm=kind in ("qwen3_moe", "olmoe"), qk_norm_scope="full" if kind == "olmoe" else "head",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe={
-            "top_k": hf["num_experts_per_tok"], "router": "softmax",
+            "top_k": top_k, "router": "softmax",
             "norm_topk_prob": True if kind == "mixtral" else bool(hf.get("norm_topk_prob", False)),
             "moe_intermediate_size": expert_width, "first_dense_layers": first_dense, "moe_every": moe_every,
-            "aux_loss_coef": hf.get("router_aux_loss_coef", 0.01),
-            "z_loss_coef": hf.get("router_z_loss_coef", 0.001),
+            # the source's balancing strength, and no term it never trained with
+            "aux_loss_coef": router_aux * top_k, "aux_free_bias": False, **dict.fromkeys(HF_ABSENT_TERMS, 0.0),
         },
     )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,10 @@ class RouterOutput:
         mask_TK: (T, K) bool, False where a slot is off (dropped by capacity, or not picked by
             expert-choice); None = every slot is on (dropless token-choice, the fast path).
         dropped_E: (E,) long, slots routed to each expert but dropped by capacity; None = none.
+        balance_indices_TK: (T, K) long, the top-k of the affinities alone (no aux-free bias, no
+            group limit), which the sequence-wise and global-batch balancing losses count
+            (DeepSeek-V3 eq. 18, Megatron's ``compute_routing_scores_for_aux_loss``); None = the
+            same as ``indices_TK`` (no bias and no groups, or a router without either).
     """
 
     indices_TK: torch.Tensor
@@ -54,6 +58,12 @@ class RouterOutput:
     tokens_per_expert_E: torch.Tensor
     mask_TK: torch.Tensor | None = None
     dropped_E: torch.Tensor | None = None
+    balance_indices_TK: torch.Tensor | None = None
+
+    @property
+    def unbiased_indices_TK(self) -> torch.Tensor:
+        """(T, K) long, the top-k of the affinities without bias or group limit (see above)."""
+        return self.indices_TK if self.balance_indices_TK is None else self.balance_indices_TK
 
     @property
     def routed_per_expert_E(self) -> torch.Tensor:
@@ -134,6 +144,29 @@ def select_topk(
     return choice_TE.topk(top_k, dim=-1).indices  # (T, K)
 
 
+def unbiased_topk(
+    scores_TE: torch.Tensor,
+    top_k: int,
+    bias_E: torch.Tensor | None,
+    n_groups: int | None,
+    topk_groups: int | None,
+) -> torch.Tensor | None:
+    """The top-k of the scores alone when the selection was biased or group-limited, else None.
+
+    The balancing losses count f_i from the router's own preference (DeepSeek-V3 eq. 18: the
+    top-k of the affinities s_i,t), not from the choice the bias has already corrected: counting
+    the corrected choice would make the loss see balance the bias bought and stop pushing the
+    affinities. One more top-k over (T, E) on device; no host sync.
+
+    Returns:
+        (T, K) long, or None when ``select_topk`` already picked exactly this.
+    """
+    grouped = n_groups is not None and topk_groups is not None and n_groups > 1
+    if bias_E is None and not grouped:
+        return None
+    return scores_TE.topk(top_k, dim=-1).indices  # (T, K)
+
+
 # --------------------------------------------------------------------------------------------
 # token-choice routers
 # --------------------------------------------------------------------------------------------
@@ -177,12 +210,14 @@ def route_topk(
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         probs_TE = noisy_TE.softmax(dim=-1)
         indices_TK = select_topk(probs_TE, top_k, bias_E, n_groups, topk_groups)
+        balance_TK = unbiased_topk(probs_TE, top_k, bias_E, n_groups, topk_groups)
         weights_TK = probs_TE.gather(1, indices_TK)  # (T, K)
         if norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if routed_scaling_factor != 1.0:
             weights_TK = weights_TK * routed_scaling_factor
-    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]))
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]),
+                        balance_indices_TK=balance_TK)
 
 
 def route_sigmoid(
@@ -216,12 +251,14 @@ def route_sigmoid(
         logits_TE = F.linear(x_TD.float(), weight_ED.float())  # (T, E)
         scores_TE = logits_TE.sigmoid()
         indices_TK = select_topk(scores_TE, top_k, bias_E, n_groups, topk_groups)
+        balance_TK = unbiased_topk(scores_TE, top_k, bias_E, n_groups, topk_groups)
         weights_TK = scores_TE.gather(1, indices_TK)  # (T, K) unbiased scores
         if norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]))
+    return RouterOutput(indices_TK, weights_TK, logits_TE, probs_TE, count_per_expert(indices_TK, weight_ED.shape[0]),
+                        balance_indices_TK=balance_TK)
 
 
 def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
@@ -319,11 +356,9 @@ def apply_capacity(routing: RouterOutput, capacity_factor: float) -> RouterOutpu
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (K·T,) place in its expert's queue
     keep_TK = (rank < cap).view(K, T).t().contiguous()  # (T, K)
     kept_E = counts_E.clamp(max=cap)
-    return RouterOutput(
-        indices_TK=routing.indices_TK,
+    return replace(
+        routing,
         weights_TK=routing.weights_TK.masked_fill(~keep_TK, 0.0),
-        logits_TE=routing.logits_TE,
-        probs_TE=routing.probs_TE,
         tokens_per_expert_E=kept_E,
         mask_TK=keep_TK,
         dropped_E=counts_E - kept_E,
@@ -479,7 +514,9 @@ class Router(nn.Module):
         the gate weights, so it steers load without a gradient term (Wang et al. 2024).
 
         Args:
-            load_E: (E,) token-slots routed to each expert over the optimizer step.
+            load_E: (E,) token-slots routed to each expert over the optimizer step, before
+                capacity dropping (see ``EnhancedMoEModel.update_expert_bias``). The bias is not
+                re-centred (torchtitan subtracts its mean): only differences of b move top-k.
             rate: γ.
         """
         if self.expert_bias is None:

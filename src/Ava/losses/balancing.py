@@ -4,6 +4,10 @@ Legend: T tokens, B sequences, E experts, K experts per token. Every loss is ret
 unweighted; the caller multiplies by its coefficient (``model.moe.aux_loss_coef``,
 ``seq_aux_loss_coef``, ``global_aux_loss_coef``, ``z_loss_coef``). The balancing losses share one
 form, ``E · Σ_i f_i · P_i`` (1 when uniform), and differ only in where f and P are counted.
+Each is one MoE layer's value; the model combines the layers by ``model.moe.balance_reduction``
+(mean, or sum as Megatron-LM and DeepSeek-V3 do). The sequence-wise and global-batch losses take
+f from the top-k of the affinities alone (``RouterOutput.unbiased_indices_TK``: no aux-free bias,
+no group limit; DeepSeek-V3 eq. 18); the Switch loss from the slots the router actually sent.
 Auxiliary-loss-free balancing has no loss: it is a bias in the router (``layers/routing.py``).
 """
 
@@ -64,7 +68,8 @@ def sequence_balancing_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, ba
 
     Args:
         probs_TE: (B·T, E) router probabilities, sequence-major (row b·T + t).
-        indices_TK: (B·T, K) chosen experts (all routed slots, dropped or not).
+        indices_TK: (B·T, K) the top-k of the affinities, without aux-free bias or group limit
+            (``RouterOutput.unbiased_indices_TK``; DeepSeek-V3 eq. 18), dropped slots included.
         batch_size: B.
 
     Returns:
@@ -98,7 +103,8 @@ def global_balancing_loss(probs_TE: torch.Tensor, global_counts_E: torch.Tensor)
 
     Args:
         probs_TE: (T, E) router probabilities of this micro-batch.
-        global_counts_E: (E,) routed slots per expert over the global batch (so far).
+        global_counts_E: (E,) slots per expert over the global batch (so far), counted from the
+            top-k of the affinities without aux-free bias or group limit (as the sequence loss).
 
     Returns:
         fp32 scalar.

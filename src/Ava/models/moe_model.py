@@ -25,7 +25,7 @@ from ..config.checkpoint_layout import CONFIG_FILE, WEIGHTS_FILE, resolve_checkp
 from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
-from ..layers.routing import RouterOutput
+from ..layers.routing import RouterOutput, count_per_expert
 from ..losses import (
     UncertaintyWeighting,
     assemble_losses,
@@ -266,12 +266,20 @@ class EnhancedMoEModel(nn.Module):
         batch_size: int,
         load_prefix: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[RouterStats]]:
-        """Weighted balancing/z losses averaged over MoE layers, and the per-layer stats.
+        """Weighted balancing/z losses reduced over MoE layers, and the per-layer stats.
+
+        Every term is computed per MoE layer (MTP blocks included) and combined by
+        ``model.moe.balance_reduction``: ``mean`` (a coefficient means the same at any depth) or
+        ``sum`` (Megatron-LM / DeepSeek-V3, whose coefficients are per layer); sum = mean × layers.
+        The Switch loss counts the slots the router sent (biased, group-limited, before capacity);
+        the sequence-wise and global-batch losses count the top-k of the affinities alone
+        (DeepSeek-V3 eq. 18), so the bias cannot hide the imbalance they are meant to push on.
 
         Args:
             routings: (layer index, routing) of each MoE layer.
             batch_size: B (the sequence-level loss splits the B·T tokens into sequences).
-            load_prefix: per MoE layer, routed counts of earlier micro-batches (global-batch loss).
+            load_prefix: per MoE layer, counts of earlier micro-batches for the global-batch loss
+                (``RouterStats.balance_tokens_per_expert`` summed over them).
 
         Returns:
             ``(aux_losses, router_stats)`` as in :class:`MoEModelOutput`.
@@ -280,14 +288,20 @@ class EnhancedMoEModel(nn.Module):
         if not routings:
             return {}, []
         coef = self.balancing_coefficients()
+        reduce = torch.sum if moe.balance_reduction == "sum" else torch.mean
         routed = [r.routed_per_expert_E for _, r in routings]  # (E,) per layer, before dropping
+        # (E,) per layer, the unbiased top-k's counts: the same tensor when nothing biases the choice
+        unbiased = [
+            c if r.balance_indices_TK is None else count_per_expert(r.balance_indices_TK, c.shape[0])
+            for (_, r), c in zip(routings, routed)
+        ]
         aux_per_layer = [
             load_balancing_loss(r.probs_TE, r.indices_TK, counts) for (_, r), counts in zip(routings, routed)
         ]
         z_per_layer = [router_z_loss(r.logits_TE) for _, r in routings]
         stats = []
         with torch.no_grad():
-            for (i, r), counts, aux, z in zip(routings, routed, aux_per_layer, z_per_layer):
+            for (i, r), counts, free, aux, z in zip(routings, routed, unbiased, aux_per_layer, z_per_layer):
                 p_TE = r.probs_TE
                 none = torch.zeros((), dtype=torch.long, device=counts.device)  # no slot off / dropped
                 stats.append(RouterStats(
@@ -300,25 +314,26 @@ class EnhancedMoEModel(nn.Module):
                     logit_norm=r.logits_TE.norm(dim=-1).mean(),
                     unrouted_tokens=(~r.mask_TK.any(dim=-1)).sum() if r.mask_TK is not None else none,
                     num_tokens=r.logits_TE.shape[0],
+                    balance_tokens_per_expert=free.detach(),
                 ))
         aux_losses: dict[str, torch.Tensor] = {}
         balance = moe.router != "expert_choice"  # expert-choice is balanced by construction
         # A term exists when its coefficient is ever > 0 (coef_peak), so the terms that surgery and
         # uncertainty weighting name are there at every step; its weight is this step's value.
         if balance and moe.coef_peak("aux_loss_coef") > 0:
-            aux_losses["load_balance"] = coef["aux_loss_coef"] * torch.stack(aux_per_layer).mean()
+            aux_losses["load_balance"] = coef["aux_loss_coef"] * reduce(torch.stack(aux_per_layer))
         if balance and moe.coef_peak("seq_aux_loss_coef") > 0:
-            seq = [sequence_balancing_loss(r.probs_TE, r.indices_TK, batch_size) for _, r in routings]
-            aux_losses["seq_load_balance"] = coef["seq_aux_loss_coef"] * torch.stack(seq).mean()
+            seq = [sequence_balancing_loss(r.probs_TE, r.unbiased_indices_TK, batch_size) for _, r in routings]
+            aux_losses["seq_load_balance"] = coef["seq_aux_loss_coef"] * reduce(torch.stack(seq))
         if balance and moe.coef_peak("global_aux_loss_coef") > 0:
             prefix = load_prefix if load_prefix else [None] * len(routings)
             glob = [
                 global_balancing_loss(r.probs_TE, counts if before is None else counts + before.to(counts.device))
-                for (_, r), counts, before in zip(routings, routed, prefix)
+                for (_, r), counts, before in zip(routings, unbiased, prefix)
             ]
-            aux_losses["global_load_balance"] = coef["global_aux_loss_coef"] * torch.stack(glob).mean()
+            aux_losses["global_load_balance"] = coef["global_aux_loss_coef"] * reduce(torch.stack(glob))
         if moe.coef_peak("z_loss_coef") > 0:
-            aux_losses["z_loss"] = coef["z_loss_coef"] * torch.stack(z_per_layer).mean()
+            aux_losses["z_loss"] = coef["z_loss_coef"] * reduce(torch.stack(z_per_layer))
         return aux_losses, stats
 
     # -- balancing state ---------------------------------------------------------------------
@@ -353,7 +368,12 @@ class EnhancedMoEModel(nn.Module):
         """Aux-loss-free balancing: nudge each MoE layer's expert bias toward uniform load.
 
         Call once per optimizer step, after ``optimizer.step()``, with the step's routed counts
-        summed over its micro-batches (``RouterStats.tokens_per_expert``). A no-op unless
+        summed over its micro-batches (``RouterStats.tokens_per_expert``: the biased selection,
+        *before* capacity dropping; Megatron-LM counts after). The bias steers the router's
+        choice, so it reads the choice: counts after dropping are clamped at the capacity, which
+        hides how far an overloaded expert overflows and lowers the mean, so experts between the
+        clamped and the true mean load get pushed down while underloaded (docs/moe.md gives the
+        measurement). Under dropless routing the two are the same. A no-op unless
         ``model.moe.aux_free_bias`` (and while a scheduled γ is 0). ``b_i += γ · sign(mean load −
         load_i)``, γ = ``moe.bias_update_rate`` at the current balancing step (its schedule, see
         :meth:`set_balancing_step`); the bias is a buffer, so it is saved with the weights.

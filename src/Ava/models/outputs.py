@@ -28,6 +28,10 @@ class RouterStats:
             dropped by capacity, or no expert picked them under expert-choice): they pass the
             layer on the residual alone.
         num_tokens: tokens routed in this layer (the denominator of the unrouted rate).
+        balance_tokens_per_expert: (E,) long, slots per expert in the top-k of the affinities
+            alone (no aux-free bias, no group limit): what the sequence-wise and global-batch
+            losses count, and what ``moe_load_prefix`` should accumulate. The same tensor as
+            ``tokens_per_expert`` when nothing biases the choice.
     """
 
     layer: int
@@ -39,6 +43,7 @@ class RouterStats:
     logit_norm: torch.Tensor | None = None
     unrouted_tokens: torch.Tensor | None = None
     num_tokens: int | None = None
+    balance_tokens_per_expert: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,10 +55,11 @@ class MoEModelOutput:
             without labels.
         lm_loss: fp32 scalar, the main head's objective (cross-entropy unless ``model.loss``
             sets label smoothing or focal); None without labels.
-        aux_losses: already-weighted terms. Balance terms averaged over MoE layers (those of
-            the MTP blocks included): ``load_balance`` (aux_loss_coef), ``seq_load_balance``
-            (seq_aux_loss_coef), ``global_load_balance`` (global_aux_loss_coef), ``z_loss``
-            (z_loss_coef), each weighted by its coefficient at the step set with
+        aux_losses: already-weighted terms. Balance terms reduced over MoE layers (those of
+            the MTP blocks included) by ``model.moe.balance_reduction`` (mean or sum):
+            ``load_balance`` (aux_loss_coef), ``seq_load_balance`` (seq_aux_loss_coef),
+            ``global_load_balance`` (global_aux_loss_coef), ``z_loss`` (z_loss_coef), each
+            weighted by its coefficient at the step set with
             :meth:`EnhancedMoEModel.set_balancing_step`. A term whose coefficient is 0 throughout
             (its own value and its schedule's) is left out (the balance terms also with
             expert-choice, balanced by construction); a scheduled one stays (0 while its

@@ -380,7 +380,8 @@ class EnhancedModularTrainer:
                  for name, value in self.model.balancing_coefficients(scheduled_only=True).items()}
         accum = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
-        loads: list[torch.Tensor] = []
+        loads: list[torch.Tensor] = []  # routed slots per expert (selection), for the bias update and metrics
+        balance_loads: list[torch.Tensor] = []  # the global-batch loss's counts of earlier micro-batches
         router_acc: dict[str, torch.Tensor] = {}
         tokens = 0
         document_mask = self.config.data.document_mask
@@ -388,7 +389,8 @@ class EnhancedModularTrainer:
             batch = to_device(as_batch(batch), self.device)
             input_ids = batch["input_ids"]  # (B, T)
             with self._autocast():
-                out = self.model(input_ids, **model_inputs(batch, document_mask), moe_load_prefix=loads or None)
+                out = self.model(input_ids, **model_inputs(batch, document_mask),
+                                 moe_load_prefix=balance_loads or None)
             timer.mark("forward")
             if self.surgery is None:
                 (out.loss / accum).backward()
@@ -399,6 +401,8 @@ class EnhancedModularTrainer:
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
             loads = add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
+            # The global-batch loss counts the unbiased top-k (DeepSeek-V3 eq. 18) over the step.
+            balance_loads = add_loads(balance_loads, [stats.balance_tokens_per_expert for stats in out.router_stats])
             router_acc = accumulate_router_stats(router_acc, out.router_stats)
             tokens += input_ids.numel()
             self.feed.count_source_tokens(batch)

@@ -100,3 +100,34 @@ def test_bias_update_reads_the_load_before_capacity_dropping():
         assert int(r.dropped_E.sum()) > 0
         assert torch.equal(stats.tokens_per_expert, r.tokens_per_expert_E + r.dropped_E)  # routed, not kept
         assert int(stats.tokens_per_expert.sum()) == 3 * 16 * 2
+
+
+def test_the_trainer_feeds_the_global_loss_the_unbiased_counts_of_earlier_micro_batches(tmp_path, corpus_cache):
+    """With the aux-free bias on and gradient accumulation, micro-batch 2's prefix is micro-batch
+    1's unbiased top-k counts, not the biased selection's."""
+    from Ava.data import prepare_data
+    from Ava.training import EnhancedModularTrainer
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, corpus_cache, "model.moe.aux_free_bias=true", "model.moe.global_aux_loss_coef=0.01",
+                         "training.grad_accum_steps=2")
+    trainer = EnhancedModularTrainer.from_config(config)
+    trainer.prepare(prepare_data(config.data, config.run.seed, tmp_path / "tokenizer.json"))
+    for layer in trainer.model.layers:
+        if layer.is_moe:
+            layer.mlp.gate.expert_bias[0] = 10.0  # every token's selection includes expert 0
+    seen = []
+    forward = trainer.model.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append((kwargs.get("moe_load_prefix"), out.router_stats))
+        return out
+
+    trainer.model.forward = recording
+    trainer.train_step(next(trainer.feed.optimizer_steps(1)))
+    (first_prefix, first_stats), (second_prefix, _) = seen
+    assert first_prefix is None
+    for prefix, stats in zip(second_prefix, first_stats, strict=True):
+        assert torch.equal(prefix, stats.balance_tokens_per_expert)
+        assert not torch.equal(prefix, stats.tokens_per_expert)

@@ -123,10 +123,14 @@ def test_signal_saves_the_finished_step_and_resume_is_exact(tmp_path, corpus_cac
             f"data.cache_dir={corpus_cache}", *COMMON]
     stopped = subprocess.run([sys.executable, "-c", KILLER, sig, "15", *args], env=_env(),
                              capture_output=True, text=True, timeout=300)
-    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert stopped.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], stopped.stderr[-3000:]
+    assert stopped.stderr.strip().endswith({"SIGINT": "interrupted", "SIGTERM": "terminated (SIGTERM)"}[sig])
     (run,) = list(tmp_path.iterdir())
     assert (run / "checkpoints" / "step_15" / "model.safetensors").is_file()
-    assert "continue with --resume auto" in (run / "logs" / "train.log").read_text()
+    log = (run / "logs" / "train.log").read_text()
+    assert "continue with --resume auto" in log
+    assert f"{sig}: finishing step 15, then saving a checkpoint and stopping" in log
+    assert ("press Ctrl-C again" in log) is (sig == "SIGINT")  # SIGTERM has its own wording
     resumed = _train(tmp_path, corpus_cache, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = _final_weights(tmp_path)

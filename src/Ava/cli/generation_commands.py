@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``ava generate RUN_DIR|CKPT --prompt TEXT | --file FILE | --interactive``."""
     from ..generation import TextGenerator
 
-    generator = TextGenerator.from_pretrained(args.path, device=args.device)
+    generator = TextGenerator.from_pretrained(args.path, device=args.device, verify=not args.no_verify)
     opts = _options(args)
     use_cache, stop_at_eos = not args.no_cache, not args.ignore_eos
     try:
@@ -221,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..utils.logging import setup_logging
 
     setup_logging()  # the export logs what it leaves out (training-only tensors) and where it wrote
-    export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype)
+    export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype, verify=not args.no_verify)
     return 0
 
 
@@ -259,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run_evaluation(
         args.path, data=args.data, mc_file=args.mc, out=args.out, max_tokens=args.max_tokens,
         num_samples=args.samples, sample_max_new_tokens=args.sample_tokens, device=args.device,
-        sample_fn=_greedy_completion,
+        sample_fn=_greedy_completion, verify=not args.no_verify,
     )
     for name, source in report.results["sources"].items():
         print(f"{name}: loss {source['loss']:.4f}  ppl {source['perplexity']:.2f}  ({source['tokens']:,} tokens)")
@@ -275,6 +275,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # parsers
 # --------------------------------------------------------------------------------------------
+
+
+def _add_no_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the size + sha256 check of the checkpoint's files against its manifest.json "
+                             "(for very large files; a damaged checkpoint then loads without an error; "
+                             "a warning says so)")
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -312,6 +319,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                           "same output as greedy, fewer forward passes (needs model.mtp.num_heads ≥ 1 and "
                           "--temperature 0; acceptance statistics go to stderr)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_no_verify(gen)
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", parents=[common], help="export a checkpoint as a Hugging Face folder")
@@ -322,6 +330,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                      help="HF architecture (auto = Mixtral when the model fits it, else OLMoE for "
                           "model.qk_norm_scope full, else Qwen3-MoE)")
     exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default: as saved)")
+    _add_no_verify(exp)
     exp.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", parents=[common], help="import a HF Mixtral / Qwen3-MoE / OLMoE folder")
@@ -339,4 +348,5 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     ev.add_argument("--samples", type=non_negative_int, default=3, help="generation samples in the report")
     ev.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per generation sample")
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_no_verify(ev)
     ev.set_defaults(func=cmd_eval)

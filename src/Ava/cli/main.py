@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from .. import __version__
 from ..errors import AvaError
 from .arg_types import positive_int
 
@@ -128,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _ArgumentParser(prog="ava", parents=[common],
                              description="Train, inspect and sample Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=f"ava {__version__}",
+                        help="print the version of Ava and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
     train = sub.add_parser("train", parents=[common], help="train a model from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted overrides, e.g. training.learning_rate=3e-4 model.moe.top_k=1")
+                       help="dotted overrides, e.g. training.learning_rate=3e-4 model.moe.top_k=1 "
+                            "(anywhere after CONFIG, also after options)")
     train.add_argument("--resume", metavar="auto|RUN_DIR|CKPT", default=None,
                        help="continue a run in its folder: auto = the newest run of this config's "
                             "run.name with a good checkpoint (a new run if none)")
@@ -183,10 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` that also takes ``key=value`` overrides after options
+    (``ava train CONFIG --resume auto training.max_steps=80``).
+
+    argparse ends a ``nargs="*"`` positional at the first option, so later overrides come back as
+    unrecognized; they join ``args.overrides`` in the order given. Anything else unrecognized
+    (an unknown ``--option``, or words for a command without overrides) is still a usage error.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extras):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ava`` console script and ``python -m Ava``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse_args(parser, argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -196,9 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(err).split("\n"))
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        # the trainer stops politely with KeyboardInterrupt("SIGTERM") or ("SIGINT"); a bare one is Ctrl-C
+        if err.args and err.args[0] == signal.SIGTERM.name:
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM  # 143, the shell's code for a SIGTERM
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT  # 130
 
 
 if __name__ == "__main__":

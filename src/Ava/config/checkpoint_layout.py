@@ -7,12 +7,19 @@ whose ``model`` section rebuilds the model), ``tokenizer.json``, ``state.pt`` (t
 checkpoint use it: the model saves and loads its weights and config
 (``EnhancedMoEModel.save_pretrained`` / ``from_pretrained``; ``models/`` imports only ``layers/``,
 ``losses/`` and ``config/``) and the training checkpointer (:mod:`Ava.utils.checkpoint`) writes
-the rest.
+the rest. The manifest's size + sha256 of every file is checked here too, so that every load of
+a checkpoint's weights (training resume, ``from_pretrained``, and so generate, eval and export)
+refuses a damaged file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..errors import AvaCheckpointError
 
@@ -45,3 +52,112 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"no checkpoint at {path}: expected {WEIGHTS_FILE} there or in {path}/checkpoints/{LATEST}; "
         "pass a run folder (runs/<name>_<time>) or a checkpoint folder"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the manifest: size + sha256 of every file, checked on load
+# --------------------------------------------------------------------------------------------
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """Size and sha256 of ``path``, as the manifest records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder.
+
+    Raises:
+        AvaCheckpointError: ``manifest.json`` is missing, unreadable or has no ``files``.
+    """
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest["files"], dict):
+            raise ValueError("no `files` table")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AvaCheckpointError(f"{path} is missing or unreadable ({err})") from err
+    return manifest
+
+
+def manifest_problems(folder: Path, names: Iterable[str] | None = None) -> list[str]:
+    """Problems of a checkpoint folder against its manifest (missing file, size or sha256 mismatch).
+
+    Args:
+        folder: the checkpoint folder.
+        names: check only these of the manifest's files (None = all of them).
+
+    Returns:
+        One line per problem, naming the file; a missing or unreadable manifest is one problem.
+    """
+    folder = Path(folder)
+    try:
+        files = read_manifest(folder)["files"]
+    except AvaCheckpointError as err:
+        return [str(err)]
+    wanted = files if names is None else [name for name in names if name in files]
+    problems = []
+    for name in wanted:
+        expected, path = files[name], folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        size = path.stat().st_size
+        if size != expected.get("bytes"):  # cheap: no hashing when the size already differs
+            problems.append(f"{path} has {size} bytes, expected {expected.get('bytes')} (truncated?)")
+        elif describe_file(path)["sha256"] != expected.get("sha256"):
+            problems.append(f"{path} fails its sha256 check (corrupted)")
+    return problems
+
+
+def verify_files(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Check ``names`` of a checkpoint folder against its ``manifest.json``, when it has one.
+
+    A folder without a manifest (``save_pretrained``, an import or a HF export) has nothing to
+    check and passes.
+
+    Raises:
+        AvaCheckpointError: a file is missing, truncated or corrupted (or the manifest is
+            unreadable), naming the file, the problem and the fix.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST_FILE).exists():
+        return
+    problems = manifest_problems(folder, names)
+    if problems:
+        raise AvaCheckpointError(
+            f"checkpoint {folder} is damaged: {'; '.join(problems)}; load an earlier checkpoint "
+            f"(checkpoints/step_N), or pass --no-verify (verify=False) to load it unchecked"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# file modes
+# --------------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a freshly written file the mode ``open()`` would have (0666 less the umask).
+
+    ``safetensors`` writes through a private temporary file (mode 0600) that it renames into
+    place, so without this, weights would be unreadable to others where every other file is.
+    """
+    os.chmod(path, 0o666 & ~_umask())

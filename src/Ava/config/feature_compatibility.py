@@ -605,20 +605,28 @@ def resume_changes(saved: Any, config: ConfigSections, run: str | Path) -> list[
     """
     # type(config): the config's own schema (EnhancedTrainingConfig), without importing it here
     old, new = _flatten(_with_current_defaults(saved, type(config))), _flatten(config.to_dict())
-    allowed, refused = [], []
+    allowed, refused, problems = [], [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
         change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        if key.startswith(RESUMABLE_CHANGES):
+        if key == "run.name":
+            # changes nothing computed, but the run folder is <output_dir>/<run.name>_<time> and
+            # config.yaml is rewritten on resume: the two would disagree from then on
+            problems.append(
+                f"{change}: run.name names the run folder ({Path(run).name}) and is how --resume auto "
+                f"finds it; a resumed run keeps its folder, so set run.name back to {old.get(key)!r}, "
+                f"or start a new run named {new.get(key)!r} without --resume"
+            )
+        elif key.startswith(RESUMABLE_CHANGES):
             allowed.append(change)
         else:
             refused.append(change)
     if refused:
-        raise AvaConfigError(
-            f"cannot resume {run} with a changed " + "; ".join(refused)
-            + ": these change what training computes; restore them, or start a new run without --resume"
-        )
+        problems.insert(0, "; ".join(refused) + ": these change what training computes; restore them, "
+                                                 "or start a new run without --resume")
+    if problems:
+        raise AvaConfigError(f"cannot resume {run} with a changed " + "; and a changed ".join(problems))
     return allowed
 
 

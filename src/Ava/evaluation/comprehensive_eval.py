@@ -218,6 +218,7 @@ def run_evaluation(
     sample_max_new_tokens: int = 48,
     device: str = "cpu",
     sample_fn: SampleFn | None = None,
+    verify: bool = True,
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write ``eval_report.json`` + ``eval_report.md``.
 
@@ -235,6 +236,8 @@ def run_evaluation(
         device: where to run.
         sample_fn: makes one sample; the caller composes generation with evaluation (the CLI
             passes greedy decoding).
+        verify: check the checkpoint against its manifest (see
+            :meth:`EnhancedMoEModel.from_pretrained`); False skips it with a warning.
 
     Returns:
         The :class:`EvaluationReport`.
@@ -244,7 +247,7 @@ def run_evaluation(
     if not tokenizer_file.is_file():
         raise AvaCheckpointError(f"{tokenizer_file} is missing; evaluation needs the model's tokenizer")
     tokenizer = AvaTokenizer.from_file(tokenizer_file)
-    model = EnhancedMoEModel.from_pretrained(checkpoint, device=device).eval()
+    model = EnhancedMoEModel.from_pretrained(checkpoint, device=device, verify=verify).eval()
     calibration, routing = CalibrationBins(), RoutingTotals()
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "sources": {}}
     if data:

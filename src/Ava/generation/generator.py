@@ -60,13 +60,18 @@ class TextGenerator:
         self.speculative_stats: SpeculativeStats | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TextGenerator":
-        """Load model and tokenizer from a run folder or a checkpoint folder."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        verify: bool = True) -> "TextGenerator":
+        """Load model and tokenizer from a run folder or a checkpoint folder.
+
+        ``verify``: check them against the checkpoint's manifest (see
+        :meth:`EnhancedMoEModel.from_pretrained`); False skips it with a warning.
+        """
         checkpoint = resolve_checkpoint(path)
         tokenizer_file = checkpoint / TOKENIZER_FILE
         if not tokenizer_file.is_file():
             raise AvaCheckpointError(f"{tokenizer_file} is missing; the checkpoint has no tokenizer")
-        model = EnhancedMoEModel.from_pretrained(checkpoint).to(device)
+        model = EnhancedMoEModel.from_pretrained(checkpoint, verify=verify).to(device)
         return cls(model, AvaTokenizer.from_file(tokenizer_file), torch.device(device))
 
     # -- text API ----------------------------------------------------------------------------

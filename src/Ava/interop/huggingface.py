@@ -52,7 +52,7 @@ from ..config import ModelConfig
 from ..data import AvaTokenizer
 from ..errors import AvaCheckpointError, AvaConfigError, AvaDataError
 from ..models import EnhancedMoEModel
-from ..utils.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint
+from ..utils.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint, set_default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,8 @@ def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None) -> 
     return out
 
 
-def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str | None = None) -> Path:
+def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str | None = None,
+              verify: bool = True) -> Path:
     """Write a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Files: ``config.json``, ``model.safetensors``, ``generation_config.json`` and, when the
@@ -290,20 +291,22 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
         out: the folder to write (created; existing files of the same names are replaced).
         arch: ``auto``, ``qwen3_moe``, ``mixtral`` or ``olmoe``.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (None = the checkpoint's dtype).
+        verify: check the checkpoint against its manifest first (see
+            :meth:`EnhancedMoEModel.from_pretrained`); False skips it with a warning.
 
     Returns:
         The output folder.
 
     Raises:
         AvaConfigError: the model uses a feature the chosen architecture lacks.
-        AvaCheckpointError: no checkpoint at ``path``.
+        AvaCheckpointError: no checkpoint at ``path``, or a damaged one.
     """
     from safetensors.torch import save_file
 
     if dtype is not None and dtype not in _DTYPES:
         raise AvaConfigError(f"--dtype {dtype!r}: use one of {sorted(_DTYPES)}")
     checkpoint = resolve_checkpoint(path)
-    model = EnhancedMoEModel.from_pretrained(checkpoint)
+    model = EnhancedMoEModel.from_pretrained(checkpoint, verify=verify)
     arch = choose_architecture(model, arch)
     tokenizer_file = checkpoint / TOKENIZER_FILE
     tokenizer = AvaTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
@@ -311,6 +314,7 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(model, target), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    set_default_mode(folder / WEIGHTS_FILE)  # safetensors writes 0600; config.json gets 0666 - umask
     for what, count in dropped_on_export(model).items():
         logger.info("not exported (training-only): %s, %d tensor%s", what, count, "" if count == 1 else "s")
     moe = model.config.moe

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..config.checkpoint_layout import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
+from ..config.checkpoint_layout import (
+    CONFIG_FILE, MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint, set_default_mode, verify_files,
+)
 from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
@@ -40,6 +43,8 @@ from ..losses import (
 from .decoder_layer import DecoderLayer
 from .mtp import MultiTokenPrediction
 from .outputs import MoEModelOutput, RouterStats
+
+logger = logging.getLogger(__name__)
 
 
 def _check_config(cfg: ModelConfig) -> None:
@@ -541,29 +546,41 @@ class EnhancedMoEModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         # save_model drops the duplicate of tied tensors; load_model restores the tie.
         save_model(self, str(folder / WEIGHTS_FILE))
+        set_default_mode(folder / WEIGHTS_FILE)  # safetensors writes 0600; config.yaml gets 0666 - umask
         text = yaml.safe_dump({"model": self.config.model_dump(mode="json")}, sort_keys=False)
         (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
         return folder
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "EnhancedMoEModel":
-        """Load a model saved by :meth:`save_pretrained`.
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        verify: bool = True) -> "EnhancedMoEModel":
+        """Load a model saved by :meth:`save_pretrained` or a training checkpoint.
 
         Args:
             path: a folder holding ``model.safetensors`` and ``config.yaml`` (only its ``model``
                 section is read), or a run folder whose ``checkpoints/latest`` holds them.
             device: where to put the weights.
+            verify: check the weights, config and tokenizer against the folder's ``manifest.json``
+                (size + sha256) when it has one (training checkpoints do; ``save_pretrained``
+                folders do not). False skips the check (hashing reads every byte once, slow for
+                very large files) and logs a warning.
 
         Returns:
             The model, in eval mode.
 
         Raises:
-            AvaCheckpointError: missing or unreadable files, naming the path and the fix.
+            AvaCheckpointError: missing, unreadable or damaged files, naming the path and the fix.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         weights_dir = resolve_checkpoint(path)
+        if not verify:
+            if (weights_dir / MANIFEST_FILE).exists():
+                logger.warning("%s: not checked against %s (--no-verify / verify=False); a damaged file "
+                               "would load without an error", weights_dir / WEIGHTS_FILE, MANIFEST_FILE)
+        else:  # the files callers read: the tokenizer too (generate, eval, export); not state.pt
+            verify_files(weights_dir, (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE))
         config_path = weights_dir / CONFIG_FILE
         if not config_path.is_file():
             raise AvaCheckpointError(

@@ -11,6 +11,7 @@ Everything that changes during training is registered once in :attr:`states`
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -113,6 +114,8 @@ class EnhancedModularTrainer:
         self.checkpoints: CheckpointWriter | None = None
         self._last_good_checkpoint: Path | None = None
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
+        self._segment_start = time.perf_counter()  # this segment's start; train() resets it
+        self._wall_before = 0.0  # training wall time of the run's earlier segments
         # Every part with training state, once; the optimizer, scheduler and plateau LR join
         # when prepare() builds them. Saving, resuming and rolling back walk this registry.
         self.states = StateRegistry()
@@ -168,10 +171,12 @@ class EnhancedModularTrainer:
                 stop``), after the step that fired it was logged and checkpointed and
                 ``summary.json`` written (its ``stopped_by_alarm`` holds the message).
         """
-        start = time.perf_counter()
+        self._segment_start = time.perf_counter()
         checkpoint = self._setup(resume)
+        if checkpoint is not None and self.step >= self.total_steps:
+            return self._already_finished(checkpoint)
         end = self._loop()
-        return self._finish(end, checkpoint, time.perf_counter() - start)
+        return self._finish(end, checkpoint)
 
     def _setup(self, resume: str | Path | None) -> Path | None:
         """Run folder, logging, seeds, data, model, optimizer and (when resuming) the saved state.
@@ -185,7 +190,6 @@ class EnhancedModularTrainer:
         if run_dir is not None:
             changes = check_resume_config(run_dir, cfg)
             self.paths = paths = RunPaths(run_dir)
-            cfg.to_yaml(paths.config)
         else:
             self.paths = paths = create_run_folder(cfg)
             changes = []
@@ -212,6 +216,9 @@ class EnhancedModularTrainer:
                                             cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
         if checkpoint is not None:
             self._restore(checkpoint)
+            if self.step < self.total_steps:  # a finished run is left exactly as it is
+                cfg.to_yaml(paths.config)
+        self._wall_before = self.progress.wall_time_s  # the earlier segments' training time
         self._log_plan(self.total_steps)
         return checkpoint
 
@@ -302,10 +309,14 @@ class EnhancedModularTrainer:
             writer.close()
         return _LoopEnd(train_loss, stopped_early, final)
 
-    def _finish(self, end: _LoopEnd, resumed_from: Path | None, wall: float) -> TrainingSummary:
-        """Sample, write ``summary.json``, report what was skipped, and return the summary."""
+    def _finish(self, end: _LoopEnd, resumed_from: Path | None) -> TrainingSummary:
+        """Sample, write ``summary.json``, report what was skipped, and return the summary.
+
+        Wall time, tokens and tokens/s are the whole run's, every resumed segment included.
+        """
         paths, data = self.paths, self.data
         sample = self._sample()
+        wall = self._count_wall_time()
         summary = TrainingSummary(
             run_dir=str(paths.root), checkpoint=str(end.checkpoint), steps=self.step, tokens=self.tokens,
             final_train_loss=end.train_loss, final_val_loss=self.last_val, best_val_loss=self.best_val,
@@ -461,6 +472,7 @@ class EnhancedModularTrainer:
     def save_checkpoint(self, val_loss: float | None = None) -> Path:
         """Save the registry (:attr:`states`) to ``checkpoints/step_<step>``: the model's weights to
         ``model.safetensors``, every other part under its key to ``state.pt``."""
+        self._count_wall_time()
         weights = self.states[MODEL_KEY].state_dict()
         path = self.checkpoints.save(self.step, weights, self.config.to_yaml(),
                                      self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss)
@@ -474,6 +486,28 @@ class EnhancedModularTrainer:
         self.states.load_state_dict(state, only=tuple(k for k in self.states.keys() if k != MODEL_KEY),
                                     source=str(checkpoint))
         self._last_good_checkpoint = checkpoint
+
+    def _count_wall_time(self) -> float:
+        """The run's training wall time so far (earlier segments + this one), kept in ``progress``."""
+        self.progress.wall_time_s = self._wall_before + (time.perf_counter() - self._segment_start)
+        return self.progress.wall_time_s
+
+    def _already_finished(self, checkpoint: Path) -> TrainingSummary:
+        """``--resume`` of a run that reached its last step: change nothing, say how to continue."""
+        cfg, paths = self.config, self.paths
+        logger.warning(
+            "%s already finished: step %d of %d, nothing to train; to train longer raise training.max_steps "
+            "(now %s) or training.num_epochs (now %d) and resume again", paths.root, self.step, self.total_steps,
+            cfg.training.max_steps, cfg.training.num_epochs)
+        if paths.summary.is_file():
+            return TrainingSummary(**json.loads(paths.summary.read_text(encoding="utf-8")))
+        wall = self.progress.wall_time_s
+        return TrainingSummary(
+            run_dir=str(paths.root), checkpoint=str(checkpoint), steps=self.step, tokens=self.tokens,
+            final_train_loss=float("nan"), final_val_loss=self.last_val, best_val_loss=self.best_val,
+            wall_time_s=wall, tokens_per_second=self.tokens / wall if wall else 0.0, sample=None,
+            skipped_steps=self.health.skipped, rollbacks=self.health.rollbacks, resumed_from=str(checkpoint),
+        )
 
     def _rollback(self) -> None:
         """Restore model and optimizer from the last good checkpoint; keep the data moving on."""
@@ -498,7 +532,8 @@ class EnhancedModularTrainer:
         """Iterate ``steps`` with SIGINT/SIGTERM turned into "stop after this step".
 
         The first signal lets the step in flight finish, so the checkpoint written on the way out
-        is exact; a second SIGINT stops at once. Signal handlers exist only in the main thread;
+        is exact; a second SIGINT stops at once. ``ava`` then exits 130 after SIGINT and 143 after
+        SIGTERM (see :meth:`_stop_after_signal`). Signal handlers exist only in the main thread;
         elsewhere the default behaviour stays.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -510,8 +545,9 @@ class EnhancedModularTrainer:
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_signal = signal.Signals(signum).name
-            logger.warning("%s: finishing step %d, then saving a checkpoint and stopping "
-                           "(press Ctrl-C again to stop at once)", self._stop_signal, self.step + 1)
+            hint = " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            logger.warning("%s: finishing step %d, then saving a checkpoint and stopping%s",
+                           self._stop_signal, self.step + 1, hint)
 
         for sig in previous:
             signal.signal(sig, handler)
@@ -522,7 +558,10 @@ class EnhancedModularTrainer:
                 signal.signal(sig, old)
 
     def _stop_after_signal(self, bar: tqdm) -> None:
-        """Save the completed step and leave as an interrupted run (``--resume auto`` continues it)."""
+        """Save the completed step and leave as an interrupted run (``--resume auto`` continues it).
+
+        Raises ``KeyboardInterrupt`` carrying the signal's name, so the CLI exits 128 + its number.
+        """
         bar.close()
         path = self.save_checkpoint(val_loss=None)
         self.checkpoints.wait()

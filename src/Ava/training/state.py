@@ -103,12 +103,14 @@ class StateRegistry:
 
 @dataclass
 class TrainProgress:
-    """Counters of the run: optimizer steps, tokens, validation losses."""
+    """Counters of the whole run, across resumed segments: optimizer steps, tokens, validation
+    losses, training wall time (seconds, up to the last save)."""
 
     step: int = 0
     tokens: int = 0
     best_val: float | None = None
     last_val: float | None = None
+    wall_time_s: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return asdict(self)
@@ -116,6 +118,7 @@ class TrainProgress:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.best_val, self.last_val = state.get("best_val"), state.get("last_val")
+        self.wall_time_s = float(state.get("wall_time_s", 0.0))  # absent before it was counted
 
 
 class RNGState:

@@ -13,12 +13,12 @@ A checkpoint is a folder ``checkpoints/step_N/``::
 It is written into a hidden temporary folder, every file fsynced, then renamed into place, and
 only then is ``checkpoints/latest`` (a symlink) switched to it: a crash at any moment leaves the
 previous checkpoint intact and never a half-written one under a real name. On load the manifest
-is checked; a truncated or corrupted checkpoint is reported and the previous good one is used.
+is checked; a truncated or corrupted checkpoint is reported and the previous good one is used
+(resume), or the load fails naming the file (``from_pretrained``: generate, eval, export).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,8 +38,9 @@ from safetensors.torch import load_file, load_model, save_file
 
 # The folder layout is shared with models/ (save_pretrained, from_pretrained), which may not import utils/.
 from ..config.checkpoint_layout import (
-    BEST, CONFIG_FILE, LATEST, MANIFEST_FILE, STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
-    resolve_checkpoint as resolve_checkpoint,
+    BEST, CONFIG_FILE, LATEST, MANIFEST_FILE, STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE, describe_file,
+    manifest_problems, set_default_mode,
+    resolve_checkpoint as resolve_checkpoint, verify_files as verify_files,
 )
 from ..errors import AvaCheckpointError
 
@@ -116,6 +117,7 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
             pending = {}
             save_file({k: v.contiguous() for k, v in snap.weights.items()}, str(tmp / WEIGHTS_FILE),
                       metadata={"format": "pt"})
+            set_default_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600; others get 0666 - umask
             pending[WEIGHTS_FILE] = pool.submit(_describe_and_sync, tmp / WEIGHTS_FILE)
             # The zip CRC32 that torch.save computes by default costs ~2/3 of its time here and
             # is redundant with the manifest's sha256, which verification checks on load.
@@ -248,25 +250,12 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 
 
 def verify_checkpoint(folder: Path) -> list[str]:
-    """Problems of a checkpoint folder (missing manifest or files, size or sha256 mismatch)."""
-    manifest_path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return [f"{manifest_path} is missing or unreadable"]
-    problems = []
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        actual = _describe_file(path)
-        if actual["bytes"] != expected["bytes"]:
-            problems.append(f"{name} has {actual['bytes']} bytes, expected {expected['bytes']} (truncated?)")
-        elif actual["sha256"] != expected["sha256"]:
-            problems.append(f"{name} fails its sha256 check (corrupted)")
-    return problems
+    """Problems of a checkpoint folder (missing manifest or files, size or sha256 mismatch).
+
+    The check itself lives in :mod:`Ava.config.checkpoint_layout`, which ``from_pretrained``
+    (models/) shares.
+    """
+    return manifest_problems(folder)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -428,17 +417,9 @@ def _point_link(directory: Path, name: str, target: str) -> None:
     os.replace(tmp_link, directory / name)
 
 
-def _describe_file(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _describe_and_sync(path: Path) -> dict[str, Any]:
     """Size and sha256 of a freshly written file, which is then fsynced."""
-    description = _describe_file(path)
+    description = describe_file(path)
     _fsync_file(path)
     return description
 

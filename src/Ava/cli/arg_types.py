@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def positive_int(text: str) -> int:
@@ -38,3 +41,9 @@ def positive(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def decode_escapes(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` → newline, tab, carriage return, backslash; any other
+    backslash stays as written (``--stop`` and the REPL's ``:stop``)."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text, flags=re.DOTALL)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import AvaConfigError, AvaDataError, AvaError
-from .arg_types import non_negative, non_negative_int, positive, positive_int, probability
+from .arg_types import decode_escapes, non_negative, non_negative_int, positive, positive_int, probability
 
 if TYPE_CHECKING:
     from ..data import AvaTokenizer
@@ -28,7 +28,7 @@ _REPL_OPTIONS: dict[str, Callable[[str], object]] = {
 }
 _REPL_HELP = """commands:
   :set NAME VALUE   change an option ({names}); VALUE none clears top_k/top_p/min_p/seed
-  :stop TEXT        add a stop string (:stop with nothing clears them)
+  :stop TEXT        add a stop string, \\n and \\t as in --stop (:stop with nothing clears them)
   :show             print the current options
   :help             this text
   :quit             leave (or Ctrl-D)
@@ -38,6 +38,43 @@ anything else is a prompt; write \\n for a newline inside it"""
 # --------------------------------------------------------------------------------------------
 # generate
 # --------------------------------------------------------------------------------------------
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` this machine cannot use, before any loading (one line, exit 2).
+
+    Raises:
+        AvaConfigError: ``device`` is not a torch device name, or names CUDA without a CUDA device.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise AvaConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AvaConfigError(f"--device {device}: no CUDA device here (torch {torch.__version__}, "
+                                 "cuda available: False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise AvaConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s); use cuda:0 … or --device cpu")
+
+
+def check_out_folder(out: str | Path, force: bool) -> None:
+    """Refuse ``--out`` when it is a file, or a non-empty folder without ``--force`` (before any work).
+
+    Raises:
+        AvaConfigError: ``out`` is in the way.
+    """
+    folder = Path(out).expanduser()
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise AvaConfigError(f"--out {folder} is a file; choose a folder path")
+    if any(folder.iterdir()) and not force:
+        raise AvaConfigError(f"--out {folder} is a non-empty folder; choose another --out, or pass --force "
+                             "to write into it (files of the same names are replaced, others stay)")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -77,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``ava generate RUN_DIR|CKPT --prompt TEXT | --file FILE | --interactive``."""
     from ..generation import TextGenerator
 
+    check_device(args.device)
     generator = TextGenerator.from_pretrained(args.path, device=args.device, verify=not args.no_verify)
     opts = _options(args)
     use_cache, stop_at_eos = not args.no_cache, not args.ignore_eos
@@ -170,6 +208,16 @@ def _repl(generator, opts: dict, use_cache: bool, stop_at_eos: bool, stdin: Text
 
 def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
     """Apply one ``:command``; returns True to quit. Raises ValueError on bad input."""
+    head, text = (line[1:].split(maxsplit=1) + ["", ""])[:2]
+    if head == "stop":  # raw text, not shlex (which turns \\n into n): escapes as in --stop
+        text = text.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]  # a quoted stop string keeps its outer spaces
+        if text:
+            opts["stop_strings"].append(decode_escapes(text))
+        else:
+            opts["stop_strings"].clear()
+        return False
     try:
         parts = shlex.split(line[1:])
     except ValueError as err:
@@ -181,11 +229,6 @@ def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
         stdout.write(_REPL_HELP.format(names=", ".join(_REPL_OPTIONS)) + "\n")
     elif name == "show":
         stdout.write(json.dumps(opts, ensure_ascii=False) + "\n")
-    elif name == "stop":
-        if rest:
-            opts["stop_strings"].append(" ".join(rest).replace("\\n", "\n"))
-        else:
-            opts["stop_strings"].clear()
     elif name == "set":
         if len(rest) != 2 or rest[0] not in _REPL_OPTIONS:
             raise ValueError(f"usage: :set NAME VALUE with NAME one of {', '.join(_REPL_OPTIONS)}")
@@ -220,6 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..interop import export_hf
     from ..utils.logging import setup_logging
 
+    check_out_folder(args.out, args.force)  # before loading the checkpoint
     setup_logging()  # the export logs what it leaves out (training-only tensors) and where it wrote
     export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype, verify=not args.no_verify)
     return 0
@@ -229,6 +273,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     """``ava import HF_DIR --out DIR``."""
     from ..interop import import_hf
 
+    check_out_folder(args.out, args.force)  # before reading the weights
     model = import_hf(args.hf_dir, args.out)
     print(f"imported {model.num_parameters():,} parameters ({model.config.num_layers} layers, "
           f"{model.config.num_experts} experts) to {args.out}")
@@ -256,6 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``ava eval RUN_DIR|CKPT [--data FILE ...] [--mc FILE] [--out DIR]``."""
     from ..evaluation import run_evaluation
 
+    check_device(args.device)
     report = run_evaluation(
         args.path, data=args.data, mc_file=args.mc, out=args.out, max_tokens=args.max_tokens,
         num_samples=args.samples, sample_max_new_tokens=args.sample_tokens, device=args.device,
@@ -307,7 +353,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                      help="> 1 discourages tokens already present (default 1 = off)")
     gen.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=0,
                      help="never repeat an n-gram of this size (default 0 = off)")
-    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); output ends before it")
+    gen.add_argument("--stop", action="append", metavar="TEXT", type=decode_escapes,
+                     help="stop string (repeatable; \\n, \\t and \\\\ are escapes); output ends before it")
     gen.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (1 = off)")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logp / length^this (default 1)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -330,12 +377,14 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                      help="HF architecture (auto = Mixtral when the model fits it, else OLMoE for "
                           "model.qk_norm_scope full, else Qwen3-MoE)")
     exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default: as saved)")
+    exp.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     _add_no_verify(exp)
     exp.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", parents=[common], help="import a HF Mixtral / Qwen3-MoE / OLMoE folder")
     imp.add_argument("hf_dir", help="Hugging Face model folder (config.json + *.safetensors)")
     imp.add_argument("--out", required=True, help="Ava model folder to write")
+    imp.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     imp.set_defaults(func=cmd_import)
 
     ev = sub.add_parser("eval", parents=[common], help="loss, perplexity, expert use, calibration, MC accuracy")

@@ -42,12 +42,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
         The checkpoint folder (resolved, so a ``latest`` link is followed).
 
     Raises:
-        AvaCheckpointError: none of the three holds ``model.safetensors``.
+        AvaCheckpointError: the path does not exist, is a file, or none of the three holds
+            ``model.safetensors`` (a run folder without a checkpoint is told apart).
     """
     path = Path(path)
     for candidate in (path, path / "checkpoints" / LATEST, path / LATEST):
         if (candidate / WEIGHTS_FILE).is_file():
             return candidate.resolve()
+    if not path.exists():
+        raise AvaCheckpointError(
+            f"no checkpoint at {path}: the path does not exist (relative to {Path.cwd()}); check its "
+            f"spelling, and pass a run folder (runs/<name>_<time>) or a checkpoint folder (with {WEIGHTS_FILE})"
+        )
+    if not path.is_dir():
+        raise AvaCheckpointError(
+            f"no checkpoint at {path}: it is a file, not a folder; pass a run folder (runs/<name>_<time>) "
+            f"or a checkpoint folder (with {WEIGHTS_FILE})"
+        )
+    if (path / "checkpoints").is_dir() or (path / CONFIG_FILE).is_file():
+        raise AvaCheckpointError(
+            f"no checkpoint at {path}: the run folder holds no checkpoint yet (no {WEIGHTS_FILE} in it or in "
+            f"{path}/checkpoints/{LATEST}; it may have stopped before its first save); pass another run, "
+            f"or one of its checkpoint folders ({path}/checkpoints/step_N) if it has any"
+        )
     raise AvaCheckpointError(
         f"no checkpoint at {path}: expected {WEIGHTS_FILE} there or in {path}/checkpoints/{LATEST}; "
         "pass a run folder (runs/<name>_<time>) or a checkpoint folder"

@@ -107,7 +107,8 @@ class DedupStats:
 
     def summary(self) -> str:
         """One line for the log."""
-        return (f"dedup ({self.mode}): {self.documents_in} documents, {self.exact_removed} exact and "
+        documents = f"{self.documents_in} document{'' if self.documents_in == 1 else 's'}"
+        return (f"dedup ({self.mode}): {documents}, {self.exact_removed} exact and "
                 f"{self.near_removed} near duplicates removed, {self.kept} kept")
 
 

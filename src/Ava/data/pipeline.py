@@ -24,7 +24,7 @@ from ..errors import AvaDataError
 from .datasets import DEFAULT_SOURCE, PreparedData, build_datasets, build_tokenizer
 from .packing import split_documents, tokenize_documents
 from .readers import load_documents
-from .records import DataReport, Document
+from .records import DataReport, Document, plural
 from .streaming import open_streaming
 from .tokenizer import AvaTokenizer
 
@@ -76,7 +76,7 @@ def collect_documents(data: DataConfig, seed: int, report: DataReport) -> SplitD
 
         docs, dedup = dedup_documents(docs, data.dedup, data.dedup_threshold)  # fixed MinHash seed
         stats["dedup"] = dedup.to_dict()
-        logger.info("dedup (%s): %d of %d documents kept", data.dedup, len(docs), stats["documents"])
+        logger.info("dedup (%s): %d of %s kept", data.dedup, len(docs), plural(stats["documents"], "document"))
     if data.sources:
         from .readers import source_names
 
@@ -93,9 +93,11 @@ def collect_documents(data: DataConfig, seed: int, report: DataReport) -> SplitD
         train[name], val[name] = split_documents(by_source[name], data.val_fraction, seed)
     n_train = sum(len(v) for v in train.values())
     n_val = sum(len(v) for v in val.values())
+    skipped = report.skipped()
     logger.info(
-        "documents: %d read, %d train / %d val (%.2f MB of text) from %d source(s)",
-        len(docs), n_train, n_val, sum(len(d.text) for d in docs) / 1e6, len(names),
+        "documents: %d read%s, %d train / %d val (%.2f MB of text) from %s",
+        len(docs), f" ({skipped} rows/files skipped, bad_rows: skip)" if skipped else "",
+        n_train, n_val, sum(len(d.text) for d in docs) / 1e6, plural(len(names), "source"),
     )
     return SplitDocuments(names, train, val, {n: weights.get(n, 1.0) for n in names}, stats)
 

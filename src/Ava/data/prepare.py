@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..errors import AvaDataError
 from .packing import token_dtype, tokenize_documents
-from .records import DataReport, Document
+from .records import DataReport, Document, plural
 from .shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SPLITS, TOKENIZER_FILE, _sha256
 from .tokenizer import AvaTokenizer
 
@@ -155,8 +155,8 @@ def write_prepared(
         raise
     totals = manifest["totals"]
     logger.info(
-        "prepared %d documents, %d tokens (%s) in %.1f s (%.0f tokens/s) -> %s",
-        totals["documents"], totals["tokens"],
+        "prepared %s, %d tokens (%s) in %.1f s (%.0f tokens/s) -> %s",
+        plural(totals["documents"], "document"), totals["tokens"],
         ", ".join(f"{s} {manifest['splits'][s]['tokens']}" for s in SPLITS),
         seconds, manifest["tokens_per_second"], out_dir,
     )

@@ -56,7 +56,7 @@ from ..errors import AvaDataError
 from .arrow_reader import check_columns, iter_arrow_rows, iter_parquet_rows
 from .columns import row_to_document
 from .corpus import embedded_corpus
-from .records import DataReport, Document, Row
+from .records import DataReport, Document, Row, plural
 from .text_files import _DecodedLines, _File, _open_binary, _open_text, _read_whole
 
 logger = logging.getLogger(__name__)
@@ -177,29 +177,72 @@ def iter_rows(source: SourceConfig, report: DataReport, name: str) -> Iterator[R
     Raises:
         AvaDataError: see the module docstring; every message names the file and line/row.
     """
-    columns = [source.text_field] if source.template is None and source.chat is None else None
     for path, relative in resolve_files(source.path):
-        fmt, compression, suffix = _file_format(path, source.format)
-        file = _File(path, f"{name}/{relative}", suffix, compression, source, report, name, columns)
-        try:
-            yield from _READERS[fmt](file)
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
-            raise AvaDataError(
-                f"{path}: cannot read ({type(err).__name__}: {err}); check that the file is complete "
-                "and readable (re-download or recompress it)"
-            ) from None
+        yield from _file_rows(source, report, name, path, relative)
 
 
 def iter_documents(source: SourceConfig, report: DataReport, name: str) -> Iterator[Document]:
     """Stream the documents of a source: its rows rendered by ``row_to_document``.
 
     Rows that render to nothing (empty text, bad rows under ``bad_rows: skip``) are counted in
-    ``report`` and left out. Arguments as :func:`iter_rows`.
+    ``report`` and left out. Arguments as :func:`iter_rows`. An error in one file of a folder
+    that holds several says how to leave that file out (a glob matching the others, or moving
+    it), since ``format:``/``text_field:`` on the source would apply to every file.
     """
-    for row in iter_rows(source, report, name):
-        document = row_to_document(row, source, name, report)
-        if document is not None:
-            yield document
+    files = resolve_files(source.path)
+    for path, relative in files:
+        try:
+            for row in _file_rows(source, report, name, path, relative):
+                document = row_to_document(row, source, name, report)
+                if document is not None:
+                    yield document
+        except AvaDataError as err:
+            hint = _stray_file_hint(source.path, files, path)
+            if hint is None:
+                raise
+            raise AvaDataError(f"{err}; {hint}") from None
+
+
+def _file_rows(source: SourceConfig, report: DataReport, name: str, path: Path, relative: str) -> Iterator[Row]:
+    """The rows of one file of a source, in its format."""
+    columns = [source.text_field] if source.template is None and source.chat is None else None
+    fmt, compression, suffix = _file_format(path, source.format)
+    file = _File(path, f"{name}/{relative}", suffix, compression, source, report, name, columns)
+    try:
+        yield from _READERS[fmt](file)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
+        raise AvaDataError(
+            f"{path}: cannot read ({type(err).__name__}: {err}); check that the file is complete "
+            "and readable (re-download or recompress it)"
+        ) from None
+
+
+def _data_suffix(path: Path) -> str:
+    """``a.jsonl.gz`` → ``.jsonl.gz``, ``a.jsonl`` → ``.jsonl``, ``README`` → ``""``."""
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSIONS:
+        return Path(path.stem).suffix.lower() + suffix
+    return suffix
+
+
+def _stray_file_hint(pattern: str, files: list[tuple[Path, str]], bad: Path) -> str | None:
+    """How to leave ``bad`` out of a folder source holding other files (None: not such a source)."""
+    folder = Path(pattern).expanduser()
+    if _is_glob(pattern) or not folder.is_dir() or len(files) < 2:
+        return None
+    others = [(p, relative) for p, relative in files if p != bad]
+    suffixes = [_data_suffix(p) for p, _ in others]
+    common = max(set(suffixes), key=suffixes.count)
+    relative = next(r for p, r in files if p == bad)
+    move = f"move {relative} out of {pattern!r}"
+    where = f"{len(others)} other file{'' if len(others) == 1 else 's'}"
+    note = "format:/text_field: on the source would apply to every file"
+    if common and common != _data_suffix(bad):
+        nested = any("/" in r for _, r in others)
+        glob_path = f"{pattern.rstrip('/')}/{'**/' if nested else ''}*{common}"
+        return (f"if {relative} does not belong with the {where} in folder {pattern!r} ({note}), read "
+                f"only the {common} files with path: {glob_path}, or {move}")
+    return f"if {relative} does not belong with the {where} in folder {pattern!r} ({note}), {move}"
 
 
 def read_source(source: SourceConfig, report: DataReport | None = None, name: str | None = None) -> list[Document]:
@@ -229,7 +272,9 @@ def read_source(source: SourceConfig, report: DataReport | None = None, name: st
             f"data source {source.path!r} holds no documents ({counted or 'no rows'}); add text or "
             "remove the source from data.sources"
         )
-    logger.info("read %d documents from %s (source %s)", len(documents), source.path, name)
+    skipped = report.skipped(name)
+    logger.info("read %s from %s (source %s)%s", plural(len(documents), "document"), source.path, name,
+                f"; {skipped} skipped (bad_rows: skip)" if skipped else "")
     return documents
 
 
@@ -269,7 +314,7 @@ def load_documents(data: DataConfig, seed: int = 0, report: DataReport | None = 
         order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
         keep = sorted(order[: data.max_documents])
-        logger.info("using %d of %d documents (data.max_documents)", len(keep), len(documents))
+        logger.info("using %d of %s (data.max_documents)", len(keep), plural(len(documents), "document"))
         documents = [documents[i] for i in keep]
     return documents
 

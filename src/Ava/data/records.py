@@ -17,6 +17,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``plural(1, "document")`` → ``"1 document"``, ``plural(3, "document")`` → ``"3 documents"``."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
 @dataclass(frozen=True)
 class Row:
     """One record read from a file.
@@ -89,6 +94,11 @@ class DataReport:
     def total(self, kind: str | None = None) -> int:
         """Events of one kind (all kinds when None)."""
         return sum(c for (_, k), c in self.counts.items() if kind is None or k == kind)
+
+    def skipped(self, source: str | None = None) -> int:
+        """Rows and files skipped under ``bad_rows: skip`` (of one source, or all when None)."""
+        return sum(c for (s, k), c in self.counts.items()
+                   if k.startswith("skipped ") and (source is None or s == source))
 
     def summary(self) -> list[str]:
         """One line per (source, kind): count and example locations."""

@@ -601,9 +601,10 @@ class EnhancedModularTrainer:
             dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else next(model.parameters()).dtype
             backend = f"auto ({describe_auto(self.device.type, dtype, cfg.model.num_experts)})"
         logger.info(
-            "model: %s parameters (%s active per token), %d layers, %d experts top-%d, backend %s",
+            "model: %s parameters (%s active per token), %d layer%s, %d expert%s top-%d, backend %s",
             f"{model.num_parameters():,}", f"{model.num_parameters(active_only=True):,}",
-            cfg.model.num_layers, cfg.model.num_experts, cfg.model.moe.top_k, backend,
+            cfg.model.num_layers, "" if cfg.model.num_layers == 1 else "s",
+            cfg.model.num_experts, "" if cfg.model.num_experts == 1 else "s", cfg.model.moe.top_k, backend,
         )
         per_step = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
         logger.info(

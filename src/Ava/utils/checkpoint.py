@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.serialization as torch_serialization
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, save_file
 
 # The folder layout is shared with models/ (save_pretrained, from_pretrained), which may not import utils/.
 from ..config.checkpoint_layout import (
@@ -329,15 +329,6 @@ def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise AvaCheckpointError(f"{path}: cannot read weights ({err}); use another checkpoint") from err
 
 
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Load ``model.safetensors`` of a checkpoint into ``model`` (strict)."""
-    path = Path(checkpoint) / WEIGHTS_FILE
-    try:
-        load_model(model, str(path), strict=True)
-    except Exception as err:  # safetensors/torch raise several types
-        raise AvaCheckpointError(f"{path}: cannot load weights ({err}); use another checkpoint") from err
-
-
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as ``weights_only``-safe values."""
     py_version, py_state, py_gauss = random.getstate()
@@ -371,7 +362,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the second name of tensors that share storage (tied weights), keeping the first.
 
-    ``safetensors.torch.load_model`` restores the tie from the model's own structure.
+    Loading restores the tie from the model's own structure (``safetensors.torch.load_model`` in
+    ``from_pretrained``, :meth:`~Ava.training.parallel.Parallelism.load_model_state_dict` on resume).
     """
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     unique = {}

@@ -26,3 +26,7 @@ class AvaCheckpointError(AvaError, RuntimeError):
 
 class AvaTrainingError(AvaError, RuntimeError):
     """Training stopped on purpose by a health check (e.g. the MoE collapse alarm with action: stop)."""
+
+
+class AvaPeerError(AvaError, RuntimeError):
+    """This rank stopped because another rank of a distributed run failed; that rank reports the cause."""

@@ -176,13 +176,17 @@ def test_invalid_yaml_and_wrong_top_level(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_distributed_section_is_one_process_today():
+def test_distributed_section_defaults_and_errors():
     from Ava.config import DistributedConfig
 
-    assert EnhancedTrainingConfig().distributed.strategy == "none"
-    assert DistributedConfig.model_fields["strategy"].description
-    with pytest.raises(AvaConfigError, match="distributed.strategy: input should be 'none'"):
-        EnhancedTrainingConfig.from_dict({"distributed": {"strategy": "ddp"}})
+    settings = EnhancedTrainingConfig().distributed
+    assert (settings.strategy, settings.expert_parallel, settings.backend) == ("auto", 1, "auto")
+    assert EnhancedTrainingConfig().training.global_batch_size is None
+    assert all(DistributedConfig.model_fields[name].description for name in DistributedConfig.model_fields)
+    with pytest.raises(AvaConfigError, match="distributed.strategy: input should be 'auto', 'none', 'ddp' or 'fsdp2'"):
+        EnhancedTrainingConfig.from_dict({"distributed": {"strategy": "deepspeed"}})
+    with pytest.raises(AvaConfigError, match="distributed.expert_parallel"):
+        EnhancedTrainingConfig.from_dict({"distributed": {"expert_parallel": 0}})
     with pytest.raises(AvaConfigError, match="unknown key 'distributed.stratgy'; did you mean 'distributed.strategy'"):
         EnhancedTrainingConfig.from_dict({"distributed": {"stratgy": "none"}})
 

@@ -2,15 +2,18 @@
 
 import torch
 
+from Ava.training.batch import GlobalBatch
 from Ava.training.data_feed import DataFeed
-from Ava.training.parallel import Parallelism, SingleProcess, build_parallelism
+from Ava.training.progressive_training import ProgressiveSchedule
+from Ava.training.distributed_manager import build_parallelism
+from Ava.training.parallel import Parallelism, SingleProcess
 from tests.conftest import tiny_config
 
 
 def test_single_process_is_the_identity(tmp_path, corpus_cache):
     config = tiny_config(tmp_path, corpus_cache, "run.device=cpu")
     parallel = build_parallelism(config)
-    assert isinstance(parallel, SingleProcess) and config.distributed.strategy == "none"
+    assert isinstance(parallel, SingleProcess) and config.distributed.strategy == "auto"
     assert (parallel.rank, parallel.world_size, parallel.dp_size, parallel.ep_size) == (0, 1, 1, 1)
     assert parallel.is_main and parallel.device == torch.device("cpu")
     t = torch.arange(6.0)
@@ -36,7 +39,10 @@ def test_the_data_cursor_records_the_rank_and_world_of_the_seam(tmp_path, corpus
     config = tiny_config(tmp_path, corpus_cache)
     parallel = Parallelism(torch.device("cpu"))
     parallel.rank, parallel.world_size = 2, 4
-    feed = DataFeed(config, progressive=None, progress=None, parallel=parallel)
+    parallel.dp_size = 4
+    progressive = ProgressiveSchedule(config, GlobalBatch.resolve(config.training, parallel.dp_size))
+    feed = DataFeed(config, progressive=progressive, progress=None, parallel=parallel)
     feed.attach(SimpleNamespace(train=list(range(12)), source_names=["a"]))
     cursor = feed.state_dict()
     assert (cursor["rank"], cursor["world_size"]) == (2, 4)
+    assert cursor["global_batch"] == config.training.batch_size * config.training.grad_accum_steps * 4

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import AvaError
@@ -32,7 +34,22 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``ava train CONFIG [key=value ...]``."""
+    """``ava train CONFIG [key=value ...] [--nproc N]``.
+
+    ``--nproc N`` (N > 1) starts ``torchrun --standalone --nproc_per_node N -m Ava train ...`` on
+    this machine; a process that ``torchrun`` started (``WORLD_SIZE`` > 1) trains as one rank.
+    """
+    from ..training.distributed_manager import launched_world_size
+
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from ..training.launch import launch_local
+
+        argv = ["train", args.config, *args.overrides]
+        argv += ["--resume", args.resume] if args.resume is not None else []
+        argv += ["--debug"] if getattr(args, "debug", False) else []
+        return launch_local(args.nproc, argv)
+    if launched_world_size() > 1:
+        _train_rank(args)  # ends the process
     from ..config import load_config
     from ..training import EnhancedModularTrainer
     from ..utils.logging import setup_logging
@@ -42,6 +59,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = EnhancedModularTrainer.from_config(config).train(resume=args.resume)
     print(json.dumps({k: v for k, v in summary.to_dict().items() if k != "sample"}, indent=2))
     return 0
+
+
+def _train_rank(args: argparse.Namespace) -> NoReturn:
+    """One rank of a ``torchrun`` job: an error on any rank is reported once, naming the rank (in
+    ``torchrun``'s summary), every rank exits non-zero, and the process leaves without Python's
+    teardown (:mod:`~Ava.training.rank_aware_error_handler`)."""
+    from ..config import load_config
+    from ..training import EnhancedModularTrainer
+    from ..training.rank_aware_error_handler import RankErrors, finish_process
+    from ..utils.logging import setup_logging
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    guard = RankErrors(rank, world_size)
+    with guard:
+        setup_logging(console_level=None if rank == 0 else "ERROR")
+        config = load_config(args.config, args.overrides)
+        trainer = EnhancedModularTrainer.from_config(config)
+        try:
+            summary = trainer.train(resume=args.resume, on_step=guard.heartbeat)
+        finally:  # a failure's traceback goes to this rank's own log
+            if trainer.paths is not None:
+                guard.log_file = trainer.paths.root / "logs" / f"train.rank{rank}.log"
+        if rank == 0:
+            print(json.dumps({k: v for k, v in summary.to_dict().items() if k != "sample"}, indent=2), flush=True)
+    finish_process(guard.exit_code, clean=guard.exit_code == 0)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -142,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="auto|RUN_DIR|CKPT", default=None,
                        help="continue a run in its folder: auto = the newest run of this config's "
                             "run.name with a good checkpoint (a new run if none)")
+    train.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                       help="train on N processes of this machine (starts torchrun --standalone; "
+                            "see docs/distributed.md)")
     train.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", parents=[common], help="check, show or describe configs")
@@ -185,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .data_commands import add_commands as add_data_commands
 
     add_data_commands(sub, common)
+
+    # checkpoint consolidate (sharded checkpoints)
+    from .checkpoint_commands import add_commands as add_checkpoint_commands
+
+    add_checkpoint_commands(sub, common)
     return parser
 
 

@@ -30,6 +30,11 @@ TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
 BEST = "best"
+# A sharded (multi-process) checkpoint keeps its model and optimizer as torch.distributed.checkpoint
+# (DCP) files in this subfolder (``.metadata`` + one ``__R_0.distcp`` per writing rank) instead of
+# ``model.safetensors``, until ``ava checkpoint consolidate`` adds that file.
+SHARDED_DIR = "sharded"
+SHARDED_METADATA = ".metadata"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -69,6 +74,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"no checkpoint at {path}: expected {WEIGHTS_FILE} there or in {path}/checkpoints/{LATEST}; "
         "pass a run folder (runs/<name>_<time>) or a checkpoint folder"
     )
+
+
+def resolve_sharded_checkpoint(path: str | Path) -> Path | None:
+    """The sharded checkpoint folder that ``path`` names, tried like :func:`resolve_checkpoint`.
+
+    Args:
+        path: a run folder, a ``checkpoints/`` folder or a checkpoint folder.
+
+    Returns:
+        The (resolved) folder whose ``sharded/.metadata`` exists, or None when none of the three
+        candidates is a sharded checkpoint (call :func:`resolve_checkpoint` for the error message).
+    """
+    path = Path(path)
+    for candidate in (path, path / "checkpoints" / LATEST, path / LATEST):
+        if (candidate / SHARDED_DIR / SHARDED_METADATA).is_file():
+            return candidate.resolve()
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -579,12 +579,13 @@ def tokenizer_vocab_issues(model_vocab: int, tokenizer_vocab: int) -> list[Issue
 # --------------------------------------------------------------------------------------------
 
 # Dotted key prefixes a resumed run may change: they steer how long, how often and what is
-# observed, not what a step computes.
+# observed, not what a step computes; and how the global batch is spread over processes (elastic
+# resume: the data cursor refuses a changed global batch, naming both sizes).
 RESUMABLE_CHANGES = (
     "training.max_steps", "training.num_epochs", "training.eval_every", "training.eval_batches",
     "training.save_every", "training.log_every", "training.moe_alarm.", "logging.", "checkpoint.",
     "evaluation.", "performance.", "gradient.health.", "run.output_dir", "run.num_threads", "run.device",
-    "data.num_workers", "data.cache_dir",
+    "data.num_workers", "data.cache_dir", "distributed.", "training.batch_size", "training.grad_accum_steps",
 )
 
 

@@ -47,7 +47,17 @@ class TrainingSection(AvaSection):
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps, even if epochs remain."
     )
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    grad_accum_steps: int = Field(
+        1, ge=1,
+        description="Micro-batches accumulated per optimizer step (per rank); derived when global_batch_size is set.",
+    )
+    global_batch_size: int | None = Field(
+        None, ge=1,
+        description="Sequences per optimizer step over all ranks: it, not the number of ranks, defines the "
+        "optimization and the data order, so a run resumes on another number of ranks. Must be a multiple of "
+        "batch_size × data-parallel ranks; grad_accum_steps is then derived. null = batch_size × grad_accum_steps "
+        "× data-parallel ranks.",
+    )
     grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm; null = off.")
     eval_every: int = Field(100, ge=1, description="Run validation every N optimizer steps.")
     eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
@@ -190,12 +200,36 @@ class PrecisionConfig(AvaSection):
 
 
 class DistributedConfig(AvaSection):
-    """How training is spread over processes (see ``training/parallel.py``)."""
+    """How training is spread over processes (``training/parallel.py``; guide: ``docs/distributed.md``).
 
-    strategy: Literal["none"] = Field(
-        "none",
-        description="How training is spread over processes; only none (one process) today. ddp, fsdp2 and "
-        "expert parallelism come with distributed training.",
+    Launch with ``torchrun --nproc_per_node N -m Ava train CONFIG`` (or ``ava train CONFIG --nproc N``
+    on one machine); one process without torchrun is ``strategy: none`` whatever is set here.
+    """
+
+    strategy: Literal["auto", "none", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="auto: none for one process; fsdp2 when the model's parameters + AdamW state (16 bytes per "
+        "parameter) would not fit one GPU, else ddp. ddp: every rank holds the whole model, gradients all-reduced "
+        "(DistributedDataParallel). fsdp2: parameters, gradients and optimizer state sharded over the ranks "
+        "(fully_shard). none: one process only.",
+    )
+    expert_parallel: int = Field(
+        1, ge=1,
+        description="Expert-parallel size N: each rank holds num_experts / N routed experts and token rows travel "
+        "to them by all-to-all; ranks form a (world / N) × N data × expert mesh. 1 = every rank holds every expert.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Collective backend: auto = nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: float = Field(
+        600.0, gt=0,
+        description="Seconds a collective may wait for the other ranks; a dead or hung rank ends the job after "
+        "this long, naming the rank (the first step may compile or read data for longer: raise it then).",
+    )
+    health_every: int = Field(
+        50, ge=0,
+        description="Every N steps compare the ranks: stragglers, loss/grad-norm outliers, and replicas that "
+        "drifted apart (a parameter checksum; the run stops). 0 = off.",
     )
 
 

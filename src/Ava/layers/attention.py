@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from .norm import RMSNorm
@@ -170,8 +171,8 @@ class Attention(nn.Module):
         the scope is open.
         """
         self._qkv_weight = self._qk_gain = None
-        if not enable:
-            return
+        if not enable or isinstance(self.q_proj.weight, DTensor):
+            return  # sharded weights (FSDP2) exist whole only inside the forward: keep the plain path
         self._qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         if self.qk_norm_per_head:
             q_gain_A, k_gain_A = self.q_norm.weight, self.k_norm.weight

@@ -18,6 +18,12 @@ capacity dropping, expert-choice) are not computed and contribute 0.
 ``model.moe.backend`` (``loop``, ``grouped``, ``batched`` or ``auto``) is resolved by the kernel
 registry (:func:`~Ava.layers.kernels.resolve_kernels`) once per backend, device type and compute
 dtype, and cached on the module. All compute runs in the autocast dtype when autocast is on.
+
+Expert parallelism (:func:`~Ava.layers.expert_parallel.shard_experts`): the module keeps only its
+rank's ``num_local_experts`` = E/N experts (``gate_up_proj [E/N, 2I, D]``, ``down_proj [E/N, D, I]``,
+experts ``ep_rank·E/N ..``), ``num_experts`` stays the global E (the router's), and an
+:class:`~Ava.layers.token_dispatcher.AllToAllDispatcher` moves the rows; the kernel registry is
+keyed by the local count, as the kernels run over the local experts only.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ def routed_experts(
     Args:
         x_TD: (T, D) hidden states.
         routing: the router's decision.
-        gate_up_proj_EFD: (E, 2I, D) expert gate/up weights.
-        down_proj_EDI: (E, D, I) expert down weights.
+        gate_up_proj_EFD: (E, 2I, D) expert gate/up weights (this rank's E/N under expert parallelism).
+        down_proj_EDI: (E, D, I) expert down weights (likewise).
         kernel: the expert kernel and its buffer layout (:func:`~Ava.layers.kernels.kernel_for`).
         dispatcher: moves the token-slots to the kernel's rows and back; None = local.
 
@@ -58,7 +64,8 @@ def routed_experts(
     """
     dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
     x_TD = x_TD.to(compute_dtype(x_TD))
-    rows_RD, counts_E, plan = dispatcher.dispatch(x_TD, routing, kernel.layout)  # (R, D), (E,)
+    # (R, D), (E,): the blocks of the experts held here (E/N of them under expert parallelism)
+    rows_RD, counts_E, plan = dispatcher.dispatch(x_TD, routing, kernel.layout)
     y_RD = kernel(rows_RD, counts_E, gate_up_proj_EFD, down_proj_EDI)  # (R, D)
     return dispatcher.combine(y_RD, plan)  # (T, D)
 
@@ -100,6 +107,11 @@ class Experts(nn.Module):
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown experts backend {backend!r}; use one of {sorted(BACKEND_CHOICES)}")
         self.num_experts = num_experts
+        # Expert parallelism (set by ``expert_parallel.shard_experts``): this rank holds experts
+        # [ep_rank·E/ep_size, (ep_rank+1)·E/ep_size); one process holds them all.
+        self.ep_rank = 0
+        self.ep_size = 1
+        self.num_local_experts = num_experts
         self.intermediate_size = intermediate_size
         self.backend = backend
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
@@ -124,7 +136,8 @@ class Experts(nn.Module):
         key = (self.backend, device_type, dtype)
         choice = self._kernels.get(key)
         if choice is None:
-            choice = self._kernels[key] = resolve_kernels(self.backend, device_type, dtype, self.num_experts)
+            # The kernels run over the experts held here: E, or E/N under expert parallelism.
+            choice = self._kernels[key] = resolve_kernels(self.backend, device_type, dtype, self.num_local_experts)
         return choice
 
     # Data-dependent shapes and host reads: torch.compile of a layer runs this eager (graph break).
@@ -148,7 +161,9 @@ class Experts(nn.Module):
                               self.dispatcher)
 
     def extra_repr(self) -> str:
+        local = (f", local_experts={self.num_local_experts} (ep rank {self.ep_rank} of {self.ep_size})"
+                 if self.ep_size > 1 else "")
         return (
-            f"experts={self.num_experts}, intermediate={self.intermediate_size}, "
+            f"experts={self.num_experts}{local}, intermediate={self.intermediate_size}, "
             f"backend={self.backend!r}, dispatcher={self.dispatcher!r}"
         )

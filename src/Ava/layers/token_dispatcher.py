@@ -6,7 +6,9 @@ token-slots (slot ``t·K + k`` is token t's k-th choice), U kept slots, R rows o
 A MoE layer runs ``dispatch → kernel → combine`` (:mod:`~Ava.layers.experts`). The dispatcher
 owns where rows live; the kernel (:mod:`~Ava.layers.expert_kernels`) only sees a buffer of
 per-expert row blocks and the block sizes, so a new dispatcher (all-to-all for expert
-parallelism) needs no change to any kernel. :class:`LocalDispatcher` is the single-process one.
+parallelism) needs no change to any kernel. :class:`LocalDispatcher` is the single-process one;
+:class:`AllToAllDispatcher` sends each slot's row to the rank that owns its expert (expert
+parallelism, :mod:`~Ava.layers.expert_parallel`).
 
 The buffer holds one block of rows per expert, in expert order; block e starts with expert e's
 slots (in token order) and ends with zero rows up to the block's size. The kernel asks for the
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from .routing import RouterOutput
@@ -86,16 +90,36 @@ class DispatchPlan:
     padded: bool
 
 
+@dataclass(frozen=True)
+class AllToAllPlan:
+    """What :meth:`AllToAllDispatcher.combine` needs to bring the expert outputs home.
+
+    Attributes:
+        source: the stage-1 plan over this rank's tokens (exact layout: the kept slots sorted by
+            global expert, so rank j's experts are one contiguous run of rows).
+        local: the stage-2 plan over the received rows (one slot each, weight 1), in the kernel's
+            layout over the local experts.
+        send_splits: rows this rank sent to each rank of the group.
+        recv_splits: rows this rank received from each rank of the group.
+    """
+
+    source: DispatchPlan
+    local: DispatchPlan
+    send_splits: list[int]
+    recv_splits: list[int]
+
+
 class TokenDispatcher(Protocol):
     """Moves token-slots to expert row blocks and back; kernels never see how."""
 
     def dispatch(
         self, x_TD: torch.Tensor, routing: RouterOutput, layout: BufferLayout = EXACT
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-        """(T, D) tokens -> ((R, D) expert rows, (E,) rows per expert block, the plan)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan | AllToAllPlan]:
+        """(T, D) tokens -> ((R, D) expert rows, (E,) rows per block of the experts this process
+        runs (all E locally, E/N under expert parallelism), the plan)."""
         ...
 
-    def combine(self, y_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def combine(self, y_RD: torch.Tensor, plan: DispatchPlan | AllToAllPlan) -> torch.Tensor:
         """(R, D) expert outputs -> (T, D) each token's gate-weighted sum of its slots."""
         ...
 
@@ -126,6 +150,121 @@ class LocalDispatcher:
 
     def __repr__(self) -> str:
         return "LocalDispatcher()"
+
+
+class AllToAllDispatcher:
+    """Expert parallelism: each slot's row goes to the rank that owns its expert, and back.
+
+    The N ranks of ``group`` split the E experts in contiguous runs: rank i owns experts
+    ``[i·E/N, (i+1)·E/N)`` (E/N = E_l local experts). :meth:`dispatch` is two stages around one
+    all-to-all:
+
+    1. :func:`plan_dispatch` over this rank's routing with the exact layout sorts the kept slots by
+       global expert, so the rows for rank j are one contiguous run (off slots are not sent);
+       :func:`dispatch` gathers them.
+    2. The (N, E_l) per-expert counts go through an all-to-all (rank i learns how many rows of
+       each of its experts every rank sends); one host read of the split sizes follows (uneven
+       splits need them on the host). The rows move with
+       ``torch.distributed._functional_collectives.all_to_all_single_autograd``, whose backward is
+       the reverse all-to-all.
+    3. The received rows, ordered by source rank then local expert, are one slot each of a
+       synthetic K = 1 routing over the E_l local experts; :func:`plan_dispatch` with the kernel's
+       layout and :func:`dispatch` arrange them into local-expert blocks (padding included).
+
+    :meth:`combine` undoes stage 3 (:func:`gather_slots`: a pure gather, no weights), sends the
+    rows back with the reverse all-to-all, and runs the stage-1 :func:`combine` with the gate
+    weights. Every move is a gather or a collective, so values and gradients are those of
+    :class:`LocalDispatcher` up to the order of the expert-weight gradient's sum over ranks.
+
+    Every rank of the group must call :meth:`dispatch` and :meth:`combine` (and backward) the same
+    number of times in the same order; a rank with no tokens or no kept slots still takes part.
+
+    Args:
+        group: the expert-parallel process group (N ranks).
+        num_experts: E, the global expert count; divisible by N.
+
+    Raises:
+        ValueError: E is not divisible by N.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        if num_experts % self.ep_size:
+            raise ValueError(
+                f"expert parallelism needs num_experts divisible by the expert-parallel size: "
+                f"{num_experts} experts over {self.ep_size} ranks"
+            )
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: RouterOutput, layout: BufferLayout = EXACT
+    ) -> tuple[torch.Tensor, torch.Tensor, AllToAllPlan]:
+        """Send the routed slots to their experts' ranks and arrange the received rows.
+
+        Args:
+            x_TD: (T, D) hidden states, already in the kernel's compute dtype.
+            routing: the router's decision over this rank's tokens, E = the global expert count.
+            layout: the row blocks the kernel needs (over the local experts).
+
+        Returns:
+            (R, D) rows of the local experts' blocks, (E_l,) long rows per local block (padding
+            included), and the plan :meth:`combine` reads.
+        """
+        num_ranks, local = self.ep_size, self.num_local_experts
+        if routing.tokens_per_expert_E.shape[0] != self.num_experts:
+            raise ValueError(f"routing over {routing.tokens_per_expert_E.shape[0]} experts, "
+                             f"dispatcher built for {self.num_experts}")
+        source = plan_dispatch(routing, EXACT)  # kept slots sorted by global expert
+        sent_UD = dispatch(x_TD, source)  # (U, D)
+        counts_NL = source.counts_E.view(num_ranks, local)  # row j: my slots for rank j's experts
+        # Row j of the result: rank j's slots for each of my experts.
+        recv_counts_NL = funcol.wait_tensor(funcol.all_to_all_single(counts_NL, None, None, self.group))
+        splits = torch.cat([counts_NL.sum(dim=1), recv_counts_NL.sum(dim=1)]).tolist()  # the host read
+        send_splits, recv_splits = splits[:num_ranks], splits[num_ranks:]
+        received = funcol.all_to_all_single_autograd(sent_UD, recv_splits, send_splits, self.group)
+        received_MD = funcol.wait_tensor(received)  # M = received rows, by source rank then local expert
+        num_received = sum(recv_splits)
+        expert_M = torch.repeat_interleave(
+            torch.arange(local, device=x_TD.device).repeat(num_ranks), recv_counts_NL.reshape(-1),
+            output_size=num_received,
+        )
+        ones_M1 = torch.ones(num_received, 1, dtype=torch.float32, device=x_TD.device)
+        empty_M0 = ones_M1.new_empty(num_received, 0)  # logits/probs: plan_dispatch never reads them
+        received_routing = RouterOutput(
+            indices_TK=expert_M.unsqueeze(1), weights_TK=ones_M1, logits_TE=empty_M0, probs_TE=empty_M0,
+            tokens_per_expert_E=recv_counts_NL.sum(dim=0),
+        )
+        local_plan = plan_dispatch(received_routing, layout)
+        rows_RD = dispatch(received_MD, local_plan)
+        plan = AllToAllPlan(source=source, local=local_plan, send_splits=send_splits, recv_splits=recv_splits)
+        return rows_RD, local_plan.counts_E, plan
+
+    def combine(self, y_RD: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
+        """Bring the expert outputs home and sum each token's slots: (R, D) -> (T, D), in ``y_RD``'s dtype.
+
+        Args:
+            y_RD: (R, D) the kernel's outputs over the local blocks of :meth:`dispatch`.
+            plan: :meth:`dispatch`'s plan.
+
+        Returns:
+            (T, D) each of this rank's tokens' gate-weighted sum over its kept slots.
+        """
+        y_MD = gather_slots(y_RD, plan.local).flatten(0, 1)  # (M, D): received order (K = 1)
+        back = funcol.all_to_all_single_autograd(y_MD, plan.send_splits, plan.recv_splits, self.group)
+        y_UD = funcol.wait_tensor(back)  # (U, D): my kept slots sorted by global expert
+        return combine(y_UD, plan.source)
+
+    def __deepcopy__(self, memo: dict) -> AllToAllDispatcher:
+        """A copy over the same group (a process group is a handle: it cannot be copied, and a copied
+        model, e.g. an EMA or a reference model, runs over the same ranks)."""
+        return AllToAllDispatcher(self.group, self.num_experts)
+
+    def __repr__(self) -> str:
+        return (f"AllToAllDispatcher(ep_rank={self.ep_rank}, ep_size={self.ep_size}, "
+                f"experts={self.num_experts}, local_experts={self.num_local_experts})")
 
 
 def plan_dispatch(routing: RouterOutput, layout: BufferLayout = EXACT) -> DispatchPlan:

@@ -20,6 +20,7 @@ def load_balancing_loss(
     probs_TE: torch.Tensor,
     indices_TK: torch.Tensor,
     tokens_per_expert_E: torch.Tensor | None = None,
+    num_slots: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Switch/GShard auxiliary loss ``E · Σ_i f_i · P_i``.
 
@@ -32,6 +33,9 @@ def load_balancing_loss(
         probs_TE: (T, E) softmax router probabilities (fp32).
         indices_TK: (T, K) chosen experts.
         tokens_per_expert_E: (E,) slots per expert if already counted (the router returns it).
+        num_slots: the slots ``tokens_per_expert_E`` counts over; default T·K. Under data
+            parallelism the counts are summed over the ranks and so is this (f is then the
+            global micro-batch's share while P stays this rank's mean).
 
     Returns:
         fp32 scalar.
@@ -42,7 +46,8 @@ def load_balancing_loss(
         tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.long, device=flat_S.device).scatter_add_(
             0, flat_S, torch.ones_like(flat_S)
         )
-    f_E = tokens_per_expert_E.float() / max(indices_TK.numel(), 1)  # (E,) share of T·K slots
+    slots = max(indices_TK.numel(), 1) if num_slots is None else num_slots
+    f_E = tokens_per_expert_E.float() / slots  # (E,) share of the T·K slots
     p_E = probs_TE.float().mean(dim=0)  # (E,)
     return num_experts * (f_E * p_E).sum()
 

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,7 @@ class EnhancedMoEModel(nn.Module):
         moe_load_prefix: list[torch.Tensor] | None = None,
         return_mtp: bool = False,
         document_ids: torch.Tensor | None = None,
+        moe_count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> MoEModelOutput:
         """Run the decoder.
 
@@ -188,6 +189,11 @@ class EnhancedMoEModel(nn.Module):
                 (they keep no KV cache); a no-op without ``model.mtp``.
             document_ids: (B, T) ids of the documents packed into each row (training only): a
                 token attends only to earlier tokens of its own document (``data.document_mask``).
+            moe_count_reduce: sums a tensor over the data-parallel ranks (the trainer passes
+                ``Parallelism.all_reduce`` when there are several): the Switch and global-batch
+                losses then count f over every rank's tokens of this micro-batch (one collective
+                for all layers), so their value and gradient are those of the global micro-batch,
+                whatever the number of ranks. None = this process's tokens.
 
         Returns:
             :class:`MoEModelOutput`.
@@ -243,7 +249,7 @@ class EnhancedMoEModel(nn.Module):
             # computing them per generated token costs more than the experts of that token.
             aux_losses, router_stats = {}, []
         else:
-            aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix)
+            aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix, moe_count_reduce)
         lm_loss = loss = None
         if labels is not None:
             objective = None
@@ -270,6 +276,7 @@ class EnhancedMoEModel(nn.Module):
         routings: list[tuple[int, RouterOutput]],
         batch_size: int,
         load_prefix: list[torch.Tensor] | None = None,
+        count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[RouterStats]]:
         """Weighted balancing/z losses reduced over MoE layers, and the per-layer stats.
 
@@ -285,6 +292,8 @@ class EnhancedMoEModel(nn.Module):
             batch_size: B (the sequence-level loss splits the B·T tokens into sequences).
             load_prefix: per MoE layer, counts of earlier micro-batches for the global-batch loss
                 (``RouterStats.balance_tokens_per_expert`` summed over them).
+            count_reduce: sums over the data-parallel ranks (see ``forward``'s ``moe_count_reduce``);
+                the router statistics stay this process's own (the trainer reduces them per step).
 
         Returns:
             ``(aux_losses, router_stats)`` as in :class:`MoEModelOutput`.
@@ -300,8 +309,15 @@ class EnhancedMoEModel(nn.Module):
             c if r.balance_indices_TK is None else count_per_expert(r.balance_indices_TK, c.shape[0])
             for (_, r), c in zip(routings, routed)
         ]
+        prefix = load_prefix if load_prefix else [None] * len(routings)
+        global_counts = [c if before is None else c + before.to(c.device) for c, before in zip(unbiased, prefix)]
+        switch_counts = routed
+        if count_reduce is not None:  # f over every rank's tokens: one all-reduce for every layer and both losses
+            summed = count_reduce(torch.stack([*routed, *global_counts]))
+            switch_counts, global_counts = list(summed[:len(routed)]), list(summed[len(routed):])
         aux_per_layer = [
-            load_balancing_loss(r.probs_TE, r.indices_TK, counts) for (_, r), counts in zip(routings, routed)
+            load_balancing_loss(r.probs_TE, r.indices_TK, counts, None if count_reduce is None else counts.sum())
+            for (_, r), counts in zip(routings, switch_counts)
         ]
         z_per_layer = [router_z_loss(r.logits_TE) for _, r in routings]
         stats = []
@@ -331,11 +347,7 @@ class EnhancedMoEModel(nn.Module):
             seq = [sequence_balancing_loss(r.probs_TE, r.unbiased_indices_TK, batch_size) for _, r in routings]
             aux_losses["seq_load_balance"] = coef["seq_aux_loss_coef"] * reduce(torch.stack(seq))
         if balance and moe.coef_peak("global_aux_loss_coef") > 0:
-            prefix = load_prefix if load_prefix else [None] * len(routings)
-            glob = [
-                global_balancing_loss(r.probs_TE, counts if before is None else counts + before.to(counts.device))
-                for (_, r), counts, before in zip(routings, unbiased, prefix)
-            ]
+            glob = [global_balancing_loss(r.probs_TE, counts) for (_, r), counts in zip(routings, global_counts)]
             aux_losses["global_load_balance"] = coef["global_aux_loss_coef"] * reduce(torch.stack(glob))
         if moe.coef_peak("z_loss_coef") > 0:
             aux_losses["z_loss"] = coef["z_loss_coef"] * reduce(torch.stack(z_per_layer))
@@ -389,7 +401,7 @@ class EnhancedMoEModel(nn.Module):
         """
         if not self.config.moe.aux_free_bias:
             return
-        moe_layers = [layer for layer in self._decoder_layers() if layer.is_moe]
+        moe_layers = [layer for layer in self.decoder_layers() if layer.is_moe]
         if len(tokens_per_expert) != len(moe_layers):
             raise ValueError(f"got {len(tokens_per_expert)} load vectors for {len(moe_layers)} MoE layers")
         rate = self.balancing_coefficients()["bias_update_rate"]
@@ -439,7 +451,7 @@ class EnhancedMoEModel(nn.Module):
         Args:
             enabled: on or off.
         """
-        for layer in self._decoder_layers():
+        for layer in self.decoder_layers():
             layer.activation_checkpointing = enabled
 
     def compile_layers(self, enabled: bool = True) -> None:
@@ -454,12 +466,12 @@ class EnhancedMoEModel(nn.Module):
         Args:
             enabled: compile (True) or go back to eager (False).
         """
-        for layer in self._decoder_layers():
+        for layer in self.decoder_layers():
             layer.compile_for_training(enabled)
 
     # -- accounting --------------------------------------------------------------------------
 
-    def _decoder_layers(self) -> list[DecoderLayer]:
+    def decoder_layers(self) -> list[DecoderLayer]:
         """The main stack's layers, then the MTP blocks (the order of ``router_stats``)."""
         blocks = [module.block for module in self.mtp] if self.mtp is not None else []
         return [*self.layers, *blocks]
@@ -479,11 +491,13 @@ class EnhancedMoEModel(nn.Module):
             The count.
         """
         total = sum(p.numel() for p in self.parameters())
-        if active_only:
-            for layer in self._decoder_layers():
-                if layer.is_moe:
-                    experts = layer.mlp.experts
-                    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+        for layer in self.decoder_layers():
+            if layer.is_moe:
+                experts = layer.mlp.experts
+                # Under expert parallelism this process holds num_local_experts of the E experts.
+                per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_local_experts
+                total += (experts.num_experts - experts.num_local_experts) * per_expert
+                if active_only:
                     total -= (experts.num_experts - self.config.moe.top_k) * per_expert
         return total
 
@@ -510,12 +524,12 @@ class EnhancedMoEModel(nn.Module):
         """
         cfg = self.config
         matmul_params = 0
-        for layer in self._decoder_layers():
+        for layer in self.decoder_layers():
             attn = layer.self_attn
             matmul_params += sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
             if layer.is_moe:
                 experts = layer.mlp.experts
-                per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_experts
+                per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // experts.num_local_experts
                 matmul_params += layer.mlp.gate.weight.numel() + cfg.moe.top_k * per_expert
                 if layer.mlp.shared_experts is not None:
                     matmul_params += sum(p.numel() for p in layer.mlp.shared_experts.parameters())

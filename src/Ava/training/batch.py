@@ -8,11 +8,13 @@ too (labels = ids, default positions, one source), for tests and small scripts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..data.packing import positions_from_documents
+from ..errors import AvaConfigError
 
 Batch = dict[str, torch.Tensor]
 
@@ -62,3 +64,54 @@ def cut_rows(batch: Batch | torch.Tensor, t: int) -> Batch | torch.Tensor:
     elif "position_ids" in out:
         out.pop("position_ids")  # default arange positions per row
     return out
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """How one optimizer step's sequences are spread over micro-batches and data-parallel ranks.
+
+    The global batch (sequences per optimizer step) defines the optimization and the data order;
+    the number of ranks only decides who computes which rows. Each step draws ``grad_accum``
+    global micro-batches of ``micro_rows`` = ``per_rank`` × ``ranks`` consecutive sequences of the
+    epoch order, and rank r reads rows r, r + ranks, … of each (:meth:`Parallelism.shard`).
+
+    Attributes:
+        per_rank: sequences per micro-batch on one rank (``training.batch_size``).
+        ranks: data-parallel ranks (processes reading different rows).
+        grad_accum: micro-batches per optimizer step.
+    """
+
+    per_rank: int
+    ranks: int
+    grad_accum: int
+
+    @property
+    def micro_rows(self) -> int:
+        """Sequences of one global micro-batch (all ranks together)."""
+        return self.per_rank * self.ranks
+
+    @property
+    def size(self) -> int:
+        """Sequences per optimizer step (the global batch)."""
+        return self.micro_rows * self.grad_accum
+
+    @classmethod
+    def resolve(cls, training: Any, ranks: int = 1) -> "GlobalBatch":
+        """The plan of ``training`` (a :class:`~Ava.config.TrainingSection`) on ``ranks`` data-parallel ranks.
+
+        ``training.global_batch_size`` null: ``grad_accum_steps`` as set. Otherwise the global batch
+        must split evenly into micro-batches of ``batch_size`` on every rank.
+
+        Raises:
+            AvaConfigError: the global batch is not a multiple of ``batch_size × ranks``.
+        """
+        if training.global_batch_size is None:
+            return cls(training.batch_size, ranks, training.grad_accum_steps)
+        per_micro = training.batch_size * ranks
+        if training.global_batch_size % per_micro:
+            raise AvaConfigError(
+                f"training.global_batch_size: {training.global_batch_size} sequences do not split into micro-batches "
+                f"of training.batch_size={training.batch_size} on {ranks} data-parallel rank{'s' if ranks > 1 else ''}; "
+                f"use a multiple of {per_micro} or change batch_size"
+            )
+        return cls(training.batch_size, ranks, training.global_batch_size // per_micro)

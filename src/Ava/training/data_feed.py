@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..config import EnhancedTrainingConfig
 from ..data import PreparedData
 from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
-from ..errors import AvaDataError
+from ..errors import AvaCheckpointError, AvaDataError
 from .parallel import Parallelism
 from .progressive_training import ProgressiveSchedule
 from .state import TrainProgress
@@ -92,12 +92,28 @@ class DataFeed:
             "source_tokens": dict(self._cursor_source_tokens),
             "num_workers": self.config.data.num_workers,
             "rank": self.parallel.rank, "world_size": self.parallel.world_size,
+            "global_batch": self.progressive.batch.size,
             "fingerprint": self._fingerprint(),
             "stream": self.stream_cursor.to_dict() if self.stream_cursor is not None else None,
         }
 
     def load_state_dict(self, cursor: dict[str, Any]) -> None:
-        """Continue from a saved cursor (warns when the data changed since)."""
+        """Continue from a saved cursor (warns when the data changed since).
+
+        The cursor counts global micro-batches, so it holds for any number of ranks as long as the
+        global batch is the same.
+
+        Raises:
+            AvaCheckpointError: the run was saved with another global batch.
+        """
+        saved_batch, batch = cursor.get("global_batch"), self.progressive.batch
+        if saved_batch is not None and saved_batch != batch.size:
+            raise AvaCheckpointError(
+                f"the checkpoint was trained with a global batch of {saved_batch} sequences "
+                f"({cursor.get('world_size', 1)} rank{'s' if cursor.get('world_size', 1) != 1 else ''}), this run has "
+                f"{batch.size} ({batch.ranks} data-parallel rank{'s' if batch.ranks != 1 else ''}); resume with "
+                f"training.global_batch_size={saved_batch}"
+            )
         self.epoch, self.batches_in_epoch = cursor["epoch"], cursor["batches_in_epoch"]
         self._cursor = (self.epoch, self.batches_in_epoch)
         self.source_tokens = dict(cursor.get("source_tokens", {}))
@@ -138,7 +154,7 @@ class DataFeed:
         follow the progressive schedule (constant ``(batch_size, seq_len)`` unless configured).
         """
         assert self.data is not None, "attach() the data first"
-        accum = self.config.training.grad_accum_steps
+        accum = self.progressive.batch.grad_accum
         workers = self.config.data.num_workers
         if workers:
             # HF tokenizers' thread pool must not be used in forked workers (it warns and may hang)
@@ -170,13 +186,17 @@ class DataFeed:
         The stream's cursor (chunk, window) after each step's last micro-batch is kept in
         ``self.stream_cursor`` for the checkpoint; a resumed run starts there.
         """
-        batcher = StreamBatcher(self.data.train, self.config.training.batch_size, self.config.data.num_workers,
+        plan = self.progressive.batch
+        # Every rank reads the stream's global micro-batches and keeps its rows (rank r: r, r + R, ...).
+        batcher = StreamBatcher(self.data.train, plan.micro_rows, self.config.data.num_workers,
                                 cursor=self.stream_cursor, pin_memory=self.parallel.device.type == "cuda")
         self.data.report = batcher.report  # the stream's reads, filled as chunks arrive (reported at the end)
         pending: list[dict[str, torch.Tensor]] = []
         for batch, cursor in batcher:
+            if plan.ranks > 1:
+                batch = {k: v[self.parallel.rank::plan.ranks] for k, v in batch.items()}
             pending.append(batch)
-            if len(pending) == self.config.training.grad_accum_steps:
+            if len(pending) == plan.grad_accum:
                 self.stream_cursor = cursor
                 yield pending
                 pending = []
@@ -192,13 +212,15 @@ class DataFeed:
             assert cfg.max_steps is not None  # a config rule: a stream has no length
             return cfg.max_steps
         num_windows = train if isinstance(train, int) else len(train)
-        per_step = cfg.batch_size * cfg.grad_accum_steps
-        steps_per_epoch = num_windows // per_step
-        if steps_per_epoch == 0:
+        plan = self.progressive.batch
+        if num_windows < plan.size:
+            how = (f"training.global_batch_size = {plan.size}" if cfg.global_batch_size is not None else
+                   f"batch_size × grad_accum_steps{' × ranks' if plan.ranks > 1 else ''} = {plan.size}")
             raise AvaDataError(
                 f"the training split has {num_windows} sequences of data.seq_len={self.config.data.seq_len} "
-                f"tokens, fewer than one step needs (batch_size × grad_accum_steps = {per_step}); "
-                "lower training.batch_size or data.seq_len, or add data"
+                f"tokens, fewer than one step needs ({how}); lower training.batch_size"
+                f"{' or training.global_batch_size' if cfg.global_batch_size is not None else ''} or data.seq_len, "
+                "or add data"
             )
         total = self.progressive.steps_in_epochs(num_windows, cfg.num_epochs)  # a batch ramp adds steps
         return min(total, cfg.max_steps) if cfg.max_steps else total

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,17 +37,22 @@ from ..optimization.sophia import refresh_hessian
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
 from ..utils.checkpoint import CheckpointWriter, load_training_state, read_weights
+from ..utils.distributed_checkpoint import (
+    ShardedCheckpointWriter, consolidate, is_sharded, load_sharded, load_sharded_state,
+)
 from ..utils.logging import setup_logging
 from .adaptive_lr import PlateauLR, build_plateau
-from .batch import as_batch, model_inputs, to_device
+from .batch import GlobalBatch, as_batch, model_inputs, to_device
 from .data_feed import DataFeed
 from .early_stopping import EarlyStopping
 from .gradient_health import GradientHealthMonitor, layer_grad_norms
 from .gradient_surgery import build_surgery, surgery_backward
 from .lr_manager import build_scheduler
-from .memory_monitor import memory_snapshot, oom_hint
+from .memory_monitor import memory_snapshot, oom_hint, rss_mb
 from .metrics import MetricsWriter, MoECollapseAlarm, StepTimer, measure_matmul_peak, start_wandb
-from .parallel import Parallelism, build_parallelism
+from .distributed_health_checker import DistributedHealthChecker
+from .distributed_manager import build_parallelism
+from .parallel import Parallelism
 from .progressive_training import ProgressiveSchedule
 from .run_manager import (
     RunPaths,
@@ -96,14 +101,16 @@ class EnhancedModularTrainer:
         self.config = config
         self.parallel = parallel if parallel is not None else build_parallelism(config)
         self.device = self.parallel.device
-        self.model = model
+        self.engine = model  # what the step calls: the model, or the strategy's wrapper (DDP)
+        self.model = self.parallel.unwrap(model)  # the model itself: its methods, config and weights
         self._model_prepared = False  # initialised, placed and wrapped by the parallelism seam
         self.progress = TrainProgress()
         self.health = GradientHealthMonitor(config.gradient.health)
         self.moe_alarm = MoECollapseAlarm(config.training.moe_alarm)
         self.early_stopping = EarlyStopping(config.evaluation.early_stopping)
         self.surgery = build_surgery(config.gradient.surgery, config.run.seed)
-        self.progressive = ProgressiveSchedule(config)  # batch size, row length, epoch order per step
+        # The global batch over the data-parallel ranks; micro-batch size, row length, epoch order per step.
+        self.progressive = ProgressiveSchedule(config, GlobalBatch.resolve(config.training, self.parallel.dp_size))
         self.feed = DataFeed(config, self.progressive, self.progress, self.parallel)
         self.data: PreparedData | None = None
         self.paths: RunPaths | None = None
@@ -114,12 +121,14 @@ class EnhancedModularTrainer:
         self.checkpoints: CheckpointWriter | None = None
         self._last_good_checkpoint: Path | None = None
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
+        self._on_step: Callable[[int], None] | None = None  # train()'s per-step callback
+        self._rank_loss: torch.Tensor | None = None  # the last step's loss on this rank alone
         self._segment_start = time.perf_counter()  # this segment's start; train() resets it
         self._wall_before = 0.0  # training wall time of the run's earlier segments
         # Every part with training state, once; the optimizer, scheduler and plateau LR join
         # when prepare() builds them. Saving, resuming and rolling back walk this registry.
         self.states = StateRegistry()
-        self.states.register(MODEL_KEY, ModelWeights(model, self.parallel))
+        self.states.register(MODEL_KEY, ModelWeights(self.model, self.parallel))
         self.states.register("progress", self.progress)
         self.states.register("rng", RNGState())
         self.states.register("data_cursor", self.feed)
@@ -156,13 +165,16 @@ class EnhancedModularTrainer:
     # setup → loop → finish
     # ------------------------------------------------------------------------------------
 
-    def train(self, resume: str | Path | None = None) -> TrainingSummary:
+    def train(self, resume: str | Path | None = None,
+              on_step: Callable[[int], None] | None = None) -> TrainingSummary:
         """Run training to the end and return its summary.
 
         Args:
             resume: ``"auto"`` (the newest run of this config's name with a good checkpoint;
                 a fresh run when there is none), a run folder or a checkpoint folder. The run
                 continues in the same run folder, bit-exactly on CPU.
+            on_step: called with the step count after every optimizer step (a distributed run's
+                heartbeat, :meth:`~Ava.training.rank_aware_error_handler.RankErrors.heartbeat`).
 
         Raises:
             AvaConfigError / AvaDataError / AvaCheckpointError: a problem found before the first
@@ -175,6 +187,7 @@ class EnhancedModularTrainer:
         checkpoint = self._setup(resume)
         if checkpoint is not None and self.step >= self.total_steps:
             return self._already_finished(checkpoint)
+        self._on_step = on_step
         end = self._loop()
         return self._finish(end, checkpoint)
 
@@ -184,16 +197,15 @@ class EnhancedModularTrainer:
         Returns:
             The checkpoint resumed from, or None for a fresh run.
         """
-        cfg = self.config
+        cfg, parallel = self.config, self.parallel
         raise_on_errors(check_compatibility(cfg, environment=True), "config")
-        run_dir, checkpoint = resolve_resume(cfg, resume) if resume is not None else (None, None)
-        if run_dir is not None:
-            changes = check_resume_config(run_dir, cfg)
-            self.paths = paths = RunPaths(run_dir)
-        else:
-            self.paths = paths = create_run_folder(cfg)
-            changes = []
-        setup_logging(cfg.logging.level, paths.log_file)
+        # Rank 0 finds or creates the run folder; the other ranks take its answer.
+        paths, checkpoint, changes = parallel.on_main(lambda: self._run_folder(resume), share=True)
+        self.paths = paths
+        if parallel.is_main:
+            setup_logging(cfg.logging.level, paths.log_file)
+        else:  # every rank keeps its own log; only rank 0 talks on the console (errors excepted)
+            setup_logging(cfg.logging.level, paths.root / "logs" / f"train.rank{parallel.rank}.log", "ERROR")
         if checkpoint is not None:
             logger.info("resuming %s from %s", paths.root, checkpoint)
             for change in changes:
@@ -206,21 +218,42 @@ class EnhancedModularTrainer:
         if cfg.run.num_threads is not None:
             torch.set_num_threads(cfg.run.num_threads)
 
-        data_cfg = cfg.data
-        if checkpoint is not None:  # the run's own tokenizer, never a retrained one
-            data_cfg = cfg.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(paths.tokenizer))})
-        data = prepare_data(data_cfg, cfg.run.seed, None if checkpoint else paths.tokenizer,
-                            eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
+        # Rank 0 prepares the data first (it may train the tokenizer and fill the corpus cache);
+        # the other ranks then read the same splits with that tokenizer.
+        data = parallel.on_main(lambda: self._prepare_data(checkpoint is not None, own_tokenizer=True))
+        if not parallel.is_main:
+            data = self._prepare_data(checkpoint is not None, own_tokenizer=False)
         self.prepare(data)
-        self.checkpoints = CheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
-                                            cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
+        if parallel.sharded_checkpoints:
+            self.checkpoints = ShardedCheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
+                                                       cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
+        else:
+            self.checkpoints = CheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
+                                                cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
         if checkpoint is not None:
             self._restore(checkpoint)
-            if self.step < self.total_steps:  # a finished run is left exactly as it is
+            if self.step < self.total_steps and parallel.is_main:  # a finished run is left exactly as it is
                 cfg.to_yaml(paths.config)
         self._wall_before = self.progress.wall_time_s  # the earlier segments' training time
         self._log_plan(self.total_steps)
         return checkpoint
+
+    def _run_folder(self, resume: str | Path | None) -> tuple[RunPaths, Path | None, list[str]]:
+        """The run folder (a new one, or the resumed run's), the checkpoint resumed from, the config changes."""
+        run_dir, checkpoint = resolve_resume(self.config, resume) if resume is not None else (None, None)
+        if run_dir is not None:
+            return RunPaths(run_dir), checkpoint, check_resume_config(run_dir, self.config)
+        return create_run_folder(self.config), None, []
+
+    def _prepare_data(self, resumed: bool, own_tokenizer: bool) -> PreparedData:
+        """The splits; a new run's first rank trains (or copies) the tokenizer into the run folder,
+        a resumed run and the other ranks read the run's own tokenizer, never a retrained one."""
+        cfg, paths = self.config, self.paths
+        data_cfg = cfg.data
+        if resumed or not own_tokenizer:
+            data_cfg = cfg.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(paths.tokenizer))})
+        return prepare_data(data_cfg, cfg.run.seed, None if resumed or not own_tokenizer else paths.tokenizer,
+                            eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
 
     def prepare(self, data: PreparedData) -> int:
         """Attach ``data``, prepare the model and build the optimizer and schedules.
@@ -239,7 +272,7 @@ class EnhancedModularTrainer:
         self.feed.attach(data)
         self._check_vocab(data)
         if not self._model_prepared:
-            self.model = self.parallel.prepare_model(self.model, cfg)
+            self.engine = self.parallel.prepare_model(self.model, cfg)
             self._model_prepared = True
         self.total_steps = total_steps = self.feed.total_steps()
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
@@ -257,19 +290,35 @@ class EnhancedModularTrainer:
         resumed = self.step > 0
         peak = measure_matmul_peak(self.device, torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32)
         flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
-        sink = MetricsWriter(paths.metrics, paths.tensorboard if cfg.logging.tensorboard else None,
-                             resume_step=self.step if resumed else None,
-                             wandb_run=start_wandb(cfg, paths.root, resume=resumed))
-        writer = AsyncSink(sink) if cfg.logging.async_metrics else sink
+        if self.parallel.is_main:  # rank 0 writes the run's metrics for all ranks (the values are global)
+            sink = MetricsWriter(paths.metrics, paths.tensorboard if cfg.logging.tensorboard else None,
+                                 resume_step=self.step if resumed else None,
+                                 wandb_run=start_wandb(cfg, paths.root, resume=resumed))
+            writer = AsyncSink(sink) if cfg.logging.async_metrics else sink
+        else:
+            writer = _NoMetrics()
         timer = StepTimer(self.device, cfg.logging.time_breakdown)
+        ranks = None  # distributed runs: compare the ranks every distributed.health_every steps
+        if self.parallel.world_size > 1 and cfg.distributed.health_every:
+            ranks = DistributedHealthChecker(self.parallel, cfg.distributed.health_every)
         train_loss = float("nan")
         stopped_early = False
         try:
             bar = self._progress_bar(total_steps)
             window_tokens, window_start = 0, time.perf_counter()
+            step_end = time.perf_counter()
             for micro_batches in self._stop_on_signals(self.feed.optimizer_steps(total_steps)):
                 timer.mark("data")
+                step_start = time.perf_counter()
                 metrics = self._guarded_step(micro_batches, timer)
+                if ranks is not None:
+                    now = time.perf_counter()
+                    metrics.update(ranks.on_step(
+                        self.step, loss=self._rank_loss, grad_norm=metrics["grad_norm"], step_time_s=now - step_end,
+                        data_wait_s=step_start - step_end, memory_bytes=_memory_bytes(self.device), model=self.model))
+                step_end = time.perf_counter()
+                if self._on_step is not None:
+                    self._on_step(self.step)
                 self.feed.commit()
                 window_tokens += metrics.pop("tokens")
                 bar.update(1)
@@ -305,6 +354,8 @@ class EnhancedModularTrainer:
             bar.close()
             final = self.save_checkpoint(val_loss=self.last_val) if not stopped_early else self.checkpoints.last_path
             self.checkpoints.wait()
+            if self.parallel.sharded_checkpoints and final is not None:  # generate/eval/export read one file
+                self.parallel.on_main(lambda: consolidate(final))
         finally:
             writer.close()
         return _LoopEnd(train_loss, stopped_early, final)
@@ -325,7 +376,8 @@ class EnhancedModularTrainer:
             stopped_early=end.stopped_early, resumed_from=str(resumed_from) if resumed_from else None,
             stopped_by_alarm=self.moe_alarm.stop_reason,
         )
-        write_summary(paths, summary.to_dict())
+        if self.parallel.is_main:
+            write_summary(paths, summary.to_dict())
         data.report.log()  # rows skipped / characters replaced under the sources' policies, again at the end
         if self.health.skipped:
             logger.warning("%d step(s) skipped by the gradient health check: %s", len(self.health.skipped),
@@ -396,17 +448,21 @@ class EnhancedModularTrainer:
         router_acc: dict[str, torch.Tensor] = {}
         tokens = 0
         document_mask = self.config.data.document_mask
-        for batch in micro_batches:
+        # Balancing losses count f over the global micro-batch (every rank's rows).
+        count_reduce = self.parallel.all_reduce if self.parallel.world_size > 1 else None
+        for i, batch in enumerate(micro_batches):
             batch = to_device(as_batch(batch), self.device)
             input_ids = batch["input_ids"]  # (B, T)
-            with self._autocast():
-                out = self.model(input_ids, **model_inputs(batch, document_mask),
-                                 moe_load_prefix=balance_loads or None)
-            timer.mark("forward")
-            if self.surgery is None:
-                (out.loss / accum).backward()
-            else:
-                surgery_backward(self.model, self.surgery, {"lm_loss": out.lm_loss, **out.aux_losses}, accum)
+            # Gradients are reduced over the ranks once, in the step's last backward.
+            with self.parallel.gradient_sync(self.engine, i == accum - 1):
+                with self._autocast():
+                    out = self.engine(input_ids, **model_inputs(batch, document_mask),
+                                      moe_load_prefix=balance_loads or None, moe_count_reduce=count_reduce)
+                timer.mark("forward")
+                if self.surgery is None:
+                    (out.loss / accum).backward()
+                else:
+                    surgery_backward(self.model, self.surgery, {"lm_loss": out.lm_loss, **out.aux_losses}, accum)
             timer.mark("backward")
             terms = {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}
             for name, value in terms.items():
@@ -417,13 +473,18 @@ class EnhancedModularTrainer:
             router_acc = accumulate_router_stats(router_acc, out.router_stats)
             tokens += input_ids.numel()
             self.feed.count_source_tokens(batch)
+        self.parallel.finish_gradients(self.engine)
         # The whole batch's expert load over the data-parallel ranks: every rank then makes the
         # same aux-free bias update and logs the same diagnostics.
         loads = [self.parallel.all_reduce(load_E) for load_E in loads]
+        self._rank_loss = totals["loss"]  # this rank's own, for the distributed health check
+        if self.parallel.world_size > 1:
+            totals = self._global_totals(totals)
+            tokens *= self.parallel.dp_size  # every rank reads as many rows
 
         grad_clip = self.config.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+        grad_norm = self.parallel.clip_grad_norm(params, grad_clip if grad_clip else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         verdict = self.health.check(self.step + 1, float(totals["loss"]), float(grad_norm))
         extra: dict[str, Any] = {}
@@ -454,6 +515,17 @@ class EnhancedModularTrainer:
             self.moe_alarm.on_step(self.step, loads, router_acc.get("layers"))
         return metrics
 
+    def _global_totals(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's loss terms averaged over the ranks (one all-reduce), so the health check, the
+        log and early stopping see the global batch's values on every rank. A stop signal that
+        reached any rank rides along: every rank stops after the same step."""
+        names = list(totals)
+        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        mean = self.parallel.all_reduce(torch.stack([totals[n].reshape(()) for n in names] + [stop]), "mean")
+        if self._stop_signal is None and float(mean[-1]) > 0:
+            self._stop_signal = "SIGTERM"
+        return dict(zip(names, mean[:-1]))
+
     def evaluate(self) -> dict[str, Any]:
         """Validation loss/perplexity and routing diagnostics over the first ``eval_batches``
         batches of the val split (:func:`~Ava.evaluation.validation.validation_loss`, which
@@ -473,19 +545,38 @@ class EnhancedModularTrainer:
         """Save the registry (:attr:`states`) to ``checkpoints/step_<step>``: the model's weights to
         ``model.safetensors``, every other part under its key to ``state.pt``."""
         self._count_wall_time()
-        weights = self.states[MODEL_KEY].state_dict()
-        path = self.checkpoints.save(self.step, weights, self.config.to_yaml(),
-                                     self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss)
+        if self.parallel.sharded_checkpoints:  # every rank writes its shards (torch.distributed.checkpoint)
+            sharded = self.parallel.sharded_state(self.engine, self.optimizer)
+            path = self.checkpoints.save(self.step, sharded, self.config.to_yaml(),
+                                         self.states.state_dict(exclude=(MODEL_KEY, "optimizer", "rng")),
+                                         self.paths.tokenizer, val_loss, rank_state={"rng": self.states["rng"].state_dict()})
+        else:
+            weights = self.states[MODEL_KEY].state_dict()
+            path = self.checkpoints.save(self.step, weights, self.config.to_yaml(),
+                                         self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss)
         self._last_good_checkpoint = path
         return path
 
     def _restore(self, checkpoint: Path) -> None:
-        """Walk the registry: every registered part from ``checkpoint``."""
-        state = load_training_state(checkpoint)
-        self.states[MODEL_KEY].load_state_dict(read_weights(checkpoint))
-        self.states.load_state_dict(state, only=tuple(k for k in self.states.keys() if k != MODEL_KEY),
+        """Walk the registry: every registered part from ``checkpoint`` (one file or sharded, any world size)."""
+        state = self._load_model_and_optimizer(checkpoint)
+        self.states.load_state_dict(state, only=tuple(k for k in self.states.keys() if k not in (MODEL_KEY, "optimizer")),
                                     source=str(checkpoint))
         self._last_good_checkpoint = checkpoint
+
+    def _load_model_and_optimizer(self, checkpoint: Path) -> dict[str, Any]:
+        """Load the weights and the optimizer state of ``checkpoint``; returns its other state
+        (with this rank's RNG state under ``rng`` for a sharded checkpoint)."""
+        if is_sharded(checkpoint):  # DCP reshards: saved on any number of ranks, loaded on this many
+            templates = self.parallel.sharded_state(self.engine, self.optimizer)
+            load_sharded(checkpoint, templates)
+            self.parallel.load_sharded_state(self.engine, self.optimizer, templates)
+            state, rank_state = load_sharded_state(checkpoint, self.parallel.rank)
+            return {**state, "rng": rank_state["rng"]}
+        state = load_training_state(checkpoint)
+        self.states[MODEL_KEY].load_state_dict(read_weights(checkpoint))
+        self.states.load_state_dict(state, only=("optimizer",), source=str(checkpoint))
+        return state
 
     def _count_wall_time(self) -> float:
         """The run's training wall time so far (earlier segments + this one), kept in ``progress``."""
@@ -517,9 +608,7 @@ class EnhancedModularTrainer:
                          "continuing (set training.save_every to enable rollback)",
                          self.config.gradient.health.rollback_after, self.step)
             return
-        state = load_training_state(self._last_good_checkpoint)
-        self.states[MODEL_KEY].load_state_dict(read_weights(self._last_good_checkpoint))
-        self.states.load_state_dict(state, only=("optimizer",), source=str(self._last_good_checkpoint))
+        self._load_model_and_optimizer(self._last_good_checkpoint)
         logger.warning("rolled back model and optimizer to %s after %d bad steps; continuing at step %d "
                        "with the next data", self._last_good_checkpoint,
                        self.config.gradient.health.rollback_after, self.step)
@@ -590,7 +679,7 @@ class EnhancedModularTrainer:
     def _progress_bar(self, total_steps: int) -> tqdm:
         interactive = sys.stderr.isatty()
         return tqdm(total=total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not self.config.logging.progress_bar,
+                    disable=not self.config.logging.progress_bar or not self.parallel.is_main,
                     mininterval=0.5 if interactive else 15.0)
 
     def _log_plan(self, total_steps: int) -> None:
@@ -606,12 +695,16 @@ class EnhancedModularTrainer:
             cfg.model.num_layers, "" if cfg.model.num_layers == 1 else "s",
             cfg.model.num_experts, "" if cfg.model.num_experts == 1 else "s", cfg.model.moe.top_k, backend,
         )
-        per_step = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
+        batch = self.progressive.batch
+        per_step = batch.size * cfg.data.seq_len
         logger.info(
             "training: steps %d→%d × %s tokens on %s (%s, %d threads), lr %.2e %s",
             self.step, total_steps, f"{per_step:,}", self.device, cfg.precision.dtype, torch.get_num_threads(),
             cfg.training.learning_rate, cfg.scheduler.name,
         )
+        if self.parallel.world_size > 1:
+            logger.info("distributed: %s; global batch %d sequences = %d per rank × %d ranks × %d accumulation steps",
+                        self.parallel.describe(), batch.size, batch.per_rank, batch.ranks, batch.grad_accum)
 
     def _sample(self) -> str | None:
         ev = self.config.evaluation
@@ -626,6 +719,23 @@ class EnhancedModularTrainer:
         )
         logger.info("sample:\n%s", text)
         return text
+
+
+def _memory_bytes(device: torch.device) -> float:
+    """This rank's memory in use: CUDA's allocated bytes, else the process's resident set."""
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated(device))
+    return rss_mb() * 2**20
+
+
+class _NoMetrics:
+    """The metrics writer of ranks other than rank 0 (rank 0 writes the run's global values)."""
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def close(self) -> None:  # noqa: D102
+        pass
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:

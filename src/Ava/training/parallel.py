@@ -14,12 +14,20 @@ strategies (DDP, FSDP2, expert parallelism) are compared against.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..config import EnhancedTrainingConfig
 from ..errors import AvaCheckpointError
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +74,10 @@ class Parallelism:
     def is_main(self) -> bool:
         """Whether this process writes the run folder, logs and checkpoints (rank 0)."""
         return self.rank == 0
+
+    def describe(self) -> str:
+        """How the run is spread, for the log."""
+        return "one process"
 
     # -- the model ---------------------------------------------------------------------------
 
@@ -119,6 +132,28 @@ class Parallelism:
         """The model as the strategy trains it (DDP/FSDP2 wrappers); the identity here."""
         return model
 
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model inside :meth:`wrap`'s wrapper (its methods, its config); the identity here."""
+        return model
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's backward; ``enabled`` on the step's last micro-batch only,
+        so gradients are reduced over the ranks once per step. Nothing to reduce here."""
+        return contextlib.nullcontext()
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        """After the step's last backward: reduce what the wrapper does not (sharded experts); nothing here."""
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the gradient norm over every rank's parameters to ``max_norm`` (``inf``: measure only).
+
+        Returns:
+            The total norm before clipping (a 0-d tensor on the device).
+        """
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     # -- collectives -------------------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
@@ -129,8 +164,28 @@ class Parallelism:
         """``tensor`` of every data-parallel rank, in rank order; ``[tensor]`` here."""
         return [tensor]
 
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` (a picklable object) on every rank; ``value`` here."""
+        return value
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` in rank order; ``[value]`` here."""
+        return [value]
+
     def barrier(self) -> None:
         """Wait for every rank; nothing to wait for here."""
+
+    def on_main(self, fn: Callable[[], T], share: bool = False) -> T | None:
+        """Run ``fn`` on rank 0 while the other ranks wait (run folder, tokenizer, corpus cache).
+
+        Args:
+            fn: the work only rank 0 does.
+            share: also hand rank 0's result (picklable) to the other ranks; else they get None.
+
+        Raises:
+            AvaPeerError: on the other ranks, when ``fn`` failed on rank 0 (which raises its own error).
+        """
+        return fn()
 
     # -- data --------------------------------------------------------------------------------
 
@@ -146,10 +201,31 @@ class Parallelism:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written by every rank with ``torch.distributed.checkpoint``
+        (``sharded/``) rather than as one ``model.safetensors`` by this process."""
+        return False
+
     def state_dict_options(self) -> StateDictOptions:
         """How checkpoints take model and optimizer state: full (unsharded) tensors here;
         sharded strategies return options for ``torch.distributed.checkpoint``."""
         return StateDictOptions(full_state_dict=True)
+
+    def sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``{"model", "optimizer"}`` as ``torch.distributed.checkpoint`` saves and loads them
+        (``sharded/`` checkpoints; here: to read one that a distributed run wrote, in one process)."""
+        options = StateDictOptions(full_state_dict=False)
+        return {"model": get_model_state_dict(model, options=options),
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+    def load_sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                           state: dict[str, Any]) -> None:
+        """Apply what :meth:`sharded_state` gave after ``torch.distributed.checkpoint`` filled it in."""
+        options = StateDictOptions(full_state_dict=False)
+        set_model_state_dict(model, state["model"], options=options)
+        if optimizer is not None and "optimizer" in state:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's weights and buffers as checkpoints store them (:meth:`state_dict_options`),
@@ -177,19 +253,3 @@ class Parallelism:
 
 class SingleProcess(Parallelism):
     """``distributed.strategy: none``: one process on one device; every method is the identity."""
-
-
-def build_parallelism(config: EnhancedTrainingConfig) -> Parallelism:
-    """The :class:`Parallelism` of ``config.distributed`` on ``config.run.device``.
-
-    Args:
-        config: the resolved training config.
-
-    Returns:
-        The strategy's object (:class:`SingleProcess` for ``strategy: none``).
-    """
-    strategy = config.distributed.strategy
-    device = resolve_device(config.run.device)
-    if strategy == "none":
-        return SingleProcess(device)
-    raise ValueError(f"distributed.strategy {strategy!r} has no implementation")  # the schema rejects it first

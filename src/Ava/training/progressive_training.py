@@ -40,8 +40,8 @@ from torch.utils.data import Dataset, Sampler
 from ..config import EnhancedTrainingConfig
 from ..data.packing import PackedDataset
 from ..data.sampling import EpochSampler
-from ..errors import AvaCheckpointError
-from .batch import as_batch, cut_rows
+from ..errors import AvaCheckpointError, AvaConfigError
+from .batch import GlobalBatch, as_batch, cut_rows
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class ProgressiveSchedule:
     Args:
         config: the resolved training config (``progressive``, ``training``, ``data.seq_len``,
             ``run.seed`` are read).
+        batch: the global batch plan (default: one process, from ``config.training``); batch sizes
+            here are global micro-batches (all data-parallel ranks' rows).
 
     Example::
 
@@ -131,11 +133,18 @@ class ProgressiveSchedule:
         schedule.seq_len(0), schedule.batch_size(0)   # what step 0 trains on
     """
 
-    def __init__(self, config: EnhancedTrainingConfig) -> None:
+    def __init__(self, config: EnhancedTrainingConfig, batch: GlobalBatch | None = None) -> None:
+        batch = batch if batch is not None else GlobalBatch.resolve(config.training)
+        self.batch = batch
         self.settings = config.progressive
         self.full_seq_len = config.data.seq_len
-        self.full_batch_size = config.training.batch_size
-        self.grad_accum_steps = config.training.grad_accum_steps
+        self.full_batch_size = batch.micro_rows  # a global micro-batch: every data-parallel rank's rows
+        self.grad_accum_steps = batch.grad_accum
+        if batch.ranks > 1 and self.settings.batch_size_ramp.start is not None:
+            raise AvaConfigError(
+                f"progressive.batch_size_ramp: a ramped micro-batch cannot be split evenly over {batch.ranks} "
+                "data-parallel ranks; set it to null or train on one process"
+            )
         self.seed = config.run.seed
         self._applied: tuple[int, int] | None = None  # (micro-batch windows, row length) last applied
 

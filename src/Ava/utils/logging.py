@@ -27,7 +27,7 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(level: str = "INFO", log_file: Path | None = None) -> logging.Logger:
+def setup_logging(level: str = "INFO", log_file: Path | None = None, console_level: str | None = None) -> logging.Logger:
     """Configure the ``Ava`` logger tree (console, and ``log_file`` when given).
 
     Idempotent: handlers added by an earlier call are replaced, so a second run in the same
@@ -36,6 +36,8 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> logging.
     Args:
         level: logging level name.
         log_file: file that receives every record of the run (created with its parents).
+        console_level: the console's own threshold (e.g. ``ERROR`` on the ranks of a distributed
+            run other than rank 0, which keep everything in their own log file); None = ``level``.
 
     Returns:
         The root ``Ava`` logger.
@@ -47,6 +49,8 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> logging.
         root.removeHandler(handler)
         handler.close()
     console = TqdmHandler()
+    if console_level is not None:
+        console.setLevel(console_level)
     console.setFormatter(logging.Formatter(_CONSOLE_FORMAT, _DATEFMT))
     root.addHandler(console)
     if log_file is not None:

@@ -1,0 +1,89 @@
+"""Run a test function on N forked Gloo processes (import as ``from tests.distributed_harness import ...``).
+
+Each worker joins a Gloo process group (a ``FileStore`` in a temporary folder, so no ports race),
+runs ``fn(rank, world_size, *args)`` with one thread, and sends back what ``fn`` returned (it must
+pickle). Every worker ends with ``barrier(); destroy_process_group()`` and ``os._exit(code)``:
+without that sequence a Gloo worker sometimes aborts at exit ("terminate called without an active
+exception"). A worker's exception comes back as its traceback and fails the test, naming the rank.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+
+def _worker(rank: int, world_size: int, store_file: str, fn: Callable[..., Any], args: tuple,
+            queue: mp.Queue, timeout_s: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    code = 0
+    # A worker still running shortly before the parent gives up prints where it is (hangs debug themselves).
+    faulthandler.dump_traceback_later(max(timeout_s - 5, 1), exit=False)
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 (report everything, then leave without Python's teardown)
+        queue.put((rank, False, traceback.format_exc()))
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on ``world_size`` forked Gloo processes; their results in rank order.
+
+    Args:
+        fn: a module-level function (it runs in the forked children).
+        world_size: number of processes.
+        *args: passed to ``fn`` after the rank and world size.
+        timeout_s: the process group's collective timeout, and the longest the parent waits.
+
+    Raises:
+        AssertionError: a worker raised (its rank and traceback), or the workers did not finish.
+    """
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store_file = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(rank, world_size, store_file, fn, args, queue, timeout_s))
+                 for rank in range(world_size)]
+        for proc in procs:
+            proc.start()
+        results: dict[int, Any] = {}
+        failures: list[str] = []
+        try:
+            for _ in range(world_size):
+                rank, ok, value = queue.get(timeout=timeout_s)
+                if ok:
+                    results[rank] = value
+                else:
+                    failures.append(f"rank {rank}:\n{value}")
+                    break
+        except Exception:  # noqa: BLE001 (queue.Empty: some worker never answered)
+            failures.append(f"workers {sorted(set(range(world_size)) - set(results))} did not answer "
+                            f"within {timeout_s:.0f} s")
+        for proc in procs:
+            proc.join(timeout=30 if not failures else 5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        codes = [proc.exitcode for proc in procs]
+        if failures:
+            raise AssertionError("\n".join(failures))
+        assert codes == [0] * world_size, f"worker exit codes {codes}"
+        return [results[rank] for rank in range(world_size)]

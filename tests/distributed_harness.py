@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import sys
 import tempfile
 import traceback
@@ -32,7 +33,9 @@ def _worker(rank: int, world_size: int, store_file: str, fn: Callable[..., Any],
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
-        result = fn(rank, world_size, *args)
+        # By value: the queue's own pickler would pass tensors as shared-memory handles, which
+        # die with this process before the parent reads them.
+        result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, True, result))
         dist.barrier()
         dist.destroy_process_group()
@@ -70,7 +73,7 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
             for _ in range(world_size):
                 rank, ok, value = queue.get(timeout=timeout_s)
                 if ok:
-                    results[rank] = value
+                    results[rank] = pickle.loads(value)
                 else:
                     failures.append(f"rank {rank}:\n{value}")
                     break

@@ -96,7 +96,6 @@ def _save_worker(rank: int, world_size: int, kind: str, directory: str, out: str
         saved = _dump(_full(model, opt), out, f"saved_{rank}.pt")  # now: the full tensors may be the parameters
         model(torch.randn(4, 32)).square().mean().backward()
         opt.step()
-        assert not writer.last_path.exists() or writer.last_path == path
         writer.wait()
         writer.close()
         return {"path": str(path), "full": saved}
@@ -115,6 +114,14 @@ def _load_worker(rank: int, world_size: int, kind: str, checkpoint: str, out: st
     set_optimizer_state_dict(model, opt, templates["optimizer"])
     state, mine = dckpt.load_sharded_state(Path(checkpoint))
     return {"full": _dump(_full(model, opt), out, f"loaded_{rank}.pt"), "tokens": state["tokens"], "rank_state": mine["rank"]}
+
+
+def _round_trip_worker(rank: int, world_size: int, kind: str, directory: str, out: str,
+                       asynchronous: bool = False) -> dict:
+    """Save, then load into fresh objects, in one set of workers (each fork costs seconds here)."""
+    saved = _save_worker(rank, world_size, kind, directory, out, asynchronous)
+    loaded = _load_worker(rank, world_size, kind, saved["path"], out)
+    return {"path": saved["path"], "saved": saved["full"], **loaded}
 
 
 def _crash_worker(rank: int, world_size: int, directory: str) -> str:
@@ -159,11 +166,19 @@ def _assert_equal(a, b, where: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def fsdp_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
-    """A 2-rank FSDP2 checkpoint (step 3) and the full model/optimizer state it holds."""
+def fsdp_checkpoint(tmp_path_factory) -> tuple[Path, dict, list]:
+    """A 2-rank FSDP2 checkpoint (step 3), the full model/optimizer state it holds, and what the
+    workers read back into fresh FSDP2 objects."""
     root = tmp_path_factory.mktemp("fsdp")
-    saved = run_workers(_save_worker, 2, "fsdp", str(root / "checkpoints"), str(root))
-    return Path(saved[0]["path"]), _read(saved[0]["full"])
+    results = run_workers(_round_trip_worker, 2, "fsdp", str(root / "checkpoints"), str(root))
+    return Path(results[0]["path"]), _read(results[0]["saved"]), results
+
+
+def test_fsdp2_round_trip_is_bit_exact(fsdp_checkpoint):
+    _, full, results = fsdp_checkpoint
+    for rank in range(2):
+        _assert_equal(full, _read(results[rank]["full"]))
+        assert results[rank]["rank_state"] == rank and results[rank]["tokens"] == 123
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,8 +188,8 @@ def fsdp_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_ddp_round_trip_is_bit_exact(tmp_path):
     directory = tmp_path / "checkpoints"
-    saved = run_workers(_save_worker, 2, "ddp", str(directory), str(tmp_path))
-    checkpoint = Path(saved[0]["path"])
+    results = run_workers(_round_trip_worker, 2, "ddp", str(directory), str(tmp_path))
+    checkpoint = Path(results[0]["path"])
     assert sorted(p.name for p in directory.iterdir()) == ["best", "latest", "step_3"]
     assert dckpt.is_sharded(checkpoint) and not (checkpoint / "model.safetensors").exists()
     manifest = json.loads((checkpoint / "manifest.json").read_text())
@@ -183,24 +198,15 @@ def test_ddp_round_trip_is_bit_exact(tmp_path):
     assert any(name.endswith(".distcp") for name in manifest["files"])
     assert set(manifest["files"]) == {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
                                       if p.is_file() and p.name != "manifest.json"}
-    loaded = run_workers(_load_worker, 2, "ddp", str(checkpoint), str(tmp_path))
     for rank in range(2):
-        _assert_equal(_read(saved[rank]["full"]), _read(loaded[rank]["full"]))
-        assert loaded[rank]["tokens"] == 123 and loaded[rank]["rank_state"] == rank
-
-
-def test_fsdp2_round_trip_is_bit_exact(fsdp_checkpoint, tmp_path):
-    checkpoint, full = fsdp_checkpoint
-    loaded = run_workers(_load_worker, 2, "fsdp", str(checkpoint), str(tmp_path))
-    for rank in range(2):
-        _assert_equal(full, _read(loaded[rank]["full"]))
-        assert loaded[rank]["rank_state"] == rank
+        _assert_equal(_read(results[rank]["saved"]), _read(results[rank]["full"]))
+        assert results[rank]["tokens"] == 123 and results[rank]["rank_state"] == rank
 
 
 def test_two_rank_checkpoint_loads_in_one_process_without_process_group(fsdp_checkpoint):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    checkpoint, full = fsdp_checkpoint
+    checkpoint, full, _ = fsdp_checkpoint
     assert not torch.distributed.is_initialized()
     model = _model(1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -220,7 +226,7 @@ def test_consolidate_writes_the_full_weights(fsdp_checkpoint, tmp_path):
 
     from Ava.config.checkpoint_layout import verify_files
 
-    source, full = fsdp_checkpoint
+    source, full, _ = fsdp_checkpoint
     checkpoint = tmp_path / "step_3"
     import shutil
 
@@ -265,12 +271,10 @@ def test_manifest_catches_a_corrupted_shard(fsdp_checkpoint, tmp_path):
 
 def test_async_save_is_bit_exact(tmp_path):
     directory = tmp_path / "checkpoints"
-    saved = run_workers(_save_worker, 2, "ddp", str(directory), str(tmp_path), True)
-    checkpoint = Path(saved[0]["path"])
-    assert not [p for p in directory.iterdir() if p.name.startswith(".")]
-    loaded = run_workers(_load_worker, 2, "ddp", str(checkpoint), str(tmp_path))
+    results = run_workers(_round_trip_worker, 2, "ddp", str(directory), str(tmp_path), True)
+    assert sorted(p.name for p in directory.iterdir()) == ["best", "latest", "step_3"]  # no temporaries left
     for rank in range(2):
-        _assert_equal(_read(saved[rank]["full"]), _read(loaded[rank]["full"]))
+        _assert_equal(_read(results[rank]["saved"]), _read(results[rank]["full"]))
 
 
 def test_single_process_writer_and_errors(tmp_path):

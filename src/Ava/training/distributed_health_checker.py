@@ -115,7 +115,7 @@ class DistributedHealthChecker:
     # -- what is checked -----------------------------------------------------------------------
 
     def replicated_parameters(self, model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
-        """Names and local values of the parameters every rank holds alike (cached per model)."""
+        """Names and local values of the parameters and floating buffers every rank holds alike (cached per model)."""
         if self._params is not None and self._params[0] == id(model):
             return self._params[1], self._params[2]
         try:
@@ -130,6 +130,12 @@ class DistributedHealthChecker:
                 continue
             local = _local(param)
             if local is not None:
+                names.append(name.removeprefix("module."))
+                tensors.append(local)
+        # Floating buffers too: the routers' aux-free ``expert_bias`` is updated on every rank from
+        # all-reduced loads, never broadcast, so equal biases are part of a healthy run.
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point() and (local := _local(buffer)) is not None:
                 names.append(name.removeprefix("module."))
                 tensors.append(local)
         self._params = (id(model), names, tensors)

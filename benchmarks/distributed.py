@@ -224,14 +224,12 @@ def _rank_main(rank: int, job: Job, config_path: str, out: str) -> dict[str, Any
 
     from Ava.optimization import build_optimizer
     from Ava.training import EnhancedModularTrainer
-    from Ava.training.distributed_manager import build_parallelism
     from Ava.training.lr_manager import build_scheduler
     from Ava.training.metrics import measure_matmul_peak
 
     config = _config(job, out, config_path)
-    parallel = build_parallelism(config)
-    trainer = EnhancedModularTrainer(parallel.build_model(config), config, parallel)
-    trainer._model_prepared = True  # noqa: SLF001 (built by the seam above, as from_config does)
+    trainer = EnhancedModularTrainer.from_config(config)  # the parallelism and model `ava train` builds
+    parallel = trainer.parallel
     total = job.warmup + job.steps + job.profile_steps
     trainer.optimizer = build_optimizer(trainer.model, config.optimizer, config.training.learning_rate, parallel.device)
     trainer.scheduler = build_scheduler(trainer.optimizer, config.scheduler, config.training.learning_rate, total)

@@ -100,8 +100,9 @@ def test_data_times_expert_parallel_on_four_processes_equals_one_process(referen
     _assert_same_training(runs[0], reference)
 
 
-def test_sharded_checkpoint_resumes_exactly_on_two_ranks_and_closely_on_one(tmp_path, corpus_cache):
-    overrides = (*COMMON, *HALF, "distributed.strategy=fsdp2", "training.save_every=3", "checkpoint.keep_last=null")
+@pytest.mark.parametrize("layout", ["distributed.strategy=fsdp2", "distributed.expert_parallel=2"])
+def test_sharded_checkpoint_resumes_exactly_on_two_ranks_and_closely_on_one(layout, tmp_path, corpus_cache):
+    overrides = (*COMMON, *HALF, layout, "training.save_every=3", "checkpoint.keep_last=null")
     (full, _) = run_workers(_train, 2, tmp_path / "full", corpus_cache, overrides)
     full_losses = _losses(full["run_dir"])
     step_3 = Path(full["run_dir"]) / "checkpoints" / "step_3"

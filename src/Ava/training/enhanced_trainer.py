@@ -136,7 +136,7 @@ class EnhancedModularTrainer:
         self.states.register("early_stopping", self.early_stopping)
         self.states.register("moe_alarm", self.moe_alarm)
         self.states.register("progressive", self.progressive, optional=True)
-        self.states.register("coef_schedules", BalancingSchedule(model), optional=True)
+        self.states.register("coef_schedules", BalancingSchedule(self.model), optional=True)
         if self.surgery is not None:
             self.states.register("surgery", self.surgery, optional=True)
 

@@ -13,8 +13,10 @@ import faulthandler
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_module
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -42,6 +44,9 @@ def _worker(rank: int, world_size: int, store_file: str, fn: Callable[..., Any],
     except BaseException:  # noqa: BLE001 (report everything, then leave without Python's teardown)
         queue.put((rank, False, traceback.format_exc()))
         code = 1
+    # The queue writes from a feeder thread, which os._exit would kill before it has written.
+    queue.close()
+    queue.join_thread()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -69,17 +74,23 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
             proc.start()
         results: dict[int, Any] = {}
         failures: list[str] = []
-        try:
-            for _ in range(world_size):
-                rank, ok, value = queue.get(timeout=timeout_s)
-                if ok:
-                    results[rank] = pickle.loads(value)
-                else:
-                    failures.append(f"rank {rank}:\n{value}")
-                    break
-        except Exception:  # noqa: BLE001 (queue.Empty: some worker never answered)
-            failures.append(f"workers {sorted(set(range(world_size)) - set(results))} did not answer "
-                            f"within {timeout_s:.0f} s")
+        deadline = time.monotonic() + timeout_s
+        while len(results) < world_size and not failures:
+            try:
+                rank, ok, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                silent = sorted(set(range(world_size)) - set(results))
+                died = [f"rank {r} exited with code {procs[r].exitcode}" for r in silent
+                        if procs[r].exitcode not in (None, 0)]
+                if died:
+                    failures.append(f"{', '.join(died)} without a report")
+                elif time.monotonic() > deadline:
+                    failures.append(f"workers {silent} did not answer within {timeout_s:.0f} s")
+                continue
+            if ok:
+                results[rank] = pickle.loads(value)
+            else:
+                failures.append(f"rank {rank}:\n{value}")
         for proc in procs:
             proc.join(timeout=30 if not failures else 5)
             if proc.is_alive():

@@ -42,8 +42,12 @@ def _train(rank: int, world_size: int, out: Path, cache: Path, overrides: tuple[
 
 
 def _losses(run_dir: str | Path) -> dict[int, float]:
+    return {step: row["loss"] for step, row in _train_rows(run_dir).items()}
+
+
+def _train_rows(run_dir: str | Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+    return {r["step"]: r for r in rows if r.get("split") == "train"}
 
 
 def _weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -56,6 +60,10 @@ def _assert_same_training(run: dict, reference: dict) -> None:
     for step in ref:
         assert ours[step] == pytest.approx(ref[step], rel=LOSS_RTOL), step
     assert run["tokens"] == reference["tokens"]
+    # routing statistics are the global batch's (loads and router sums all-reduced over the ranks)
+    rows, ref_rows = _train_rows(run["run_dir"]), _train_rows(reference["run_dir"])
+    for key in ("max_vio", "load_entropy", "router_entropy", "token_drop_rate"):
+        assert rows[1][key] == pytest.approx(ref_rows[1][key], rel=1e-5, abs=1e-7), key
     got, want = _weights(run["checkpoint"]), _weights(reference["checkpoint"])
     assert got.keys() == want.keys()
     worst = max((got[k] - want[k]).abs().max().item() for k in want)

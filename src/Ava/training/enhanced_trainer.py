@@ -480,6 +480,7 @@ class EnhancedModularTrainer:
         self._rank_loss = totals["loss"]  # this rank's own, for the distributed health check
         if self.parallel.world_size > 1:
             totals = self._global_totals(totals)
+            router_acc = self._global_router_stats(router_acc)
             tokens *= self.parallel.dp_size  # every rank reads as many rows
 
         grad_clip = self.config.training.grad_clip
@@ -525,6 +526,17 @@ class EnhancedModularTrainer:
         if self._stop_signal is None and float(mean[-1]) > 0:
             self._stop_signal = "SIGTERM"
         return dict(zip(names, mean[:-1]))
+
+    def _global_router_stats(self, acc: dict[str, Any]) -> dict[str, Any]:
+        """The step's router statistics (:func:`accumulate_router_stats`: sums) summed over the
+        ranks in one all-reduce, so the logged entropy, drop and unrouted rates are the global batch's."""
+        keys = [k for k in ("dropped", "router_entropy", "router_logit_norm", "batches", "unrouted", "tokens")
+                if k in acc]
+        if not keys:
+            return acc
+        parts = [acc[k].reshape(-1).to(self.device, torch.float64) for k in keys]
+        summed = self.parallel.all_reduce(torch.cat(parts)).split([part.numel() for part in parts])
+        return {**acc, **{k: s.reshape(acc[k].shape).to(acc[k].dtype) for k, s in zip(keys, summed)}}
 
     def evaluate(self) -> dict[str, Any]:
         """Validation loss/perplexity and routing diagnostics over the first ``eval_batches``

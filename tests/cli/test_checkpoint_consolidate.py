@@ -48,6 +48,9 @@ def test_consolidate_matches_a_single_process_checkpoint(sharded_run, tmp_path, 
     from Ava.utils.checkpoint import save_checkpoint
 
     run = sharded_run / "run"
+    # before consolidation, what reads one file says how to get it
+    assert main(["generate", str(run), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    assert f"run `ava checkpoint consolidate {run}` first" in capsys.readouterr().err
     assert main(["checkpoint", "consolidate", str(run)]) == 0
     out = capsys.readouterr().out
     assert "consolidating" in out and "2 ranks" in out and "wrote" in out

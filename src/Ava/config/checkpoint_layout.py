@@ -64,6 +64,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"no checkpoint at {path}: it is a file, not a folder; pass a run folder (runs/<name>_<time>) "
             f"or a checkpoint folder (with {WEIGHTS_FILE})"
         )
+    sharded = resolve_sharded_checkpoint(path)
+    if sharded is not None:
+        raise AvaCheckpointError(
+            f"{sharded} is a sharded checkpoint (written by several processes) without {WEIGHTS_FILE}; "
+            f"run `ava checkpoint consolidate {path}` first"
+        )
     if (path / "checkpoints").is_dir() or (path / CONFIG_FILE).is_file():
         raise AvaCheckpointError(
             f"no checkpoint at {path}: the run folder holds no checkpoint yet (no {WEIGHTS_FILE} in it or in "

@@ -118,22 +118,22 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
             save_file({k: v.contiguous() for k, v in snap.weights.items()}, str(tmp / WEIGHTS_FILE),
                       metadata={"format": "pt"})
             set_default_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600; others get 0666 - umask
-            pending[WEIGHTS_FILE] = pool.submit(_describe_and_sync, tmp / WEIGHTS_FILE)
+            pending[WEIGHTS_FILE] = pool.submit(describe_and_sync, tmp / WEIGHTS_FILE)
             # The zip CRC32 that torch.save computes by default costs ~2/3 of its time here and
             # is redundant with the manifest's sha256, which verification checks on load.
             with torch_serialization.config.patch({"save.compute_crc32": False}):
                 torch.save({"version": STATE_VERSION, "step": snap.step, **snap.state}, tmp / STATE_FILE)
-            pending[STATE_FILE] = pool.submit(_describe_and_sync, tmp / STATE_FILE)
+            pending[STATE_FILE] = pool.submit(describe_and_sync, tmp / STATE_FILE)
             (tmp / CONFIG_FILE).write_text(snap.config_yaml, encoding="utf-8")
-            pending[CONFIG_FILE] = pool.submit(_describe_and_sync, tmp / CONFIG_FILE)
+            pending[CONFIG_FILE] = pool.submit(describe_and_sync, tmp / CONFIG_FILE)
             if snap.tokenizer_file is not None:
                 shutil.copyfile(snap.tokenizer_file, tmp / TOKENIZER_FILE)
-                pending[TOKENIZER_FILE] = pool.submit(_describe_and_sync, tmp / TOKENIZER_FILE)
+                pending[TOKENIZER_FILE] = pool.submit(describe_and_sync, tmp / TOKENIZER_FILE)
             files = {name: pending[name].result() for name in sorted(pending)}
         manifest = {"step": snap.step, "val_loss": snap.val_loss, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        _fsync_file(tmp / MANIFEST_FILE)
-        _fsync_dir(tmp)
+        fsync_file(tmp / MANIFEST_FILE)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -144,8 +144,8 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _point_link(directory, LATEST, final.name)
-    _fsync_dir(directory)
+    point_link(directory, LATEST, final.name)
+    fsync_dir(directory)
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -295,7 +295,7 @@ def prune_checkpoints(directory: Path, keep_last: int | None, keep_best: int) ->
     scored.sort(key=lambda item: item[0])
     if keep_best > 0 and scored:
         keep.update(folder for _, folder in scored[:keep_best])
-        _point_link(directory, BEST, scored[0][1].name)
+        point_link(directory, BEST, scored[0][1].name)
     latest = directory / LATEST
     if latest.is_symlink():
         keep.add(directory / os.readlink(latest))
@@ -401,7 +401,7 @@ def _manifest(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _point_link(directory: Path, name: str, target: str) -> None:
+def point_link(directory: Path, name: str, target: str) -> None:
     tmp_link = directory / f".{name}-{os.getpid()}-{threading.get_ident()}"
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
@@ -409,19 +409,19 @@ def _point_link(directory: Path, name: str, target: str) -> None:
     os.replace(tmp_link, directory / name)
 
 
-def _describe_and_sync(path: Path) -> dict[str, Any]:
+def describe_and_sync(path: Path) -> dict[str, Any]:
     """Size and sha256 of a freshly written file, which is then fsynced."""
     description = describe_file(path)
-    _fsync_file(path)
+    fsync_file(path)
     return description
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -58,11 +58,11 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..config.checkpoint_layout import (
     CONFIG_FILE, LATEST, MANIFEST_FILE, SHARDED_DIR, SHARDED_METADATA, STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
-    describe_file, manifest_problems, read_manifest, set_default_mode,
+    manifest_problems, read_manifest, set_default_mode,
 )
 from ..errors import AvaCheckpointError
 from .checkpoint import (
-    STATE_VERSION, _fsync_dir, _fsync_file, _point_link, load_training_state, prune_checkpoints,
+    STATE_VERSION, describe_and_sync, fsync_dir, fsync_file, point_link, load_training_state, prune_checkpoints,
     remove_stale_temporaries,
 )
 
@@ -316,13 +316,13 @@ def _seal(directory: Path, pending: _PendingSave) -> None:
     tmp, final = pending.tmp, pending.final
     names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="ava-ckpt-hash") as pool:
-        described = dict(zip(names, pool.map(lambda name: _describe_and_sync(tmp / name), names)))
+        described = dict(zip(names, pool.map(lambda name: describe_and_sync(tmp / name), names)))
     manifest = {"step": pending.step, "val_loss": pending.val_loss, "sharded": True,
                 "world_size": pending.world_size, "tied": pending.tied, "files": described}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    _fsync_file(tmp / MANIFEST_FILE)
-    _fsync_dir(tmp / SHARDED_DIR)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MANIFEST_FILE)
+    fsync_dir(tmp / SHARDED_DIR)
+    fsync_dir(tmp)
     if final.exists():  # re-saving the same step: move the old one aside first
         old = directory / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -330,14 +330,8 @@ def _seal(directory: Path, pending: _PendingSave) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _point_link(directory, LATEST, final.name)
-    _fsync_dir(directory)
-
-
-def _describe_and_sync(path: Path) -> dict[str, Any]:
-    description = describe_file(path)
-    _fsync_file(path)
-    return description
+    point_link(directory, LATEST, final.name)
+    fsync_dir(directory)
 
 
 def _tied_names(model_state: dict[str, Any]) -> dict[str, str]:
@@ -494,7 +488,7 @@ def consolidate(checkpoint: Path, verify: bool = True) -> Path:
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
         set_default_mode(tmp)
-        described = _describe_and_sync(tmp)
+        described = describe_and_sync(tmp)
         os.replace(tmp, weights)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -505,9 +499,9 @@ def consolidate(checkpoint: Path, verify: bool = True) -> Path:
     manifest["consolidated"] = True
     tmp_manifest = checkpoint / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
     tmp_manifest.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    _fsync_file(tmp_manifest)
+    fsync_file(tmp_manifest)
     os.replace(tmp_manifest, checkpoint / MANIFEST_FILE)
-    _fsync_dir(checkpoint)
+    fsync_dir(checkpoint)
     logger.info("consolidated %s (%d tensors)", weights, len(tensors))
     return weights
 

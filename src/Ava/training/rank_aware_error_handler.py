@@ -355,7 +355,8 @@ class RankErrors:
             return f"rank {self.rank}: stopped {self._at()}: {who} failed or stopped answering ({cause})"
         if failed and not silent:
             return f"rank {self.rank}: stopped {self._at()} because {'; '.join(parts)}"
-        return f"rank {self.rank}: {'; '.join(parts)} (this rank reached step {self.step}; {cause})"
+        mine = f"this rank reached step {self.step}" if self.step >= 0 else "this rank had not finished a step either"
+        return f"rank {self.rank}: {'; '.join(parts)} ({mine}; {cause})"
 
     def _at(self) -> str:
         return f"at step {self.step}" if self.step >= 0 else "before its first step"

@@ -60,6 +60,8 @@ def _assert_same_training(run: dict, reference: dict) -> None:
     for step in ref:
         assert ours[step] == pytest.approx(ref[step], rel=LOSS_RTOL), step
     assert run["tokens"] == reference["tokens"]
+    cursors = [torch.load(Path(r["checkpoint"]) / "state.pt", weights_only=True)["data_cursor"] for r in (run, reference)]
+    assert cursors[0]["source_tokens"] == cursors[1]["source_tokens"] != {}  # every rank's rows counted
     # routing statistics are the global batch's (loads and router sums all-reduced over the ranks)
     rows, ref_rows = _train_rows(run["run_dir"]), _train_rows(reference["run_dir"])
     for key in ("max_vio", "load_entropy", "router_entropy", "token_drop_rate"):

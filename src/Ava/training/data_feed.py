@@ -64,6 +64,7 @@ class DataFeed:
         self.batches_in_epoch = 0  # micro-batches of the current epoch handed out by the loader
         self._cursor = (0, 0)  # (epoch, batches_in_epoch) after the last completed step
         self.source_tokens: dict[str, int] = {}  # training tokens drawn from each source
+        self._step_counts: torch.Tensor | None = None  # this step's per-source tokens on this rank
         self._cursor_source_tokens: dict[str, int] = {}  # the same, after the last completed step
         self.stream_cursor: StreamCursor | None = None  # data.streaming: position after the last step
 
@@ -134,11 +135,21 @@ class DataFeed:
     # -- accounting --------------------------------------------------------------------------
 
     def count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
-        """Add a micro-batch's tokens to the per-source counts (mixture accounting)."""
+        """Count a micro-batch's tokens per source (mixture accounting); :meth:`settle_source_tokens`
+        adds the step's counts to the run's once the step's micro-batches are done."""
         if "source" not in batch or self.data is None:
             return
         per_row = batch["input_ids"].shape[1]
         counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
+        self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+
+    def settle_source_tokens(self) -> None:
+        """Add the step's per-source tokens, summed over the data-parallel ranks, to the run's counts."""
+        if self._step_counts is None:
+            return
+        counts, self._step_counts = self._step_counts, None
+        if self.parallel.world_size > 1:  # every rank read other rows: one all-reduce of a (sources,) vector
+            counts = self.parallel.all_reduce(counts.to(self.parallel.device)).cpu()
         for name, count in zip(self.data.source_names, counts.tolist()):
             self.source_tokens[name] = self.source_tokens.get(name, 0) + count
 

@@ -474,6 +474,7 @@ class EnhancedModularTrainer:
             tokens += input_ids.numel()
             self.feed.count_source_tokens(batch)
         self.parallel.finish_gradients(self.engine)
+        self.feed.settle_source_tokens()
         # The whole batch's expert load over the data-parallel ranks: every rank then makes the
         # same aux-free bias update and logs the same diagnostics.
         loads = [self.parallel.all_reduce(load_E) for load_E in loads]

@@ -172,6 +172,29 @@ def test_every_replica_holds_the_identical_router_bias(parallel, tmp_path, corpu
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))  # bit for bit
 
 
+def _signal_on_rank_1(rank: int, world_size: int, out: Path, cache: Path) -> dict:
+    from Ava.training import EnhancedModularTrainer
+
+    trainer = EnhancedModularTrainer.from_config(tiny_config(out, cache, *COMMON, *HALF, "distributed.strategy=ddp"))
+
+    def on_step(step: int) -> None:  # as SIGTERM's handler does, on rank 1 only, after step 2's collectives
+        if rank == 1 and step == 2:
+            trainer._stop_signal = "SIGTERM"
+
+    try:
+        trainer.train(on_step=on_step)
+    except KeyboardInterrupt as stop:
+        return {"stopped": str(stop), "step": trainer.step, "checkpoints": sorted(
+            p.name for p in trainer.paths.checkpoints.glob("step_*"))}
+    return {"stopped": None, "step": trainer.step}
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, corpus_cache):
+    results = run_workers(_signal_on_rank_1, 2, tmp_path, corpus_cache)
+    # rank 1 learns of it after step 2; the flag rides step 3's all-reduce, so both finish step 3 and save it
+    assert results[0] == results[1] == {"stopped": "SIGTERM", "step": 3, "checkpoints": ["step_3"]}
+
+
 def _resume_expecting_checkpoint_error(rank: int, world_size: int, out: Path, cache: Path,
                                        overrides: tuple[str, ...], run: str) -> str:
     try:

@@ -121,6 +121,8 @@ class EnhancedModularTrainer:
         self.checkpoints: CheckpointWriter | None = None
         self._last_good_checkpoint: Path | None = None
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
+        # Several ranks: set when the step's all-reduce shows a signal on any rank, so all stop after the same step.
+        self._stop_agreed = False
         self._on_step: Callable[[int], None] | None = None  # train()'s per-step callback
         self._rank_loss: torch.Tensor | None = None  # the last step's loss on this rank alone
         self._segment_start = time.perf_counter()  # this segment's start; train() resets it
@@ -348,7 +350,7 @@ class EnhancedModularTrainer:
                     break
                 if alarm_stop:  # the step is logged and evaluated; the final checkpoint and summary follow
                     break
-                if self._stop_signal is not None:
+                if self._stop_signal is not None and (self.parallel.world_size == 1 or self._stop_agreed):
                     self._stop_after_signal(bar)
                 timer.mark("other")  # bookkeeping above: not charged to the data wait
             bar.close()
@@ -479,8 +481,9 @@ class EnhancedModularTrainer:
         # same aux-free bias update and logs the same diagnostics.
         loads = [self.parallel.all_reduce(load_E) for load_E in loads]
         self._rank_loss = totals["loss"]  # this rank's own, for the distributed health check
+        stop_flag = None
         if self.parallel.world_size > 1:
-            totals = self._global_totals(totals)
+            totals, stop_flag = self._global_totals(totals)
             router_acc = self._global_router_stats(router_acc)
             tokens *= self.parallel.dp_size  # every rank reads as many rows
 
@@ -488,7 +491,13 @@ class EnhancedModularTrainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self.parallel.clip_grad_norm(params, grad_clip if grad_clip else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
-        verdict = self.health.check(self.step + 1, float(totals["loss"]), float(grad_norm))
+        # The step's one host read (on a GPU, its one synchronisation besides the all-to-all's
+        # split sizes): the health check's loss and norm, the ranks' stop flag, the alarm's counts.
+        loss_value, norm_value, stop_value, host_loads = _read_step_values(totals["loss"], grad_norm, stop_flag, loads)
+        if stop_value > 0:  # a rank got SIGINT/SIGTERM before this step's all-reduce: every rank stops now
+            self._stop_agreed = True
+            self._stop_signal = self._stop_signal or "SIGTERM"
+        verdict = self.health.check(self.step + 1, loss_value, norm_value)
         extra: dict[str, Any] = {}
         every = self.config.gradient.health.layer_grad_norms_every
         if every and (self.step + 1) % every == 0:
@@ -514,30 +523,29 @@ class EnhancedModularTrainer:
                                    "skipped": 0.0 if verdict.ok else 1.0, **coefs, **extra}
         if loads:
             metrics.update(moe_diagnostics(loads, router_acc))
-            self.moe_alarm.on_step(self.step, loads, router_acc.get("layers"))
+            self.moe_alarm.on_step(self.step, host_loads, router_acc.get("layers"))
         return metrics
 
-    def _global_totals(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _global_totals(self, totals: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The step's loss terms averaged over the ranks (one all-reduce), so the health check, the
         log and early stopping see the global batch's values on every rank. A stop signal that
-        reached any rank rides along: every rank stops after the same step."""
+        reached any rank rides along (the returned flag, > 0 then): every rank stops after the same step."""
         names = list(totals)
         stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
         mean = self.parallel.all_reduce(torch.stack([totals[n].reshape(()) for n in names] + [stop]), "mean")
-        if self._stop_signal is None and float(mean[-1]) > 0:
-            self._stop_signal = "SIGTERM"
-        return dict(zip(names, mean[:-1]))
+        return dict(zip(names, mean[:-1])), mean[-1]
 
     def _global_router_stats(self, acc: dict[str, Any]) -> dict[str, Any]:
         """The step's router statistics (:func:`accumulate_router_stats`: sums) summed over the
         ranks in one all-reduce, so the logged entropy, drop and unrouted rates are the global batch's."""
-        keys = [k for k in ("dropped", "router_entropy", "router_logit_norm", "batches", "unrouted", "tokens")
-                if k in acc]
+        keys = [k for k in ("dropped", "router_entropy", "router_logit_norm", "unrouted", "tokens") if k in acc]
         if not keys:
             return acc
         parts = [acc[k].reshape(-1).to(self.device, torch.float64) for k in keys]
         summed = self.parallel.all_reduce(torch.cat(parts)).split([part.numel() for part in parts])
-        return {**acc, **{k: s.reshape(acc[k].shape).to(acc[k].dtype) for k, s in zip(keys, summed)}}
+        # "batches" stays a host count (every rank ran as many micro-batches): no device read for it
+        return {**acc, **{k: s.reshape(acc[k].shape).to(acc[k].dtype) for k, s in zip(keys, summed)},
+                "batches": acc["batches"] * self.parallel.world_size}
 
     def evaluate(self) -> dict[str, Any]:
         """Validation loss/perplexity and routing diagnostics over the first ``eval_batches``
@@ -732,6 +740,21 @@ class EnhancedModularTrainer:
         )
         logger.info("sample:\n%s", text)
         return text
+
+
+def _read_step_values(loss: torch.Tensor, grad_norm: torch.Tensor, stop: torch.Tensor | None,
+                      loads: list[torch.Tensor]) -> tuple[float, float, float, list[torch.Tensor]]:
+    """Loss, gradient norm, stop flag (0 without one) and the per-layer (E,) loads, in one device-to-host copy.
+
+    Returns:
+        The three numbers and the loads as fp32 CPU tensors.
+    """
+    parts = [loss.reshape(1), grad_norm.reshape(1), stop.reshape(1) if stop is not None else loss.new_zeros(1),
+             *[load_E.reshape(-1) for load_E in loads]]
+    host = torch.cat([part.to(loss.device, torch.float64) for part in parts]).cpu()
+    loss_value, norm_value, stop_value = host[:3].tolist()
+    host_loads = [part.float() for part in host[3:].split([load_E.numel() for load_E in loads])] if loads else []
+    return loss_value, norm_value, stop_value, host_loads
 
 
 def _memory_bytes(device: torch.device) -> float:

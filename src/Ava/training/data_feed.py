@@ -135,23 +135,24 @@ class DataFeed:
     # -- accounting --------------------------------------------------------------------------
 
     def count_source_tokens(self, batch: dict[str, torch.Tensor]) -> None:
-        """Count a micro-batch's tokens per source (mixture accounting); :meth:`settle_source_tokens`
-        adds the step's counts to the run's once the step's micro-batches are done."""
+        """Count a micro-batch's tokens per source (mixture accounting), on the host copy of the
+        batch; the trainer takes the step's counts (:meth:`take_step_counts`), sums them over the
+        ranks and hands them back (:meth:`add_source_tokens`)."""
         if "source" not in batch or self.data is None:
             return
         per_row = batch["input_ids"].shape[1]
         counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
         self._step_counts = counts if self._step_counts is None else self._step_counts + counts
 
-    def settle_source_tokens(self) -> None:
-        """Add the step's per-source tokens, summed over the data-parallel ranks, to the run's counts."""
-        if self._step_counts is None:
-            return
+    def take_step_counts(self) -> torch.Tensor | None:
+        """This step's (sources,) token counts on this rank (None without sources); resets them."""
         counts, self._step_counts = self._step_counts, None
-        if self.parallel.world_size > 1:  # every rank read other rows: one all-reduce of a (sources,) vector
-            counts = self.parallel.all_reduce(counts.to(self.parallel.device)).cpu()
+        return counts
+
+    def add_source_tokens(self, counts: torch.Tensor) -> None:
+        """Add a step's (sources,) token counts (every rank's) to the run's."""
         for name, count in zip(self.data.source_names, counts.tolist()):
-            self.source_tokens[name] = self.source_tokens.get(name, 0) + count
+            self.source_tokens[name] = self.source_tokens.get(name, 0) + int(count)
 
     # -- batches -----------------------------------------------------------------------------
 

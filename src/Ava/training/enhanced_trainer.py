@@ -453,6 +453,7 @@ class EnhancedModularTrainer:
         # Balancing losses count f over the global micro-batch (every rank's rows).
         count_reduce = self.parallel.all_reduce if self.parallel.world_size > 1 else None
         for i, batch in enumerate(micro_batches):
+            self.feed.count_source_tokens(as_batch(batch))  # from the host copy: no device read
             batch = to_device(as_batch(batch), self.device)
             input_ids = batch["input_ids"]  # (B, T)
             # Gradients are reduced over the ranks once, in the step's last backward.
@@ -474,16 +475,14 @@ class EnhancedModularTrainer:
             balance_loads = add_loads(balance_loads, [stats.balance_tokens_per_expert for stats in out.router_stats])
             router_acc = accumulate_router_stats(router_acc, out.router_stats)
             tokens += input_ids.numel()
-            self.feed.count_source_tokens(batch)
         self.parallel.finish_gradients(self.engine)
-        self.feed.settle_source_tokens()
         # The whole batch's expert load over the data-parallel ranks: every rank then makes the
         # same aux-free bias update and logs the same diagnostics.
         loads = [self.parallel.all_reduce(load_E) for load_E in loads]
         self._rank_loss = totals["loss"]  # this rank's own, for the distributed health check
-        stop_flag = None
+        stop_flag, sources = None, self.feed.take_step_counts()  # (sources,) tokens this step, or None
         if self.parallel.world_size > 1:
-            totals, stop_flag = self._global_totals(totals)
+            totals, stop_flag, sources = self._global_totals(totals, sources)
             router_acc = self._global_router_stats(router_acc)
             tokens *= self.parallel.dp_size  # every rank reads as many rows
 
@@ -493,7 +492,11 @@ class EnhancedModularTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         # The step's one host read (on a GPU, its one synchronisation besides the all-to-all's
         # split sizes): the health check's loss and norm, the ranks' stop flag, the alarm's counts.
-        loss_value, norm_value, stop_value, host_loads = _read_step_values(totals["loss"], grad_norm, stop_flag, loads)
+        (loss_value, norm_value, stop_value), host = _read_to_host(
+            [totals["loss"], grad_norm, stop_flag], [*loads, *([sources] if sources is not None else [])])
+        host_loads = [load_E.float() for load_E in host[:len(loads)]]
+        if sources is not None:
+            self.feed.add_source_tokens(host[-1].long())
         if stop_value > 0:  # a rank got SIGINT/SIGTERM before this step's all-reduce: every rank stops now
             self._stop_agreed = True
             self._stop_signal = self._stop_signal or "SIGTERM"
@@ -526,14 +529,24 @@ class EnhancedModularTrainer:
             self.moe_alarm.on_step(self.step, host_loads, router_acc.get("layers"))
         return metrics
 
-    def _global_totals(self, totals: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The step's loss terms averaged over the ranks (one all-reduce), so the health check, the
-        log and early stopping see the global batch's values on every rank. A stop signal that
-        reached any rank rides along (the returned flag, > 0 then): every rank stops after the same step."""
+    def _global_totals(self, totals: dict[str, torch.Tensor], sources: torch.Tensor | None
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """The step's loss terms averaged over the ranks, in one all-reduce (fp64, so counts stay
+        exact), so the health check, the log and early stopping see the global batch's values on
+        every rank. Riding along: a stop signal that reached any rank (the returned flag, > 0 then:
+        every rank stops after the same step) and the per-source token counts (summed).
+
+        Returns:
+            ``(totals, stop flag, summed source counts or None)``, on the device.
+        """
         names = list(totals)
-        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
-        mean = self.parallel.all_reduce(torch.stack([totals[n].reshape(()) for n in names] + [stop]), "mean")
-        return dict(zip(names, mean[:-1])), mean[-1]
+        stop = torch.tensor([float(self._stop_signal is not None)], dtype=torch.float64, device=self.device)
+        parts = [torch.stack([totals[n].reshape(()) for n in names]).double(), stop]
+        if sources is not None:
+            parts.append(sources.to(self.device, torch.float64))
+        summed = self.parallel.all_reduce(torch.cat(parts))
+        mean = (summed[:len(names)] / self.parallel.world_size).to(totals[names[0]].dtype)
+        return dict(zip(names, mean)), summed[len(names)], summed[len(names) + 1:] if sources is not None else None
 
     def _global_router_stats(self, acc: dict[str, Any]) -> dict[str, Any]:
         """The step's router statistics (:func:`accumulate_router_stats`: sums) summed over the
@@ -742,19 +755,18 @@ class EnhancedModularTrainer:
         return text
 
 
-def _read_step_values(loss: torch.Tensor, grad_norm: torch.Tensor, stop: torch.Tensor | None,
-                      loads: list[torch.Tensor]) -> tuple[float, float, float, list[torch.Tensor]]:
-    """Loss, gradient norm, stop flag (0 without one) and the per-layer (E,) loads, in one device-to-host copy.
+def _read_to_host(scalars: list[torch.Tensor | None], vectors: list[torch.Tensor]
+                  ) -> tuple[list[float], list[torch.Tensor]]:
+    """0-d tensors (None reads 0.0) and vectors in one device-to-host copy (one synchronisation).
 
     Returns:
-        The three numbers and the loads as fp32 CPU tensors.
+        The scalars as floats and the vectors as fp64 CPU tensors.
     """
-    parts = [loss.reshape(1), grad_norm.reshape(1), stop.reshape(1) if stop is not None else loss.new_zeros(1),
-             *[load_E.reshape(-1) for load_E in loads]]
-    host = torch.cat([part.to(loss.device, torch.float64) for part in parts]).cpu()
-    loss_value, norm_value, stop_value = host[:3].tolist()
-    host_loads = [part.float() for part in host[3:].split([load_E.numel() for load_E in loads])] if loads else []
-    return loss_value, norm_value, stop_value, host_loads
+    device = next(t for t in scalars if t is not None).device
+    parts = [t.reshape(1) if t is not None else torch.zeros(1, device=device) for t in scalars]
+    host = torch.cat([t.to(device, torch.float64) for t in parts + [v.reshape(-1) for v in vectors]]).cpu()
+    rest = list(host[len(scalars):].split([v.numel() for v in vectors])) if vectors else []
+    return host[:len(scalars)].tolist(), rest
 
 
 def _memory_bytes(device: torch.device) -> float:

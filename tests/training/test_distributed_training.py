@@ -297,13 +297,14 @@ def test_a_killed_or_hung_rank_ends_ava_train_naming_the_rank(tmp_path, corpus_c
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     victims = {}
     try:
-        for how, job in jobs.items():
+        for how, job in jobs.items():  # wait until training runs and rank 1's process is found
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not list((tmp_path / how).glob("*/metrics.jsonl")):
+            while time.monotonic() < deadline and victims.get(how) is None:
                 assert job.poll() is None, job.communicate()[0]
+                if list((tmp_path / how).glob("*/metrics.jsonl")):
+                    victims[how] = _rank_pid(job.pid, 1)
                 time.sleep(0.2)
-            victims[how] = _rank_pid(job.pid, 1)
-            assert victims[how] is not None, f"{how}: rank 1 not found"
+            assert victims.get(how) is not None, f"{how}: rank 1 not found"
         hit = time.monotonic()
         os.kill(victims["kill"], signal.SIGKILL)
         os.kill(victims["stop"], signal.SIGSTOP)

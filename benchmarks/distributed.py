@@ -307,6 +307,8 @@ def _worker(rank: int, job: Job, config_path: str, out: str, store_file: str, qu
     except BaseException:  # noqa: BLE001 (report everything, then leave without Python's teardown)
         queue.put((rank, False, traceback.format_exc()))
         code = 1
+    queue.close()  # the queue writes from a feeder thread, which os._exit would kill before it has written
+    queue.join_thread()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # a Gloo worker sometimes aborts in Python's teardown (tests/distributed_harness.py)

@@ -137,8 +137,16 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    install_checkpoint(directory, tmp, final)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def install_checkpoint(directory: Path, tmp: Path, final: Path) -> None:
+    """Rename a finished, fsynced ``tmp`` checkpoint folder to ``final`` (an older one of the same
+    step is moved aside first) and point ``directory/latest`` at it."""
     if final.exists():  # re-saving the same step: move the old one aside first
-        old = directory / f".old-step_{snap.step}-{os.getpid()}"
+        old = directory / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -146,8 +154,6 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
         tmp.rename(final)
     point_link(directory, LATEST, final.name)
     fsync_dir(directory)
-    logger.info("saved checkpoint %s", final)
-    return final
 
 
 def save_checkpoint(

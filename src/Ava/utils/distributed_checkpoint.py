@@ -57,12 +57,12 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..config.checkpoint_layout import (
-    CONFIG_FILE, LATEST, MANIFEST_FILE, SHARDED_DIR, SHARDED_METADATA, STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+    CONFIG_FILE, MANIFEST_FILE, SHARDED_DIR, SHARDED_METADATA, STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
     manifest_problems, read_manifest, set_default_mode,
 )
 from ..errors import AvaCheckpointError
 from .checkpoint import (
-    STATE_VERSION, describe_and_sync, fsync_dir, fsync_file, point_link, load_training_state, prune_checkpoints,
+    STATE_VERSION, describe_and_sync, install_checkpoint, fsync_dir, fsync_file, load_training_state, prune_checkpoints,
     remove_stale_temporaries,
 )
 
@@ -323,15 +323,7 @@ def _seal(directory: Path, pending: _PendingSave) -> None:
     fsync_file(tmp / MANIFEST_FILE)
     fsync_dir(tmp / SHARDED_DIR)
     fsync_dir(tmp)
-    if final.exists():  # re-saving the same step: move the old one aside first
-        old = directory / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    point_link(directory, LATEST, final.name)
-    fsync_dir(directory)
+    install_checkpoint(directory, tmp, final)
 
 
 def _tied_names(model_state: dict[str, Any]) -> dict[str, str]:

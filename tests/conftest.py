@@ -37,3 +37,27 @@ def trained_run(tmp_path_factory, corpus_cache):
     trainer = EnhancedModularTrainer(EnhancedMoEModel(config.model), config)
     summary = trainer.train()
     return trainer, summary
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A folder that this process cannot write into, even as root (``/sys`` on Linux; a chmod 0500
+    folder for other users). Skips where neither exists."""
+    import os
+    import stat
+    import tempfile
+
+    if Path("/sys").is_dir():
+        try:
+            tempfile.NamedTemporaryFile(dir="/sys").close()
+        except OSError:
+            yield Path("/sys")
+            return
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        yield folder
+        folder.chmod(stat.S_IRWXU)
+        return
+    pytest.skip("no folder here is unwritable for this user")

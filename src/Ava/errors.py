@@ -30,3 +30,8 @@ class AvaTrainingError(AvaError, RuntimeError):
 
 class AvaPeerError(AvaError, RuntimeError):
     """This rank stopped because another rank of a distributed run failed; that rank reports the cause."""
+
+
+class AvaOutputError(AvaError, OSError):
+    """An output location that cannot be written (a read-only folder, a file where a folder is
+    needed, a full disk), found before any work is done or while writing."""

@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import AvaDataError
+from ..utils.progress import progress_bar
 from .packing import token_dtype, tokenize_documents
 from .records import DataReport, Document, plural
 from .shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SPLITS, TOKENIZER_FILE, _sha256
@@ -126,9 +125,7 @@ def write_prepared(
             for key in writers
             for chunk in _chunks(splits[key[0]].get(key[1], ()), CHUNK_CHARS)
         )
-        show = sys.stderr.isatty() if progress is None else progress
-        with tqdm(total=total_docs, desc="prepare", unit="doc", disable=not show, file=sys.stderr,
-                  dynamic_ncols=True) as bar:
+        with progress_bar(total_docs, "prepare", "doc", show=progress) as bar:
             for key, chunk, (tokens, starts, mask) in _encode_in_order(tokenizer, jobs, writers, workers):
                 writers[key].add(tokens, starts, mask)
                 bar.update(len(chunk))

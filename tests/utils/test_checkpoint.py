@@ -33,10 +33,37 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(AvaCheckpointError, match=r"writing checkpoint step_2 in .* failed \(OSError: disk full\); "
+                       r"about .* needed, .* free on that disk; the previous checkpoint step_1 is intact"):
         _save(tmp_path, 2, model)
     assert not (tmp_path / "step_2").exists()
     assert (tmp_path / "latest").resolve() == good.resolve()
+    assert ckpt.load_training_state(tmp_path / "latest")["step"] == 1
+
+
+def test_file_size_limit_is_reported_and_the_previous_checkpoint_stays(tmp_path):
+    """A real write failure (``ulimit -f``) says what failed, the limit and the space needed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, pathlib, torch
+        from Ava.errors import AvaCheckpointError
+        from Ava.utils import checkpoint as ckpt
+        d = pathlib.Path({str(tmp_path)!r})
+        ckpt.save_checkpoint(d, 1, torch.nn.Linear(4, 3), "model: {{}}\\n", {{}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+        try:
+            ckpt.save_checkpoint(d, 2, torch.nn.Linear(256, 256), "model: {{}}\\n", {{}})
+        except AvaCheckpointError as err:
+            print(err)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "writing checkpoint step_2" in out.stdout and "file size limit (ulimit -f) 0.1 MiB" in out.stdout
+    assert "the previous checkpoint step_1 is intact" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_1"]
     assert ckpt.load_training_state(tmp_path / "latest")["step"] == 1
 
 

@@ -134,12 +134,55 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         fsync_file(tmp / MANIFEST_FILE)
         fsync_dir(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AvaCheckpointError(write_failure_message(directory, final.name, err, _snapshot_bytes(snap))) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     install_checkpoint(directory, tmp, final)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def write_failure_message(directory: Path, name: str, err: BaseException, needed_bytes: int) -> str:
+    """One line for a checkpoint write that failed (a full disk, a file-size limit, a vanished
+    folder): what failed, where, the space needed and free, and that the previous checkpoint is
+    intact (the partial folder is already removed)."""
+    import resource
+
+    reason = (err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+              if str(err).strip() else type(err).__name__)
+    facts = [f"about {_mib(needed_bytes)} needed"]
+    try:
+        facts.append(f"{_mib(shutil.disk_usage(directory).free)} free on that disk")
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        facts.append(f"file size limit (ulimit -f) {_mib(limit)}")
+    latest = directory / LATEST
+    previous = (f"the previous checkpoint {os.readlink(latest)} is intact and `--resume auto` continues from it"
+                if latest.is_symlink() and latest.resolve().is_dir() else "no earlier checkpoint exists")
+    return (f"writing checkpoint {name} in {directory} failed ({type(err).__name__}: {reason}); "
+            f"{', '.join(facts)}; {previous}; free some space (or lower checkpoint.keep_last) and resume")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _snapshot_bytes(snap: CheckpointSnapshot) -> int:
+    def size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return size(snap.weights) + size(snap.state)
 
 
 def install_checkpoint(directory: Path, tmp: Path, final: Path) -> None:

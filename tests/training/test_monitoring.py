@@ -155,3 +155,26 @@ def test_report_on_a_non_run_is_exit_2(tmp_path):
     from Ava.cli.main import main
 
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_throughput_leaves_out_evaluation_and_checkpoint_time(tmp_path, corpus_cache, monkeypatch):
+    """Every evaluation and checkpoint 'takes' 1000 s on a shifted clock; tokens/s stays flat."""
+    import time as time_module
+
+    real_clock, shift = time_module.perf_counter, [0.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: real_clock() + shift[0])
+
+    def slow(method):
+        def wrapped(self, *args, **kwargs):
+            shift[0] += 1000.0
+            return method(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(EnhancedModularTrainer, "evaluate", slow(EnhancedModularTrainer.evaluate))
+    monkeypatch.setattr(EnhancedModularTrainer, "save_checkpoint", slow(EnhancedModularTrainer.save_checkpoint))
+    config = tiny_config(tmp_path, corpus_cache, "training.max_steps=40", "training.save_every=10")
+    summary = EnhancedModularTrainer.from_config(config).train()
+    records = [json.loads(line) for line in Path(summary.run_dir, "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
+    assert len(rates) == 4  # windows 1-10 .. 31-40; the later ones follow an evaluation or a checkpoint
+    assert min(rates) > 0.1 * max(rates), rates

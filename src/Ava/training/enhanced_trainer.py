@@ -307,7 +307,8 @@ class EnhancedModularTrainer:
         stopped_early = False
         try:
             bar = self._progress_bar(total_steps)
-            window_tokens, window_start = 0, time.perf_counter()
+            # tokens/s counts training only: evaluation and checkpoint time (``paused``) is left out
+            window_tokens, window_start, paused = 0, time.perf_counter(), 0.0
             step_end = time.perf_counter()
             for micro_batches in self._stop_on_signals(self.feed.optimizer_steps(total_steps)):
                 timer.mark("data")
@@ -326,13 +327,14 @@ class EnhancedModularTrainer:
                 bar.update(1)
                 alarm_stop = self.moe_alarm.stop_reason
                 if self.step % cfg.training.log_every == 0 or self.step == total_steps or alarm_stop:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    elapsed = max(time.perf_counter() - window_start - paused, 1e-9)
                     values = self._log_values(metrics, window_tokens / elapsed, flops_per_token, peak, timer)
                     train_loss = values["loss"]
                     writer.write(self.step, "train", values)
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}", lr=f"{values['lr']:.2e}",
                                     tok_s=f"{values['tokens_per_s']:,.0f}")
-                    window_tokens, window_start = 0, time.perf_counter()
+                    window_tokens, window_start, paused = 0, time.perf_counter(), 0.0
+                pause_start = time.perf_counter()
                 if cfg.logging.memory_every and self.step % cfg.logging.memory_every == 0:
                     writer.write(self.step, "memory", memory_snapshot(self.device))
                 evaluated = False
@@ -344,6 +346,7 @@ class EnhancedModularTrainer:
                 if stopped_early or (save_every and self.step % save_every == 0 and self.step < total_steps
                                      and not alarm_stop):  # an alarm stop saves once, below
                     self.save_checkpoint(val_loss=self.last_val if evaluated else None)
+                paused += time.perf_counter() - pause_start
                 if stopped_early:
                     logger.info("early stopping at step %d: no val-loss improvement in %d evaluations",
                                 self.step, self.early_stopping.bad_evals)

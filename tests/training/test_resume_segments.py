@@ -12,8 +12,9 @@ QUIET = ["training.eval_every=2", "evaluation.sample_max_new_tokens=0"]
 
 
 def _files(run_dir):
+    """Every file of the run but its logs and its lock (which records who holds the run now)."""
     return {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in run_dir.rglob("*") if p.is_file() and p.parent.name != "logs"}
+            for p in run_dir.rglob("*") if p.is_file() and p.parent.name != "logs" and p.name != ".lock"}
 
 
 def test_resuming_a_finished_run_changes_nothing_and_says_how_to_continue(tmp_path, corpus_cache):

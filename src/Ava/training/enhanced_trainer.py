@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import signal
+import shutil
 import sys
 import threading
 import time
@@ -36,11 +37,12 @@ from ..optimization import build_optimizer
 from ..optimization.sophia import refresh_hessian
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
-from ..utils.checkpoint import CheckpointWriter, load_training_state, read_weights
+from ..utils.checkpoint import CheckpointWriter, list_checkpoints, load_training_state, read_weights
 from ..utils.distributed_checkpoint import (
     ShardedCheckpointWriter, consolidate, is_sharded, load_sharded, load_sharded_state,
 )
 from ..utils.logging import setup_logging
+from ..utils.output_paths import check_output_dir
 from .adaptive_lr import PlateauLR, build_plateau
 from .batch import GlobalBatch, as_batch, model_inputs, to_device
 from .data_feed import DataFeed
@@ -55,6 +57,7 @@ from .distributed_manager import build_parallelism
 from .parallel import Parallelism
 from .progressive_training import ProgressiveSchedule
 from .run_manager import (
+    RunLock,
     RunPaths,
     TrainingSummary,
     check_resume_config,
@@ -114,6 +117,8 @@ class EnhancedModularTrainer:
         self.feed = DataFeed(config, self.progressive, self.progress, self.parallel)
         self.data: PreparedData | None = None
         self.paths: RunPaths | None = None
+        self._run_lock: RunLock | None = None  # held on the run folder while training (rank 0)
+        self._created_run = False  # this process made the run folder (removed again if nothing trained)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: PlateauLR | None = None
@@ -186,12 +191,33 @@ class EnhancedModularTrainer:
                 ``summary.json`` written (its ``stopped_by_alarm`` holds the message).
         """
         self._segment_start = time.perf_counter()
-        checkpoint = self._setup(resume)
-        if checkpoint is not None and self.step >= self.total_steps:
-            return self._already_finished(checkpoint)
-        self._on_step = on_step
-        end = self._loop()
-        return self._finish(end, checkpoint)
+        try:
+            checkpoint = self._setup(resume)
+            if checkpoint is not None and self.step >= self.total_steps:
+                return self._already_finished(checkpoint)
+            self._on_step = on_step
+            end = self._loop()
+            return self._finish(end, checkpoint)
+        except BaseException:
+            self._discard_untrained_run()
+            raise
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+                self._run_lock = None
+
+    def _discard_untrained_run(self) -> None:
+        """A new run that failed before its first step leaves no folder behind (the error says why).
+
+        One process only: the ranks of a distributed run keep their logs in the folder.
+        """
+        paths = self.paths
+        if (not self._created_run or paths is None or self.step > 0 or self.parallel.world_size > 1
+                or list_checkpoints(paths.checkpoints)):
+            return
+        setup_logging(self.config.logging.level)  # close the run's log file before removing it
+        shutil.rmtree(paths.root, ignore_errors=True)
+        self.paths = None
 
     def _setup(self, resume: str | Path | None) -> Path | None:
         """Run folder, logging, seeds, data, model, optimizer and (when resuming) the saved state.
@@ -244,8 +270,13 @@ class EnhancedModularTrainer:
         """The run folder (a new one, or the resumed run's), the checkpoint resumed from, the config changes."""
         run_dir, checkpoint = resolve_resume(self.config, resume) if resume is not None else (None, None)
         if run_dir is not None:
+            check_output_dir(run_dir, "--resume")
+            self._run_lock = RunLock.acquire(run_dir)
             return RunPaths(run_dir), checkpoint, check_resume_config(run_dir, self.config)
-        return create_run_folder(self.config), None, []
+        check_output_dir(self.config.run.output_dir, "run.output_dir")
+        paths, self._run_lock = create_run_folder(self.config)
+        self._created_run = True
+        return paths, None, []
 
     def _prepare_data(self, resumed: bool, own_tokenizer: bool) -> PreparedData:
         """The splits; a new run's first rank trains (or copies) the tokenizer into the run folder,

@@ -78,15 +78,15 @@ class RunPaths:
         return self.root / "summary.json"
 
 
-def create_run_folder(config: EnhancedTrainingConfig, now: datetime | None = None) -> RunPaths:
-    """Make a new, unique run folder and write the resolved config and metadata into it.
+def create_run_folder(config: EnhancedTrainingConfig, now: datetime | None = None) -> tuple[RunPaths, "RunLock"]:
+    """Make a new, unique run folder, lock it, and write the resolved config and metadata into it.
 
     Args:
         config: the resolved config (``run.output_dir``, ``run.name``, ``run.seed`` are used).
         now: timestamp of the folder name (default: the current local time).
 
     Returns:
-        The run's paths.
+        The run's paths and the :class:`RunLock` this process holds on it.
     """
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     base = Path(config.run.output_dir) / f"{config.run.name}_{stamp}"
@@ -99,11 +99,52 @@ def create_run_folder(config: EnhancedTrainingConfig, now: datetime | None = Non
             n += 1
             root = base.with_name(f"{base.name}-{n}")
     paths = RunPaths(root)
+    lock = RunLock.acquire(root)
     (root / "logs").mkdir()
     paths.checkpoints.mkdir()
     config.to_yaml(paths.config)
     paths.metadata.write_text(json.dumps(collect_metadata(config), indent=2), encoding="utf-8")
-    return paths
+    return paths, lock
+
+
+class RunLock:
+    """An advisory lock on a run folder, so two trainings never write into the same run.
+
+    ``fcntl.flock`` on ``<run>/.lock`` (which records the holder's pid, host and start time): the
+    operating system releases it when the holder exits, crashes or is killed, so a lock left by a
+    crash is never stale. Take it with :meth:`acquire`; :meth:`release` (or process exit) frees it.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, root: Path, fd: int) -> None:
+        self.root, self._fd = root, fd
+
+    @classmethod
+    def acquire(cls, root: Path) -> "RunLock":
+        """Lock ``root``, or raise :class:`AvaCheckpointError` naming the process that holds it."""
+        import fcntl
+
+        fd = os.open(root / cls.FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise AvaCheckpointError(
+                f"run folder {root} is in use by another training ({holder}); wait for it to finish or stop "
+                "it, or start a new run (without --resume)"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = datetime.now().astimezone().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}, since {started}\n".encode(), 0)
+        return cls(root, fd)
+
+    def release(self) -> None:
+        """Free the lock (the ``.lock`` file stays: removing it could race a waiting process)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
 
 def collect_metadata(config: EnhancedTrainingConfig) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Damaged checkpoints are detected and skipped; resume refuses incompatible config changes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +83,34 @@ def test_keep_last_and_best(tmp_path, corpus_cache):
     best = (ckpts / "best").resolve().name
     assert "step_40" in names and best in names and "latest" in names and "best" in names
     assert len([n for n in names if n.startswith("step_")]) == len({"step_40", best})
+
+
+def test_checkpoint_every_minutes_saves_by_training_time(tmp_path, corpus_cache, monkeypatch):
+    """Each step 'takes' 31 s on a shifted clock: with every_minutes=1 a checkpoint follows every
+    second step, with no training.save_every; the start-up log says how much a crash can lose."""
+    import time as time_module
+
+    real_clock, shift = time_module.perf_counter, [0.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: real_clock() + shift[0])
+    original = EnhancedModularTrainer.train_step
+
+    def slow_step(self, *args, **kwargs):
+        shift[0] += 31.0
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EnhancedModularTrainer, "train_step", slow_step)
+    config = tiny_config(tmp_path / "runs", corpus_cache, "training.max_steps=7", "checkpoint.every_minutes=1",
+                         "checkpoint.keep_last=null", "evaluation.sample_max_new_tokens=0")
+    summary = EnhancedModularTrainer.from_config(config).train()
+    checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoints/step_*"))
+    assert checkpoints == ["step_2", "step_4", "step_6", "step_7"]
+    assert summary.steps == 7
+    log = (Path(summary.run_dir) / "logs" / "train.log").read_text()
+    assert "checkpoints: every 1 minute (and at the end): a crash loses at most that much training" in log
+
+
+def test_without_periodic_checkpoints_the_log_warns_that_a_crash_loses_the_run(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path / "runs", corpus_cache, "training.max_steps=2", "checkpoint.every_minutes=null",
+                         "evaluation.sample_max_new_tokens=0")
+    summary = EnhancedModularTrainer.from_config(config).train()
+    assert "a crash loses the whole run" in (Path(summary.run_dir) / "logs" / "train.log").read_text()

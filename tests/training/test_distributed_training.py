@@ -322,3 +322,13 @@ def test_a_killed_or_hung_rank_ends_ava_train_naming_the_rank(tmp_path, corpus_c
             if how in victims and victims[how] and not _gone(victims[how]):
                 os.kill(victims[how], signal.SIGCONT)
                 os.kill(victims[how], signal.SIGKILL)
+
+
+def test_time_based_checkpoints_are_agreed_by_every_rank(tmp_path, corpus_cache):
+    """``checkpoint.every_minutes`` goes by rank 0's clock alone; the flag rides the step's
+    all-reduce, so every rank writes the same (collective, sharded) checkpoints and none hangs."""
+    overrides = (*COMMON, *HALF, "distributed.strategy=fsdp2", "checkpoint.every_minutes=1e-9",
+                 "checkpoint.keep_last=null", "training.max_steps=3")
+    (run, _) = run_workers(_train, 2, tmp_path, corpus_cache, overrides)
+    saved = sorted(p.name for p in (Path(run["run_dir"]) / "checkpoints").glob("step_*"))
+    assert saved == ["step_1", "step_2", "step_3"]

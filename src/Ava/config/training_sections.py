@@ -86,7 +86,7 @@ class OptimizerConfig(AvaSection):
     )
     weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay of matrices.")
     betas: tuple[float, float] | None = Field(
-        None,
+        None, strict=False,  # a YAML list becomes the tuple; its items stay strict floats
         description="β1, β2; null = the optimizer's published default: adamw/muon (0.9, 0.95), "
         "lion (0.9, 0.99), sophia (0.965, 0.99). Unused by adafactor.",
     )
@@ -290,6 +290,12 @@ class CheckpointConfig(AvaSection):
     )
     async_save: bool = Field(
         False, description="Snapshot the state in memory and write it from a background thread."
+    )
+    every_minutes: float | None = Field(
+        5.0, gt=0.0,
+        description="Also save when this many minutes of training passed since the last checkpoint (kept by "
+                    "keep_last), so a crash loses at most that much work; null = only training.save_every and "
+                    "the final save.",
     )
 
 

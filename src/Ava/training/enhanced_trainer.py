@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
 from ..config.feature_compatibility import raise_on_errors, tokenizer_vocab_issues
 from ..data import PreparedData, prepare_data
+from ..data.records import plural
 from ..errors import AvaError, AvaTrainingError
 from ..evaluation.validation import validation_loss
 from ..layers.experts import describe_auto
@@ -128,6 +129,8 @@ class EnhancedModularTrainer:
         self._stop_signal: str | None = None  # set by SIGINT/SIGTERM: stop after this step
         # Several ranks: set when the step's all-reduce shows a signal on any rank, so all stop after the same step.
         self._stop_agreed = False
+        self._last_save = time.perf_counter()  # when the last checkpoint was saved (checkpoint.every_minutes)
+        self._save_due = False  # this step ends with a time-based save (agreed by every rank)
         self._on_step: Callable[[int], None] | None = None  # train()'s per-step callback
         self._rank_loss: torch.Tensor | None = None  # the last step's loss on this rank alone
         self._segment_start = time.perf_counter()  # this segment's start; train() resets it
@@ -336,6 +339,7 @@ class EnhancedModularTrainer:
             ranks = DistributedHealthChecker(self.parallel, cfg.distributed.health_every)
         train_loss = float("nan")
         stopped_early = False
+        self._last_save = time.perf_counter()  # checkpoint.every_minutes counts training time from here
         try:
             bar = self._progress_bar(total_steps)
             # tokens/s counts training only: evaluation and checkpoint time (``paused``) is left out
@@ -374,7 +378,8 @@ class EnhancedModularTrainer:
                     stopped_early = self._validate(writer, total_steps)
                     evaluated = True
                 save_every = cfg.training.save_every
-                if stopped_early or (save_every and self.step % save_every == 0 and self.step < total_steps
+                periodic = (save_every and self.step % save_every == 0) or self._save_due
+                if stopped_early or (periodic and self.step < total_steps
                                      and not alarm_stop):  # an alarm stop saves once, below
                     self.save_checkpoint(val_loss=self.last_val if evaluated else None)
                 paused += time.perf_counter() - pause_start
@@ -514,9 +519,9 @@ class EnhancedModularTrainer:
         # same aux-free bias update and logs the same diagnostics.
         loads = [self.parallel.all_reduce(load_E) for load_E in loads]
         self._rank_loss = totals["loss"]  # this rank's own, for the distributed health check
-        stop_flag, sources = None, self.feed.take_step_counts()  # (sources,) tokens this step, or None
+        flags, sources = None, self.feed.take_step_counts()  # (sources,) tokens this step, or None
         if self.parallel.world_size > 1:
-            totals, stop_flag, sources = self._global_totals(totals, sources)
+            totals, flags, sources = self._global_totals(totals, sources)
             router_acc = self._global_router_stats(router_acc)
             tokens *= self.parallel.dp_size  # every rank reads as many rows
 
@@ -526,8 +531,10 @@ class EnhancedModularTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         # The step's one host read (on a GPU, its one synchronisation besides the all-to-all's
         # split sizes): the health check's loss and norm, the ranks' stop flag, the alarm's counts.
-        (loss_value, norm_value, stop_value), host = _read_to_host(
-            [totals["loss"], grad_norm, stop_flag], [*loads, *([sources] if sources is not None else [])])
+        (loss_value, norm_value, stop_value, save_value), host = _read_to_host(
+            [totals["loss"], grad_norm, *(flags.unbind() if flags is not None else (None, None))],
+            [*loads, *([sources] if sources is not None else [])])
+        self._save_due = save_value > 0 if flags is not None else self._time_to_save()
         host_loads = [load_E.float() for load_E in host[:len(loads)]]
         if sources is not None:
             self.feed.add_source_tokens(host[-1].long())
@@ -567,20 +574,30 @@ class EnhancedModularTrainer:
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """The step's loss terms averaged over the ranks, in one all-reduce (fp64, so counts stay
         exact), so the health check, the log and early stopping see the global batch's values on
-        every rank. Riding along: a stop signal that reached any rank (the returned flag, > 0 then:
-        every rank stops after the same step) and the per-source token counts (summed).
+        every rank. Riding along: two flags, a stop signal that reached any rank and rank 0's "time
+        for a checkpoint" (each > 0 then: every rank stops, or saves, after the same step), and the
+        per-source token counts (summed).
 
         Returns:
-            ``(totals, stop flag, summed source counts or None)``, on the device.
+            ``(totals, (stop, save) flags, summed source counts or None)``, on the device.
         """
         names = list(totals)
-        stop = torch.tensor([float(self._stop_signal is not None)], dtype=torch.float64, device=self.device)
-        parts = [torch.stack([totals[n].reshape(()) for n in names]).double(), stop]
+        flags = torch.tensor([float(self._stop_signal is not None), float(self._time_to_save())],
+                             dtype=torch.float64, device=self.device)
+        parts = [torch.stack([totals[n].reshape(()) for n in names]).double(), flags]
         if sources is not None:
             parts.append(sources.to(self.device, torch.float64))
         summed = self.parallel.all_reduce(torch.cat(parts))
         mean = (summed[:len(names)] / self.parallel.world_size).to(totals[names[0]].dtype)
-        return dict(zip(names, mean)), summed[len(names)], summed[len(names) + 1:] if sources is not None else None
+        n = len(names)
+        return dict(zip(names, mean)), summed[n:n + 2], summed[n + 2:] if sources is not None else None
+
+    def _time_to_save(self) -> bool:
+        """``checkpoint.every_minutes`` passed since the last save, by rank 0's clock (the one that
+        counts: the ranks agree through :meth:`_global_totals`)."""
+        minutes = self.config.checkpoint.every_minutes
+        return (minutes is not None and self.parallel.is_main
+                and time.perf_counter() - self._last_save >= minutes * 60)
 
     def _global_router_stats(self, acc: dict[str, Any]) -> dict[str, Any]:
         """The step's router statistics (:func:`accumulate_router_stats`: sums) summed over the
@@ -623,6 +640,7 @@ class EnhancedModularTrainer:
             path = self.checkpoints.save(self.step, weights, self.config.to_yaml(),
                                          self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss)
         self._last_good_checkpoint = path
+        self._last_save = time.perf_counter()
         return path
 
     def _restore(self, checkpoint: Path) -> None:
@@ -770,6 +788,15 @@ class EnhancedModularTrainer:
             self.step, total_steps, f"{per_step:,}", self.device, cfg.precision.dtype, torch.get_num_threads(),
             cfg.training.learning_rate, cfg.scheduler.name,
         )
+        every_steps, every_minutes = cfg.training.save_every, cfg.checkpoint.every_minutes
+        bounds = [*([plural(every_steps, "step")] if every_steps else []),
+                  *([f"{every_minutes:g} minute{'' if every_minutes == 1 else 's'}"] if every_minutes else [])]
+        if bounds:
+            logger.info("checkpoints: every %s (and at the end): a crash loses at most that much training",
+                        " or ".join(bounds))
+        else:
+            logger.warning("checkpoints: only at the end (training.save_every and checkpoint.every_minutes are off): "
+                           "a crash loses the whole run")
         if self.parallel.world_size > 1:
             logger.info("distributed: %s; global batch %d sequences = %d per rank × %d ranks × %d accumulation steps",
                         self.parallel.describe(), batch.size, batch.per_rank, batch.ranks, batch.grad_accum)

@@ -187,3 +187,10 @@ def test_rows_skipped_at_prepare_are_reported_by_the_run_that_trains_on_the_shar
     shards = prepare_data(load_config(config, ["data.seq_len=32", "data.sources=[]", f"data.prepared={out}"]).data,
                           seed=5)
     assert shards.report.to_dict() == {"plays": {"skipped rows (malformed JSON)": 1}}
+
+
+def test_an_unwritable_out_fails_before_reading_anything(config: Path, unwritable_dir: Path,
+                                                          capsys: pytest.CaptureFixture):
+    assert main(["prepare", str(config), "--out", str(unwritable_dir / "prepared")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "cannot write to" in err and "\n" not in err

@@ -121,3 +121,10 @@ def test_corrupt_or_empty_archive_is_an_error(tmp_path: Path):
         embedded_corpus(cache_dir=tmp_path / "c2", archive=empty)
     with pytest.raises(AvaDataError, match="does not exist"):
         embedded_corpus(cache_dir=tmp_path / "c3", archive=tmp_path / "missing.tar.gz")
+
+
+def test_an_unwritable_cache_dir_is_one_line_naming_the_key(unwritable_dir: Path):
+    from Ava.errors import AvaOutputError
+
+    with pytest.raises(AvaOutputError, match=r"^data.cache_dir .*cannot write to"):
+        embedded_corpus(cache_dir=unwritable_dir / "cache")

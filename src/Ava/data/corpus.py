@@ -35,6 +35,7 @@ from pathlib import Path
 import platformdirs
 
 from ..errors import AvaDataError
+from ..utils.output_paths import check_output_dir
 from .records import Document
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,12 @@ def embedded_corpus(
             if cached is not None:
                 # The archive was removed but its extracted texts are complete: no download.
                 return _read_extraction(cached)
+            check_output_dir(corpus_dir, "data.cache_dir")
             _download_archive(archive_path)
 
     extracted = corpus_dir / (_EXTRACT_PREFIX + _sha256(archive_path)[:16])
     if not (extracted / _MANIFEST).is_file():
+        check_output_dir(corpus_dir, "data.cache_dir")
         _extract(archive_path, extracted)
     documents = _read_extraction(extracted)
     logger.info(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import AvaDataError
+from ..utils.output_paths import check_output_dir
 from ..utils.progress import progress_bar
 from .packing import token_dtype, tokenize_documents
 from .records import DataReport, Document, plural
@@ -170,8 +171,10 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
     Raises:
         AvaDataError: ``out_dir`` is a file; or a non-empty folder without ``overwrite``; or a
             non-empty folder that is not a prepared folder (never deleted, even with ``overwrite``).
+        AvaOutputError: the folder that would hold ``out_dir`` cannot be written.
     """
     out_dir = Path(out_dir).expanduser()
+    check_output_dir(out_dir.parent, "--out")  # the folder is built beside it, then renamed into place
     if not out_dir.exists():
         return
     if not out_dir.is_dir():

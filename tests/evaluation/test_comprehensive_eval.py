@@ -1,4 +1,4 @@
-"""Evaluation: ECE and expert statistics on hand-computed cases, MC scoring, the eval report."""
+"""Evaluation: ECE and expert statistics on hand-computed cases, the eval report."""
 
 import json
 import math
@@ -7,14 +7,7 @@ import pytest
 import torch
 
 from Ava.cli.main import main
-from Ava.errors import AvaDataError
-from Ava.evaluation import (
-    choice_scores,
-    evaluate_tokens,
-    expected_calibration_error,
-    expert_utilisation,
-    read_multiple_choice,
-)
+from Ava.evaluation import evaluate_tokens, expected_calibration_error, expert_utilisation
 from Ava.models.routing_metrics import RoutingTotals
 
 
@@ -49,29 +42,6 @@ def test_evaluate_tokens_loss_equals_the_model_loss(trained_run):
     assert int(counts.sum()) == len(ids) * model.config.moe.top_k
 
 
-def test_multiple_choice_scores_are_mean_token_logprobs_and_pick_the_corpus_answer(trained_run):
-    trainer, _ = trained_run
-    model, tok = trainer.model.eval(), trainer.data.tokenizer
-    question, choices = "KING:\nThe king loves", ["the stars.", "qxz zjv wkkp."]
-    scores = choice_scores(model, tok, question, choices)
-    ctx, cont = tok.encode(question), tok.encode(" " + choices[0])
-    logprobs = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
-    manual = sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)) / len(cont)
-    assert scores[0] == pytest.approx(manual, abs=1e-5)
-    assert scores[0] > scores[1]
-
-
-def test_read_multiple_choice_validates_rows(tmp_path):
-    good = tmp_path / "mc.jsonl"
-    good.write_text('{"question": "q", "choices": ["a", "b"], "answer": "b"}\n'
-                    '{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
-    assert [r["answer"] for r in read_multiple_choice(good)] == [1, 0]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
-    with pytest.raises(AvaDataError, match="bad.jsonl:1"):
-        read_multiple_choice(bad)
-
-
 def test_ava_eval_writes_json_and_markdown(trained_run, tmp_path, capsys):
     _, summary = trained_run
     mc = tmp_path / "mc.jsonl"
@@ -82,7 +52,7 @@ def test_ava_eval_writes_json_and_markdown(trained_run, tmp_path, capsys):
     assert main(["eval", str(summary.run_dir), "--data", str(text), "--mc", str(mc), "--out", str(tmp_path / "r"),
                  "--samples", "1", "--sample-tokens", "8"]) == 0
     report = json.loads((tmp_path / "r" / "eval_report.json").read_text())
-    assert report["sources"]["extra.txt"]["tokens"] > 0 and report["multiple_choice"]["accuracy"] == 1.0
+    assert report["sources"]["extra.txt"]["tokens"] > 0 and report["multiple_choice"]["acc"] == 1.0
     assert 0 <= report["calibration"]["ece"] <= 1 and set(report["experts"]) == {"0", "1"}
     assert len(report["experts"]["0"]["load_shares"]) == 4 and len(report["samples"]) == 1
     md = (tmp_path / "r" / "eval_report.md").read_text()

@@ -2,8 +2,9 @@
 
 Legend: B windows, T positions, V vocabulary, E experts.
 
-Without ``--data`` the run's own validation split is scored exactly as the trainer scores it
-(same windows, batch size, precision and document mask, through the same
+``ava eval`` scores what it is asked to: the ``--data`` files, the ``--mc`` questions, or both;
+without either, the run's own validation split. The validation split is scored exactly as the
+trainer scores it (same windows, batch size, precision and document mask, through the same
 :func:`~Ava.evaluation.validation.validation_loss`), only over more batches. A ``--data`` file's
 documents are encoded, joined with the end-of-text token and cut into windows of ``max_seq_len``
 tokens (a shorter last window is right-padded within its batch); every position except the first
@@ -11,10 +12,13 @@ of a window is scored. From the same forward passes come the routing counts per 
 shares, MaxVio, dead experts, router entropy; :mod:`Ava.models.routing_metrics`) and the
 calibration of the next-token distribution: expected calibration error over 15 equal-width
 confidence bins (Guo et al. 2017), confidence = the top-1 probability, correct = the top-1 token
-is the target. Multiple-choice questions are scored by the mean log-likelihood per token of each
-choice after the question (length-normalised, so longer answers are not penalised for their
-length); the best-scoring choice is the prediction. Generation samples are made by a function the
-caller passes (the CLI composes generation with evaluation).
+is the target. Multiple-choice questions are scored as lm-evaluation-harness scores them
+(:mod:`Ava.evaluation.multiple_choice`: ``acc``, ``acc_norm``, ``acc_per_token``). Generation
+samples are made by a function the caller passes (the CLI composes generation with evaluation).
+
+Every input (``--mc`` rows, ``--data`` files, the run's config) and the report folder are checked
+before the model is loaded, so a bad row or an unwritable folder fails in one line, not after
+the scoring.
 """
 
 from __future__ import annotations
@@ -27,17 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import Dataset
 
 from ..config import EnhancedTrainingConfig, SourceConfig, TokenizerConfig
-from ..data import AvaTokenizer, prepare_data, read_source
-from ..errors import AvaCheckpointError, AvaDataError, AvaError
+from ..data import AvaTokenizer, Document, prepare_data, read_source
+from ..errors import AvaCheckpointError, AvaDataError, AvaError, AvaOutputError
 from ..models import EnhancedMoEModel
 from ..models.routing_metrics import RoutingTotals
 from ..utils.checkpoint import CONFIG_FILE, TOKENIZER_FILE, resolve_checkpoint
+from ..utils.output_paths import check_output_dir
+from ..utils.progress import progress_bar
 from .calibration import ECE_BINS, CalibrationBins
+from .multiple_choice import read_multiple_choice, score_multiple_choice
 from .report import write_markdown
 from .validation import validation_loss
 
@@ -75,6 +83,7 @@ def evaluate_tokens(
     batch_size: int = 8,
     calibration: CalibrationBins | None = None,
     routing: RoutingTotals | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Mean next-token loss over ``token_ids`` cut into windows of ``max_seq_len`` (:class:`TokenWindows`).
 
@@ -84,6 +93,7 @@ def evaluate_tokens(
         batch_size: windows per forward pass.
         calibration: bins to add every scored position to.
         routing: router statistics to add every batch to.
+        on_batch: called after each batch with its number of windows (a progress bar's update).
 
     Returns:
         ``loss`` (plain cross-entropy, nats/token), ``perplexity``, ``objective`` (the model's
@@ -93,7 +103,7 @@ def evaluate_tokens(
     windows = TokenWindows(token_ids, model.config.max_seq_len)
     result = validation_loss(model, windows, batch_size=batch_size,
                              calibration=calibration if calibration is not None else CalibrationBins(),
-                             routing=routing)
+                             routing=routing, on_batch=on_batch)
     return _source_result(result)
 
 
@@ -107,87 +117,12 @@ def _source_result(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# multiple choice
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def choice_scores(model: EnhancedMoEModel, tokenizer: AvaTokenizer, question: str, choices: Sequence[str]) -> list[float]:
-    """Mean log-likelihood per token of each choice after ``question``.
-
-    The choice is joined with a space unless the question ends in whitespace or the choice
-    starts with it; question and choice are encoded separately, so every choice is scored after
-    the same context tokens.
-
-    Args:
-        model: the model (eval mode).
-        tokenizer: its tokenizer.
-        question: the context.
-        choices: the candidate continuations.
-
-    Returns:
-        One score per choice (higher = more likely).
-    """
-    device = next(model.parameters()).device
-    context = tokenizer.encode(question) or [tokenizer.eos_id]
-    scores = []
-    for choice in choices:
-        joined = choice if (not question or question[-1].isspace() or choice[:1].isspace()) else " " + choice
-        cont = tokenizer.encode(joined)
-        if not cont:
-            scores.append(float("-inf"))
-            continue
-        ids = (context + cont)[-model.config.max_seq_len:]
-        logprobs_TV = model(torch.tensor([ids], device=device)).logits[0].float().log_softmax(dim=-1)
-        first = len(ids) - len(cont)  # position of the first choice token
-        picked = logprobs_TV[first - 1:len(ids) - 1].gather(-1, torch.tensor(cont, device=device)[:, None])
-        scores.append(float(picked.mean()))
-    return scores
-
-
-def read_multiple_choice(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``{question, choices, answer}`` JSONL; ``answer`` is an index or the choice text.
-
-    Raises:
-        AvaDataError: missing file, bad JSON or a row without the fields (naming the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AvaDataError(f"--mc {path}: no such file; give a JSONL of {{question, choices, answer}} rows")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            question, choices, answer = row["question"], list(row["choices"]), row["answer"]
-            index = choices.index(answer) if isinstance(answer, str) else int(answer)
-            if not 0 <= index < len(choices) or len(choices) < 2:
-                raise ValueError(f"answer {answer!r} is not one of {len(choices)} choices")
-        except (ValueError, KeyError, TypeError) as err:
-            raise AvaDataError(f"{path}:{n}: bad multiple-choice row ({err}); each line needs "
-                               '{"question": str, "choices": [str, ...], "answer": index or choice}') from None
-        rows.append({"question": question, "choices": choices, "answer": index})
-    if not rows:
-        raise AvaDataError(f"{path}: no questions")
-    return rows
-
-
-def score_multiple_choice(model: EnhancedMoEModel, tokenizer: AvaTokenizer, rows: list[dict]) -> dict[str, Any]:
-    """Accuracy over ``rows`` (from :func:`read_multiple_choice`) and the per-question picks."""
-    picks = []
-    for row in rows:
-        scores = choice_scores(model, tokenizer, row["question"], row["choices"])
-        best = max(range(len(scores)), key=scores.__getitem__)
-        picks.append({"question": row["question"], "predicted": best, "answer": row["answer"],
-                      "scores": [round(s, 4) for s in scores]})
-    correct = sum(p["predicted"] == p["answer"] for p in picks)
-    return {"accuracy": correct / len(picks), "questions": len(picks), "correct": correct, "items": picks}
-
-
-# --------------------------------------------------------------------------------------------
 # the whole report
 # --------------------------------------------------------------------------------------------
+
+
+REPORT_FOLDER = "eval"
+"""The default report folder, inside the evaluated checkpoint folder."""
 
 
 @dataclass
@@ -219,50 +154,85 @@ def run_evaluation(
     device: str = "cpu",
     sample_fn: SampleFn | None = None,
     verify: bool = True,
+    show_progress: bool | None = None,
 ) -> EvaluationReport:
     """Evaluate a checkpoint and write ``eval_report.json`` + ``eval_report.md``.
 
+    What is scored: the ``data`` files and the ``mc_file`` questions, whichever are given; with
+    neither, the run's validation split. Every input and the report folder are checked before the
+    model is loaded.
+
     Args:
         path: run folder, checkpoint folder or Ava model folder.
-        data: text/JSONL files, one source each (None = the run's validation split, rebuilt from
-            the checkpoint's config.yaml and scored as the trainer scores it).
-        mc_file: optional multiple-choice JSONL.
-        out: report folder (None = ``<checkpoint>/eval``).
+        data: text/JSONL files, one source each.
+        mc_file: a multiple-choice JSONL (:func:`~Ava.evaluation.multiple_choice.read_multiple_choice`).
+        out: report folder (None = ``<checkpoint>/eval``, the :data:`REPORT_FOLDER` inside the
+            resolved checkpoint folder).
         max_tokens: tokens scored per source at most (the validation split: whole batches of
             ``training.batch_size`` windows, at least one).
-        num_samples: generation samples (prompts: the first words of the source documents, or of
-            the validation windows); none without ``sample_fn``.
+        num_samples: generation samples; their prompts are the first words of the source
+            documents, of the validation windows, or (with ``mc_file`` alone) the questions; none
+            without ``sample_fn``.
         sample_max_new_tokens: tokens per sample.
         device: where to run.
         sample_fn: makes one sample; the caller composes generation with evaluation (the CLI
             passes greedy decoding).
         verify: check the checkpoint against its manifest (see
             :meth:`EnhancedMoEModel.from_pretrained`); False skips it with a warning.
+        show_progress: progress bars with ETA on stderr per pass (each source, the questions, the
+            samples); None = when stderr is a terminal.
 
     Returns:
         The :class:`EvaluationReport`.
+
+    Raises:
+        AvaOutputError: the report folder cannot be written.
+        AvaDataError: a missing or malformed ``mc_file`` row or ``data`` file, or no validation split.
+        AvaCheckpointError: no checkpoint at ``path``, or no tokenizer in it.
     """
+    if out is not None:
+        check_output_dir(out, "--out")
+    mc_rows = read_multiple_choice(mc_file) if mc_file is not None else None
+    sources = _read_files(data) if data else {}
     checkpoint = resolve_checkpoint(path)
+    folder = Path(out) if out is not None else checkpoint / REPORT_FOLDER
+    if out is None:
+        try:
+            check_output_dir(folder, "report folder")
+        except AvaOutputError as err:
+            raise AvaOutputError(f"{err} with --out DIR (the default is a folder inside the checkpoint)") from None
+    validation_config = _validation_config(checkpoint) if not data and mc_rows is None else None
     tokenizer_file = checkpoint / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise AvaCheckpointError(f"{tokenizer_file} is missing; evaluation needs the model's tokenizer")
     tokenizer = AvaTokenizer.from_file(tokenizer_file)
     model = EnhancedMoEModel.from_pretrained(checkpoint, device=device, verify=verify).eval()
+
     calibration, routing = CalibrationBins(), RoutingTotals()
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "sources": {}}
-    if data:
-        prompts = _evaluate_files(model, tokenizer, data, max_tokens, calibration, routing, results["sources"])
-    else:
-        prompts = _evaluate_validation(model, tokenizer, checkpoint, max_tokens, device, num_samples,
-                                       calibration, routing, results["sources"])
-    results["calibration"] = {"ece": calibration.ece(), "bins": calibration.table(), "num_bins": ECE_BINS}
-    results["experts"] = {str(layer): stats for layer, stats in sorted(routing.per_layer().items())}
-    if mc_file is not None:
-        results["multiple_choice"] = score_multiple_choice(model, tokenizer, read_multiple_choice(mc_file))
+    prompts: list[str] = []
+    if sources:
+        prompts = _evaluate_files(model, tokenizer, sources, max_tokens, calibration, routing, results["sources"],
+                                  show_progress)
+    elif validation_config is not None:
+        prompts = _evaluate_validation(model, tokenizer, checkpoint, validation_config, max_tokens, device,
+                                       num_samples, calibration, routing, results["sources"], show_progress)
+    if results["sources"]:
+        results["calibration"] = {"ece": calibration.ece(), "bins": calibration.table(), "num_bins": ECE_BINS}
+        results["experts"] = {str(layer): stats for layer, stats in sorted(routing.per_layer().items())}
+    if mc_rows is not None:
+        with progress_bar(len(mc_rows), "multiple choice", "question", show=show_progress) as bar:
+            results["multiple_choice"] = score_multiple_choice(model, tokenizer, mc_rows,
+                                                               on_question=lambda: bar.update(1))
+        if not prompts:
+            prompts = [row["question"] for row in mc_rows]
     prompts = prompts[:num_samples] if sample_fn is not None else []
-    results["samples"] = [{"prompt": p, "completion": sample_fn(model, tokenizer, p, sample_max_new_tokens)}
-                          for p in prompts]
-    folder = Path(out) if out is not None else checkpoint / "eval"
+    results["samples"] = []
+    with progress_bar(len(prompts), "samples", "sample", show=show_progress if prompts else False) as bar:
+        for prompt in prompts:
+            results["samples"].append({"prompt": prompt,
+                                       "completion": sample_fn(model, tokenizer, prompt, sample_max_new_tokens)})
+            bar.update(1)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "eval_report.json", folder / "eval_report.md"
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -270,31 +240,55 @@ def run_evaluation(
     return EvaluationReport(results, json_path, md_path)
 
 
-def _evaluate_files(
-    model: EnhancedMoEModel, tokenizer: AvaTokenizer, files: Sequence[str], max_tokens: int,
-    calibration: CalibrationBins, routing: RoutingTotals, into: dict[str, Any],
-) -> list[str]:
-    """Score each file as one source into ``into``; returns sample prompts (first words of documents)."""
-    prompts = []
-    for f in files:
-        docs = read_source(SourceConfig(path=str(f)))
-        stream: list[int] = []
-        for ids in tokenizer.encode_batch([d.text for d in docs]):
-            stream.extend(ids + [tokenizer.eos_id])
+def _read_files(files: Sequence[str]) -> dict[str, list[Document]]:
+    """The documents of each ``--data`` file, keyed by its report name (the file name, or the path
+    as given when two files share a name)."""
+    names = [Path(f).name for f in files]
+    sources: dict[str, list[Document]] = {}
+    for f, name in zip(files, names):
+        key = name if names.count(name) == 1 else str(f)
+        if key in sources:
+            raise AvaDataError(f"--data {f} is given twice; give each file once")
+        sources[key] = read_source(SourceConfig(path=str(f)))
+    return sources
+
+
+def _token_stream(tokenizer: AvaTokenizer, docs: Sequence[Document], max_tokens: int) -> tuple[list[int], int]:
+    """The first ``max_tokens + 1`` tokens of the documents (each followed by end-of-text) and
+    how many documents they reach into (the last one possibly cut)."""
+    stream: list[int] = []
+    used, chunk = 0, 256
+    for begin in range(0, len(docs), chunk):
+        for ids in tokenizer.encode_batch([d.text for d in docs[begin:begin + chunk]]):
             if len(stream) >= max_tokens + 1:
-                break
-        result = evaluate_tokens(model, stream[:max_tokens + 1], calibration=calibration, routing=routing)
-        into[Path(f).name] = {**result, "documents": len(docs)}
-        prompts += [" ".join(d.text.split()[:4]) for d in docs]
+                return stream[:max_tokens + 1], used
+            stream.extend(ids + [tokenizer.eos_id])
+            used += 1
+    return stream[:max_tokens + 1], used
+
+
+def _evaluate_files(
+    model: EnhancedMoEModel, tokenizer: AvaTokenizer, sources: dict[str, list[Document]], max_tokens: int,
+    calibration: CalibrationBins, routing: RoutingTotals, into: dict[str, Any], show_progress: bool | None,
+) -> list[str]:
+    """Score each source into ``into``; returns sample prompts (first words of documents).
+
+    A source's ``documents`` counts the documents its scored tokens reach into (fewer than
+    ``documents_total`` when ``max_tokens`` cuts the source short).
+    """
+    prompts = []
+    for name, docs in sources.items():
+        stream, used = _token_stream(tokenizer, docs, max_tokens)
+        windows = len(TokenWindows(stream, model.config.max_seq_len))
+        with progress_bar(windows, f"eval {name}", "window", show=show_progress) as bar:
+            result = evaluate_tokens(model, stream, calibration=calibration, routing=routing, on_batch=bar.update)
+        into[name] = {**result, "documents": used, "documents_total": len(docs)}
+        prompts += [" ".join(d.text.split()[:4]) for d in docs[:used]]
     return prompts
 
 
-def _evaluate_validation(
-    model: EnhancedMoEModel, tokenizer: AvaTokenizer, checkpoint: Path, max_tokens: int, device: str,
-    num_samples: int, calibration: CalibrationBins, routing: RoutingTotals, into: dict[str, Any],
-) -> list[str]:
-    """Score the run's validation split as the trainer does, into ``into["validation"]``; returns
-    sample prompts (the first words of the first validation windows)."""
+def _validation_config(checkpoint: Path) -> EnhancedTrainingConfig:
+    """The run's training config from the checkpoint, checked to have a validation split."""
     try:
         raw = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         config = EnhancedTrainingConfig.from_dict(raw, source=str(checkpoint / CONFIG_FILE))
@@ -303,6 +297,16 @@ def _evaluate_validation(
                            "to evaluate on explicit text files") from None
     if config.data.val_fraction == 0:
         raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --data FILE")
+    return config
+
+
+def _evaluate_validation(
+    model: EnhancedMoEModel, tokenizer: AvaTokenizer, checkpoint: Path, config: EnhancedTrainingConfig,
+    max_tokens: int, device: str, num_samples: int, calibration: CalibrationBins, routing: RoutingTotals,
+    into: dict[str, Any], show_progress: bool | None,
+) -> list[str]:
+    """Score the run's validation split as the trainer does, into ``into["validation"]``; returns
+    sample prompts (the first words of the first validation windows)."""
     batch_size, seq_len = config.training.batch_size, config.data.seq_len
     max_batches = max(1, max_tokens // (batch_size * seq_len))
     # the run's own tokenizer, as a resumed trainer uses it (never a retrained one)
@@ -310,11 +314,33 @@ def _evaluate_validation(
     prepared = prepare_data(data_cfg, config.run.seed, eval_windows=max_batches * batch_size)
     if prepared.val is None:
         raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --data FILE")
-    result = validation_loss(
-        model, prepared.val, batch_size=batch_size, max_batches=max_batches, device=device,
-        autocast_dtype=torch.bfloat16 if config.precision.dtype == "bf16" else None,
-        document_mask=config.data.document_mask, calibration=calibration, routing=routing,
-    )
-    into["validation"] = {**_source_result(result), "documents": prepared.stats.get("val_documents")}
-    windows = [prepared.val[i]["input_ids"] for i in range(min(num_samples, len(prepared.val)))]
-    return [" ".join(tokenizer.decode(ids[:64].tolist()).split()[:4]) for ids in windows]
+    windows = min(len(prepared.val), max_batches * batch_size)
+    with progress_bar(windows, "eval validation", "window", show=show_progress) as bar:
+        result = validation_loss(
+            model, prepared.val, batch_size=batch_size, max_batches=max_batches, device=device,
+            autocast_dtype=torch.bfloat16 if config.precision.dtype == "bf16" else None,
+            document_mask=config.data.document_mask, calibration=calibration, routing=routing, on_batch=bar.update,
+        )
+    into["validation"] = {**_source_result(result), "documents": _documents_in_windows(prepared.val, windows),
+                          "documents_total": prepared.stats.get("val_documents")}
+    sample_windows = [prepared.val[i]["input_ids"] for i in range(min(num_samples, len(prepared.val)))]
+    return [" ".join(tokenizer.decode(ids[:64].tolist()).split()[:4]) for ids in sample_windows]
+
+
+def _documents_in_windows(dataset: Dataset, count: int) -> int | None:
+    """How many documents the first ``count`` windows of a validation set reach into (a document
+    cut across windows counts once); None for a dataset that does not say where its windows lie."""
+    seen: set[tuple[int, int]] = set()
+    for i in range(count):
+        if hasattr(dataset, "window_of") and hasattr(dataset, "datasets"):
+            source, window = dataset.window_of(i)
+            packed = dataset.datasets[source]
+        elif hasattr(dataset, "locate"):
+            window, packed = i, dataset
+        else:
+            return None
+        stream, start = packed.locate(window)
+        first = int(np.searchsorted(stream.doc_starts, start, side="right")) - 1
+        last = int(np.searchsorted(stream.doc_starts, start + packed.seq_len - 1, side="right")) - 1
+        seen.update((id(stream), d) for d in range(first, last + 1))
+    return len(seen)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,7 @@ def validation_loss(
     document_mask: bool = False,
     calibration: CalibrationBins | None = None,
     routing: RoutingTotals | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Mean loss over the first batches of ``dataset``, read in order, with the MoE load diagnostics.
 
@@ -64,6 +65,7 @@ def validation_loss(
             added to it, and the result also holds ``nll``, ``accuracy`` and ``tokens``.
         routing: when given, every batch's router statistics are also added to it (to total
             several calls, e.g. several sources of ``ava eval``).
+        on_batch: called after each batch with its number of samples (a progress bar's update).
 
     Returns:
         ``loss`` (nats per predicted token; nan when nothing was scored), ``ppl``
@@ -96,6 +98,8 @@ def validation_loss(
         if calibration is not None:
             right, nll = _add_predictions(calibration, out.logits, batch["labels"])
             correct, nll_sum = correct + right, nll_sum + nll
+        if on_batch is not None:
+            on_batch(int(batch["input_ids"].shape[0]))
     model.train(was_training)
     loss = loss_sum / count if count else float("nan")
     result: dict[str, Any] = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}

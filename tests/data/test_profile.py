@@ -132,3 +132,37 @@ def test_format_profile_is_a_short_table(corpus):
     web = next(line for line in lines if line.startswith("web"))
     assert web.split()[:4] == ["web", "4", "70", "24"] and "Latin 100%" in web
     assert any(line.startswith("ru") and "Cyrillic 100%" in line for line in lines)
+
+
+def _overlapping_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of visible texts (tick labels, axis labels, titles) whose drawn boxes overlap."""
+    import itertools
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for i, ax in enumerate(fig.axes):
+        texts = [ax.xaxis.label, ax.yaxis.label, ax.title, ax.xaxis.get_offset_text(), ax.yaxis.get_offset_text()]
+        for axis, (low, high) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            texts += [tick.label1 for tick in axis.get_major_ticks()  # the ticks drawn: inside the limits
+                      if min(low, high) <= tick.get_loc() <= max(low, high)]
+        boxes += [(f"axes {i}: {t.get_text()!r}", t.get_window_extent(renderer))
+                  for t in texts if t.get_visible() and t.get_text()]
+    return [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2) if box_a.overlaps(box_b)]
+
+
+def test_profile_plot_labels_do_not_overlap():
+    """Documents up to millions of characters (22 length bins), long source names and counts in
+    the millions: after layout, no two labels of the figure overlap."""
+    from Ava.data.profile import _plot
+
+    lengths = [0, 3, 40, 700, 9_000, 60_000, 450_000, 3_000_000] * 3
+    docs = [_doc(f"d{i}", "x" * n, f"source_with_a_rather_long_descriptive_name_{i % 7}") for i, n in enumerate(lengths)]
+    profile = profile_documents(docs, duplicates_scan=False)
+    for i, entry in enumerate(profile["sources"].values()):
+        entry["documents"], entry["chars"] = 1_234_567 * (i + 1), 987_654_321_000 * (i + 1)
+    assert len(profile["length_chars"]["histogram"]["counts"]) > 20
+    fig = _plot(profile)
+    assert _overlapping_labels(fig) == []
+    hist_ax = fig.axes[0]
+    assert [t.get_text() for t in hist_ax.get_xticklabels()][:3] == ["0", "1–2", "2–5"]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dedup import UNNAMED_SOURCE, DedupStats, progress, source_key, text_digest
-from .records import DataReport, Document
+from .records import DataReport, Document, plural
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,6 +56,8 @@ _ENGLISH = frozenset(
 )
 _ENGLISH_MIN_SHARE = 0.15
 _PLOT_SOURCES = 20
+_PLOT_BIN_LABELS = 24  # more histogram bins than this: every other bin label is shown
+_PLOT_NAME_CHARS = 32  # longer source names are shortened in the plot
 _LETTER_WORD = re.compile(r"[^\W\d_]+")
 
 
@@ -240,33 +242,58 @@ def write_profile(profile: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path
 
 
 def _plot(profile: Mapping[str, Any]) -> Figure:
-    """Length histogram, documents per source, tokens (else characters) per source."""
+    """Length histogram, documents per source, tokens (else characters) per source.
+
+    No two labels overlap: the histogram's bin labels stand vertical (every other one is shown
+    past :data:`_PLOT_BIN_LABELS` bins), long source names are shortened, the count axes use
+    compact numbers (``2.5M``) with at most a few ticks, and the layout is constrained.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     sources = profile["sources"]
     names = sorted(sources, key=lambda n: -sources[n]["documents"])[:_PLOT_SOURCES][::-1]  # largest on top
     has_tokens = profile.get("tokens") is not None
     fig = Figure(figsize=(15, 4.5), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.06)  # room between the panels for the edge tick labels
     FigureCanvasAgg(fig)
     hist_ax, docs_ax, size_ax = fig.subplots(1, 3, width_ratios=(2, 1, 1))
+    compact = FuncFormatter(lambda value, _pos: _compact(value))
 
     histogram = profile["length_chars"]["histogram"]
     edges = histogram["edges"]
     labels = ["0"] + [f"{_compact(lo)}–{_compact(hi)}" for lo, hi in zip(edges[1:-1], edges[2:])]  # [lo, hi)
+    every = 1 if len(labels) <= _PLOT_BIN_LABELS else -(-len(labels) // _PLOT_BIN_LABELS)
     hist_ax.bar(range(len(labels)), histogram["counts"], color="tab:blue")
-    hist_ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    hist_ax.set_xticks(range(len(labels)), [label if i % every == 0 else "" for i, label in enumerate(labels)],
+                       rotation=90, fontsize=8)
     hist_ax.set(title="Document length (characters)", ylabel="documents")
+    hist_ax.yaxis.set_major_formatter(compact)
 
-    docs_ax.barh(names, [sources[n]["documents"] for n in names], color="tab:green")
+    shown = [_shorten(n, _PLOT_NAME_CHARS) for n in names]
+    docs_ax.barh(range(len(names)), [sources[n]["documents"] for n in names], color="tab:green")
+    docs_ax.set_yticks(range(len(names)), shown, fontsize=8 if len(names) > 10 else None)
     docs_ax.set(title="Documents per source")
     size_key = "tokens" if has_tokens else "chars"
-    size_ax.barh(names, [sources[n][size_key] or 0 for n in names], color="tab:orange")
+    size_ax.barh(range(len(names)), [sources[n][size_key] or 0 for n in names], color="tab:orange")
     size_ax.set(title=f"{size_key.capitalize()} per source")
     size_ax.set_yticks(range(len(names)), [""] * len(names))
-    fig.suptitle(f"{profile['documents']:,} documents, {_compact(profile['chars'])} characters"
+    for ax in (docs_ax, size_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        ax.xaxis.set_major_formatter(compact)
+    fig.suptitle(f"{plural(profile['documents'], 'document')}, {_compact(profile['chars'])} characters"
                  + (f", {_compact(profile['tokens'])} tokens" if has_tokens else ""))
     return fig
+
+
+def _shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the middle replaced by ``…`` (ends kept: they tell
+    sources apart)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def format_profile(profile: Mapping[str, Any]) -> str:

@@ -1,14 +1,20 @@
 """LR range test (Smith 2017, "Cyclical Learning Rates"): sweep the LR, watch the loss.
 
 The LR grows exponentially from ``min_lr`` to ``max_lr`` over ``num_steps`` optimizer steps, one
-batch each; the loss is smoothed with a bias-corrected exponential moving average, and the sweep
-stops once the smoothed loss exceeds ``divergence`` × the best seen. Each step is the trainer's
-own :meth:`~Ava.training.enhanced_trainer.EnhancedModularTrainer.train_step`; the trainer's
-stateful registry is restored afterwards, so the test leaves no trace. Three suggestions:
+batch each. The sweep stops once a bias-corrected exponential moving average of the loss exceeds
+``divergence`` × the best seen. Each step is the trainer's own
+:meth:`~Ava.training.enhanced_trainer.EnhancedModularTrainer.train_step`; the trainer's stateful
+registry is restored afterwards, so the test leaves no trace.
 
-- ``valley``: the longest decreasing run of the loss; the point half-way through its middle third
-  (fastai's "valley": well inside the descent, clear of both the plateau and the blow-up).
-- ``steepest``: where the smoothed loss falls fastest against log(LR).
+The curve the suggestions read (and the plot shows as "smoothed") is a *centred* moving average of
+the raw losses over :func:`smoothing_window` steps, a window that scales with the sweep's length:
+unlike the EMA it does not lag, so its minimum is where the raw curve's visible minimum is, also
+for sweeps of 20–30 steps. Three suggestions, none beyond that minimum:
+
+- ``valley``: the longest decreasing run of the loss up to its minimum; the point half-way through
+  its middle third (fastai's "valley": well inside the descent, clear of both the plateau and the
+  blow-up).
+- ``steepest``: where the smoothed loss falls fastest against log(LR), before its minimum.
 - ``min_loss_div10``: the LR at the minimum smoothed loss, divided by 10.
 """
 
@@ -21,11 +27,17 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import EnhancedTrainingConfig
+from ..data.records import plural
+from ..utils.progress import progress_bar
 from .state import Stateful
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +48,7 @@ class LRFinderResult:
 
     Attributes:
         lrs: LR of each completed step.
-        losses: smoothed loss of each step.
+        losses: smoothed loss of each step (centred moving average, :func:`smooth`).
         raw_losses: unsmoothed loss of each step.
         suggestions: ``valley``, ``steepest`` and ``min_loss_div10`` LRs.
         diverged: the sweep stopped early on divergence.
@@ -49,6 +61,25 @@ class LRFinderResult:
     diverged: bool = False
 
 
+def smoothing_window(num_steps: int) -> int:
+    """Steps averaged by :func:`smooth` in a sweep of ``num_steps``: about a tenth of the sweep,
+    odd, from 1 (no smoothing, under 10 steps) to 21: 3 for 10–29 steps, 5 for 30–49, 11 for the
+    default 100."""
+    half = min(10, int(num_steps / 20 + 0.5))
+    return 2 * half + 1
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average of ``values`` over ``window`` (odd) points, narrowed at the ends so
+    that every point is averaged symmetrically: no lag, so a minimum stays where it is."""
+    half, n = window // 2, len(values)
+    out = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        out.append(sum(values[i - h:i + h + 1]) / (2 * h + 1))
+    return out
+
+
 def lr_range_test(
     step: Callable[[], float],
     optimizer: torch.optim.Optimizer,
@@ -57,7 +88,7 @@ def lr_range_test(
     min_lr: float = 1e-6,
     max_lr: float = 1.0,
     num_steps: int = 100,
-    smoothing: float = 0.98,
+    smoothing: float | None = None,
     divergence: float = 4.0,
 ) -> LRFinderResult:
     """Run the sweep, then put every part in ``restore`` back as it was before it.
@@ -73,17 +104,18 @@ def lr_range_test(
         min_lr: first LR.
         max_lr: last LR.
         num_steps: sweep length.
-        smoothing: EMA factor β of the loss.
-        divergence: stop when the smoothed loss exceeds this × the best smoothed loss.
+        smoothing: EMA factor β of the divergence check; None: ``1 − 1/w`` with ``w`` a tenth of
+            the sweep (between 1 and 50 steps), so a short sweep's average follows the loss.
+        divergence: stop when the EMA of the loss exceeds this × its best.
 
     Returns:
         The :class:`LRFinderResult` with suggestions.
     """
     if not 0 < min_lr < max_lr:
         raise ValueError(f"need 0 < min_lr < max_lr, got {min_lr}, {max_lr}")
+    beta = 1 - 1 / min(50.0, max(1.0, num_steps / 10)) if smoothing is None else smoothing
     saved = [copy.deepcopy(part.state_dict()) for part in restore]
     lrs: list[float] = []
-    smoothed: list[float] = []
     raw: list[float] = []
     avg, best, diverged = 0.0, math.inf, False
     try:
@@ -95,11 +127,10 @@ def lr_range_test(
             if not math.isfinite(value):
                 diverged = True
                 break
-            avg = smoothing * avg + (1 - smoothing) * value
-            current = avg / (1 - smoothing ** (i + 1))
+            avg = beta * avg + (1 - beta) * value
+            current = avg / (1 - beta ** (i + 1))
             lrs.append(lr)
             raw.append(value)
-            smoothed.append(current)
             best = min(best, current)
             if current > divergence * best:
                 diverged = True
@@ -108,13 +139,14 @@ def lr_range_test(
         for part, state in zip(restore, saved):
             part.load_state_dict(state)
         optimizer.zero_grad(set_to_none=True)
+    smoothed = smooth(raw, smoothing_window(num_steps))
     result = LRFinderResult(lrs, smoothed, raw, diverged=diverged)
     result.suggestions = suggest(lrs, smoothed)
     return result
 
 
 def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
-    """The three suggested LRs of a sweep.
+    """The three suggested LRs of a sweep, none beyond the LR of the minimum loss.
 
     Args:
         lrs: swept LRs (increasing).
@@ -126,27 +158,76 @@ def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
     n = len(losses)
     if n < 3:
         return {}
-    # steepest: most negative d loss / d log lr (central differences), ignoring the ends
-    log_lrs = [math.log(lr) for lr in lrs]
-    slopes = [(losses[i + 1] - losses[i - 1]) / (log_lrs[i + 1] - log_lrs[i - 1]) for i in range(1, n - 1)]
-    steepest = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
     min_idx = min(range(n), key=losses.__getitem__)
-    # valley (fastai): longest decreasing subsequence, then the middle of its middle third
-    lds = [1] * n
+    # steepest: most negative d loss / d log lr (central differences) up to the minimum, ends ignored
+    log_lrs = [math.log(lr) for lr in lrs]
+    interior = range(1, min(min_idx, n - 2) + 1)
+    if interior:
+        steepest = lrs[min(interior, key=lambda i: (losses[i + 1] - losses[i - 1]) / (log_lrs[i + 1] - log_lrs[i - 1]))]
+    else:  # the loss only rises: the first LR is the best seen
+        steepest = lrs[0]
+    # valley (fastai): longest decreasing subsequence up to the minimum, then the middle of its middle third
+    lds = [1] * (min_idx + 1)
     max_start = max_end = 0
-    for i in range(1, n):
+    for i in range(1, min_idx + 1):
         for j in range(i):
             if losses[i] < losses[j] and lds[i] < lds[j] + 1:
                 lds[i] = lds[j] + 1
         if lds[max_end] < lds[i]:
             max_end, max_start = i, i - lds[i]
     sections = (max_end - max_start) / 3
-    valley = lrs[min(n - 1, max_start + int(sections) + int(sections / 2))]
+    valley = lrs[min(min_idx, max_start + int(sections) + int(sections / 2))]
     return {"valley": valley, "steepest": steepest, "min_loss_div10": lrs[min_idx] / 10}
 
 
+def plot_figure(result: LRFinderResult) -> Figure:
+    """Loss vs LR (log scale): the raw losses, the smoothed curve and the suggestions marked.
+
+    The y-limits hold every raw and smoothed point (a log y-axis when the loss spans more than a
+    factor of 5, so a final blow-up does not flatten the rest). Drawn with matplotlib's object API
+    on an Agg canvas: no display, no pyplot state.
+
+    Args:
+        result: the sweep.
+
+    Returns:
+        The figure.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    short = len(result.lrs) < 40
+    ax.plot(result.lrs, result.raw_losses, color="0.6", linewidth=0.8, marker="." if short else None,
+            label="loss")
+    ax.plot(result.lrs, result.losses, color="C0", linewidth=1.6, label="smoothed")
+    for (name, lr), color in zip(result.suggestions.items(), ["C1", "C2", "C3"]):
+        ax.axvline(lr, color=color, linestyle="--", label=f"{name} {lr:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test ({plural(len(result.lrs), 'step')}" + (", stopped: loss diverged)" if result.diverged else ")"))
+    values = [v for v in (*result.raw_losses, *result.losses) if math.isfinite(v)]
+    if values:
+        low, high = min(values), max(values)
+        if low > 0 and high / low > 5:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_yscale("log")
+            ax.set_ylim(low / 1.1, high * 1.1)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _pos: ""))
+        else:
+            pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+            ax.set_ylim(low - pad, high + pad)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def save_plot(result: LRFinderResult, path: str | Path) -> Path:
-    """Loss vs LR (log scale) with the suggestions marked, as a PNG (Agg canvas, no display).
+    """Write :func:`plot_figure` as a PNG.
 
     Args:
         result: the sweep.
@@ -155,27 +236,8 @@ def save_plot(result: LRFinderResult, path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(result.lrs, result.raw_losses, color="0.75", linewidth=0.8, label="loss")
-    ax.plot(result.lrs, result.losses, color="C0", label="smoothed")
-    for (name, lr), color in zip(result.suggestions.items(), ["C1", "C2", "C3"]):
-        ax.axvline(lr, color=color, linestyle="--", label=f"{name} {lr:.2e}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
-    ax.set_title("LR range test")
-    if result.losses:
-        low = min(result.losses)
-        ax.set_ylim(low - 0.1 * abs(low), max(result.losses[0], low) * 1.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    plot_figure(result).savefig(path, dpi=100)
     return path
 
 
@@ -192,7 +254,7 @@ def write_learning_rate(path: str | Path, lr: float) -> None:
         path: the config file.
         lr: the new learning rate.
     """
-    import yaml
+    from ..config.loading import dump_yaml, load_yaml
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -218,17 +280,17 @@ def write_learning_rate(path: str | Path, lr: float) -> None:
     else:
         new_text = None
     if new_text is not None:
-        data = yaml.safe_load(new_text) or {}
+        data = load_yaml(new_text) or {}
         if (data.get("training") or {}).get("learning_rate") == float(value):
             path.write_text(new_text, encoding="utf-8")
             return
-    data = yaml.safe_load(text) or {}
+    data = load_yaml(text) or {}
     data.setdefault("training", {})["learning_rate"] = float(value)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    path.write_text(dump_yaml(data), encoding="utf-8")
 
 
 def run_lr_finder(config: EnhancedTrainingConfig, *, min_lr: float = 1e-6, max_lr: float = 1.0,
-                  num_steps: int = 100, work_dir: str | Path) -> LRFinderResult:
+                  num_steps: int = 100, work_dir: str | Path, show_progress: bool | None = None) -> LRFinderResult:
     """The LR range test of a whole config, run by the trainer's own step.
 
     A trainer is built as ``ava train`` builds it (a new model initialised from ``run.seed``,
@@ -243,6 +305,8 @@ def run_lr_finder(config: EnhancedTrainingConfig, *, min_lr: float = 1e-6, max_l
         max_lr: last LR of the sweep.
         num_steps: sweep length (batches continue into the next epoch if it is shorter).
         work_dir: where the (trained or copied) tokenizer is written.
+        show_progress: a progress bar with ETA over the sweep's steps on stderr (None: when
+            stderr is a terminal; :func:`~Ava.utils.progress.progress_bar`).
 
     Returns:
         The sweep's :class:`LRFinderResult`.
@@ -259,8 +323,12 @@ def run_lr_finder(config: EnhancedTrainingConfig, *, min_lr: float = 1e-6, max_l
     trainer.prepare(data)
     batches = trainer.feed.optimizer_steps(trainer.step + num_steps)
 
-    def step() -> float:
-        return float(trainer.train_step(next(batches))["loss"])
+    with progress_bar(num_steps, "lr-find", "step", show=show_progress) as bar:
+        def step() -> float:
+            loss = float(trainer.train_step(next(batches))["loss"])
+            bar.update(1)
+            bar.set_postfix(lr=f"{trainer.optimizer.param_groups[0]['lr']:.2e}", loss=f"{loss:.3f}", refresh=False)
+            return loss
 
-    return lr_range_test(step, trainer.optimizer, [trainer.states], min_lr=min_lr, max_lr=max_lr,
-                         num_steps=num_steps)
+        return lr_range_test(step, trainer.optimizer, [trainer.states], min_lr=min_lr, max_lr=max_lr,
+                             num_steps=num_steps)

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-import yaml
-
 from Ava.config import EnhancedTrainingConfig, render_reference_yaml
+from Ava.config.loading import read_config_file
 
 REFERENCE = Path(__file__).resolve().parents[2] / "configs" / "reference.yaml"
 
@@ -16,7 +15,8 @@ def test_reference_yaml_is_in_sync_with_the_schema():
 
 
 def test_reference_yaml_loads_as_the_default_config():
-    data = yaml.safe_load(REFERENCE.read_text(encoding="utf-8"))
+    # read as Ava reads configs: `1e-06` is a float (YAML 1.2), which strict validation needs
+    data = read_config_file(REFERENCE)
     assert EnhancedTrainingConfig.model_validate(data) == EnhancedTrainingConfig()
 
 

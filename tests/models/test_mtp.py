@@ -9,7 +9,7 @@ from Ava.config.feature_compatibility import surgery_terms
 from Ava.errors import AvaConfigError
 from Ava.models import EnhancedMoEModel
 
-V = 41
+V = 320  # a vocabulary a trained BPE can reach (the training configs below let Ava train one)
 
 
 def _cfg(num_heads: int = 2, **kw) -> ModelConfig:

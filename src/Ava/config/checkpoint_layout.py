@@ -71,10 +71,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"run `ava checkpoint consolidate {path}` first"
         )
     if (path / "checkpoints").is_dir() or (path / CONFIG_FILE).is_file():
+        steps = sorted(p.name for p in (path / "checkpoints").glob("step_*") if (p / WEIGHTS_FILE).is_file())
+        if steps:  # checkpoints without a `latest` link
+            raise AvaCheckpointError(
+                f"no checkpoint at {path}: checkpoints/{LATEST} is missing; pass one of its checkpoint folders "
+                f"({', '.join(f'{path}/checkpoints/{s}' for s in steps[-3:])})"
+            )
         raise AvaCheckpointError(
-            f"no checkpoint at {path}: the run folder holds no checkpoint yet (no {WEIGHTS_FILE} in it or in "
-            f"{path}/checkpoints/{LATEST}; it may have stopped before its first save); pass another run, "
-            f"or one of its checkpoint folders ({path}/checkpoints/step_N) if it has any"
+            f"no checkpoint at {path}: the run folder holds no checkpoint yet (it stopped before its first "
+            "save: training.save_every, checkpoint.every_minutes or the end of training); train again, or pass "
+            "another run"
         )
     raise AvaCheckpointError(
         f"no checkpoint at {path}: expected {WEIGHTS_FILE} there or in {path}/checkpoints/{LATEST}; "

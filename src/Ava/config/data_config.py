@@ -70,7 +70,9 @@ class TokenizerConfig(AvaSection):
     """Tokenizer: load a tokenizer.json, or train a byte-level BPE on the training split."""
 
     path: str | None = Field(None, description="tokenizer.json to load; null = train a byte-level BPE.")
-    vocab_size: int = Field(8192, ge=260, description="Vocabulary size of a newly trained BPE.")
+    vocab_size: int = Field(
+        8192, ge=260, description="Vocabulary size of a newly trained BPE; defaults to model.vocab_size when that is set."
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
 
 

@@ -148,7 +148,7 @@ def _loss_issues(m: "ModelConfig") -> list[Issue]:
     if m.mtp.num_heads >= m.max_seq_len - 1:
         issues.append(Issue(
             "model.mtp.num_heads",
-            f"{m.mtp.num_heads} heads need sequences longer than num_heads + 1 (head j predicts token i+j+1) but "
+            f"{m.mtp.num_heads} head{'' if m.mtp.num_heads == 1 else 's'} need{'s' if m.mtp.num_heads == 1 else ''} sequences longer than num_heads + 1 (head j predicts token i+j+1) but "
             f"model.max_seq_len={m.max_seq_len}; lower num_heads (V3 uses 1)",
         ))
     if m.mtp.num_heads > 0 and m.mtp.loss_weight == 0:
@@ -260,7 +260,7 @@ def _moe_issues(m: "ModelConfig") -> list[Issue]:
     ):
         issues.append(Issue(
             "model.moe.moe_every",
-            f"{moe.moe_every} leaves no MoE layer among the {m.num_layers} layers (layer i is MoE when "
+            f"{moe.moe_every} leaves no MoE layer among the {m.num_layers} layer{'' if m.num_layers == 1 else 's'} (layer i is MoE when "
             "(i+1) % moe_every == 0); lower it",
             "warning",
         ))
@@ -279,7 +279,7 @@ def _model_rules(config: ConfigSections) -> list[Issue]:
     elif m.mtp.num_heads >= config.data.seq_len - 1:
         issues.append(Issue(
             "model.mtp.num_heads",
-            f"{m.mtp.num_heads} heads need training sequences longer than num_heads + 1 but data.seq_len="
+            f"{m.mtp.num_heads} head{'' if m.mtp.num_heads == 1 else 's'} need{'s' if m.mtp.num_heads == 1 else ''} training sequences longer than num_heads + 1 but data.seq_len="
             f"{config.data.seq_len}; lower num_heads or raise data.seq_len",
         ))
     chunk = m.loss.chunk_size
@@ -290,19 +290,57 @@ def _model_rules(config: ConfigSections) -> list[Issue]:
             "no memory and only adds the backward recomputation; use a smaller chunk or null",
             "warning",
         ))
-    return issues
+    return issues + _vocab_rules(config)
+
+
+# A byte-level BPE holds the 256 bytes and Ava's 2 special tokens before any merge;
+# data.tokenizer.vocab_size's own minimum (data_config.py) leaves room for a few merges.
+MIN_TRAINED_VOCAB = 260
+
+
+def trains_tokenizer(data: DataConfig) -> bool:
+    """Whether Ava trains the tokenizer (no ``data.tokenizer.path``, no prepared shards)."""
+    return data.tokenizer.path is None and data.prepared is None
+
+
+def vocab_size_is_derived(model: ModelConfig) -> bool:
+    """Whether ``model.vocab_size`` comes from the tokenizer (left null) rather than from the user.
+
+    The resolved config keeps a derived size out of ``model_fields_set``; a config read back from
+    a run folder's ``config.yaml`` holds the size as written, so it counts as set.
+    """
+    return model.vocab_size is None or "vocab_size" not in model.model_fields_set
+
+
+def _vocab_rules(config: ConfigSections) -> list[Issue]:
+    """A user-set model.vocab_size against the tokenizer Ava trains (it is that tokenizer's target)."""
+    m, tok = config.model, config.data.tokenizer
+    if vocab_size_is_derived(m) or not trains_tokenizer(config.data):
+        return []
+    assert m.vocab_size is not None
+    if "vocab_size" in tok.model_fields_set and m.vocab_size < tok.vocab_size:
+        return [Issue(
+            "model.vocab_size",
+            f"{m.vocab_size} is smaller than data.tokenizer.vocab_size={tok.vocab_size}, the size of the tokenizer "
+            "Ava trains, so its ids would not fit the embedding; raise model.vocab_size or lower "
+            "data.tokenizer.vocab_size (or set only one: the other follows it)",
+        )]
+    if m.vocab_size < MIN_TRAINED_VOCAB:
+        return [Issue(
+            "model.vocab_size",
+            f"{m.vocab_size} is the size of the tokenizer Ava trains (data.tokenizer.vocab_size follows it), but a "
+            f"byte-level BPE needs at least {MIN_TRAINED_VOCAB} tokens (256 bytes, 2 special tokens, merges); "
+            f"raise it to {MIN_TRAINED_VOCAB} or more, set it null to take the tokenizer's size, or load a "
+            "tokenizer (data.tokenizer.path)",
+        )]
+    return []
 
 
 def _training_rules(config: ConfigSections) -> list[Issue]:
     t, s = config.training, config.scheduler
     issues = []
-    if t.max_steps is not None and s.warmup_steps >= t.max_steps:
-        issues.append(Issue(
-            "scheduler.warmup_steps",
-            f"{s.warmup_steps} warmup steps ≥ training.max_steps={t.max_steps}: the LR never reaches "
-            "its peak; lower warmup_steps",
-            "warning",
-        ))
+    # A warmup at least as long as the run is no problem: the schedule scales it to a share of
+    # the run and logs that when the trainer builds it (Ava.training.lr_manager.effective_warmup).
     if s.lr_end is not None and s.lr_end > t.learning_rate:
         issues.append(Issue(
             "scheduler.lr_end",
@@ -349,6 +387,12 @@ def _data_rules(config: ConfigSections) -> list[Issue]:
 def _optimizer_rules(config: ConfigSections) -> list[Issue]:
     t, s, o = config.training, config.scheduler, config.optimizer
     issues = []
+    if o.name == "sophia" and config.precision.dtype == "fp16":
+        issues.append(Issue(
+            "optimizer.name",
+            "sophia's Hessian refresh runs its own backward, which fp16 loss scaling does not cover; "
+            "use precision.dtype: bf16 or fp32, or another optimizer",
+        ))
     if o.name == "lion" and t.learning_rate >= 1e-3:
         issues.append(Issue(
             "training.learning_rate",
@@ -408,6 +452,12 @@ def _surgery_rules(config: ConfigSections) -> list[Issue]:
     surgery = config.gradient.surgery
     if surgery.method == "none":
         return []
+    if config.precision.dtype == "fp16":
+        return [Issue(
+            "gradient.surgery.method",
+            f"{surgery.method} runs its own per-term backward passes, which fp16 loss scaling does not cover; "
+            "use precision.dtype: bf16 or fp32, or set method: none",
+        )]
     available = surgery_terms(config)
     unknown = [term for term in surgery.terms if term not in available]
     if unknown:
@@ -606,9 +656,16 @@ def resume_changes(saved: Any, config: ConfigSections, run: str | Path) -> list[
     """
     # type(config): the config's own schema (EnhancedTrainingConfig), without importing it here
     old, new = _flatten(_with_current_defaults(saved, type(config))), _flatten(config.to_dict())
+    # A derived model.vocab_size is the config-time estimate until the data is prepared; the
+    # resumed run takes the size it was saved with (Ava.config.training_config.adopt_tokenizer_vocab).
+    # A tokenizer target not set explicitly (the default, or model.vocab_size's) trains nothing on
+    # resume: the run reads its own tokenizer.json.
+    unset = {key for key, derived in (("model.vocab_size", vocab_size_is_derived(config.model)),
+                                      ("data.tokenizer.vocab_size", "vocab_size" not in config.data.tokenizer.model_fields_set))
+             if derived}
     allowed, refused, problems = [], [], []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) == new.get(key):
+        if old.get(key) == new.get(key) or key in unset:
             continue
         change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         if key == "run.name":

@@ -263,7 +263,9 @@ class ModelConfig(AvaSection):
     """Decoder-only MoE transformer."""
 
     vocab_size: int | None = Field(
-        None, ge=2, description="Vocabulary size; null = the tokenizer's (or data.tokenizer.vocab_size)."
+        None, ge=2,
+        description="Vocabulary size; null = the tokenizer's size rounded up to a multiple of 64. Set, it is also "
+        "the target of a tokenizer Ava trains (unless data.tokenizer.vocab_size is set).",
     )
     hidden_size: int = Field(256, ge=8, description="Model width d.")
     num_layers: int = Field(4, ge=1, description="Number of decoder layers.")

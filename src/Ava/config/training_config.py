@@ -8,14 +8,23 @@ the nearest valid key (see :mod:`Ava.config.loading`). :func:`load_config` and
 
 Sizes left unset are derived from the ones given (SPEC §3), so the seed's three model keys are
 enough at any size: ``num_heads = max(1, hidden_size // 64)``, ``num_kv_heads = num_heads``,
-``intermediate_size = moe_intermediate_size ≈ 8/3 · hidden_size`` (rounded up to a multiple of 32)
-and ``vocab_size`` = the tokenizer's.
+``intermediate_size = moe_intermediate_size ≈ 8/3 · hidden_size`` (rounded up to a multiple of 32).
+
+``model.vocab_size`` and the tokenizer follow each other (:func:`resolve_vocab_size`):
+
+- set by the user, with a tokenizer Ava trains and ``data.tokenizer.vocab_size`` not set: it is
+  the tokenizer's target size (special tokens included);
+- left null: the tokenizer's real size rounded up to a multiple of :data:`VOCAB_MULTIPLE`. A
+  tokenizer file (``data.tokenizer.path``, or the one of ``data.prepared`` shards) is read when
+  the config is loaded; a tokenizer Ava trains exists only once the data is prepared, so until
+  then the size is the target's rounded up (an upper bound), and the trainer replaces it with
+  :func:`adopt_tokenizer_vocab` (a resumed run keeps the size its checkpoints were saved with).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +33,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ..errors import AvaConfigError
 from .base import AvaSection
-from .data_config import DataConfig, TokenizerConfig
-from .feature_compatibility import check_compatibility, raise_on_errors
-from .loading import apply_overrides, read_config_file, validation_problems
+from .data_config import DataConfig
+from .feature_compatibility import check_compatibility, raise_on_errors, trains_tokenizer, vocab_size_is_derived
+from .loading import apply_overrides, dump_yaml, read_config_file, validation_problems
 from .model_config import ModelConfig
 from .training_sections import (
     PERFORMANCE_PRESETS,
@@ -78,10 +87,25 @@ class EnhancedTrainingConfig(AvaSection):
     def _resolve_cross_section(self) -> EnhancedTrainingConfig:
         if self.data.seq_len is None:
             object.__setattr__(self.data, "seq_len", self.model.max_seq_len)
-        if self.model.vocab_size is None:
-            object.__setattr__(self.model, "vocab_size", _tokenizer_vocab_size(self.data.tokenizer))
+        self._resolve_vocab_size()
         self._apply_performance_preset()
         return self
+
+    def _resolve_vocab_size(self) -> None:
+        """model.vocab_size from the tokenizer (null), or the trained tokenizer's target from it (set).
+
+        A derived size stays out of ``model_fields_set`` (see :func:`vocab_size_is_derived`), so
+        resolving again (on assignment) gives the same answer.
+        """
+        model, data = self.model, self.data
+        if model.vocab_size is None:  # left null (explicitly or not)
+            object.__setattr__(model, "vocab_size", round_vocab_size(_tokenizer_vocab_size(data)))
+            model.model_fields_set.discard("vocab_size")
+        elif (not vocab_size_is_derived(model) and trains_tokenizer(data)
+              and "vocab_size" not in data.tokenizer.model_fields_set):
+            # the tokenizer Ava trains is sized for the model (a smaller model.vocab_size than a
+            # byte-level BPE can be is reported by feature_compatibility, naming the key)
+            object.__setattr__(data.tokenizer, "vocab_size", model.vocab_size)
 
     def _apply_performance_preset(self) -> None:
         """Fill the keys of the chosen performance mode that the user did not set explicitly."""
@@ -102,7 +126,8 @@ class EnhancedTrainingConfig(AvaSection):
         Args:
             path: the YAML file.
             overrides: dotted ``key=value`` strings applied before validation
-                (``training.learning_rate=3e-4``); values are parsed as YAML scalars/lists.
+                (``training.learning_rate=3e-4``, ``data.sources.0.path=a.txt``); values are
+                parsed as YAML scalars/lists (see :func:`~Ava.config.loading.apply_override`).
             check_environment: also check things outside the config (files exist, CUDA present).
 
         Returns:
@@ -112,15 +137,17 @@ class EnhancedTrainingConfig(AvaSection):
             AvaConfigError: unreadable file, unknown key (with the nearest valid key), bad value
                 or contradictory combination; one line naming the key and the fix.
         """
-        data = read_config_file(path)
-        overridden = apply_overrides(data, overrides or [])
-        config = cls.from_dict(data, str(path), overridden)
+        written: dict[str, str] = {}  # each value as written, for the error messages
+        data = read_config_file(path, written)
+        overridden = apply_overrides(data, overrides or [], schema=cls, written=written)
+        config = cls.from_dict(data, str(path), overridden, written)
         raise_on_errors(check_compatibility(config, environment=check_environment), str(path), log_warnings=False)
         return config
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>",
-                  overridden: Iterable[str] = ()) -> EnhancedTrainingConfig:
+                  overridden: Iterable[str] = (),
+                  written: Mapping[str, str] | None = None) -> EnhancedTrainingConfig:
         """Validate a plain dict (as loaded from YAML), converting every error into one readable line.
 
         Only the schema is checked here; :func:`~Ava.config.check_compatibility` holds the rules
@@ -131,6 +158,8 @@ class EnhancedTrainingConfig(AvaSection):
             source: named at the start of the error (a file name).
             overridden: dotted keys set by command-line overrides; a problem at such a key says
                 it came from the command line, not from ``source``.
+            written: each value as written in the file or override, by dotted key; a problem
+                shows it so (``yes``, not ``True``).
 
         Returns:
             The resolved config.
@@ -141,7 +170,8 @@ class EnhancedTrainingConfig(AvaSection):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise AvaConfigError(f"{source}: " + "; ".join(validation_problems(err, cls, overridden))) from None
+            problems = validation_problems(err, cls, overridden, written)
+            raise AvaConfigError(f"{source}: " + "; ".join(problems)) from None
         except AvaConfigError as err:
             raise AvaConfigError(f"{source}: {err}") from None
 
@@ -151,7 +181,7 @@ class EnhancedTrainingConfig(AvaSection):
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The resolved config as YAML; also written to ``path`` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        text = dump_yaml(self.to_dict())  # reads back the same as Ava reads configs, and as yaml.safe_load
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
@@ -189,13 +219,87 @@ def validate_config(data: dict[str, Any], source: str = "<config>",
     return EnhancedTrainingConfig.from_dict(data, source, overridden)
 
 
-def _tokenizer_vocab_size(tokenizer: TokenizerConfig) -> int:
-    """Vocabulary size of the configured tokenizer, read from its file when one is given."""
-    if tokenizer.path is None:
+VOCAB_MULTIPLE = 64
+"""A derived ``model.vocab_size`` is the tokenizer's size rounded up to a multiple of this."""
+
+
+def round_vocab_size(tokenizer_size: int) -> int:
+    """``tokenizer_size`` rounded up to a multiple of :data:`VOCAB_MULTIPLE` (484 → 512)."""
+    return -(-tokenizer_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def resolve_vocab_size(model: ModelConfig, tokenizer_size: int, saved: int | None = None) -> int:
+    """The model's vocabulary size for a tokenizer of ``tokenizer_size`` ids.
+
+    Args:
+        model: the model section.
+        tokenizer_size: the tokenizer's number of ids, special tokens included
+            (``AvaTokenizer.vocab_size``).
+        saved: a resumed run's ``model.vocab_size`` (its checkpoints' embedding size).
+
+    Returns:
+        ``model.vocab_size`` when the user set it (whether it holds the tokenizer is checked by
+        :func:`~Ava.config.feature_compatibility.tokenizer_vocab_issues`); else ``saved`` when
+        given; else ``tokenizer_size`` rounded up to a multiple of :data:`VOCAB_MULTIPLE`.
+    """
+    if not vocab_size_is_derived(model):
+        assert model.vocab_size is not None
+        return model.vocab_size
+    if saved is not None:
+        return saved
+    return round_vocab_size(tokenizer_size)
+
+
+def adopt_tokenizer_vocab(config: EnhancedTrainingConfig, tokenizer_size: int,
+                          run_config: str | Path | None = None) -> str | None:
+    """Set a derived ``model.vocab_size`` from the tokenizer now known (trained or loaded).
+
+    Call it once the data is prepared and before the model is built; the size stays marked as
+    derived. A user-set size is left alone.
+
+    Args:
+        config: the resolved config, updated in place.
+        tokenizer_size: the tokenizer's number of ids (``PreparedData.tokenizer.vocab_size``).
+        run_config: a resumed run's ``config.yaml``: its ``model.vocab_size`` is the size the
+            run's checkpoints were saved with, and is kept.
+
+    Returns:
+        One line for the log saying what ``model.vocab_size`` became and why; None when the user
+        set it.
+    """
+    if not vocab_size_is_derived(config.model):
+        return None
+    saved = _saved_vocab_size(Path(run_config)) if run_config is not None else None
+    vocab = resolve_vocab_size(config.model, tokenizer_size, saved)
+    object.__setattr__(config.model, "vocab_size", vocab)
+    if saved is not None:
+        return f"model.vocab_size: {vocab}, as the resumed run was saved with (tokenizer: {tokenizer_size} tokens)"
+    return (f"model.vocab_size: {vocab} (the tokenizer's {tokenizer_size} tokens rounded up to a multiple "
+            f"of {VOCAB_MULTIPLE})")
+
+
+def _saved_vocab_size(path: Path) -> int | None:
+    """``model.vocab_size`` of a run's ``config.yaml``; None when it cannot be read."""
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    vocab = saved.get("model", {}).get("vocab_size") if isinstance(saved, dict) else None
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
+def _tokenizer_vocab_size(data: DataConfig) -> int:
+    """Size of the configured tokenizer: its file's (``data.tokenizer.path``, else the prepared
+    shards' ``tokenizer.json``), else the target of the one Ava will train."""
+    tokenizer = data.tokenizer
+    if tokenizer.path is not None:
+        path = Path(tokenizer.path)
+    elif data.prepared is not None:
+        path = Path(data.prepared) / "tokenizer.json"
+    else:
         return tokenizer.vocab_size
-    path = Path(tokenizer.path)
     if not path.is_file():
-        # Reported by feature_compatibility with the key name; keep a usable size meanwhile.
+        # Reported by feature_compatibility (or the shards' reader) with the key name; keep a usable size meanwhile.
         return tokenizer.vocab_size
     from tokenizers import Tokenizer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import AvaSection
 
@@ -149,7 +149,10 @@ class SchedulerConfig(AvaSection):
         description="Warmup shape: linear, exponential (1-exp, normalised to reach the peak), or radam "
         "(RAdam's variance rectification term with β2 = 1 - 2/warmup_steps).",
     )
-    warmup_steps: int = Field(100, ge=0, description="Warmup steps from 0 to the peak LR.")
+    warmup_steps: int = Field(
+        100, ge=0, description="Optimizer steps of warmup from 0 to the peak LR; a warmup as long as the run or "
+        "longer becomes 10% of the run (at least 1 step)."
+    )
     lr_end: float | None = Field(
         None, ge=0.0, description="LR at the last step; null = learning_rate / 10."
     )
@@ -191,12 +194,78 @@ class SurgeryConfig(AvaSection):
     gradnorm_lr: float = Field(0.025, gt=0.0, description="gradnorm: learning rate of the loss weights.")
 
 
+class FP8Config(AvaSection):
+    """FP8 training (``optimization/fp8_training.py``; guide: ``docs/precision.md``)."""
+
+    enabled: bool = Field(
+        False,
+        description="Run the GEMMs of attention, dense MLPs (and experts, see `experts`) in FP8; embeddings, "
+        "routers, norms and lm_head stay in high precision.",
+    )
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise",
+        description="Scaling: tensorwise = one scale per tensor (e4m3 forward, e5m2 gradients); rowwise = one "
+        "power-of-2 scale per row along each GEMM's inner dimension (e4m3 everywhere), as torchao's recipes.",
+    )
+    experts: bool = Field(True, description="Also run the routed experts' 3-D weights in FP8.")
+    emulate: bool = Field(
+        False,
+        description="Emulate FP8 (quantize→dequantize with the recipe's scales, GEMMs in fp32) instead of real FP8 "
+        "GEMMs: needed on CPU and on GPUs without FP8 (compute capability < 8.9); for studying FP8 numerics, "
+        "not speed.",
+    )
+
+
+class QATConfig(AvaSection):
+    """Quantization-aware training (``optimization/qat.py``; guide: ``docs/precision.md``)."""
+
+    bits: Literal[8, 4] = Field(
+        8, description="8: INT8 per output row (as `ava quantize --int8`); 4: INT4 group-wise (as `--int4`)."
+    )
+    group_size: Literal[32, 64, 128] | None = Field(
+        None, description="bits 4: weights per scale along the input dimension (null = 32); bits 8: null."
+    )
+    start_step: int = Field(
+        0, ge=0, description="Optimizer step from which the forward uses fake-quantized weights (0 = from the start)."
+    )
+
+    @model_validator(mode="after")
+    def _group_for_int4(self) -> "QATConfig":
+        if self.bits == 8 and self.group_size is not None:
+            raise ValueError("group_size applies to bits 4 only (int8 has one scale per output row, as "
+                             "`ava quantize --int8`); set group_size: null")
+        return self
+
+
 class PrecisionConfig(AvaSection):
     """Numeric precision of the forward/backward pass (master weights stay fp32)."""
 
-    dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32, or bf16 autocast (CPU and CUDA) with fp32 master weights."
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32; bf16 autocast (CPU and CUDA) with fp32 master weights; or fp16 autocast with fp32 "
+        "master weights and dynamic loss scaling (one process or ddp).",
     )
+    loss_scale_init: float = Field(
+        2.0**16, gt=0.0, description="fp16: the initial loss scale (halved after every overflowing step)."
+    )
+    loss_scale_growth_interval: int = Field(
+        2000, ge=1, description="fp16: clean steps in a row after which the loss scale doubles."
+    )
+    fp8: FP8Config = Field(default_factory=FP8Config, description="FP8 training (see the fp8 keys).")
+    qat: QATConfig | None = Field(
+        None,
+        description="Quantization-aware training, e.g. {bits: 4, group_size: 32, start_step: 0}: weights "
+        "fake-quantized in the forward as `ava quantize` would, gradients straight through; null = off.",
+    )
+
+    @model_validator(mode="after")
+    def _fp8_combinations(self) -> "PrecisionConfig":
+        if self.fp8.enabled and self.dtype == "fp16":
+            raise ValueError("fp8 training runs with dtype bf16 or fp32, not fp16 (FP8 scales already cover "
+                             "the range loss scaling is for); set precision.dtype: bf16")
+        if self.fp8.enabled and self.qat is not None:
+            raise ValueError("fp8 training and qat both rewrite the forward's weights; use one of them")
+        return self
 
 
 class DistributedConfig(AvaSection):

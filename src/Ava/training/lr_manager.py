@@ -4,10 +4,17 @@
 (:mod:`.advanced_schedulers`); both end where the next begins, so any pair composes. The
 schedule object holds only plain numbers and strings: ``LambdaLR.state_dict`` stores its
 ``__dict__``, and the checkpoint state is loaded with ``torch.load(weights_only=True)``.
+
+A warmup at least as long as the run (``scheduler.warmup_steps`` ≥ the run's optimizer steps, as
+in a short ``training.max_steps`` trial of a config made for a long run) would leave the LR below
+its peak with no decay at all; :func:`effective_warmup` then scales the warmup to
+:data:`SHORT_RUN_WARMUP_PERCENT` % of the run (at least one step) and says so in one line, which
+:func:`build_scheduler` logs when the trainer sets up. The schedule itself always uses :func:`effective_warmup`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +22,11 @@ import torch
 from ..config import SchedulerConfig
 from .advanced_schedulers import DECAYS
 from .advanced_warmup import WARMUPS
+
+logger = logging.getLogger(__name__)
+
+SHORT_RUN_WARMUP_PERCENT = 10
+"""Percent of the run a warmup at least as long as the run is scaled to (rounded down, at least one step)."""
 
 
 class ComposedSchedule:
@@ -47,6 +59,34 @@ class ComposedSchedule:
         return DECAYS[self.decay](step - self.warmup_steps, decay_steps, self.end_ratio, **self.options)
 
 
+def effective_warmup(config: SchedulerConfig, total_steps: int) -> tuple[int, str | None]:
+    """The warmup the schedule uses over ``total_steps`` optimizer steps, and why it differs.
+
+    ``scheduler.warmup_steps`` counts optimizer steps, like ``total_steps`` (``training.max_steps``
+    or the epochs' steps; with ``grad_accum_steps`` > 1 an optimizer step is several micro-batches).
+    When the warmup is at least as long as the run, it becomes
+    ``max(1, total_steps × SHORT_RUN_WARMUP_PERCENT // 100)`` steps, so the LR reaches its peak
+    early and the decay still ends at ``lr_end`` on the last step.
+
+    Args:
+        config: scheduler section.
+        total_steps: number of optimizer steps of the run.
+
+    Returns:
+        ``(warmup_steps, message)``: the message (one line, for the start-up log) says what was
+        scaled and why; None when ``scheduler.warmup_steps`` is used as configured.
+    """
+    warmup = config.warmup_steps
+    if warmup == 0 or total_steps <= 0 or warmup < total_steps:
+        return warmup, None
+    scaled = max(1, total_steps * SHORT_RUN_WARMUP_PERCENT // 100)
+    message = (
+        f"scheduler.warmup_steps={warmup} ≥ {total_steps} total optimizer steps: warmup scaled to "
+        f"{scaled} step{'' if scaled == 1 else 's'} ({SHORT_RUN_WARMUP_PERCENT}% of the run, at least 1)"
+    )
+    return scaled, message
+
+
 def build_schedule(config: SchedulerConfig, peak_lr: float, total_steps: int) -> ComposedSchedule:
     """The multiplier function of ``config`` over ``total_steps`` optimizer steps.
 
@@ -56,7 +96,8 @@ def build_schedule(config: SchedulerConfig, peak_lr: float, total_steps: int) ->
         total_steps: number of optimizer steps of the run.
 
     Returns:
-        A picklable callable step → multiplier of the peak LR.
+        A picklable callable step → multiplier of the peak LR; its warmup is
+        :func:`effective_warmup`'s.
     """
     lr_end = peak_lr / 10 if config.lr_end is None else config.lr_end
     options: dict[str, Any] = {}
@@ -68,7 +109,7 @@ def build_schedule(config: SchedulerConfig, peak_lr: float, total_steps: int) ->
         options = {"cycle_steps": config.cycle_steps, "cycle_mult": config.cycle_mult}
     return ComposedSchedule(
         warmup=config.warmup,
-        warmup_steps=min(config.warmup_steps, max(total_steps - 1, 0)),
+        warmup_steps=effective_warmup(config, total_steps)[0],
         decay=config.name,
         total_steps=total_steps,
         end_ratio=lr_end / peak_lr,
@@ -90,6 +131,10 @@ def build_scheduler(
         total_steps: number of optimizer steps of the run.
 
     Returns:
-        The scheduler; call ``step()`` once per optimizer step.
+        The scheduler; call ``step()`` once per optimizer step. A warmup scaled to a short run
+        (:func:`effective_warmup`) is logged here, once, at INFO.
     """
+    message = effective_warmup(config, total_steps)[1]
+    if message is not None:
+        logger.info(message)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, build_schedule(config, peak_lr, total_steps))

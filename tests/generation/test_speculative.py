@@ -260,3 +260,12 @@ def test_cli_speculative_flag(trained, tok, tmp_path, capsys):
     assert captured.out.endswith(plain) and "drafts accepted" in captured.err
     assert main(["generate", str(folder), "--prompt", "abc", "--speculative", "--no-cache"]) == 2
     assert "KV cache" in capsys.readouterr().err
+
+
+def test_summary_counts_in_the_singular_for_one():
+    from Ava.generation.speculative import SpeculativeStats
+
+    one = SpeculativeStats(steps=1, drafted=1, accepted=1, tokens=1, forwards=1).summary()
+    assert one.startswith("1 token in 1 main forward (") and "1/1 draft accepted" in one and one.endswith("1 step")
+    two = SpeculativeStats(steps=2, drafted=2, accepted=1, tokens=3, forwards=2).summary()
+    assert two.startswith("3 tokens in 2 main forwards (") and "1/2 drafts accepted" in two

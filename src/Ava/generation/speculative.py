@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.records import plural
 from ..errors import AvaConfigError
 from ..layers import KVCache, build_attention_mask
 from ..models import EnhancedMoEModel
@@ -87,10 +88,10 @@ class SpeculativeStats:
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
-        return (f"{self.tokens} tokens in {self.forwards} main forwards "
+        return (f"{plural(self.tokens, 'token')} in {plural(self.forwards, 'main forward')} "
                 f"({self.tokens_per_forward:.2f} tokens/forward); "
-                f"{self.accepted}/{self.drafted} drafts accepted ({self.acceptance_rate:.0%}), "
-                f"{self.mean_accepted:.2f} per step over {self.steps} steps")
+                f"{self.accepted}/{plural(self.drafted, 'draft')} accepted ({self.acceptance_rate:.0%}), "
+                f"{self.mean_accepted:.2f} per step over {plural(self.steps, 'step')}")
 
 
 def check_speculative(model: EnhancedMoEModel, use_cache: bool, num_beams: int = 1) -> None:

@@ -44,15 +44,18 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..config import ModelConfig
 from ..data import AvaTokenizer
+from ..data.records import plural
 from ..errors import AvaCheckpointError, AvaConfigError, AvaDataError
 from ..models import EnhancedMoEModel
 from ..utils.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint, set_default_mode
+from ..utils.output_paths import check_output_dir
+from ..utils.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,27 @@ HF_AUX_LOSS_COEF_DEFAULT = {"qwen3_moe": 0.001, "mixtral": 0.001, "olmoe": 0.01}
 """transformers 5.23's ``router_aux_loss_coef`` default per ``model_type`` (used when config.json omits it)."""
 HF_ABSENT_TERMS = ("seq_aux_loss_coef", "global_aux_loss_coef", "z_loss_coef")
 """Ava balancing coefficients no HF Qwen3-MoE / Mixtral / OLMoE computes: 0 on import, dropped on export."""
+
+
+class _Progress(Protocol):
+    """What the conversion loops report to: a :func:`~Ava.utils.progress.progress_bar`."""
+
+    def update(self, n: int = 1) -> object: ...
+
+
+def size_text(n_bytes: int) -> str:
+    """``n_bytes`` for a message: ``"812 KiB"``, ``"3.4 MiB"``, ``"1.2 GiB"``."""
+    if n_bytes >= 2**30:
+        return f"{n_bytes / 2**30:.1f} GiB"
+    if n_bytes >= 2**20:
+        return f"{n_bytes / 2**20:.1f} MiB"
+    return f"{max(1, round(n_bytes / 2**10)) if n_bytes else 0} KiB"
+
+
+def describe_written(folder: Path, names: list[str]) -> str:
+    """``"4 files, 3.4 MiB"``: how many of ``names`` exist in ``folder`` and their total size."""
+    sizes = [(folder / name).stat().st_size for name in names if (folder / name).is_file()]
+    return f"{plural(len(sizes), 'file')}, {size_text(sum(sizes))}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +272,8 @@ def dropped_on_export(model: EnhancedMoEModel) -> dict[str, int]:
     return counts
 
 
-def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None,
+                  progress: _Progress | None = None) -> dict[str, torch.Tensor]:
     """Ava weights under HF names: ``model.`` + Ava name, ``lm_head.weight`` as is.
 
     Training-only tensors (:data:`TRAINING_ONLY`) are dropped; with tied embeddings only
@@ -257,12 +282,16 @@ def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None) -> 
     Args:
         model: the Ava model.
         dtype: cast floating tensors to this (None = keep).
+        progress: told ``update(1)`` after each tensor of the state dict (kept or dropped), so a
+            bar over ``len(model.state_dict())`` tensors ends full.
 
     Returns:
         name → contiguous CPU tensor.
     """
     out = {}
     for name, tensor in model.state_dict().items():
+        if progress is not None:
+            progress.update(1)
         if _training_only(name):
             continue
         if name == "lm_head.weight":
@@ -279,7 +308,7 @@ def hf_state_dict(model: EnhancedMoEModel, dtype: torch.dtype | None = None) -> 
 
 
 def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str | None = None,
-              verify: bool = True) -> Path:
+              verify: bool = True, progress: bool | None = None) -> Path:
     """Write a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Files: ``config.json``, ``model.safetensors``, ``generation_config.json`` and, when the
@@ -293,11 +322,14 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
         dtype: ``fp32``, ``bf16`` or ``fp16`` (None = the checkpoint's dtype).
         verify: check the checkpoint against its manifest first (see
             :meth:`EnhancedMoEModel.from_pretrained`); False skips it with a warning.
+        progress: a progress bar (with ETA, on stderr) over the tensors converted; None = when
+            stderr is a terminal.
 
     Returns:
-        The output folder.
+        The output folder. The last log line says what was written where (files, size).
 
     Raises:
+        AvaOutputError: ``out`` cannot be written (checked before anything is loaded).
         AvaConfigError: the model uses a feature the chosen architecture lacks.
         AvaCheckpointError: no checkpoint at ``path``, or a damaged one.
     """
@@ -305,18 +337,22 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
 
     if dtype is not None and dtype not in _DTYPES:
         raise AvaConfigError(f"--dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+    folder = check_output_dir(out, "out")
     checkpoint = resolve_checkpoint(path)
     model = EnhancedMoEModel.from_pretrained(checkpoint, verify=verify)
     arch = choose_architecture(model, arch)
     tokenizer_file = checkpoint / TOKENIZER_FILE
     tokenizer = AvaTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
     target = _DTYPES[dtype] if dtype else next(model.parameters()).dtype
-    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model, target), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    with progress_bar(len(model.state_dict()), "export: converting", "tensor", show=progress) as bar:
+        weights = hf_state_dict(model, target, progress=bar)
+        bar.set_description(f"export: writing {WEIGHTS_FILE}")
+        save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    del weights
     set_default_mode(folder / WEIGHTS_FILE)  # safetensors writes 0600; config.json gets 0666 - umask
     for what, count in dropped_on_export(model).items():
-        logger.info("not exported (training-only): %s, %d tensor%s", what, count, "" if count == 1 else "s")
+        logger.info("not exported (training-only): %s, %s", what, plural(count, "tensor"))
     moe = model.config.moe
     logger.info("router_aux_loss_coef = model.moe.aux_loss_coef / top_k = %g / %d = %g (transformers' "
                 "load-balancing loss is top_k times Ava's)", moe.aux_loss_coef, moe.top_k,
@@ -334,7 +370,11 @@ def export_hf(path: str | Path, out: str | Path, arch: str = "auto", dtype: str 
     else:
         logger.warning("%s has no %s; the export has no tokenizer", checkpoint, TOKENIZER_FILE)
     _write_json(folder / "generation_config.json", generation)
-    logger.info("exported %s as %s to %s", checkpoint, ARCHITECTURES[arch], folder)
+    written = [WEIGHTS_FILE, "config.json", "generation_config.json"]
+    if tokenizer is not None:
+        written += [TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"]
+    logger.info("exported %s as %s (%s parameters, %s) to %s (%s)", checkpoint, ARCHITECTURES[arch],
+                f"{model.num_parameters():,}", _DTYPE_NAMES[target], folder, describe_written(folder, written))
     return folder
 
 
@@ -399,7 +439,7 @@ def ava_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         if hf.get("clip_qkv") is not None:
             problems.append(f"clip_qkv={hf['clip_qkv']}: Ava does not clip q/k/v")
         if head_dim is not None and head_dim * heads != hidden:
-            problems.append(f"head_dim={head_dim} with {heads} heads ≠ hidden_size={hidden}: OLMoE's q_norm is "
+            problems.append(f"head_dim={head_dim} with {plural(heads, 'head')} ≠ hidden_size={hidden}: OLMoE's q_norm is "
                             "hidden_size wide, so transformers itself cannot build this model")
     num_experts = hf.get("num_local_experts", hf.get("num_experts"))
     first_dense, moe_every = 0, 1
@@ -489,21 +529,40 @@ def ava_state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -
     return out
 
 
-def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the ``*.safetensors`` files in ``folder`` (one file or shards)."""
-    from safetensors.torch import load_file
+def read_hf_tensors(folder: Path, progress: bool | None = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in ``folder`` (one file or shards).
 
+    Args:
+        folder: the HF model folder.
+        progress: a progress bar (with ETA, on stderr) over the tensors read; None = when stderr
+            is a terminal, False (the default) = none.
+
+    Raises:
+        AvaCheckpointError: no safetensors file, or one that cannot be read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise AvaCheckpointError(f"{folder}: no *.safetensors weights; convert a pytorch_model.bin checkpoint "
                                  "with transformers' save_pretrained(safe_serialization=True) first")
     tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
+    try:
+        handles = [safe_open(str(file), framework="pt") for file in files]
+        total = sum(len(list(handle.keys())) for handle in handles)
+        with progress_bar(total, "import: reading", "tensor", show=progress) as bar:
+            for handle in handles:
+                for name in handle.keys():
+                    tensors[name] = handle.get_tensor(name)
+                    bar.update(1)
+    except (SafetensorError, OSError) as err:
+        raise AvaCheckpointError(f"{folder}: cannot read the safetensors weights ({err}); the files are "
+                                 "damaged or incomplete") from err
     return tensors
 
 
-def import_hf(hf_dir: str | Path, out: str | Path | None = None) -> EnhancedMoEModel:
+def import_hf(hf_dir: str | Path, out: str | Path | None = None, progress: bool | None = None) -> EnhancedMoEModel:
     """Load a Hugging Face Mixtral / Qwen3-MoE / OLMoE folder as an Ava model.
 
     Args:
@@ -511,13 +570,18 @@ def import_hf(hf_dir: str | Path, out: str | Path | None = None) -> EnhancedMoEM
         out: when given, save there as an Ava model folder (``model.safetensors``, ``config.yaml``
             and ``tokenizer.json`` when the HF one has an end-of-text token Ava recognises), which
             ``ava generate``/``ava eval``/``ava export`` accept.
+        progress: a progress bar (with ETA, on stderr) over the tensors read; None = when stderr
+            is a terminal.
 
     Returns:
         The model (fp32 or the checkpoint's dtype), in eval mode.
 
     Raises:
+        AvaOutputError: ``out`` cannot be written (checked before anything is read).
         AvaCheckpointError: missing/damaged files. AvaConfigError: unsupported features.
     """
+    if out is not None:
+        check_output_dir(out, "out")
     folder = Path(hf_dir)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -527,7 +591,7 @@ def import_hf(hf_dir: str | Path, out: str | Path | None = None) -> EnhancedMoEM
     except (OSError, json.JSONDecodeError) as err:
         raise AvaCheckpointError(f"{config_file}: unreadable JSON ({err})") from err
     cfg = ava_config_from_hf(hf, str(config_file))
-    state = ava_state_dict_from_hf(read_hf_tensors(folder), cfg)
+    state = ava_state_dict_from_hf(read_hf_tensors(folder, progress=progress), cfg)
     model = EnhancedMoEModel(cfg)
     dtype = next(iter(state.values())).dtype
     model.to(dtype)

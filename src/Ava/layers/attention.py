@@ -171,7 +171,9 @@ class Attention(nn.Module):
         the scope is open.
         """
         self._qkv_weight = self._qk_gain = None
-        if not enable or isinstance(self.q_proj.weight, DTensor):
+        if not enable or not all(isinstance(p, nn.Linear) for p in (self.q_proj, self.k_proj, self.v_proj)):
+            return  # quantized projections (Ava.layers.quantized) run their own kernels
+        if isinstance(self.q_proj.weight, DTensor):
             return  # sharded weights (FSDP2) exist whole only inside the forward: keep the plain path
         self._qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         if self.qk_norm_per_head:

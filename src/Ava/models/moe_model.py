@@ -28,6 +28,7 @@ from ..config.checkpoint_layout import (
 from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
+from ..layers.quantized import QUANTIZATION_FILE, QuantizedParameter, quantize_modules, read_quantization
 from ..layers.routing import RouterOutput, count_per_expert
 from ..losses import (
     UncertaintyWeighting,
@@ -491,6 +492,8 @@ class EnhancedMoEModel(nn.Module):
             The count.
         """
         total = sum(p.numel() for p in self.parameters())
+        # quantized weights (``ava quantize``) are buffers: counted at their full-precision shape
+        total += sum(m.numel() for m in self.modules() if isinstance(m, QuantizedParameter))
         for layer in self.decoder_layers():
             if layer.is_moe:
                 experts = layer.mlp.experts
@@ -579,6 +582,10 @@ class EnhancedMoEModel(nn.Module):
                 folders do not). False skips the check (hashing reads every byte once, slow for
                 very large files) and logs a warning.
 
+        A folder written by ``ava quantize`` (it holds ``quantization.json``) loads with the
+        quantized modules of :mod:`Ava.layers.quantized` in place of its linears, embedding and
+        experts.
+
         Returns:
             The model, in eval mode.
 
@@ -594,7 +601,7 @@ class EnhancedMoEModel(nn.Module):
                 logger.warning("%s: not checked against %s (--no-verify / verify=False); a damaged file "
                                "would load without an error", weights_dir / WEIGHTS_FILE, MANIFEST_FILE)
         else:  # the files callers read: the tokenizer too (generate, eval, export); not state.pt
-            verify_files(weights_dir, (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE))
+            verify_files(weights_dir, (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, QUANTIZATION_FILE))
         config_path = weights_dir / CONFIG_FILE
         if not config_path.is_file():
             raise AvaCheckpointError(
@@ -603,6 +610,9 @@ class EnhancedMoEModel(nn.Module):
             )
         cfg = _read_model_config(config_path)
         model = cls(cfg)
+        quantization = read_quantization(weights_dir)  # a quantized checkpoint (`ava quantize`)
+        if quantization is not None:  # empty quantized modules for the weights to load into
+            quantize_modules(model, quantization["scheme"], quantization.get("group_size"), copy_weights=False)
         try:
             load_model(model, str(weights_dir / WEIGHTS_FILE), strict=True, device=str(device))
         except (SafetensorError, RuntimeError, OSError, ValueError) as err:

@@ -2,7 +2,7 @@
 
 Everything that depends on how many processes train, and where, goes through a
 :class:`Parallelism`: the device, building and wrapping the model (seed → build → ``init_weights``
-→ activation checkpointing → compile → wrap, in that one place, like torchtitan's
+→ precision transforms → activation checkpointing → compile → wrap, in that one place, like torchtitan's
 ``parallelize_fn``), the collectives the metrics need, which rows of a global batch this rank
 reads, and how checkpoints take the model's state. The trainer, the metrics, the checkpoints and
 the data feed talk to it, never to ``torch.distributed``.
@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..config import EnhancedTrainingConfig
 from ..errors import AvaCheckpointError
+from ..optimization.fp8_training import apply_precision_transforms
 
 if TYPE_CHECKING:
     from ..models import EnhancedMoEModel
@@ -108,7 +109,8 @@ class Parallelism:
 
         Args:
             model: the model to train.
-            config: the resolved training config (``run.seed``, ``performance``).
+            config: the resolved training config (``run.seed``, ``precision``: FP8 or QAT
+                transforms, ``performance``).
 
         Returns:
             The same model (a wrapper, for strategies that wrap), on :attr:`device`.
@@ -118,6 +120,8 @@ class Parallelism:
                 and getattr(model, "init_seed", None) != config.run.seed:
             init(config.run.seed)
         model.to(self.device)
+        # precision.fp8 / precision.qat: class swaps of the GEMM modules (same parameters and names).
+        apply_precision_transforms(model, config.precision, self.device)
         perf = config.performance
         if hasattr(model, "set_activation_checkpointing"):
             model.set_activation_checkpointing(perf.activation_checkpointing)

@@ -1,0 +1,178 @@
+"""``ava quantize``: post-training weight quantization of a checkpoint (docs/quantization.md).
+
+Registered by :func:`add_commands` from :func:`Ava.cli.main.build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AvaCheckpointError, AvaConfigError, AvaDataError, AvaError
+from ..utils.output_paths import check_output_dir
+
+if TYPE_CHECKING:
+    from ..config import EnhancedTrainingConfig
+    from ..models import EnhancedMoEModel
+
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_INT4_GROUP_SIZE = 64  # = Ava.layers.quantized.DEFAULT_INT4_GROUP_SIZE (cli imports stay light)
+
+
+def validation_config(checkpoint: Path) -> EnhancedTrainingConfig:
+    """The run's training config saved in the checkpoint, checked to have a validation split.
+
+    Raises:
+        AvaDataError: the config.yaml is not a full training config, or the run has no
+            validation split (the message points at ``--no-eval``).
+    """
+    import yaml
+
+    from ..config import EnhancedTrainingConfig
+    from ..config.checkpoint_layout import CONFIG_FILE
+
+    try:
+        raw = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = EnhancedTrainingConfig.from_dict(raw, source=str(checkpoint / CONFIG_FILE))
+    except (OSError, yaml.YAMLError, AvaError, TypeError, AttributeError) as err:
+        raise AvaDataError(f"{checkpoint / CONFIG_FILE} is not a full training config ({err}); pass --no-eval "
+                           "to quantize without the perplexity comparison") from None
+    if config.data.val_fraction == 0:
+        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --no-eval")
+    return config
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """The run's validation windows and how ``ava eval`` scores them (batch size, precision)."""
+
+    dataset: Any
+    batch_size: int
+    max_batches: int
+    autocast_dtype: Any
+    document_mask: bool
+
+
+def validation_split(checkpoint: Path, max_tokens: int = 200_000) -> ValidationSplit:
+    """The run's validation split, rebuilt as ``ava eval`` does (the run's tokenizer, window
+    length and seed), capped at ``max_tokens`` (whole batches).
+
+    Raises:
+        AvaDataError: no full training config in the checkpoint, or no validation split.
+    """
+    import torch
+
+    from ..config import TokenizerConfig
+    from ..config.checkpoint_layout import TOKENIZER_FILE
+    from ..data import prepare_data
+
+    config = validation_config(checkpoint)
+    batch_size, seq_len = config.training.batch_size, config.data.seq_len
+    max_batches = max(1, max_tokens // (batch_size * seq_len))
+    data_cfg = config.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(checkpoint / TOKENIZER_FILE))})
+    prepared = prepare_data(data_cfg, config.run.seed, eval_windows=max_batches * batch_size)
+    if prepared.val is None:
+        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --no-eval")
+    return ValidationSplit(prepared.val, batch_size, max_batches,
+                          torch.bfloat16 if config.precision.dtype == "bf16" else None, config.data.document_mask)
+
+
+def validation_perplexity(split: ValidationSplit, model: EnhancedMoEModel, *, show: bool | None = None,
+                          desc: str = "validation") -> float:
+    """Perplexity of ``model`` (full precision or quantized) on ``split``, scored as ``ava eval`` does.
+
+    Args:
+        split: from :func:`validation_split`.
+        model: the model to score.
+        show: show the progress bar (None = when stderr is a terminal).
+        desc: the progress bar's label.
+
+    Returns:
+        The perplexity.
+    """
+    from ..evaluation.validation import validation_loss
+    from ..utils.progress import progress_bar
+
+    windows = min(len(split.dataset), split.max_batches * split.batch_size)
+    with progress_bar(windows, desc, "window", show=show) as bar:
+        result = validation_loss(model, split.dataset, batch_size=split.batch_size, max_batches=split.max_batches,
+                                 device="cpu", autocast_dtype=split.autocast_dtype,
+                                 document_mask=split.document_mask, on_batch=bar.update)
+    return float(result["ppl"])
+
+
+def default_output(checkpoint: Path, scheme: str, group_size: int | None) -> Path:
+    """``<checkpoint>-int8``, ``<checkpoint>-int4-g64``, ``<checkpoint>-fp8``: next to the checkpoint."""
+    suffix = f"{scheme}-g{group_size}" if group_size else scheme
+    return checkpoint.parent / f"{checkpoint.name}-{suffix}"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``ava quantize RUN_OR_CKPT --int8 | --int4 [--group-size N] | --fp8 [--out DIR] [--no-eval]``."""
+    from ..config.checkpoint_layout import WEIGHTS_FILE, resolve_checkpoint
+    from ..layers.quantized import read_quantization
+    from ..models import EnhancedMoEModel
+    from ..optimization.quantization import quantize_model, save_quantized
+
+    scheme = args.scheme
+    if args.group_size is not None and scheme != "int4":
+        raise AvaConfigError(f"--group-size applies to --int4 only, not to --{scheme}")
+    group_size = (args.group_size or DEFAULT_INT4_GROUP_SIZE) if scheme == "int4" else None
+    checkpoint = resolve_checkpoint(args.path)
+    if read_quantization(checkpoint) is not None:
+        raise AvaCheckpointError(f"{checkpoint} is already quantized; quantize its full-precision checkpoint")
+    out = Path(args.out) if args.out else default_output(checkpoint, scheme, group_size)
+    if out.resolve() == checkpoint:
+        raise AvaConfigError(f"--out {out} is the checkpoint itself; choose another folder")
+    check_output_dir(out, "quantized checkpoint folder")
+    if not args.no_eval:
+        validation_config(checkpoint)  # no validation split: say so before any work
+
+    model = EnhancedMoEModel.from_pretrained(checkpoint, verify=not args.no_verify)
+    split = None if args.no_eval else validation_split(checkpoint, args.max_tokens)
+    ppl_before = None if split is None else validation_perplexity(split, model, desc="validation (full precision)")
+    spec = quantize_model(model, scheme, group_size)
+    save_quantized(model, spec, out, checkpoint)
+    quantized = EnhancedMoEModel.from_pretrained(out)  # scored as loaded: the round trip is checked too
+    ppl_after = None if split is None else validation_perplexity(split, quantized, desc=f"validation ({scheme})")
+
+    name = f"{scheme} (group size {group_size})" if group_size else scheme
+    before, after = (checkpoint / WEIGHTS_FILE).stat().st_size, (out / WEIGHTS_FILE).stat().st_size
+    print(f"quantized {len(spec['modules'])} modules to {name}; full precision: {spec['full_precision']}")
+    print(f"size: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.3f}x)")
+    if ppl_before is not None and ppl_after is not None:
+        change = 100 * (ppl_after / ppl_before - 1)
+        print(f"validation perplexity: {ppl_before:.3f} -> {ppl_after:.3f} ({change:+.2f}%)")
+    print(f"wrote {out} (ava generate / ava eval / EnhancedMoEModel.from_pretrained load it)")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Register ``quantize`` on the ``ava`` subparsers."""
+    from .arg_types import positive_int
+    from .generation_commands import _add_no_verify
+
+    qp = sub.add_parser("quantize", parents=[common], help="INT8 / INT4 / FP8 weight quantization of a checkpoint",
+                        description="Quantize a checkpoint's weights (attention, MLPs, experts, embedding and output "
+                                    "head; routers and norms stay full precision) into a new checkpoint folder, and "
+                                    "print the file size and validation perplexity before and after. "
+                                    "See docs/quantization.md.")
+    qp.add_argument("path", help="run folder (uses checkpoints/latest) or checkpoint folder")
+    schemes = qp.add_mutually_exclusive_group(required=True)
+    schemes.add_argument("--int8", dest="scheme", action="store_const", const="int8",
+                         help="INT8, symmetric, one scale per output channel")
+    schemes.add_argument("--int4", dest="scheme", action="store_const", const="int4",
+                         help="INT4, asymmetric, one scale and zero per --group-size weights")
+    schemes.add_argument("--fp8", dest="scheme", action="store_const", const="fp8",
+                         help="FP8 (e4m3fn), one scale per output channel")
+    qp.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                    help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE})")
+    qp.add_argument("--out", default=None,
+                    help="output folder (default: next to the checkpoint, CHECKPOINT-int8, CHECKPOINT-int4-g64, ...)")
+    qp.add_argument("--no-eval", action="store_true", help="skip the validation perplexity before/after")
+    qp.add_argument("--max-tokens", type=positive_int, default=200_000,
+                    help="validation tokens scored at most (default 200,000)")
+    _add_no_verify(qp)
+    qp.set_defaults(func=cmd_quantize)

@@ -11,6 +11,7 @@ numerator for every row.
 
     python benchmarks/moe_layer.py                       # defaults: 256 hidden, 8 experts, top-2
     python benchmarks/moe_layer.py --experts 64 --top-k 8 --moe-intermediate 128
+    python benchmarks/moe_layer.py --plot moe_vs_dense.png   # + a bar chart of each variant ÷ dense
 
 ``--fresh-routing`` gives every call a new input (a pool of 16), so the routing and every
 expert's row count change from call to call as in training; the default reuses one input.
@@ -45,6 +46,7 @@ import itertools
 import statistics
 from collections.abc import Iterator
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +284,36 @@ def run_decode(args: argparse.Namespace) -> None:
                   + " | ".join(f"{us[p] / us['grouped']:.2f}" for p in paths) + " |")
 
 
+def plot_ratios(rows: list[dict], path: str, title: str) -> None:
+    """Write a PNG of each MoE variant's time ÷ the dense SwiGLU's (one group of bars per dtype),
+    with the dense reference as a line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "dense SwiGLU"]
+    ratio = {(r["dtype"], r["variant"]): r["ratio"] for r in rows}
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(dtypes), 3.6))
+    for i, variant in enumerate(variants):
+        xs = [d + (i - (len(variants) - 1) / 2) * width for d in range(len(dtypes))]
+        heights = [ratio.get((dtype, variant), float("nan")) for dtype in dtypes]
+        bars = ax.bar(xs, heights, width, label=variant.removeprefix("moe "))
+        ax.bar_label(bars, fmt="%.2f×", fontsize=8)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="dense SwiGLU, same active parameters")
+    ax.set_xticks(range(len(dtypes)), dtypes)
+    ax.set_ylabel("forward + backward time ÷ dense")
+    ax.set_ylim(0, max([1.0, *ratio.values()]) * 1.25)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -300,6 +332,8 @@ def main() -> None:
                              "'moe grouped, split gate/up'")
     parser.add_argument("--ablations", action="store_true",
                         help="also the backends with one kernel or dispatcher part swapped for an earlier one")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also write the time ÷ dense of each variant as a bar chart to this PNG")
     parser.add_argument("--decode", type=int, nargs="+", default=None, metavar="TOKENS",
                         help="time the inference forward of the experts for these token counts instead")
     add_cpu_args(parser)
@@ -308,7 +342,11 @@ def main() -> None:
     if args.decode:
         run_decode(args)
     else:
-        run(args)
+        rows = run(args)
+        if args.plot:
+            plot_ratios(rows, args.plot, f"one MoE layer, {args.experts} experts top-{args.top_k} (width "
+                                         f"{args.moe_intermediate}), hidden {args.hidden}, {args.tokens} tokens, "
+                                         f"{torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

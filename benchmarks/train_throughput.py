@@ -21,7 +21,7 @@ Variants per dtype:
   over fp32 weights, and (``--hf-bf16-weights``, on by default) the model cast to bf16 weights
   with no autocast, which is sometimes HF's fastest CPU mode. HF's workers run with glibc's
   allocator as shipped (``--hf-allocators default``): the goals' reference is HF as it runs out of
-  the box, and its figures in issue 4 (~2,300 tok/s at 8 experts fp32) match that, not HF given
+  the box, and the reference figure of ~2,300 tok/s at 8 experts fp32 matches that, not HF given
   Ava's tuning (~3,300 here). ``--hf-allocators default tuned`` also times HF with Ava's tuning,
   compared in a column of its own.
 
@@ -42,14 +42,15 @@ dtype measured with ``measure_matmul_peak`` once per round in the same run (medi
 The default warm-up (5 rounds) is for the steady state of a training run: on CPU in bf16 oneDNN
 builds a GEMM kernel the first time it sees a shape, and Ava's expert blocks (padded to multiples
 of 64 rows) reach their few shapes within a few steps, while HF's exact per-expert row counts are
-new shapes every step. 8 experts top-2 bf16, Ava ÷ best HF: 1.34× with 1 warm-up round, 1.46×
-with 8, in two runs hours apart (docs/performance.md).
+new shapes every step (8 experts top-2 bf16, Ava ÷ best HF: 1.34× with 1 warm-up round, 1.46×
+with 8).
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 
     python benchmarks/train_throughput.py                                  # both shapes, fp32 + bf16
     python benchmarks/train_throughput.py --shapes 8x2 --dtypes bf16 --repeats 2
     python benchmarks/train_throughput.py --profile                         # + torch.profiler of Ava per shape, dtype
+    python benchmarks/train_throughput.py --plot ratios.png                 # + a bar chart of Ava ÷ HF
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -421,6 +423,42 @@ def print_block(block: dict, repeats: int, steps: int, processes: int = 1) -> di
     return verdict
 
 
+def plot_verdicts(verdicts: list[dict], path: str, title: str) -> None:
+    """Write a PNG of Ava ÷ HF per shape and dtype (Ava's default backend, compiled, and against HF
+    given Ava's allocator where they ran), with HF as a line at 1 and each goal as a black tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = [v for v in verdicts if "ratio" in v]
+    series = [("ratio", "Ava ÷ HF as shipped"), ("compiled", "Ava + performance.compile ÷ HF"),
+              ("tuned", "Ava ÷ HF given Ava's allocator")]
+    series = [(key, label) for key, label in series if any(v.get(key) is not None for v in blocks)]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.5 * len(blocks), 3.8))
+    for i, (key, label) in enumerate(series):
+        xs = [b + (i - (len(series) - 1) / 2) * width for b in range(len(blocks))]
+        heights = [float("nan") if v.get(key) is None else v[key] for v in blocks]
+        bars = ax.bar(xs, heights, width, label=label)
+        ax.bar_label(bars, fmt="%.2f×", fontsize=7)
+    for b, v in enumerate(blocks):
+        if v.get("goal"):
+            ax.plot([b - 0.45, b + 0.45], [v["goal"]] * 2, color="black", linewidth=1.5,
+                    label="goal" if b == 0 else None)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="HF (transformers) = 1")
+    ax.set_xticks(range(len(blocks)), [f"{v['shape']} {v['dtype']}" for v in blocks])
+    ax.set_ylabel("training tokens/s ÷ HF")
+    tops = [v[key] for v in blocks for key, _ in series if v.get(key) is not None]
+    ax.set_ylim(0, max([1.0, *tops, *(v.get("goal") or 0 for v in blocks)]) * 1.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def round_ratios(ava: dict, hf: dict) -> list[float]:
     """Ava's speed ÷ HF's in each timed round (their step times in that round, processes' median)."""
     return [t_hf / t_ava for t_ava, t_hf in zip(ava["rounds"], hf["rounds"])]
@@ -482,6 +520,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one Ava step per shape and dtype and print the top ops by self CPU time")
     parser.add_argument("--profile-top", type=int, default=15)
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also write Ava ÷ HF per shape and dtype as a bar chart to this PNG")
     add_cpu_args(parser, "; in the Ava workers and the peak/floor probes (HF: --hf-allocators)")
     args = parser.parse_args()
     apply_cpu_args(args)
@@ -507,6 +547,9 @@ def main() -> None:
             extra = " | ".join("–" if v[k] is None else f"{v[k]:.2f}×" for k in ("compiled", "tuned"))
             print(f"| {v['shape']} | {v['dtype']} | {v['ava']} | {v['hf']} | {v['ratio']:.2f}× | "
                   f"{v['paired']:.2f}× | ≥ {v['goal']}× | {v['met']} | {extra} | {v['ceiling']:.2f}× |")
+    if args.plot:
+        plot_verdicts(verdicts, args.plot, f"training step, hidden {args.hidden}, {args.layers} layers, batch "
+                                           f"{args.batch} × {args.seq_len}, {torch.get_num_threads()} threads")
     if args.profile:
         for shape in args.shapes:
             for dtype in args.dtypes:

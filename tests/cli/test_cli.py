@@ -86,3 +86,9 @@ def test_cli_defaults_come_from_the_config_schema():
     tok = parser.parse_args(["tokenizer", "train", "a.txt", "--out", "t.json"])
     assert tok.format == SourceConfig.model_fields["format"].default
     assert tok.text_field == SourceConfig.model_fields["text_field"].default
+
+
+def test_config_check_reports_an_unwritable_output_dir(unwritable_dir, capsys):
+    assert main(["config", "check", "configs/tiny.yaml", f"run.output_dir={unwritable_dir}/runs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: run.output_dir {unwritable_dir}/runs: cannot write to") and "\n" not in err

@@ -108,3 +108,15 @@ def test_missing_path_and_run_folder_without_checkpoint_differ(tmp_path: Path):
     file.write_bytes(b"x")
     with pytest.raises(AvaCheckpointError, match="is a file"):
         resolve_checkpoint(file)
+
+
+def test_a_run_without_latest_lists_its_checkpoints(tmp_path):
+    from Ava.config.checkpoint_layout import resolve_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_20").mkdir(parents=True)
+    (run / "checkpoints" / "step_20" / "model.safetensors").write_bytes(b"x")
+    (run / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(AvaCheckpointError, match=r"checkpoints/latest is missing; pass one of its checkpoint "
+                                                 r"folders \(.*/checkpoints/step_20\)"):
+        resolve_checkpoint(run)

@@ -332,3 +332,27 @@ def test_time_based_checkpoints_are_agreed_by_every_rank(tmp_path, corpus_cache)
     (run, _) = run_workers(_train, 2, tmp_path, corpus_cache, overrides)
     saved = sorted(p.name for p in (Path(run["run_dir"]) / "checkpoints").glob("step_*"))
     assert saved == ["step_1", "step_2", "step_3"]
+
+
+def _fp16_under(rank: int, world_size: int, out: Path, cache: Path, strategy: str) -> str:
+    from Ava.training import EnhancedModularTrainer
+
+    try:
+        EnhancedModularTrainer.from_config(tiny_config(out, cache, *COMMON, *HALF, "precision.dtype=fp16",
+                                                       strategy)).train()
+    except AvaConfigError as err:
+        return str(err)
+    return "trained"
+
+
+@pytest.mark.parametrize("strategy", ["distributed.strategy=fsdp2", "distributed.expert_parallel=2"])
+def test_fp16_is_refused_where_the_ranks_could_disagree_on_the_loss_scale(strategy, tmp_path, corpus_cache):
+    messages = run_workers(_fp16_under, 2, tmp_path, corpus_cache, strategy)
+    assert all(m.startswith("precision.dtype: fp16 runs on one process or under ddp") for m in messages), messages
+
+
+def test_fp16_under_ddp_trains_and_the_ranks_agree(tmp_path, corpus_cache):
+    (run, _) = run_workers(_train, 2, tmp_path, corpus_cache,
+                           (*COMMON, *HALF, "precision.dtype=fp16", "distributed.strategy=ddp"))
+    rows = _train_rows(run["run_dir"])
+    assert rows[STEPS]["loss_scale"] == 2.0**16 and all(r["overflow"] == 0.0 for r in rows.values())

@@ -178,3 +178,5 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time(tmp_path, corpus_c
     rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
     assert len(rates) == 4  # windows 1-10 .. 31-40; the later ones follow an evaluation or a checkpoint
     assert min(rates) > 0.1 * max(rates), rates
+    excluded = [r["excluded_time_s"] for r in records if r["split"] == "train"]
+    assert excluded[0] < 1.0 and all(e >= 1000.0 for e in excluded[1:])  # each window after a save or eval

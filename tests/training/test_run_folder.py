@@ -58,8 +58,10 @@ def test_resume_into_a_run_that_is_training_is_refused(tmp_path, corpus_cache):
 
 
 def test_a_failed_start_leaves_no_run_folder(tmp_path, corpus_cache):
-    config = tiny_config(tmp_path / "runs", corpus_cache, "training.batch_size=100000")
-    with pytest.raises(AvaDataError):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')  # found while reading the data, after the checks up front
+    config = tiny_config(tmp_path / "runs", corpus_cache, f"data.sources.0.path={bad}")
+    with pytest.raises(AvaDataError, match="bad.jsonl"):
         EnhancedModularTrainer.from_config(config).train()
     assert list((tmp_path / "runs").iterdir()) == []
 
@@ -92,3 +94,12 @@ def test_an_unwritable_output_dir_fails_before_anything_is_done(unwritable_dir, 
     config = tiny_config(unwritable_dir / "runs", corpus_cache)
     with pytest.raises(AvaOutputError, match=rf"run.output_dir {unwritable_dir}/runs: cannot write"):
         EnhancedModularTrainer.from_config(config).train()
+
+
+def test_a_model_too_big_for_memory_is_refused_before_it_is_built(tmp_path, corpus_cache):
+    from Ava.errors import AvaConfigError
+
+    config = tiny_config(tmp_path / "runs", corpus_cache, "model.hidden_size=200000")
+    with pytest.raises(AvaConfigError, match=r"this run needs about .* \(biggest term: .*\) but the machine has"):
+        EnhancedModularTrainer.from_config(config)
+    assert not (tmp_path / "runs").exists()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from Ava.errors import AvaCheckpointError
 from Ava.utils.async_logging import AsyncSink
 from Ava.utils.checkpoint import CheckpointWriter, load_training_state
 from safetensors.torch import load_file
@@ -60,6 +61,6 @@ def test_async_checkpoint_errors_surface_on_wait(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.torch, "save", boom)
     writer = CheckpointWriter(tmp_path, asynchronous=True)
     writer.save(1, torch.nn.Linear(2, 2), "", {})
-    with pytest.raises(OSError, match="no space left"):
+    with pytest.raises(AvaCheckpointError, match=r"failed \(OSError: no space left\)"):
         writer.wait()
     assert not (tmp_path / "step_1").exists()

@@ -21,7 +21,7 @@ def test_file_in_the_way(tmp_path):
 def test_unwritable_parent(unwritable_dir):
     with pytest.raises(AvaOutputError, match=rf"--out .*cannot write to {unwritable_dir}"):
         check_output_dir(unwritable_dir / "new", "--out")
-    with pytest.raises(AvaOutputError, match="--plot .*cannot write"):
+    with pytest.raises(AvaOutputError, match=rf"--plot {unwritable_dir}/plot.png: cannot write"):
         check_output_file(unwritable_dir / "plot.png", "--plot")
 
 

@@ -70,6 +70,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     out = _writable_output(args.out)
 
     from ..data.readers import read_source
+    from ..data.records import plural
 
     counts = {"documents": 0, "chars": 0}
     started = time.perf_counter()
@@ -87,11 +88,11 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
                     last_log = now
                     logger.info("tokenizer: %d documents, %d chars so far (%.0fs)",
                                 counts["documents"], counts["chars"], now - started)
-            logger.info("tokenizer: %s: %d documents, %d chars", source.name or source.path,
-                        counts["documents"] - before["documents"], counts["chars"] - before["chars"])
+            logger.info("tokenizer: %s: %s, %d chars", source.name or source.path,
+                        plural(counts["documents"] - before["documents"], "document"), counts["chars"] - before["chars"])
 
-    logger.info("tokenizer: training a byte-level BPE (vocab size %d, min frequency %d) on %d source(s)",
-                vocab_size, min_frequency, len(sources))
+    logger.info("tokenizer: training a byte-level BPE (vocab size %d, min frequency %d) on %s",
+                vocab_size, min_frequency, plural(len(sources), "source"))
     tokenizer = train_tokenizer(texts(), vocab_size=vocab_size, min_frequency=min_frequency,
                                 special_tokens=special_tokens)
     if counts["chars"] == 0:
@@ -104,7 +105,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     logger.info("tokenizer: special tokens %s",
                 ", ".join(f"{tok}={tokenizer.token_to_id(tok)}" for tok in all_specials))
     print(f"trained a byte-level BPE with {tokenizer.get_vocab_size(with_added_tokens=True)} tokens "
-          f"(asked for {vocab_size}) on {counts['documents']} documents, {counts['chars']} chars, "
+          f"(asked for {vocab_size}) on {plural(counts['documents'], 'document')}, {counts['chars']} chars, "
           f"in {seconds:.1f}s: {out}")
     return 0
 
@@ -242,6 +243,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _print_prepare_summary(manifest: dict, out: Path, seconds: float) -> None:
     """Documents and tokens per split and source, throughput and where the folder is."""
+    from ..data.records import plural
+
     rows = [("split", "source", "documents", "tokens", "shards")]
     for split, entry in manifest["splits"].items():
         for name, source in entry["sources"].items():
@@ -258,7 +261,7 @@ def _print_prepare_summary(manifest: dict, out: Path, seconds: float) -> None:
           + ", ".join(f"{n}={s['weight']:g}" for n, s in manifest["sources"].items()))
     print(f"read {manifest.get('collect_seconds', 0):.1f} s, tokenizer {manifest.get('tokenizer_seconds', 0):.1f} s, "
           f"tokenize+write {manifest['seconds']:.1f} s ({manifest['tokens_per_second']:,.0f} tokens/s)")
-    print(f"prepared {totals['documents']:,} documents, {totals['tokens']:,} tokens in {seconds:.1f} s "
+    print(f"prepared {plural(totals['documents'], 'document')}, {totals['tokens']:,} tokens in {seconds:.1f} s "
           f"({totals['tokens'] / max(seconds, 1e-9):,.0f} tokens/s overall): {out}")
     if manifest.get("profile"):
         import json

@@ -1,4 +1,5 @@
-"""``ava generate``, ``ava export``, ``ava import`` and ``ava eval``: parsers and plain functions.
+"""``ava generate``, ``ava export`` and ``ava import``: parsers and plain functions (``ava eval`` is in
+:mod:`Ava.cli.eval_commands`).
 
 Registered by :func:`add_commands` from :func:`Ava.cli.main.build_parser`.
 """
@@ -13,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from ..data.records import plural
 from ..errors import AvaConfigError, AvaDataError, AvaError
+from ..utils.output_paths import check_output_dir, check_output_file
 from .arg_types import decode_escapes, non_negative, non_negative_int, positive, positive_int, probability
 
 if TYPE_CHECKING:
@@ -57,22 +60,20 @@ def check_device(device: str) -> None:
             raise AvaConfigError(f"--device {device}: no CUDA device here (torch {torch.__version__}, "
                                  "cuda available: False); use --device cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise AvaConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
-                                 "device(s); use cuda:0 … or --device cpu")
+            raise AvaConfigError(f"--device {device}: this machine has "
+                                 f"{plural(torch.cuda.device_count(), 'CUDA device')}; use cuda:0 … or --device cpu")
 
 
 def check_out_folder(out: str | Path, force: bool) -> None:
-    """Refuse ``--out`` when it is a file, or a non-empty folder without ``--force`` (before any work).
+    """Refuse an ``--out`` folder that cannot be written (read-only, a file in the way), or a
+    non-empty one without ``--force``: before any work, in one line.
 
     Raises:
-        AvaConfigError: ``out`` is in the way.
+        AvaOutputError: ``out`` (or the folder it would be created in) is a file or not writable.
+        AvaConfigError: ``out`` is a non-empty folder and ``force`` is False.
     """
-    folder = Path(out).expanduser()
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise AvaConfigError(f"--out {folder} is a file; choose a folder path")
-    if any(folder.iterdir()) and not force:
+    folder = check_output_dir(out, "--out")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
         raise AvaConfigError(f"--out {folder} is a non-empty folder; choose another --out, or pass --force "
                              "to write into it (files of the same names are replaced, others stay)")
 
@@ -110,19 +111,55 @@ def _run_one(generator, prompt: str, opts: dict, stream_to: TextIO | None, use_c
     return full[len(prompt):]
 
 
+def read_prompts(file: str | Path) -> list[str]:
+    """The prompts of ``ava generate --file``: one per non-empty line, ``\\n`` inside a line a newline.
+
+    Raises:
+        AvaDataError: the file is missing, unreadable, not UTF-8, or holds no prompt at all.
+    """
+    path = Path(file).expanduser()
+    if path.is_dir():
+        raise AvaDataError(f"--file {path}: is a folder; give a text file with one prompt per line")
+    if not path.is_file():
+        raise AvaDataError(f"--file {path}: no such file; give a text file with one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AvaDataError(f"--file {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise AvaDataError(f"--file {path}: cannot read it ({err.strerror or err})") from None
+    prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise AvaDataError(f"--file {path}: no prompts (the file is empty or holds only blank lines); "
+                           "write one prompt per line")
+    return prompts
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``ava generate RUN_DIR|CKPT --prompt TEXT | --file FILE | --interactive``."""
+    """``ava generate RUN_DIR|CKPT --prompt TEXT | --file FILE | --interactive``.
+
+    Everything that can be refused without the model (device, prompt file, ``--out``, option
+    combinations) is checked before the checkpoint is loaded.
+    """
     from ..generation import TextGenerator
 
     check_device(args.device)
+    prompts = read_prompts(args.file) if args.file is not None else None
+    if args.out is not None:
+        if prompts is None:
+            raise AvaConfigError("--out is where --file writes its JSONL; --prompt and --interactive print to "
+                                 "the terminal (redirect stdout to keep their text)")
+        check_output_file(args.out, "--out")
+    if prompts is not None and args.num_beams > 1 and args.speculative:
+        raise AvaConfigError("--speculative is greedy decoding; it cannot be combined with --num-beams")
     generator = TextGenerator.from_pretrained(args.path, device=args.device, verify=not args.no_verify)
     opts = _options(args)
     use_cache, stop_at_eos = not args.no_cache, not args.ignore_eos
     try:
         if args.interactive:
             return _repl(generator, opts, use_cache, stop_at_eos, sys.stdin, sys.stdout)
-        if args.file is not None:
-            code = _generate_file(generator, args, opts, use_cache, stop_at_eos)
+        if prompts is not None:
+            code = _generate_file(generator, prompts, args.out, args.batch_size, opts, use_cache, stop_at_eos)
             _report_speculative(generator, opts)
             return code
         if args.stream:
@@ -137,40 +174,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_file(generator, args, opts: dict, use_cache: bool, stop_at_eos: bool) -> int:
-    """One prompt per non-empty line of ``--file`` → JSONL ``{prompt, completion, finish_reason}``."""
-    from ..generation.sampling import SamplingParams
+def _generate_file(generator, prompts: list[str], out_path: str | None, batch_size: int, opts: dict,
+                   use_cache: bool, stop_at_eos: bool) -> int:
+    """``prompts`` → JSONL ``{prompt, completion, finish_reason}`` in ``out_path`` (None = stdout).
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise AvaDataError(f"--file {path}: no such file; give a text file with one prompt per line")
-    prompts = [line.replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
-        if opts["num_beams"] > 1:
-            if opts["speculative"]:
-                raise AvaConfigError("--speculative is greedy decoding; it cannot be combined with --num-beams")
-            for prompt in prompts:
-                result = generator.beam_search(prompt, opts["num_beams"], opts["max_new_tokens"], generator.sampling_params(
-                    repetition_penalty=opts["repetition_penalty"], no_repeat_ngram_size=opts["no_repeat_ngram_size"],
-                    stop_strings=opts["stop_strings"], stop_at_eos=stop_at_eos), opts["length_penalty"], use_cache)
-                out.write(json.dumps({"prompt": prompt, "completion": result.text,
-                                      "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
-            return 0
+    A progress bar over the prompts (with ETA) runs on stderr when it is a terminal; the last
+    line says how many completions were written where (on stderr when the JSONL goes to stdout).
+    """
+    from ..generation.sampling import SamplingParams
+    from ..utils.progress import progress_bar
+
+    if opts["num_beams"] > 1:
         params: SamplingParams = generator.sampling_params(
+            repetition_penalty=opts["repetition_penalty"], no_repeat_ngram_size=opts["no_repeat_ngram_size"],
+            stop_strings=opts["stop_strings"], stop_at_eos=stop_at_eos)
+    else:
+        params = generator.sampling_params(
             opts["temperature"], opts["top_k"], opts["top_p"], opts["min_p"], opts["repetition_penalty"],
             opts["no_repeat_ngram_size"], opts["stop_strings"], stop_at_eos)
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            seed = None if opts["seed"] is None else opts["seed"] + start
-            for prompt, result in zip(chunk, generator.generate_batch(chunk, opts["max_new_tokens"], params, seed,
-                                                                      use_cache, speculative=opts["speculative"])):
-                out.write(json.dumps({"prompt": prompt, "completion": result.text,
-                                      "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
-            out.flush()
+    if out_path is not None:
+        target = Path(out_path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = open(target, "w", encoding="utf-8")
+    else:
+        out = sys.stdout
+    written = 0
+
+    def write(prompt: str, result) -> None:
+        nonlocal written
+        out.write(json.dumps({"prompt": prompt, "completion": result.text,
+                              "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
+        written += 1
+
+    try:
+        with progress_bar(len(prompts), "generate", "prompt") as bar:
+            if opts["num_beams"] > 1:
+                for prompt in prompts:
+                    write(prompt, generator.beam_search(prompt, opts["num_beams"], opts["max_new_tokens"], params,
+                                                        opts["length_penalty"], use_cache))
+                    out.flush()
+                    bar.update(1)
+            else:
+                for start in range(0, len(prompts), batch_size):
+                    chunk = prompts[start:start + batch_size]
+                    seed = None if opts["seed"] is None else opts["seed"] + start
+                    for prompt, result in zip(chunk, generator.generate_batch(
+                            chunk, opts["max_new_tokens"], params, seed, use_cache,
+                            speculative=opts["speculative"])):
+                        write(prompt, result)
+                    out.flush()
+                    bar.update(len(chunk))
     finally:
         if out is not sys.stdout:
             out.close()
+    if out is sys.stdout:
+        print(f"wrote {plural(written, 'completion')} (JSONL) to stdout", file=sys.stderr)
+    else:
+        print(f"wrote {plural(written, 'completion')} to {target}")
     return 0
 
 
@@ -254,17 +314,29 @@ def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# export / import / eval
+# export / import
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``ava export RUN_DIR --format hf --out DIR``."""
-    from ..interop import export_hf
+    """``ava export RUN_DIR --format hf --out DIR`` or ``--format gguf --quant Q --out FILE.gguf``."""
     from ..utils.logging import setup_logging
 
+    if args.format == "gguf":
+        from ..interop import export_gguf
+
+        if args.dtype is not None or args.arch != "auto":
+            raise AvaConfigError("--dtype and --arch are for --format hf; a GGUF export takes --quant "
+                                 "(f32, f16, bf16, q8_0, q4_0) and picks qwen3moe, qwen3 or llama itself")
+        setup_logging()  # the export logs what it leaves out and what it wrote where
+        export_gguf(args.path, args.out, quant=args.quant or "f32", force=args.force, verify=not args.no_verify)
+        return 0
+    from ..interop import export_hf
+
+    if args.quant is not None:
+        raise AvaConfigError(f"--quant {args.quant} is for --format gguf; a HF export takes --dtype fp32|bf16|fp16")
     check_out_folder(args.out, args.force)  # before loading the checkpoint
-    setup_logging()  # the export logs what it leaves out (training-only tensors) and where it wrote
+    setup_logging()  # the export logs what it leaves out (training-only tensors) and what it wrote where
     export_hf(args.path, args.out, arch=args.arch, dtype=args.dtype, verify=not args.no_verify)
     return 0
 
@@ -273,10 +345,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     """``ava import HF_DIR --out DIR``."""
     from ..interop import import_hf
 
+    from ..interop.huggingface import describe_written
+    from ..utils.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
     check_out_folder(args.out, args.force)  # before reading the weights
     model = import_hf(args.hf_dir, args.out)
-    print(f"imported {model.num_parameters():,} parameters ({model.config.num_layers} layers, "
-          f"{model.config.num_experts} experts) to {args.out}")
+    out = Path(args.out).expanduser()
+    print(f"imported {model.num_parameters():,} parameters ({plural(model.config.num_layers, 'layer')}, "
+          f"{plural(model.config.num_experts, 'expert')}) from {args.hf_dir} to {out} "
+          f"({describe_written(out, [WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE])})")
     return 0
 
 
@@ -297,27 +374,6 @@ def _greedy_completion(model: EnhancedMoEModel, tokenizer: AvaTokenizer, prompt:
     return TextGenerator(model, tokenizer).generate(prompt, max_new_tokens, temperature=0)[len(prompt):]
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """``ava eval RUN_DIR|CKPT [--data FILE ...] [--mc FILE] [--out DIR]``."""
-    from ..evaluation import run_evaluation
-
-    check_device(args.device)
-    report = run_evaluation(
-        args.path, data=args.data, mc_file=args.mc, out=args.out, max_tokens=args.max_tokens,
-        num_samples=args.samples, sample_max_new_tokens=args.sample_tokens, device=args.device,
-        sample_fn=_greedy_completion, verify=not args.no_verify,
-    )
-    for name, source in report.results["sources"].items():
-        print(f"{name}: loss {source['loss']:.4f}  ppl {source['perplexity']:.2f}  ({source['tokens']:,} tokens)")
-    if report.results.get("calibration"):
-        print(f"ECE {report.results['calibration']['ece']:.4f}")
-    if report.results.get("multiple_choice"):
-        mc = report.results["multiple_choice"]
-        print(f"multiple choice: accuracy {mc['accuracy']:.3f} on {mc['questions']} questions")
-    print(f"report: {report.json_path} and {report.markdown_path}")
-    return 0
-
-
 # --------------------------------------------------------------------------------------------
 # parsers
 # --------------------------------------------------------------------------------------------
@@ -331,7 +387,7 @@ def _add_no_verify(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Register ``generate``, ``export``, ``import`` and ``eval`` on the ``ava`` subparsers."""
+    """Register ``generate``, ``export`` and ``import`` on the ``ava`` subparsers."""
     from ..config import EvaluationConfig
 
     gen = sub.add_parser("generate", parents=[common], help="generate text from a run or checkpoint")
@@ -369,15 +425,22 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     _add_no_verify(gen)
     gen.set_defaults(func=cmd_generate)
 
-    exp = sub.add_parser("export", parents=[common], help="export a checkpoint as a Hugging Face folder")
+    exp = sub.add_parser("export", parents=[common],
+                         help="export a checkpoint as a Hugging Face folder or a GGUF file (llama.cpp, Ollama)")
     exp.add_argument("path", help="run folder, checkpoint folder or Ava model folder")
-    exp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf = transformers folder)")
-    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                     help="output format: hf = transformers folder (default), gguf = one llama.cpp / Ollama file")
+    exp.add_argument("--out", required=True, help="folder to write (hf) or FILE.gguf (gguf)")
     exp.add_argument("--arch", choices=["auto", "qwen3_moe", "mixtral", "olmoe"], default="auto",
                      help="HF architecture (auto = Mixtral when the model fits it, else OLMoE for "
                           "model.qk_norm_scope full, else Qwen3-MoE)")
-    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default: as saved)")
-    exp.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="hf: weight dtype (default: as saved)")
+    exp.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default=None,
+                     help="gguf: tensor type (default f32); norms and the router stay f32, q4_0 keeps the "
+                          "embedding and output matrices at q8_0")
+    exp.add_argument("--force", action="store_true",
+                     help="hf: write into a non-empty --out folder; gguf: replace an existing file")
     _add_no_verify(exp)
     exp.set_defaults(func=cmd_export)
 
@@ -386,16 +449,3 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     imp.add_argument("--out", required=True, help="Ava model folder to write")
     imp.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     imp.set_defaults(func=cmd_import)
-
-    ev = sub.add_parser("eval", parents=[common], help="loss, perplexity, expert use, calibration, MC accuracy")
-    ev.add_argument("path", help="run folder, checkpoint folder or Ava model folder")
-    ev.add_argument("--data", nargs="+", default=None, metavar="FILE",
-                    help=".txt/.jsonl files (one source each; default: the run's validation split)")
-    ev.add_argument("--mc", default=None, metavar="FILE", help="multiple-choice JSONL {question, choices, answer}")
-    ev.add_argument("--out", default=None, help="report folder (default: the checkpoint folder)")
-    ev.add_argument("--max-tokens", type=positive_int, default=200_000, help="tokens scored per source at most")
-    ev.add_argument("--samples", type=non_negative_int, default=3, help="generation samples in the report")
-    ev.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per generation sample")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    _add_no_verify(ev)
-    ev.set_defaults(func=cmd_eval)

@@ -87,22 +87,33 @@ def _train_rank(args: argparse.Namespace) -> NoReturn:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """``ava config check CONFIG``: validate, print warnings, exit 0 when usable."""
+    """``ava config check CONFIG``: validate, print warnings and the memory estimate, exit 0 when
+    usable; exit 2 (one ``error:`` line) when ``run.output_dir`` cannot be written or the run cannot
+    fit this machine's memory (:func:`~Ava.training.memory_estimate.check_fits`, with the estimate)."""
     from ..config import check_compatibility, load_config
+    from ..training.memory_estimate import check_fits, estimate_memory
+    from ..utils.output_paths import check_output_dir
 
     config = load_config(args.config, args.overrides)
     warnings = [i for i in check_compatibility(config, environment=True) if i.severity == "warning"]
     for issue in warnings:
         print(f"warning: {issue}")
+    check_output_dir(config.run.output_dir, "run.output_dir")
+    print("\n".join(estimate_memory(config).describe()), flush=True)
+    check_fits(config, config.run.device)
     print(f"{args.config}: OK" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    """``ava config show CONFIG``: the resolved config (defaults and derived sizes filled in)."""
+    """``ava config show CONFIG``: the resolved config (defaults and derived sizes filled in),
+    then the memory estimate as a block of YAML comments (the output stays valid YAML)."""
     from ..config import load_config
+    from ..training.memory_estimate import estimate_memory
 
-    sys.stdout.write(load_config(args.config, args.overrides, check_environment=False).to_yaml())
+    config = load_config(args.config, args.overrides, check_environment=False)
+    sys.stdout.write(config.to_yaml())
+    sys.stdout.write("".join(f"# {line}".rstrip() + "\n" for line in ["", *estimate_memory(config).describe()]))
     return 0
 
 
@@ -123,7 +134,8 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``ava report RUN_DIR``: PNG plots and a markdown summary in RUN_DIR/report/."""
+    """``ava report RUN_DIR``: PNG plots and a markdown summary in RUN_DIR/report/ (checked for
+    writing before anything is drawn)."""
     from ..training.report import write_report
 
     out = write_report(args.run_dir)
@@ -132,23 +144,30 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    """``ava lr-find CONFIG [key=value ...]``: LR range test, plot, optional ``--write``."""
+    """``ava lr-find CONFIG [key=value ...]``: LR range test (a progress bar with ETA over its
+    steps), plot, optional ``--write``. The plot file, and CONFIG under ``--write``, are checked for
+    writing before the sweep starts."""
     import tempfile
     from pathlib import Path
 
     from ..config import load_config
+    from ..data.records import plural
     from ..training.lr_finder import run_lr_finder, save_plot, write_learning_rate
     from ..utils.logging import setup_logging
+    from ..utils.output_paths import check_output_file
 
     setup_logging()
+    plot_path = check_output_file(args.plot or Path(args.config).with_suffix("").name + "_lr_find.png", "--plot")
+    if args.write:
+        check_output_file(args.config, "config file (--write)")
     config = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as work_dir:
         result = run_lr_finder(config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
                                work_dir=work_dir)
     if not result.suggestions:
         raise AvaError(f"the sweep diverged after {len(result.lrs)} step(s): lower --max-lr or --min-lr")
-    plot = save_plot(result, args.plot or Path(args.config).with_suffix("").name + "_lr_find.png")
-    print(f"swept {len(result.lrs)} steps from {result.lrs[0]:.2e} to {result.lrs[-1]:.2e}"
+    plot = save_plot(result, plot_path)
+    print(f"swept {plural(len(result.lrs), 'step')} from {result.lrs[0]:.2e} to {result.lrs[-1]:.2e}"
           + (" (stopped: loss diverged)" if result.diverged else ""))
     for name, lr in result.suggestions.items():
         print(f"  {name:<15} {lr:.2e}" + ("  <- --pick" if name == args.pick else ""))
@@ -221,10 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     lrf.add_argument("--write", action="store_true", help="set training.learning_rate in CONFIG to the pick")
     lrf.set_defaults(func=cmd_lr_find)
 
-    # generate, export, import, eval (generation/evaluation/interop commands)
+    # generate, export, import (generation/interop commands); eval (evaluation)
     from .generation_commands import add_commands as add_generation_commands
 
     add_generation_commands(sub, common)
+
+    # eval (evaluation commands)
+    from .eval_commands import add_commands as add_eval_commands
+
+    add_eval_commands(sub, common)
 
     # tokenizer train, prepare (data commands)
     from .data_commands import add_commands as add_data_commands
@@ -235,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .checkpoint_commands import add_commands as add_checkpoint_commands
 
     add_checkpoint_commands(sub, common)
+
+    # quantize (post-training quantization)
+    from .quantize_commands import add_commands as add_quantize_commands
+
+    add_quantize_commands(sub, common)
     return parser
 
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import AvaDataError
-from .records import Document
+from .records import Document, plural
 
 if TYPE_CHECKING:
     from .tokenizer import AvaTokenizer
@@ -278,7 +278,7 @@ class PackedDataset(Dataset):
         self._num_windows = int(self._first_window[-1])
         if self._num_windows == 0:
             raise AvaDataError(
-                f"the {split} split has {self.num_tokens} tokens, fewer than one window of "
+                f"the {split} split has {plural(self.num_tokens, 'token')}, fewer than one window of "
                 f"data.seq_len={seq_len}; lower data.seq_len or add data"
                 + (" (or raise data.val_fraction)" if split == "val" else "")
             )

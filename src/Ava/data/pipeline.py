@@ -96,7 +96,7 @@ def collect_documents(data: DataConfig, seed: int, report: DataReport) -> SplitD
     skipped = report.skipped()
     logger.info(
         "documents: %d read%s, %d train / %d val (%.2f MB of text) from %s",
-        len(docs), f" ({skipped} rows/files skipped, bad_rows: skip)" if skipped else "",
+        len(docs), f" ({plural(skipped, 'row/file', 'rows/files')} skipped, bad_rows: skip)" if skipped else "",
         n_train, n_val, sum(len(d.text) for d in docs) / 1e6, plural(len(names), "source"),
     )
     return SplitDocuments(names, train, val, {n: weights.get(n, 1.0) for n in names}, stats)

@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def plural(count: int, noun: str, plural_form: str | None = None) -> str:
-    """``plural(1, "document")`` → ``"1 document"``, ``plural(3, "document")`` → ``"3 documents"``."""
-    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+    """``plural(1, "document")`` → ``"1 document"``, ``plural(3, "document")`` → ``"3 documents"``,
+    ``plural(12000, "token")`` → ``"12,000 tokens"``."""
+    return f"{count:,} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ from ..errors import AvaDataError, AvaError
 from . import readers
 from .datasets import PreparedData, build_tokenizer, build_validation_set
 from .packing import TokenStream, tokenize_documents, window_sample
-from .records import DataReport, Document
+from .records import DataReport, Document, plural
 from .stream_order import (
     _collect_validation, _first_pass, _SourceStream, interleave, is_validation, source_counts, validation_key,
 )
@@ -559,8 +559,9 @@ def open_streaming(
     if report.counts:
         stats["data_report"] = report.to_dict()
     logger.info(
-        "data.streaming: %d source(s), chunks of %d documents, %d validation windows of %d tokens",
-        len(names), chunk_documents, stats["val_windows"], seq_len,
+        "data.streaming: %s, chunks of %s, %s of %d tokens",
+        plural(len(names), "source"), plural(chunk_documents, "document"), plural(stats["val_windows"], "validation window"),
+        seq_len,
     )
     return PreparedData(tokenizer=tokenizer, train=train, val=val_set, source_names=names, stats=stats,
                         report=report)

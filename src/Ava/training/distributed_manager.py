@@ -91,6 +91,7 @@ class DistributedParallelism(Parallelism):
         self.dp_size = self.world_size
         self.ep_size = ep = settings.expert_parallel
         self.requested = settings.strategy
+        self._precision = config.precision.dtype
         self.strategy = settings.strategy
         num_experts = config.model.num_experts
         if self.world_size % ep or num_experts % ep:
@@ -139,6 +140,14 @@ class DistributedParallelism(Parallelism):
             self._expert_params = [p for n, p in model.named_parameters() if n in self._expert_names]
         # auto: what one rank would hold under DDP (its own experts only, under expert parallelism)
         self.strategy = self.resolve_strategy(sum(p.numel() for p in model.parameters()))
+        if self._precision == "fp16" and (self.strategy == "fsdp2" or self.ep_size > 1):
+            # GradScaler's overflow check reads this rank's gradients only: with sharded gradients
+            # the ranks could disagree on the loss scale.
+            raise AvaConfigError(
+                f"precision.dtype: fp16 runs on one process or under ddp, not {self.strategy}"
+                f"{' with expert parallelism' if self.ep_size > 1 else ''}; use bf16 (no loss scaling needed) "
+                "or distributed.strategy: ddp with distributed.expert_parallel: 1"
+            )
         if self.strategy == "fsdp2":
             ignored = set(self._expert_params)
             for block in model.decoder_layers() if hasattr(model, "decoder_layers") else []:

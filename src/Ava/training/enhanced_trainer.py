@@ -10,7 +10,6 @@ Everything that changes during training is registered once in :attr:`states`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -27,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import EnhancedTrainingConfig, TokenizerConfig, check_compatibility
+from ..config.training_config import adopt_tokenizer_vocab
 from ..config.feature_compatibility import raise_on_errors, tokenizer_vocab_issues
 from ..data import PreparedData, prepare_data
 from ..data.records import plural
@@ -35,6 +35,7 @@ from ..evaluation.validation import validation_loss
 from ..layers.experts import describe_auto
 from ..models.routing_metrics import accumulate_router_stats, add_loads, moe_diagnostics
 from ..optimization import build_optimizer
+from ..optimization.qat import set_qat_step
 from ..optimization.sophia import refresh_hessian
 from ..utils.allocator import tune_cpu_allocator
 from ..utils.async_logging import AsyncSink
@@ -48,14 +49,16 @@ from .adaptive_lr import PlateauLR, build_plateau
 from .batch import GlobalBatch, as_batch, model_inputs, to_device
 from .data_feed import DataFeed
 from .early_stopping import EarlyStopping
-from .gradient_health import GradientHealthMonitor, layer_grad_norms
+from .gradient_health import GradientHealthMonitor, Verdict, layer_grad_norms
 from .gradient_surgery import build_surgery, surgery_backward
 from .lr_manager import build_scheduler
+from .memory_estimate import check_fits
 from .memory_monitor import memory_snapshot, oom_hint, rss_mb
 from .metrics import MetricsWriter, MoECollapseAlarm, StepTimer, measure_matmul_peak, start_wandb
 from .distributed_health_checker import DistributedHealthChecker
 from .distributed_manager import build_parallelism
 from .parallel import Parallelism
+from .precision import MixedPrecision
 from .progressive_training import ProgressiveSchedule
 from .run_manager import (
     RunLock,
@@ -108,11 +111,13 @@ class EnhancedModularTrainer:
         self.engine = model  # what the step calls: the model, or the strategy's wrapper (DDP)
         self.model = self.parallel.unwrap(model)  # the model itself: its methods, config and weights
         self._model_prepared = False  # initialised, placed and wrapped by the parallelism seam
+        self._owns_model = False  # built by from_config: rebuilt when the tokenizer settles model.vocab_size
         self.progress = TrainProgress()
         self.health = GradientHealthMonitor(config.gradient.health)
         self.moe_alarm = MoECollapseAlarm(config.training.moe_alarm)
         self.early_stopping = EarlyStopping(config.evaluation.early_stopping)
         self.surgery = build_surgery(config.gradient.surgery, config.run.seed)
+        self.precision = MixedPrecision(config.precision, self.device)  # autocast dtype; fp16 loss scaling
         # The global batch over the data-parallel ranks; micro-batch size, row length, epoch order per step.
         self.progressive = ProgressiveSchedule(config, GlobalBatch.resolve(config.training, self.parallel.dp_size))
         self.feed = DataFeed(config, self.progressive, self.progress, self.parallel)
@@ -149,6 +154,8 @@ class EnhancedModularTrainer:
         self.states.register("coef_schedules", BalancingSchedule(self.model), optional=True)
         if self.surgery is not None:
             self.states.register("surgery", self.surgery, optional=True)
+        if self.precision.scaling:
+            self.states.register("loss_scaler", self.precision, optional=True)
 
     @classmethod
     def from_config(cls, config: EnhancedTrainingConfig) -> "EnhancedModularTrainer":
@@ -161,8 +168,11 @@ class EnhancedModularTrainer:
             The trainer; its model is initialised from ``run.seed``.
         """
         parallel = build_parallelism(config)
+        # Before the model is built or a run folder made: a run that cannot fit stops in one line.
+        check_fits(config, parallel.device, ranks=parallel.world_size)
         trainer = cls(parallel.build_model(config), config, parallel)
         trainer._model_prepared = True
+        trainer._owns_model = True
         return trainer
 
     # the run's counters, kept in the registered ``progress`` part
@@ -254,7 +264,9 @@ class EnhancedModularTrainer:
         data = parallel.on_main(lambda: self._prepare_data(checkpoint is not None, own_tokenizer=True))
         if not parallel.is_main:
             data = self._prepare_data(checkpoint is not None, own_tokenizer=False)
-        self.prepare(data)
+        self.prepare(data, paths.config if checkpoint is not None else None)
+        if checkpoint is None and parallel.is_main:  # the resolved model.vocab_size (the folder has the estimate)
+            cfg.to_yaml(paths.config)
         if parallel.sharded_checkpoints:
             self.checkpoints = ShardedCheckpointWriter(paths.checkpoints, cfg.checkpoint.keep_last,
                                                        cfg.checkpoint.keep_best, cfg.checkpoint.async_save)
@@ -291,7 +303,7 @@ class EnhancedModularTrainer:
         return prepare_data(data_cfg, cfg.run.seed, None if resumed or not own_tokenizer else paths.tokenizer,
                             eval_windows=cfg.training.eval_batches * cfg.training.batch_size)
 
-    def prepare(self, data: PreparedData) -> int:
+    def prepare(self, data: PreparedData, resumed_config: Path | None = None) -> int:
         """Attach ``data``, prepare the model and build the optimizer and schedules.
 
         What :meth:`train` does before its first step, without a run folder; ``ava lr-find``
@@ -299,6 +311,8 @@ class EnhancedModularTrainer:
 
         Args:
             data: the prepared splits and tokenizer.
+            resumed_config: a resumed run's ``config.yaml``: a derived ``model.vocab_size`` keeps
+                the size saved there (what its checkpoints hold).
 
         Returns:
             The run's total optimizer steps.
@@ -306,6 +320,7 @@ class EnhancedModularTrainer:
         cfg = self.config
         self.data = data
         self.feed.attach(data)
+        self._fit_vocab(data, resumed_config)
         self._check_vocab(data)
         if not self._model_prepared:
             self.engine = self.parallel.prepare_model(self.model, cfg)
@@ -364,6 +379,7 @@ class EnhancedModularTrainer:
                 if self.step % cfg.training.log_every == 0 or self.step == total_steps or alarm_stop:
                     elapsed = max(time.perf_counter() - window_start - paused, 1e-9)
                     values = self._log_values(metrics, window_tokens / elapsed, flops_per_token, peak, timer)
+                    values["excluded_time_s"] = paused  # evaluation and checkpoint time, left out of tokens/s
                     train_loss = values["loss"]
                     writer.write(self.step, "train", values)
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}", lr=f"{values['lr']:.2e}",
@@ -426,8 +442,8 @@ class EnhancedModularTrainer:
         if self.health.rollbacks:
             logger.warning("rolled back to the last good checkpoint at step(s) %s", self.health.rollbacks)
         val_text = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
-        logger.info("done: %d steps, %s tokens in %.0f s; final val loss %s; run folder %s",
-                    self.step, f"{self.tokens:,}", wall, val_text, paths.root)
+        logger.info("done: %s, %s tokens in %.0f s; final val loss %s; run folder %s",
+                    plural(self.step, "step"), f"{self.tokens:,}", wall, val_text, paths.root)
         if self.moe_alarm.stop_reason:
             raise AvaTrainingError(f"{self.moe_alarm.stop_reason} (checkpoint {end.checkpoint})")
         return summary
@@ -480,6 +496,8 @@ class EnhancedModularTrainer:
         self.model.train()
         # Balancing-coefficient schedules follow the optimizer step (checkpointed, so resume continues them).
         self.model.set_balancing_step(self.step)
+        if self.config.precision.qat is not None:  # fake-quantized weights from qat.start_step on
+            set_qat_step(self.model, self.step)
         coefs = {f"coef/{name}": value
                  for name, value in self.model.balancing_coefficients(scheduled_only=True).items()}
         accum = len(micro_batches)
@@ -497,12 +515,12 @@ class EnhancedModularTrainer:
             input_ids = batch["input_ids"]  # (B, T)
             # Gradients are reduced over the ranks once, in the step's last backward.
             with self.parallel.gradient_sync(self.engine, i == accum - 1):
-                with self._autocast():
+                with self.precision.autocast():
                     out = self.engine(input_ids, **model_inputs(batch, document_mask),
                                       moe_load_prefix=balance_loads or None, moe_count_reduce=count_reduce)
                 timer.mark("forward")
                 if self.surgery is None:
-                    (out.loss / accum).backward()
+                    self.precision.scale(out.loss / accum).backward()
                 else:
                     surgery_backward(self.model, self.surgery, {"lm_loss": out.lm_loss, **out.aux_losses}, accum)
             timer.mark("backward")
@@ -525,6 +543,7 @@ class EnhancedModularTrainer:
             router_acc = self._global_router_stats(router_acc)
             tokens *= self.parallel.dp_size  # every rank reads as many rows
 
+        self.precision.unscale_(self.optimizer)  # fp16: clip and log the true gradients
         grad_clip = self.config.training.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self.parallel.clip_grad_norm(params, grad_clip if grad_clip else float("inf"))
@@ -541,23 +560,31 @@ class EnhancedModularTrainer:
         if stop_value > 0:  # a rank got SIGINT/SIGTERM before this step's all-reduce: every rank stops now
             self._stop_agreed = True
             self._stop_signal = self._stop_signal or "SIGTERM"
-        verdict = self.health.check(self.step + 1, loss_value, norm_value)
+        overflow = self.precision.overflowed(loss_value, norm_value)
+        if overflow:  # the loss scaler's business (skip, halve the scale), not a bad step for the health check
+            verdict = Verdict(ok=False, reason="fp16 overflow")
+            logger.info("step %d: fp16 gradients overflowed at loss scale %g; step skipped, scale halved",
+                        self.step + 1, self.precision.loss_scale)
+        else:
+            verdict = self.health.check(self.step + 1, loss_value, norm_value)
         extra: dict[str, Any] = {}
         every = self.config.gradient.health.layer_grad_norms_every
         if every and (self.step + 1) % every == 0:
             extra = layer_grad_norms(self.model)
         if verdict.ok:
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
             if loads:  # aux-loss-free balancing: bias update from this step's load (no-op if off)
                 self.model.update_expert_bias(loads)
-        else:
+        elif not overflow:
             logger.warning("step %d skipped: %s", self.step + 1, verdict.reason)
+        loss_scale = self.precision.loss_scale  # the scale this step used
+        self.precision.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if verdict.ok and hasattr(self.optimizer, "update_hessian") \
                 and (self.step + 1) % self.config.optimizer.sophia_hessian_every == 0:
             input_ids = as_batch(micro_batches[-1])["input_ids"].to(self.device, non_blocking=True)
-            refresh_hessian(self.model, self.optimizer, input_ids, self._autocast)
+            refresh_hessian(self.model, self.optimizer, input_ids, self.precision.autocast)
         timer.mark("optimizer")
         self.progress.step += 1
         self.progress.tokens += tokens
@@ -565,6 +592,8 @@ class EnhancedModularTrainer:
             self._rollback()
         metrics: dict[str, Any] = {**totals, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
                                    "skipped": 0.0 if verdict.ok else 1.0, **coefs, **extra}
+        if self.precision.scaling:
+            metrics.update(loss_scale=loss_scale, overflow=float(overflow))
         if loads:
             metrics.update(moe_diagnostics(loads, router_acc))
             self.moe_alarm.on_step(self.step, host_loads, router_acc.get("layers"))
@@ -619,7 +648,7 @@ class EnhancedModularTrainer:
         assert self.data is not None and self.data.val is not None
         return validation_loss(self.model, self.data.val, batch_size=cfg.training.batch_size,
                                max_batches=cfg.training.eval_batches, device=self.device,
-                               autocast_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else None,
+                               autocast_dtype=self.precision.dtype,
                                document_mask=cfg.data.document_mask)
 
     # ------------------------------------------------------------------------------------
@@ -754,13 +783,25 @@ class EnhancedModularTrainer:
     # helpers
     # ------------------------------------------------------------------------------------
 
+    def _fit_vocab(self, data: PreparedData, resumed_config: Path | None) -> None:
+        """A derived ``model.vocab_size`` becomes the tokenizer's real size rounded up to 64 (a resumed
+        run's saved size); the model :meth:`from_config` built for the config-time estimate is rebuilt.
+        A model passed in keeps its size (:meth:`_check_vocab` checks that it holds the tokenizer)."""
+        if not self._owns_model:
+            return
+        built = self.config.model.vocab_size
+        note = adopt_tokenizer_vocab(self.config, data.tokenizer.vocab_size, resumed_config)
+        if note is None:
+            return
+        logger.info(note)
+        if self.config.model.vocab_size != built:
+            self.engine = self.parallel.build_model(self.config)
+            self.model = self.parallel.unwrap(self.engine)
+            self.states[MODEL_KEY].model = self.model
+            self.states["coef_schedules"].model = self.model
+
     def _check_vocab(self, data: PreparedData) -> None:
         raise_on_errors(tokenizer_vocab_issues(self.model.config.vocab_size, data.tokenizer.vocab_size), "config")
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.precision.dtype == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _progress_bar(self, total_steps: int) -> tqdm:
         interactive = sys.stderr.isatty()

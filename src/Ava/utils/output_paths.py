@@ -29,19 +29,24 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     created: a missing folder is checked through its nearest existing parent.
     """
     path = Path(path).expanduser()
-    existing = _nearest_existing(path)
+    _check_folder(path, path, what)
+    return path
+
+
+def _check_folder(folder: Path, shown: Path, what: str) -> None:
+    """Raise unless ``folder`` exists writable or could be created; messages name ``shown``."""
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise AvaOutputError(
-            f"{what} {path}: {existing} is a file, not a folder; pick another location"
+            f"{what} {shown}: {existing} is a file, not a folder; pick another location"
         )
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".ava-write-check-"):
             pass
     except OSError as err:
         raise AvaOutputError(
-            f"{what} {path}: cannot write to {existing} ({err.strerror or err}); pick a writable location"
+            f"{what} {shown}: cannot write to {existing} ({err.strerror or err}); pick a writable location"
         ) from None
-    return path
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
@@ -52,5 +57,5 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
         raise AvaOutputError(f"{what} {path}: is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise AvaOutputError(f"{what} {path}: the file is read-only; pick another path")
-    check_output_dir(path.parent, what)
+    _check_folder(path.parent, path, what)
     return path

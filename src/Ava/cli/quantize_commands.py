@@ -6,77 +6,34 @@ Registered by :func:`add_commands` from :func:`Ava.cli.main.build_parser`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import AvaCheckpointError, AvaConfigError, AvaDataError, AvaError
+from ..errors import AvaCheckpointError, AvaConfigError
 from ..utils.output_paths import check_output_dir
 
 if TYPE_CHECKING:
-    from ..config import EnhancedTrainingConfig
+    from ..evaluation.comprehensive_eval import ValidationSplit
     from ..models import EnhancedMoEModel
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP_SIZE = 64  # = Ava.layers.quantized.DEFAULT_INT4_GROUP_SIZE (cli imports stay light)
 
 
-def validation_config(checkpoint: Path) -> EnhancedTrainingConfig:
-    """The run's training config saved in the checkpoint, checked to have a validation split.
-
-    Raises:
-        AvaDataError: the config.yaml is not a full training config, or the run has no
-            validation split (the message points at ``--no-eval``).
-    """
-    import yaml
-
-    from ..config import EnhancedTrainingConfig
-    from ..config.checkpoint_layout import CONFIG_FILE
-
-    try:
-        raw = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-        config = EnhancedTrainingConfig.from_dict(raw, source=str(checkpoint / CONFIG_FILE))
-    except (OSError, yaml.YAMLError, AvaError, TypeError, AttributeError) as err:
-        raise AvaDataError(f"{checkpoint / CONFIG_FILE} is not a full training config ({err}); pass --no-eval "
-                           "to quantize without the perplexity comparison") from None
-    if config.data.val_fraction == 0:
-        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --no-eval")
-    return config
-
-
-@dataclass(frozen=True)
-class ValidationSplit:
-    """The run's validation windows and how ``ava eval`` scores them (batch size, precision)."""
-
-    dataset: Any
-    batch_size: int
-    max_batches: int
-    autocast_dtype: Any
-    document_mask: bool
+_NO_EVAL = ("--no-eval", "to quantize without the perplexity comparison")  # the way around a missing split
 
 
 def validation_split(checkpoint: Path, max_tokens: int = 200_000) -> ValidationSplit:
-    """The run's validation split, rebuilt as ``ava eval`` does (the run's tokenizer, window
-    length and seed), capped at ``max_tokens`` (whole batches).
+    """The run's validation split, rebuilt as ``ava eval`` does
+    (:func:`~Ava.evaluation.comprehensive_eval.validation_split`), capped at ``max_tokens``.
 
     Raises:
-        AvaDataError: no full training config in the checkpoint, or no validation split.
+        AvaDataError: no full training config in the checkpoint, or no validation split
+            (the message points at ``--no-eval``).
     """
-    import torch
+    from ..evaluation.comprehensive_eval import validation_config, validation_split as rebuild
 
-    from ..config import TokenizerConfig
-    from ..config.checkpoint_layout import TOKENIZER_FILE
-    from ..data import prepare_data
-
-    config = validation_config(checkpoint)
-    batch_size, seq_len = config.training.batch_size, config.data.seq_len
-    max_batches = max(1, max_tokens // (batch_size * seq_len))
-    data_cfg = config.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(checkpoint / TOKENIZER_FILE))})
-    prepared = prepare_data(data_cfg, config.run.seed, eval_windows=max_batches * batch_size)
-    if prepared.val is None:
-        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --no-eval")
-    return ValidationSplit(prepared.val, batch_size, max_batches,
-                          torch.bfloat16 if config.precision.dtype == "bf16" else None, config.data.document_mask)
+    return rebuild(checkpoint, validation_config(checkpoint, *_NO_EVAL), max_tokens, _NO_EVAL[0])
 
 
 def validation_perplexity(split: ValidationSplit, model: EnhancedMoEModel, *, show: bool | None = None,
@@ -95,8 +52,7 @@ def validation_perplexity(split: ValidationSplit, model: EnhancedMoEModel, *, sh
     from ..evaluation.validation import validation_loss
     from ..utils.progress import progress_bar
 
-    windows = min(len(split.dataset), split.max_batches * split.batch_size)
-    with progress_bar(windows, desc, "window", show=show) as bar:
+    with progress_bar(split.windows, desc, "window", show=show) as bar:
         result = validation_loss(model, split.dataset, batch_size=split.batch_size, max_batches=split.max_batches,
                                  device="cpu", autocast_dtype=split.autocast_dtype,
                                  document_mask=split.document_mask, on_batch=bar.update)
@@ -128,7 +84,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise AvaConfigError(f"--out {out} is the checkpoint itself; choose another folder")
     check_output_dir(out, "quantized checkpoint folder")
     if not args.no_eval:
-        validation_config(checkpoint)  # no validation split: say so before any work
+        from ..evaluation.comprehensive_eval import validation_config
+
+        validation_config(checkpoint, *_NO_EVAL)  # no validation split: say so before any work
 
     model = EnhancedMoEModel.from_pretrained(checkpoint, verify=not args.no_verify)
     split = None if args.no_eval else validation_split(checkpoint, args.max_tokens)

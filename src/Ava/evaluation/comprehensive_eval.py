@@ -201,7 +201,7 @@ def run_evaluation(
             check_output_dir(folder, "report folder")
         except AvaOutputError as err:
             raise AvaOutputError(f"{err} with --out DIR (the default is a folder inside the checkpoint)") from None
-    validation_config = _validation_config(checkpoint) if not data and mc_rows is None else None
+    run_config = validation_config(checkpoint) if not data and mc_rows is None else None
     tokenizer_file = checkpoint / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise AvaCheckpointError(f"{tokenizer_file} is missing; evaluation needs the model's tokenizer")
@@ -214,8 +214,8 @@ def run_evaluation(
     if sources:
         prompts = _evaluate_files(model, tokenizer, sources, max_tokens, calibration, routing, results["sources"],
                                   show_progress)
-    elif validation_config is not None:
-        prompts = _evaluate_validation(model, tokenizer, checkpoint, validation_config, max_tokens, device,
+    elif run_config is not None:
+        prompts = _evaluate_validation(model, tokenizer, checkpoint, run_config, max_tokens, device,
                                        num_samples, calibration, routing, results["sources"], show_progress)
     if results["sources"]:
         results["calibration"] = {"ece": calibration.ece(), "bins": calibration.table(), "num_bins": ECE_BINS}
@@ -287,17 +287,61 @@ def _evaluate_files(
     return prompts
 
 
-def _validation_config(checkpoint: Path) -> EnhancedTrainingConfig:
-    """The run's training config from the checkpoint, checked to have a validation split."""
+@dataclass(frozen=True)
+class ValidationSplit:
+    """A run's validation windows, rebuilt from its checkpoint, and how the trainer scores them."""
+
+    dataset: Dataset
+    batch_size: int
+    max_batches: int
+    autocast_dtype: torch.dtype | None
+    document_mask: bool
+    documents_total: int | None
+
+    @property
+    def windows(self) -> int:
+        """The windows scored: the first ``max_batches`` whole batches, or all there are."""
+        return min(len(self.dataset), self.max_batches * self.batch_size)
+
+
+def validation_config(checkpoint: Path, option: str = "--data FILE",
+                      purpose: str = "to evaluate on explicit text files") -> EnhancedTrainingConfig:
+    """The run's training config from the checkpoint, checked to have a validation split.
+
+    Args:
+        checkpoint: the checkpoint folder.
+        option, purpose: the caller's way around a missing split, for the messages
+            ("pass --data FILE to evaluate on explicit text files").
+
+    Raises:
+        AvaDataError: the config.yaml is not a full training config, or the run has no
+            validation split.
+    """
     try:
         raw = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         config = EnhancedTrainingConfig.from_dict(raw, source=str(checkpoint / CONFIG_FILE))
     except (OSError, yaml.YAMLError, AvaError, TypeError, AttributeError) as err:
-        raise AvaDataError(f"{checkpoint / CONFIG_FILE} is not a full training config ({err}); pass --data FILE "
-                           "to evaluate on explicit text files") from None
+        raise AvaDataError(f"{checkpoint / CONFIG_FILE} is not a full training config ({err}); pass {option} "
+                           f"{purpose}") from None
     if config.data.val_fraction == 0:
-        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --data FILE")
+        raise AvaDataError(f"the run has no validation split (data.val_fraction 0); pass {option}")
     return config
+
+
+def validation_split(checkpoint: Path, config: EnhancedTrainingConfig, max_tokens: int,
+                     option: str = "--data FILE") -> ValidationSplit:
+    """The run's validation split rebuilt as the trainer built it (the run's own tokenizer, as a
+    resumed trainer uses it, never a retrained one; its window length and seed), capped at
+    ``max_tokens`` (whole batches). ``option`` is the caller's way around a missing split."""
+    batch_size, seq_len = config.training.batch_size, config.data.seq_len
+    max_batches = max(1, max_tokens // (batch_size * seq_len))
+    data_cfg = config.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(checkpoint / TOKENIZER_FILE))})
+    prepared = prepare_data(data_cfg, config.run.seed, eval_windows=max_batches * batch_size)
+    if prepared.val is None:
+        raise AvaDataError(f"the run has no validation split (data.val_fraction 0); pass {option}")
+    return ValidationSplit(prepared.val, batch_size, max_batches,
+                           torch.bfloat16 if config.precision.dtype == "bf16" else None,
+                           config.data.document_mask, prepared.stats.get("val_documents"))
 
 
 def _evaluate_validation(
@@ -307,23 +351,16 @@ def _evaluate_validation(
 ) -> list[str]:
     """Score the run's validation split as the trainer does, into ``into["validation"]``; returns
     sample prompts (the first words of the first validation windows)."""
-    batch_size, seq_len = config.training.batch_size, config.data.seq_len
-    max_batches = max(1, max_tokens // (batch_size * seq_len))
-    # the run's own tokenizer, as a resumed trainer uses it (never a retrained one)
-    data_cfg = config.data.model_copy(update={"tokenizer": TokenizerConfig(path=str(checkpoint / TOKENIZER_FILE))})
-    prepared = prepare_data(data_cfg, config.run.seed, eval_windows=max_batches * batch_size)
-    if prepared.val is None:
-        raise AvaDataError("the run has no validation split (data.val_fraction 0); pass --data FILE")
-    windows = min(len(prepared.val), max_batches * batch_size)
-    with progress_bar(windows, "eval validation", "window", show=show_progress) as bar:
+    split = validation_split(checkpoint, config, max_tokens)
+    with progress_bar(split.windows, "eval validation", "window", show=show_progress) as bar:
         result = validation_loss(
-            model, prepared.val, batch_size=batch_size, max_batches=max_batches, device=device,
-            autocast_dtype=torch.bfloat16 if config.precision.dtype == "bf16" else None,
-            document_mask=config.data.document_mask, calibration=calibration, routing=routing, on_batch=bar.update,
+            model, split.dataset, batch_size=split.batch_size, max_batches=split.max_batches, device=device,
+            autocast_dtype=split.autocast_dtype, document_mask=split.document_mask, calibration=calibration,
+            routing=routing, on_batch=bar.update,
         )
-    into["validation"] = {**_source_result(result), "documents": _documents_in_windows(prepared.val, windows),
-                          "documents_total": prepared.stats.get("val_documents")}
-    sample_windows = [prepared.val[i]["input_ids"] for i in range(min(num_samples, len(prepared.val)))]
+    into["validation"] = {**_source_result(result), "documents": _documents_in_windows(split.dataset, split.windows),
+                          "documents_total": split.documents_total}
+    sample_windows = [split.dataset[i]["input_ids"] for i in range(min(num_samples, len(split.dataset)))]
     return [" ".join(tokenizer.decode(ids[:64].tolist()).split()[:4]) for ids in sample_windows]
 
 

@@ -117,17 +117,10 @@ def read_prompts(file: str | Path) -> list[str]:
     Raises:
         AvaDataError: the file is missing, unreadable, not UTF-8, or holds no prompt at all.
     """
+    from ..utils.input_files import read_input_text
+
     path = Path(file).expanduser()
-    if path.is_dir():
-        raise AvaDataError(f"--file {path}: is a folder; give a text file with one prompt per line")
-    if not path.is_file():
-        raise AvaDataError(f"--file {path}: no such file; give a text file with one prompt per line")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise AvaDataError(f"--file {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise AvaDataError(f"--file {path}: cannot read it ({err.strerror or err})") from None
+    text = read_input_text(path, "--file", "a text file with one prompt per line")
     prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise AvaDataError(f"--file {path}: no prompts (the file is empty or holds only blank lines); "

@@ -46,6 +46,7 @@ import torch
 
 from ..data.records import plural
 from ..errors import AvaDataError
+from ..utils.input_files import read_input_text
 
 if TYPE_CHECKING:
     from ..data import AvaTokenizer
@@ -79,16 +80,7 @@ def read_multiple_choice(path: str | Path) -> list[dict[str, Any]]:
             the line and what is wrong with it).
     """
     path = Path(path)
-    if not path.exists():
-        raise AvaDataError(f"--mc {path}: no such file; give a JSONL file with one {_ROW_FORMAT} per line")
-    if not path.is_file():
-        raise AvaDataError(f"--mc {path}: is a folder; give a JSONL file with one {_ROW_FORMAT} per line")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise AvaDataError(f"--mc {path}: not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL") from None
-    except OSError as err:
-        raise AvaDataError(f"--mc {path}: cannot read it ({err.strerror or err})") from None
+    text = read_input_text(path, "--mc", f"a JSONL file with one {_ROW_FORMAT} per line", "UTF-8 JSONL")
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():

@@ -3,6 +3,7 @@ bytes, activations close to what autograd keeps, and ``ava config check/show`` p
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,13 @@ def test_config_show_appends_the_estimate_as_yaml_comments(capsys):
     assert shown["model"]["hidden_size"] == 64 and "memory" not in shown
     tail = out[out.index("# memory estimate"):].splitlines()
     assert all(line.startswith("#") for line in tail) and any("optimizer state" in line for line in tail)
+
+
+def test_auto_strategy_is_the_trainers_rule():
+    """The estimate sizes ``strategy: auto`` with the distributed trainer's own rule."""
+    from Ava.training.distributed_manager import TRAINING_BYTES_PER_PARAMETER, auto_strategy
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = torch.device("cpu")
+    assert auto_strategy(1000, cpu, 2) == "ddp"
+    assert auto_strategy(ram // TRAINING_BYTES_PER_PARAMETER, cpu, 2) == "fsdp2"  # half the RAM per rank

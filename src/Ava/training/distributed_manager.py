@@ -113,7 +113,6 @@ class DistributedParallelism(Parallelism):
             self.ep_mesh = init_device_mesh(device.type, (self.world_size // ep, ep), mesh_dim_names=("dp", "ep"))
         self._expert_names: set[str] = set()  # sharded expert parameters (FQNs of the unwrapped model)
         self._expert_params: list[nn.Parameter] = []
-        self.max_device_bytes = _device_bytes(device, self.world_size)
 
     def describe(self) -> str:
         experts = f", {self.ep_size}-way expert parallel" if self.ep_size > 1 else ""
@@ -125,8 +124,7 @@ class DistributedParallelism(Parallelism):
         """``ddp`` or ``fsdp2`` for a model of ``num_parameters`` (``strategy: auto`` decides by size)."""
         if self.requested in ("ddp", "fsdp2"):
             return self.requested
-        need = num_parameters * TRAINING_BYTES_PER_PARAMETER
-        return "fsdp2" if need > self.max_device_bytes else "ddp"
+        return auto_strategy(num_parameters, self.device, self.world_size)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard the experts (expert parallelism), then DDP or FSDP2 over all ranks.
@@ -315,6 +313,14 @@ class DistributedParallelism(Parallelism):
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def auto_strategy(num_parameters: int, device: torch.device, world_size: int) -> str:
+    """``distributed.strategy: auto`` on several processes: ``fsdp2`` when one rank's model with
+    AdamW state (:data:`TRAINING_BYTES_PER_PARAMETER` per parameter) would not fit its memory
+    (its GPU, or its share of this machine's RAM), else ``ddp``. The memory estimate uses it too."""
+    need = num_parameters * TRAINING_BYTES_PER_PARAMETER
+    return "fsdp2" if need > _device_bytes(device, world_size) else "ddp"
 
 
 def _device_bytes(device: torch.device, world_size: int) -> int:

@@ -244,12 +244,11 @@ def _resolve_strategy(config: EnhancedTrainingConfig, ranks: int, param_bytes: i
     requested = config.distributed.strategy
     if requested in ("ddp", "fsdp2"):
         return requested
-    from .distributed_manager import TRAINING_BYTES_PER_PARAMETER
+    from .distributed_manager import auto_strategy
 
     if device.type == "cuda" and not torch.cuda.is_available():
         return "ddp"  # no GPU here to size against (the device checks report it)
-    per_rank = param_bytes // FP32 * TRAINING_BYTES_PER_PARAMETER
-    return "fsdp2" if per_rank > total_memory(device, ranks) else "ddp"
+    return auto_strategy(param_bytes // FP32, device, ranks)
 
 
 def estimate_memory(config: EnhancedTrainingConfig, ranks: int = 1,
@@ -349,15 +348,6 @@ def available_memory(device: str | torch.device) -> int:
     if available is not None:
         return available
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def total_memory(device: str | torch.device, ranks: int = 1) -> int:
-    """Total memory of ``device`` one of ``ranks`` local processes may count on (its GPU's, or a
-    share of the machine's RAM)."""
-    device = _device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(ranks, 1)
 
 
 def check_fits(config: EnhancedTrainingConfig, device: str | torch.device, ranks: int = 1, *,

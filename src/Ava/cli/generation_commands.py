@@ -312,9 +312,20 @@ def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``ava export RUN_DIR --format hf --out DIR`` or ``--format gguf --quant Q --out FILE.gguf``."""
+    """``ava export RUN_DIR --format hf --out DIR``, ``--format gguf --quant Q --out FILE.gguf`` or
+    ``--format peft --out DIR`` (a LoRA fine-tune's adapters)."""
     from ..utils.logging import setup_logging
 
+    if args.format == "peft":
+        from ..interop.peft_export import export_peft
+
+        if args.dtype is not None or args.arch != "auto" or args.quant is not None:
+            raise AvaConfigError("--dtype, --arch and --quant do not apply to --format peft (the adapters are "
+                                 "written as trained, fp32)")
+        check_out_folder(args.out, args.force)
+        setup_logging()  # the export logs what it wrote where
+        export_peft(args.path, args.out, verify=not args.no_verify)
+        return 0
     if args.format == "gguf":
         from ..interop import export_gguf
 
@@ -421,9 +432,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     exp = sub.add_parser("export", parents=[common],
                          help="export a checkpoint as a Hugging Face folder or a GGUF file (llama.cpp, Ollama)")
     exp.add_argument("path", help="run folder, checkpoint folder or Ava model folder")
-    exp.add_argument("--format", choices=["hf", "gguf"], default="hf",
-                     help="output format: hf = transformers folder (default), gguf = one llama.cpp / Ollama file")
-    exp.add_argument("--out", required=True, help="folder to write (hf) or FILE.gguf (gguf)")
+    exp.add_argument("--format", choices=["hf", "gguf", "peft"], default="hf",
+                     help="output format: hf = transformers folder (default), gguf = one llama.cpp / Ollama file, "
+                          "peft = a LoRA fine-tune's adapters for PeftModel over the hf export of its base")
+    exp.add_argument("--out", required=True, help="folder to write (hf, peft) or FILE.gguf (gguf)")
     exp.add_argument("--arch", choices=["auto", "qwen3_moe", "mixtral", "olmoe"], default="auto",
                      help="HF architecture (auto = Mixtral when the model fits it, else OLMoE for "
                           "model.qk_norm_scope full, else Qwen3-MoE)")

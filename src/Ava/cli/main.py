@@ -95,6 +95,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from ..utils.output_paths import check_output_dir
 
     config = load_config(args.config, args.overrides)
+    if config.finetune is not None:  # the base's architecture (and a missing base, reported here)
+        from ..training.finetune import adopt_base
+
+        config, _ = adopt_base(config)
     warnings = [i for i in check_compatibility(config, environment=True) if i.severity == "warning"]
     for issue in warnings:
         print(f"warning: {issue}")
@@ -264,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .quantize_commands import add_commands as add_quantize_commands
 
     add_quantize_commands(sub, common)
+
+    # merge-lora (LoRA fine-tunes)
+    from .finetune_commands import add_commands as add_finetune_commands
+
+    add_finetune_commands(sub, common)
     return parser
 
 

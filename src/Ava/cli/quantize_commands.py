@@ -68,9 +68,10 @@ def default_output(checkpoint: Path, scheme: str, group_size: int | None) -> Pat
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``ava quantize RUN_OR_CKPT --int8 | --int4 [--group-size N] | --fp8 [--out DIR] [--no-eval]``."""
     from ..config.checkpoint_layout import WEIGHTS_FILE, resolve_checkpoint
+    from ..layers.lora import LORA_FILE
     from ..layers.quantized import read_quantization
     from ..models import EnhancedMoEModel
-    from ..optimization.quantization import quantize_model, save_quantized
+    from ..optimization.quantization import quantize_model, save_quantized, state_bytes
 
     scheme = args.scheme
     if args.group_size is not None and scheme != "int4":
@@ -88,7 +89,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         validation_config(checkpoint, *_NO_EVAL)  # no validation split: say so before any work
 
-    model = EnhancedMoEModel.from_pretrained(checkpoint, verify=not args.no_verify)
+    model = EnhancedMoEModel.from_pretrained(checkpoint, verify=not args.no_verify)  # a LoRA fine-tune: merged
+    full_bytes = state_bytes(model)  # before quantizing (a fine-tune's own file holds only its adapters)
     split = None if args.no_eval else validation_split(checkpoint, args.max_tokens)
     ppl_before = None if split is None else validation_perplexity(split, model, desc="validation (full precision)")
     spec = quantize_model(model, scheme, group_size)
@@ -97,7 +99,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ppl_after = None if split is None else validation_perplexity(split, quantized, desc=f"validation ({scheme})")
 
     name = f"{scheme} (group size {group_size})" if group_size else scheme
-    before, after = (checkpoint / WEIGHTS_FILE).stat().st_size, (out / WEIGHTS_FILE).stat().st_size
+    before = full_bytes if (checkpoint / LORA_FILE).is_file() else (checkpoint / WEIGHTS_FILE).stat().st_size
+    after = (out / WEIGHTS_FILE).stat().st_size
     print(f"quantized {len(spec['modules'])} modules to {name}; full precision: {spec['full_precision']}")
     print(f"size: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.3f}x)")
     if ppl_before is not None and ppl_after is not None:

@@ -101,6 +101,16 @@ class DataConfig(AvaSection):
     max_documents: int | None = Field(
         None, ge=1, description="Use at most this many documents (after a deterministic shuffle)."
     )
+    packing: bool = Field(
+        True,
+        description="Pack documents into rows of data.seq_len tokens; false = each document/row is its own "
+        "sequence (truncated to data.seq_len), right-padded in the batch, padding without loss.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        None, ge=2,
+        description="data.packing false: micro-batches built to this token budget (rows × longest row) from "
+        "length-sorted buckets; null = training.batch_size rows per micro-batch.",
+    )
     document_mask: bool = Field(
         False,
         description="Block-diagonal attention inside packed rows: tokens attend only to their own document "

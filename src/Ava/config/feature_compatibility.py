@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -71,6 +72,8 @@ class Issue:
 def check_compatibility(config: ConfigSections, *, environment: bool = False) -> list[Issue]:
     """Every issue of ``config``: structural rules always, machine rules when ``environment``."""
     issues = _model_rules(config) + _training_rules(config)
+    issues += _memory_rules(config)
+    issues += _finetune_rules(config)
     if environment:
         issues += _environment_rules(config)
     return issues
@@ -139,7 +142,7 @@ def model_issues(m: "ModelConfig") -> list[Issue]:
         issues.append(Issue(
             "model.moe.first_dense_layers", "every layer is dense, so the model has no experts", "warning"
         ))
-    return issues + _moe_issues(m) + _loss_issues(m)
+    return issues + _moe_issues(m) + _loss_issues(m) + _attention_issues(m)
 
 
 def _loss_issues(m: "ModelConfig") -> list[Issue]:
@@ -181,6 +184,63 @@ def _loss_issues(m: "ModelConfig") -> list[Issue]:
     if len(set(weighted)) != len(weighted):
         issues.append(Issue("model.loss.uncertainty_weighting", f"{weighted} lists a term twice; list each once"))
     return issues
+
+
+def _attention_issues(m: "ModelConfig") -> list[Issue]:
+    """Rules of ``model.attention`` with ``model.moh``, ``model.moa`` and ``model.cross_attention``."""
+    issues = []
+    if m.attention == "moh":
+        moh, H = m.moh, m.num_heads
+        routed = H - moh.shared_heads
+        if routed < 1:
+            issues.append(Issue(
+                "model.moh.shared_heads",
+                f"{moh.shared_heads} leaves no routed head among model.num_heads={H}; set shared_heads below num_heads",
+            ))
+        elif moh.top_k > routed:
+            issues.append(Issue(
+                "model.moh.top_k",
+                f"{moh.top_k} is more than the {routed} routed head{'' if routed == 1 else 's'} (num_heads={H} − shared_heads="
+                f"{moh.shared_heads}); set top_k ≤ {routed}",
+            ))
+        elif moh.top_k == routed:
+            issues.append(Issue(
+                "model.moh.top_k",
+                f"{moh.top_k} selects every routed head, so no head is ever skipped (MoH only reweights the heads); "
+                f"lower top_k below {routed} or use model.attention: standard",
+                "warning",
+            ))
+    if m.attention == "moa":
+        moa = m.moa
+        if moa.top_k > moa.num_experts:
+            issues.append(Issue(
+                "model.moa.top_k",
+                f"{moa.top_k} is more than model.moa.num_experts={moa.num_experts}; set top_k ≤ num_experts",
+            ))
+        if m.num_kv_heads != 1:
+            issues.append(Issue(
+                "model.num_kv_heads",
+                f"{m.num_kv_heads} with model.attention: moa, whose head experts share one key/value head; "
+                "set num_kv_heads: 1 (or null)",
+            ))
+    if m.cross_attention.every > m.num_layers:
+        issues.append(Issue(
+            "model.cross_attention.every",
+            f"{m.cross_attention.every} leaves no cross-attention block among the "
+            f"{m.num_layers} layer{'' if m.num_layers == 1 else 's'} (layer i has one when (i+1) % every == 0); lower it or "
+            "set 0",
+            "warning",
+        ))
+    return issues
+
+
+def attention_balance_coef(m: "ModelConfig") -> float:
+    """The coefficient of the head router's balancing term (``moh``/``moa`` aux_loss_coef); 0 otherwise."""
+    if m.attention == "moh":
+        return m.moh.aux_loss_coef
+    if m.attention == "moa":
+        return m.moa.aux_loss_coef
+    return 0.0
 
 
 _SCORE_ROUTERS = ("softmax", "sigmoid", "switch", "noisy_topk")  # token-choice over learned scores
@@ -346,7 +406,45 @@ def _training_rules(config: ConfigSections) -> list[Issue]:
             "scheduler.lr_end",
             f"{s.lr_end} is above training.learning_rate={t.learning_rate}; set lr_end ≤ learning_rate",
         ))
-    return issues + _optimizer_rules(config) + _surgery_rules(config) + _progressive_rules(config) + _data_rules(config)
+    return (issues + _optimizer_rules(config) + _surgery_rules(config) + _progressive_rules(config) + _data_rules(config)
+            + _batching_rules(config))
+
+
+def _memory_rules(config: ConfigSections) -> list[Issue]:
+    """``memory`` (episodic replay) against the batch it mixes into and the backward it reads."""
+    memory = getattr(config, "memory", None)
+    if memory is None or not memory.enabled:
+        return []
+    issues = []
+    rows = config.training.batch_size
+    replayed = max(0, math.floor(memory.replay_ratio * rows + 0.5))  # Ava.memory.episodic_memory.replay_rows
+    if replayed >= rows:
+        issues.append(Issue(
+            "memory.replay_ratio",
+            f"{memory.replay_ratio} of training.batch_size={rows} rounds to {replayed} replayed "
+            f"row{'' if replayed == 1 else 's'}, leaving no fresh row; lower it below {(rows - 0.5) / rows:.3g} "
+            "or raise batch_size",
+        ))
+    elif replayed == 0 and memory.replay_ratio > 0:
+        issues.append(Issue(
+            "memory.replay_ratio",
+            f"{memory.replay_ratio} of training.batch_size={rows} rounds to 0 rows, so nothing is replayed; "
+            f"raise it to at least {0.5 / rows:.3g} or raise batch_size",
+            "warning",
+        ))
+    if memory.score == "grad_norm" and config.gradient.surgery.method != "none":
+        issues.append(Issue(
+            "memory.score",
+            f"grad_norm reads the hidden states' gradient of one backward, gradient.surgery.method="
+            f"{config.gradient.surgery.method} runs one per loss term; use score: loss or surprise, or method: none",
+        ))
+    if not getattr(config.data, "packing", True):
+        issues.append(Issue(
+            "memory.enabled",
+            "replayed rows change the labelled positions that data.packing: false weighs each micro-batch's loss "
+            "by (counted before the step); set memory.enabled: false or data.packing: true",
+        ))
+    return issues
 
 
 def _data_rules(config: ConfigSections) -> list[Issue]:
@@ -392,6 +490,18 @@ def _optimizer_rules(config: ConfigSections) -> list[Issue]:
             "optimizer.name",
             "sophia's Hessian refresh runs its own backward, which fp16 loss scaling does not cover; "
             "use precision.dtype: bf16 or fp32, or another optimizer",
+        ))
+    if o.name == "sophia" and config.precision.param_dtype == "bf16":
+        issues.append(Issue(
+            "precision.param_dtype",
+            "sophia's Hessian estimate lives on the model's weights, not on fp32 master copies; use "
+            "param_dtype: fp32 with sophia, or another optimizer",
+        ))
+    if config.precision.param_dtype == "bf16" and config.distributed.strategy == "fsdp2":
+        issues.append(Issue(
+            "precision.param_dtype",
+            "bf16 weights with fp32 masters are not set up for fsdp2 (its shards are the optimizer's "
+            "parameters); use distributed.strategy: ddp or none, or param_dtype: fp32",
         ))
     if o.name == "lion" and t.learning_rate >= 1e-3:
         issues.append(Issue(
@@ -441,11 +551,47 @@ def model_loss_terms(m: "ModelConfig") -> list[str]:
             terms.append("global_load_balance")
         if m.moe.coef_peak("z_loss_coef") > 0:
             terms.append("z_loss")
+    if attention_balance_coef(m) > 0:  # model.attention moh / moa: the head router's balancing loss
+        terms.append("attention_balance")
     if m.mtp.num_heads > 0:
         terms.append("mtp")
     if m.loss.uncertainty_weighting:
         terms.append("uncertainty")
     return terms
+
+
+def _batching_rules(config: ConfigSections) -> list[Issue]:
+    """``data.packing: false`` and ``data.max_tokens_per_batch`` against the paths that need packed rows."""
+    d, t, p = config.data, config.training, config.progressive
+    if d.packing:
+        if d.max_tokens_per_batch is not None:
+            return [Issue("data.max_tokens_per_batch", "packed rows all hold data.seq_len tokens, so a token budget "
+                          "needs data.packing: false; set training.batch_size instead, or packing: false")]
+        return []
+    issues = []
+    if d.streaming:
+        issues.append(Issue("data.packing", "false needs every row's length up front, which data.streaming never "
+                            "has; set streaming: false, or prepare the data (`ava prepare`) and use data.prepared"))
+    if p.seq_len_warmup.start is not None or p.batch_size_ramp.start is not None or p.curriculum.by != "none":
+        issues.append(Issue("progressive", "sequence-length warmup, batch-size ramp and curriculum schedule packed "
+                            "windows; turn them off (start: null, curriculum.by: none) or set data.packing: true"))
+    if config.gradient.surgery.method != "none":
+        issues.append(Issue("gradient.surgery.method", "its per-term backward is not weighted per loss token as "
+                            "data.packing: false needs; set method: none or data.packing: true"))
+    memory = getattr(config, "memory", None)
+    if memory is not None and memory.enabled:
+        issues.append(Issue("memory.enabled", "replayed rows are packed windows and would change the step's loss "
+                            "tokens counted for data.packing: false; set memory.enabled: false or data.packing: true"))
+    if d.max_tokens_per_batch is not None:
+        if t.global_batch_size is not None:
+            issues.append(Issue("training.global_batch_size", "counts sequences, but data.max_tokens_per_batch "
+                                "sizes micro-batches by tokens; set training.grad_accum_steps instead, or remove "
+                                "max_tokens_per_batch"))
+        seq_len = d.seq_len or config.model.max_seq_len
+        if seq_len is not None and d.max_tokens_per_batch < seq_len:
+            issues.append(Issue("data.max_tokens_per_batch", f"{d.max_tokens_per_batch} is below data.seq_len="
+                                f"{seq_len}, so a row of full length fits no micro-batch; use at least {seq_len}"))
+    return issues
 
 
 def _surgery_rules(config: ConfigSections) -> list[Issue]:
@@ -706,3 +852,30 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: data}
+
+
+def _finetune_rules(config: ConfigSections) -> list[Issue]:
+    """LoRA / QLoRA (``finetune``): what the adapters do not run with yet."""
+    ft = getattr(config, "finetune", None)
+    if ft is None:
+        return []
+    issues = []
+    d = config.distributed
+    if d.strategy == "fsdp2":
+        issues.append(Issue("distributed.strategy", "fsdp2 does not shard LoRA adapters over a frozen base; use "
+                            "ddp (the adapters are small) or none"))
+    if d.expert_parallel > 1:
+        issues.append(Issue("distributed.expert_parallel", "LoRA on experts split over ranks is not supported; "
+                            "set expert_parallel: 1"))
+    if config.precision.qat is not None or config.precision.fp8.enabled:
+        key = "precision.qat" if config.precision.qat is not None else "precision.fp8.enabled"
+        issues.append(Issue(key, "a fine-tune's base is frozen (quantize it with finetune.base_quant); "
+                            "turn this off for LoRA"))
+    if config.optimizer.name in ("sophia", "muon"):
+        issues.append(Issue("optimizer.name", f"{config.optimizer.name} is not set up for LoRA adapters; use "
+                            "adamw, lion or adafactor"))
+    if config.model.attention != "standard" or config.model.cross_attention.every:
+        key = "model.attention" if config.model.attention != "standard" else "model.cross_attention.every"
+        issues.append(Issue(key, "LoRA adapters are placed on standard attention only so far; fine-tune a base "
+                            "with model.attention: standard and no cross-attention"))
+    return issues

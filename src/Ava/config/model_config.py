@@ -1,8 +1,8 @@
 """The ``model`` section: decoder, MoE layer, multi-token prediction and loss settings.
 
 Sizes left unset are derived from the ones given (SPEC §3): ``num_heads = max(1, hidden_size // 64)``,
-``num_kv_heads = num_heads``, ``head_dim = hidden_size // num_heads``, ``intermediate_size =
-moe_intermediate_size ≈ 8/3 · hidden_size`` (rounded up to a multiple of 32).
+``num_kv_heads = num_heads`` (1 with ``attention: moa``), ``head_dim = hidden_size // num_heads``,
+``intermediate_size = moe_intermediate_size ≈ 8/3 · hidden_size`` (rounded up to a multiple of 32).
 """
 
 from __future__ import annotations
@@ -259,6 +259,61 @@ class LossConfig(AvaSection):
         return ("on" if value else "off") if isinstance(value, bool) else value
 
 
+class MoHConfig(AvaSection):
+    """Mixture-of-head attention (Jin et al. 2024), used when ``model.attention`` is ``moh``."""
+
+    shared_heads: int = Field(
+        0, ge=0,
+        description="Heads every token uses (the first shared_heads of model.num_heads); the others are routed. "
+        "With shared heads the two groups' weights are mixed per token by a learned 2-way softmax (the paper's "
+        "two-stage weighting). 0 = every head is routed.",
+    )
+    top_k: int | None = Field(
+        None, ge=1,
+        description="Routed heads each token uses, chosen by a per-token softmax router over the routed heads; "
+        "null = half the routed heads, rounded up. Equal to the number of routed heads = every head on.",
+    )
+    aux_loss_coef: float = Field(
+        0.01, ge=0.0,
+        description="Coefficient of the head router's load-balancing loss R·Σ f_i·P_i over the R routed heads (1 "
+        "when uniform), averaged over layers and reported as aux_losses['attention_balance']; 0 = off.",
+    )
+
+
+class MoAConfig(AvaSection):
+    """Mixture of attention heads (Zhang et al. 2022), used when ``model.attention`` is ``moa``."""
+
+    num_experts: int | None = Field(
+        None, ge=1,
+        description="Attention-head experts, each with its own query and output projection (head_dim wide); one "
+        "key/value head is shared by all of them. null = 2 × model.num_heads.",
+    )
+    top_k: int | None = Field(
+        None, ge=1,
+        description="Experts each token uses (softmax router, top-k weights renormalised to sum to 1); null = "
+        "model.num_heads, so a token runs as many heads as standard attention.",
+    )
+    aux_loss_coef: float = Field(
+        0.01, ge=0.0,
+        description="Coefficient of the expert router's load-balancing loss E·Σ f_i·P_i (1 when uniform), "
+        "averaged over layers and reported as aux_losses['attention_balance']; 0 = off.",
+    )
+
+
+class CrossAttentionConfig(AvaSection):
+    """Gated cross-attention blocks that attend from the tokens to an external context sequence."""
+
+    every: int = Field(
+        0, ge=0,
+        description="Layer i (0-based) of the main stack gets a cross-attention block after its self-attention "
+        "when (i+1) % every == 0; 0 = none. The block reads the `context` (B, S, context_size) passed to the "
+        "model's forward; with no context (None or S = 0) it is skipped and the layer is unchanged.",
+    )
+    context_size: int | None = Field(
+        None, ge=1, description="Width of the context vectors; null = hidden_size (e.g. the model's own hidden states)."
+    )
+
+
 class ModelConfig(AvaSection):
     """Decoder-only MoE transformer."""
 
@@ -271,7 +326,8 @@ class ModelConfig(AvaSection):
     num_layers: int = Field(4, ge=1, description="Number of decoder layers.")
     num_heads: int | None = Field(None, ge=1, description="Attention heads; null = max(1, hidden_size // 64).")
     num_kv_heads: int | None = Field(
-        None, ge=1, description="Key/value heads for grouped-query attention; null = num_heads."
+        None, ge=1,
+        description="Key/value heads for grouped-query attention; null = num_heads (1 with attention: moa).",
     )
     head_dim: int | None = Field(
         None, ge=2,
@@ -296,6 +352,21 @@ class ModelConfig(AvaSection):
     tie_embeddings: bool = Field(False, description="Share the input embedding with the output head.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residual branches.")
     initializer_range: float = Field(0.02, gt=0.0, description="Std of the normal weight init.")
+    attention: Literal["standard", "moh", "moa"] = Field(
+        "standard",
+        description="Self-attention kind. standard: grouped-query multi-head attention; moh: mixture-of-head "
+        "attention, a per-token router picks top-k heads and weights their outputs (settings: model.moh); moa: "
+        "mixture of attention heads, top-k of a pool of head experts with shared keys/values (model.moa). moh "
+        "and moa are experimental: not exported to HF or GGUF. See docs/experimental_attention.md.",
+    )
+    moh: MoHConfig = Field(default_factory=MoHConfig, description="Mixture-of-head attention (model.attention: moh).")
+    moa: MoAConfig = Field(
+        default_factory=MoAConfig, description="Mixture of attention heads (model.attention: moa)."
+    )
+    cross_attention: CrossAttentionConfig = Field(
+        default_factory=CrossAttentionConfig,
+        description="Gated cross-attention to an external context sequence (experimental; every: 0 = off).",
+    )
     moe: MoEConfig = Field(default_factory=MoEConfig, description="Mixture-of-Experts settings.")
     mtp: MTPConfig = Field(default_factory=MTPConfig, description="Multi-token prediction heads (DeepSeek-V3).")
     loss: LossConfig = Field(
@@ -310,8 +381,8 @@ class ModelConfig(AvaSection):
         # object.__setattr__ avoids re-entering validation (validate_assignment=True).
         if self.num_heads is None:
             object.__setattr__(self, "num_heads", max(1, self.hidden_size // 64))
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.num_kv_heads is None:  # MoA's experts share one key/value head
+            object.__setattr__(self, "num_kv_heads", 1 if self.attention == "moa" else self.num_heads)
         if self.head_dim is None and self.hidden_size % self.num_heads == 0:
             # Left null otherwise: feature_compatibility.model_issues reports it with the fix.
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
@@ -319,6 +390,14 @@ class ModelConfig(AvaSection):
             object.__setattr__(self, "intermediate_size", _swiglu_width(self.hidden_size))
         if self.moe.moe_intermediate_size is None:
             object.__setattr__(self.moe, "moe_intermediate_size", _swiglu_width(self.hidden_size))
+        if self.moh.top_k is None:
+            object.__setattr__(self.moh, "top_k", max(1, (self.num_heads - self.moh.shared_heads + 1) // 2))
+        if self.moa.num_experts is None:
+            object.__setattr__(self.moa, "num_experts", 2 * self.num_heads)
+        if self.moa.top_k is None:
+            object.__setattr__(self.moa, "top_k", self.num_heads)
+        if self.cross_attention.context_size is None:
+            object.__setattr__(self.cross_attention, "context_size", self.hidden_size)
         return self
 
     @property

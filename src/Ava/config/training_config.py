@@ -36,6 +36,7 @@ from .base import AvaSection
 from .data_config import DataConfig
 from .feature_compatibility import check_compatibility, raise_on_errors, trains_tokenizer, vocab_size_is_derived
 from .loading import apply_overrides, dump_yaml, read_config_file, validation_problems
+from .finetune_config import FinetuneConfig
 from .model_config import ModelConfig
 from .training_sections import (
     PERFORMANCE_PRESETS,
@@ -44,6 +45,7 @@ from .training_sections import (
     EvaluationConfig,
     GradientConfig,
     LoggingConfig,
+    MemoryConfig,
     OptimizerConfig,
     PerformanceConfig,
     PrecisionConfig,
@@ -82,6 +84,13 @@ class EnhancedTrainingConfig(AvaSection):
         description="Speed and memory: presets, CPU allocator, torch.compile, activation checkpointing.",
     )
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig, description="Episodic replay memory of training sequences (off by default)."
+    )
+    finetune: FinetuneConfig | None = Field(
+        None, description="LoRA / QLoRA fine-tuning of a trained base model (its architecture and tokenizer "
+        "replace model and data.tokenizer); null = train the model from scratch.",
+    )
 
     @model_validator(mode="after")
     def _resolve_cross_section(self) -> EnhancedTrainingConfig:

@@ -245,6 +245,11 @@ class PrecisionConfig(AvaSection):
         description="fp32; bf16 autocast (CPU and CUDA) with fp32 master weights; or fp16 autocast with fp32 "
         "master weights and dynamic loss scaling (one process or ddp).",
     )
+    param_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Storage of the model's weights while training: fp32, or bf16 with fp32 master copies in "
+        "the optimizer (no per-step weight casts, half the weight memory; needs dtype bf16).",
+    )
     loss_scale_init: float = Field(
         2.0**16, gt=0.0, description="fp16: the initial loss scale (halved after every overflowing step)."
     )
@@ -265,6 +270,11 @@ class PrecisionConfig(AvaSection):
                              "the range loss scaling is for); set precision.dtype: bf16")
         if self.fp8.enabled and self.qat is not None:
             raise ValueError("fp8 training and qat both rewrite the forward's weights; use one of them")
+        if self.param_dtype == "bf16" and self.dtype != "bf16":
+            raise ValueError(f"param_dtype bf16 computes in bf16: set dtype: bf16 (now {self.dtype}), or "
+                             "param_dtype: fp32")
+        if self.param_dtype == "bf16" and (self.fp8.enabled or self.qat is not None):
+            raise ValueError("param_dtype bf16 with fp8 training or qat is not supported; use param_dtype: fp32")
         return self
 
 
@@ -472,6 +482,39 @@ class PerformanceConfig(AvaSection):
         description="Recompute each decoder layer's activations in backward instead of keeping them "
         "(torch.utils.checkpoint, non-reentrant): less activation memory for about one more forward pass "
         "per step. Training only.",
+    )
+
+
+class MemoryConfig(AvaSection):
+    """Episodic replay memory (memory/episodic_memory.py, docs/episodic_memory.md); off by default."""
+
+    enabled: bool = Field(
+        False, description="Keep a bounded memory of training sequences and replay them in later micro-batches."
+    )
+    capacity: int = Field(
+        1024, ge=1,
+        description="Sequences kept; when full, the ones of lowest importance are evicted. Saved in every "
+        "checkpoint (capacity × data.seq_len token ids per key of the batch).",
+    )
+    replay_ratio: float = Field(
+        0.25, ge=0.0, lt=1.0,
+        description="Share of each micro-batch's rows replaced by sequences from the memory: round(ratio × rows), "
+        "rounded half up, at most rows − 1 (fewer while the memory holds fewer).",
+    )
+    score: Literal["loss", "grad_norm", "surprise"] = Field(
+        "loss",
+        description="Importance of a sequence. loss: its mean next-token cross-entropy; grad_norm: the norm of the "
+        "loss gradient with respect to its final hidden states (read from the backward); surprise: its loss "
+        "minus the running mean of the loss. Replayed sequences are rescored each time they are replayed.",
+    )
+    retrieval: Literal["importance", "cosine", "euclidean"] = Field(
+        "importance",
+        description="Which stored sequences are replayed. importance: sampled with probability proportional to "
+        "importance (seeded by run.seed); cosine / euclidean: the nearest to the mean-pooled final hidden states "
+        "of the previous micro-batch (the sequences stored from that micro-batch excluded).",
+    )
+    start_step: int = Field(
+        0, ge=0, description="Replay from this optimizer step on; the memory is filled from the first step."
     )
 
 

@@ -16,9 +16,11 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from ..errors import AvaDataError
 from .mixture import MixtureDataset
 from .packing import PackedDataset, TokenStream
 from .records import DataReport, Document
+from .rows import RowDataset
 from .tokenizer import AvaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,32 +75,49 @@ def build_tokenizer(data: DataConfig, train_docs: Iterable[Document]) -> tuple[A
 
 def build_datasets(
     names: Sequence[str], train: dict[str, Sequence[TokenStream]], val: dict[str, Sequence[TokenStream]],
-    weights: dict[str, float], seq_len: int, seed: int,
+    weights: dict[str, float], seq_len: int, seed: int, packing: bool = True,
 ) -> tuple[Dataset, Dataset | None]:
     """Windows of every source, mixed by weight (a plain :class:`PackedDataset` for one source),
-    and the validation set of :func:`build_validation_set`."""
-    train_sets = [PackedDataset(list(train[n]), seq_len, split=f"train ({n})" if len(names) > 1 else "train")
+    and the validation set of :func:`build_validation_set`.
+
+    With ``packing=False`` (``data.packing: false``) each document is a row of its own
+    (:class:`~.rows.RowDataset`, truncated to ``seq_len``) instead of packed windows.
+    """
+    kind = PackedDataset if packing else RowDataset
+    train_sets = [kind(list(train[n]), seq_len, split=f"train ({n})" if len(names) > 1 else "train")
                   for n in names]
+    if not packing:
+        for rows in train_sets:
+            rows.log_summary()
     if len(names) == 1:
         train_set: Dataset = train_sets[0]
     else:
         train_set = MixtureDataset(train_sets, [weights[n] for n in names], seed, names=names)
-    return train_set, build_validation_set(names, val, seq_len, seed)
+    return train_set, build_validation_set(names, val, seq_len, seed, packing)
 
 
 def build_validation_set(
-    names: Sequence[str], val: dict[str, Sequence[TokenStream]], seq_len: int, seed: int,
+    names: Sequence[str], val: dict[str, Sequence[TokenStream]], seq_len: int, seed: int, packing: bool = True,
 ) -> Dataset | None:
     """Per-source validation windows, mixed in proportion to size and read in order.
 
     A source whose validation split is empty, or shorter than one window, is left out (with a
     warning). Samples keep the training source ids (``names`` order). None when no source has
-    a validation window.
+    a validation window. With ``packing=False`` the validation rows are documents, as in training.
     """
     val_sets, val_names = [], []
     for i, name in enumerate(names):
         streams = [s for s in val.get(name, []) if len(s)]
         if not streams:
+            continue
+        if not packing:
+            try:
+                val_sets.append(RowDataset(streams, seq_len, split="val", source_id=i))
+            except AvaDataError:
+                logger.warning("source %s: no validation row has a token to predict within %d tokens; "
+                               "it is left out of validation", name, seq_len)
+                continue
+            val_names.append(name)
             continue
         if sum(len(s) for s in streams) < seq_len:
             logger.warning("source %s: its validation split is shorter than one window of %d tokens; "

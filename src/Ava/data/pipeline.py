@@ -137,10 +137,13 @@ def prepare_data(
     prepared.stats["seconds"] = round(time.perf_counter() - start, 3)
     prepared.report.log()
     stats = prepared.stats
+    if not data.packing:
+        stats["packing"] = False  # each document its own row (data.packing: false)
+    unit = "windows" if data.packing else "rows"
     logger.info(
-        "tokens: %d train (%d windows of %d), %d val (%d windows); data ready in %.1f s",
-        stats["train_tokens"], stats["train_windows"], data.seq_len,
-        stats["val_tokens"], stats["val_windows"], stats["seconds"],
+        "tokens: %d train (%d %s of %s%d), %d val (%d %s); data ready in %.1f s",
+        stats["train_tokens"], stats["train_windows"], unit, "" if data.packing else "at most ", data.seq_len,
+        stats["val_tokens"], stats["val_windows"], unit, stats["seconds"],
     )
     return prepared
 
@@ -158,7 +161,7 @@ def _prepare_in_memory(data: DataConfig, seed: int) -> PreparedData:
         logger.warning("no validation split: no source has two documents to split; add documents "
                        "or set data.val_fraction: 0")
     assert data.seq_len is not None
-    train_set, val_set = build_datasets(split.names, train, val, split.weights, data.seq_len, seed)
+    train_set, val_set = build_datasets(split.names, train, val, split.weights, data.seq_len, seed, data.packing)
     per_source = {
         n: {
             "weight": split.weights[n],
@@ -195,7 +198,7 @@ def _open_prepared(data: DataConfig, seed: int) -> PreparedData:
             )
     train, val = corpus.streams("train"), corpus.streams("val")
     names = [n for n in corpus.source_names if train.get(n)]
-    train_set, val_set = build_datasets(names, train, val, corpus.weights, data.seq_len, seed)
+    train_set, val_set = build_datasets(names, train, val, corpus.weights, data.seq_len, seed, data.packing)
     per_source = {
         n: {"weight": corpus.weights[n], "train_tokens": sum(len(s) for s in train[n]),
             "val_tokens": sum(len(s) for s in val.get(n, [])),

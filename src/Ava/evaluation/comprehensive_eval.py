@@ -376,6 +376,9 @@ def _documents_in_windows(dataset: Dataset, count: int) -> int | None:
             window, packed = i, dataset
         else:
             return None
+        if not hasattr(packed, "locate"):  # unpacked rows (data.packing: false): a row is one document
+            seen.add((id(packed), window))
+            continue
         stream, start = packed.locate(window)
         first = int(np.searchsorted(stream.doc_starts, start, side="right")) - 1
         last = int(np.searchsorted(stream.doc_starts, start + packed.seq_len - 1, side="right")) - 1

@@ -112,7 +112,14 @@ def gguf_plan(model: EnhancedMoEModel) -> tuple[str, bool]:
     dense = not moe_layers or cfg.num_experts == 1
     problems = []
     if moe_layers:  # the routing features no HF (and no llama.cpp) MoE computes
-        problems += [p for p in hf_export_problems(model, "qwen3_moe") if not p.startswith("model.qk_norm")]
+        problems += [p for p in hf_export_problems(model, "qwen3_moe")
+                     if not p.startswith(("model.qk_norm", "model.attention", "model.cross_attention"))]
+    if cfg.attention != "standard":
+        problems.append(f"model.attention={cfg.attention}: llama.cpp computes standard multi-head attention only; "
+                        "train with model.attention: standard to export")
+    if cfg.cross_attention.every:
+        problems.append(f"model.cross_attention.every={cfg.cross_attention.every}: llama.cpp's qwen3/qwen3moe/llama "
+                        "have no cross-attention blocks; set every: 0 to export")
     if cfg.qk_norm_full:
         problems.append("model.qk_norm_scope=full: llama.cpp's qwen3/qwen3moe normalise queries and keys per head "
                         "(an OLMoE-style full-width QK-norm is not exported to GGUF)")

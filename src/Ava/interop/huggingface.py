@@ -107,6 +107,12 @@ def hf_export_problems(model: EnhancedMoEModel, arch: str) -> list[str]:
     """
     cfg, moe = model.config, model.config.moe
     problems = []
+    if cfg.attention != "standard":
+        problems.append(f"model.attention={cfg.attention}: HF Qwen3-MoE/Mixtral/OLMoE have standard multi-head "
+                        "attention only; train with model.attention: standard to export")
+    if cfg.cross_attention.every:
+        problems.append(f"model.cross_attention.every={cfg.cross_attention.every}: HF Qwen3-MoE/Mixtral/OLMoE have no "
+                        "cross-attention blocks; set every: 0 to export")
     if moe.router not in ("softmax", "switch", "noisy_topk"):
         problems.append(f"model.moe.router={moe.router}: HF MoE models route by softmax top-k only")
     if moe.routed_scaling_factor != 1.0:

@@ -241,6 +241,32 @@ class Attention(nn.Module):
         """
         B, T, _ = x_BTD.shape
         q_BTHA, k_BTGA, v_BTGA = self._heads(x_BTD, cos_BT1A, sin_BT1A)
+        out_BHTA, present_kv = self._attend(q_BTHA, k_BTGA, v_BTGA, attn_mask_B1TL, past_kv)
+        out_flat = out_BHTA.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·A)
+        return self.o_proj(out_flat), present_kv
+
+    def _attend(
+        self,
+        q_BTHA: torch.Tensor,
+        k_BTGA: torch.Tensor,
+        v_BTGA: torch.Tensor,
+        attn_mask_B1TL: torch.Tensor | None,
+        past_kv: KVCache | None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Causal attention of the query heads over the cached and new keys/values.
+
+        Shared by :meth:`forward` and the routed kinds (:mod:`Ava.layers.mixture_of_heads`,
+        :mod:`Ava.layers.mixture_of_attention`), which mix the heads before ``o_proj``.
+
+        Args:
+            q_BTHA: (B, T, H', A) rotated queries; H' may differ from ``num_heads`` (a multiple of G).
+            k_BTGA, v_BTGA: (B, T, G, A) the new positions' keys (rotated) and values.
+            attn_mask_B1TL, past_kv: as in :meth:`forward`.
+
+        Returns:
+            ``(out_BHTA (B, H', T, A), (k, v) each (B, G, L, A))``.
+        """
+        T = q_BTHA.shape[1]
         # The norms return their gain's dtype (fp32); under autocast SDPA wants one dtype.
         dtype = v_BTGA.dtype
         q_BHTA = q_BTHA.to(dtype).transpose(1, 2)  # (B, H, T, A)
@@ -254,5 +280,4 @@ class Attention(nn.Module):
         is_causal = False if T == 1 else attn_mask_B1TL is None and past_kv is None
         out_BHTA = attention(q_BHTA, k_BGLA, v_BGLA, attn_mask=attn_mask_B1TL,
                              dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
-        out_flat = out_BHTA.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·A)
-        return self.o_proj(out_flat), (k_BGLA, v_BGLA)
+        return out_BHTA, (k_BGLA, v_BGLA)

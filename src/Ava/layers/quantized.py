@@ -66,6 +66,7 @@ __all__ = [
     "dequantize_fp8",
     "dequantize_int4",
     "dequantize_int8",
+    "dequantize_modules",
     "fake_quantize",
     "pack_int4",
     "quantization_targets",
@@ -339,7 +340,9 @@ class QuantizedParameter(nn.Module):
         """
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if x_2d.shape[0] <= self._max_rows and x.is_cpu and (dtype is torch.bfloat16 or dtype is torch.float32):
+        # The packed kernels have no autograd: an input that needs a gradient (QLoRA training) takes the dequantized weight.
+        if x_2d.shape[0] <= self._max_rows and x.is_cpu and (dtype is torch.bfloat16 or dtype is torch.float32) \
+                and not (x.requires_grad and torch.is_grad_enabled()):
             ops = self._packed.get(index) or self._operands(index)
             x_bf16 = x_2d if x_2d.dtype is torch.bfloat16 else x_2d.to(torch.bfloat16)  # fp32 inputs: far slower
             if self.scheme == "int8":
@@ -553,6 +556,41 @@ def quantize_modules(model: nn.Module, scheme: str, group_size: int | None = Non
             if copy_weights:
                 new.set_(module.weight.detach())
         new.to(next(iter(module.state_dict().values())).device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return names
+
+
+@torch.no_grad()
+def dequantize_modules(model: nn.Module) -> list[str]:
+    """Replace every quantized module by its full-precision (fp32) counterpart, in place: the
+    inverse of :func:`quantize_modules` up to the quantization error.
+
+    Returns:
+        The replaced modules' names.
+    """
+    kinds = (QuantizedParameter, TiedQuantizedLinear, QuantizedExperts)
+    names = [name for name, module in model.named_modules()  # not the QuantizedExperts' own weights
+             if name and isinstance(module, kinds) and not isinstance(model.get_submodule(name.rpartition(".")[0]), kinds)]
+    embeddings: dict[int, nn.Embedding] = {}  # id(quantized table) -> its new embedding, for tied heads
+    for name in sorted(names, key=lambda n: isinstance(model.get_submodule(n), TiedQuantizedLinear)):
+        module = model.get_submodule(name)
+        if isinstance(module, QuantizedExperts):
+            E, F2, D = module.gate_up_proj.shape
+            new: nn.Module = Experts(E, D, F2 // 2, backend=module.backend, dispatcher=module.dispatcher)
+            new.gate_up_proj = nn.Parameter(module.gate_up_proj.dequantize())
+            new.down_proj = nn.Parameter(module.down_proj.dequantize())
+        elif isinstance(module, QuantizedEmbedding):
+            new = nn.Embedding(module.num_embeddings, module.embedding_dim, device=module.qweight.device)
+            new.weight = nn.Parameter(module.dequantize())
+            embeddings[id(module)] = new
+        elif isinstance(module, TiedQuantizedLinear):
+            table = embeddings[id(module._embedding)]
+            new = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False, device=table.weight.device)
+            new.weight = table.weight
+        else:
+            new = nn.Linear(module.shape[1], module.shape[0], bias=False, device=module.qweight.device)
+            new.weight = nn.Parameter(module.dequantize())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return names

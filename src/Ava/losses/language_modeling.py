@@ -51,3 +51,22 @@ def causal_lm_loss(
     )
     count = (labels_N != ignore_index).sum().clamp(min=1)
     return total / count
+
+
+def causal_lm_row_losses(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy: (B,) fp32, NaN for a row without a valid label.
+
+    The per-row form of :func:`causal_lm_loss` (no label smoothing), for scoring sequences (the
+    replay memory's importance); the training loss itself never calls it.
+    """
+    B, T, vocab = logits_BTV.shape
+    labels_BT = shifted_targets(labels_BT, ignore_index)
+    token_BT = F.cross_entropy(
+        logits_BTV.reshape(-1, vocab).float(), labels_BT.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).reshape(B, T)
+    count_B = (labels_BT != ignore_index).sum(dim=1)
+    return token_BT.sum(dim=1) / count_B  # 0 / 0 = NaN: no target in the row

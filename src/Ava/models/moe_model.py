@@ -23,11 +23,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..config.checkpoint_layout import (
-    CONFIG_FILE, MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint, set_default_mode, verify_files,
+    CONFIG_FILE, MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_FILE, describe_file, resolve_checkpoint, set_default_mode,
+    verify_files,
 )
 from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
+from ..layers.cross_attention import CrossAttention, check_context
+from ..layers.lora import LORA_FILE, adapter_state_dict, apply_lora, merge_lora, read_lora
 from ..layers.quantized import QUANTIZATION_FILE, QuantizedParameter, quantize_modules, read_quantization
 from ..layers.routing import RouterOutput, count_per_expert
 from ..losses import (
@@ -41,7 +44,7 @@ from ..losses import (
     sequence_balancing_loss,
     use_fused_head,
 )
-from .decoder_layer import DecoderLayer
+from .decoder_layer import DecoderLayer, attention_balance_terms
 from .mtp import MultiTokenPrediction
 from .outputs import MoEModelOutput, RouterStats
 
@@ -147,6 +150,9 @@ class EnhancedMoEModel(nn.Module):
             nn.init.normal_(module.o_proj.weight, mean=0.0, std=out_std, generator=generator)
         elif isinstance(module, SwiGLU):
             nn.init.normal_(module.down_proj.weight, mean=0.0, std=out_std, generator=generator)
+        elif isinstance(module, CrossAttention):  # starts closed: tanh(0) = 0
+            nn.init.normal_(module.o_proj.weight, mean=0.0, std=out_std, generator=generator)
+            nn.init.zeros_(module.gate)
         elif isinstance(module, MoEBlock):
             nn.init.normal_(module.gate.weight, mean=0.0, std=std, generator=generator)
             nn.init.normal_(module.experts.gate_up_proj, mean=0.0, std=std, generator=generator)
@@ -170,6 +176,8 @@ class EnhancedMoEModel(nn.Module):
         return_mtp: bool = False,
         document_ids: torch.Tensor | None = None,
         moe_count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> MoEModelOutput:
         """Run the decoder.
 
@@ -195,13 +203,17 @@ class EnhancedMoEModel(nn.Module):
                 losses then count f over every rank's tokens of this micro-batch (one collective
                 for all layers), so their value and gradient are those of the global micro-batch,
                 whatever the number of ranks. None = this process's tokens.
+            context: (B, S, C) vectors the cross-attention blocks attend to
+                (``model.cross_attention``; C = its ``context_size``); None or S = 0 = no
+                context (the blocks are skipped). Pass the same context at every decoding step.
+            context_mask: (B, S) 1 = a real context vector, 0 = padding; None = all real.
 
         Returns:
             :class:`MoEModelOutput`.
 
         Raises:
             ValueError: MTP heads requested (labels or ``return_mtp``) together with
-                ``past_key_values``.
+                ``past_key_values``; a context the model has no block for, or of the wrong shape.
         """
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
@@ -218,6 +230,7 @@ class EnhancedMoEModel(nn.Module):
                 "the MTP heads run over the whole sequence and keep no KV cache; call without "
                 "past_key_values (or without labels and return_mtp)"
             )
+        check_context(context, context_mask, B, self.config)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         cos_BT1A, sin_BT1A = self.rotary(position_ids)  # (B, T, 1, A), shared by every layer
@@ -226,9 +239,13 @@ class EnhancedMoEModel(nn.Module):
         x_BTD = self.embed_tokens(input_ids)  # (B, T, D)
         presents: list[KVCache] = []
         routings: list[tuple[int, RouterOutput]] = []
+        attention_aux: list[torch.Tensor] = []  # model.attention moh / moa: each layer's head-router balance
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
-            x_BTD, present_kv, routing = layer(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, input_ids)
+            x_BTD, present_kv, routing = layer(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, input_ids,
+                                               context, context_mask)
+            if layer.routed_attention:
+                attention_aux.append(layer.take_attention_aux_loss())
             if use_cache:
                 presents.append(present_kv)
             if routing is not None:
@@ -244,6 +261,7 @@ class EnhancedMoEModel(nn.Module):
                                cos_BT1A, sin_BT1A, attn_mask_B1TL)
             mtp_logits, mtp_normed = mtp_out.logits or None, mtp_out.normed_hidden
             routings += mtp_out.routings
+            attention_aux += [m.block.take_attention_aux_loss() for m in self.mtp if m.block.routed_attention]
 
         if use_cache and labels is None and not self.training:
             # Cached decoding: nobody reads balancing terms or router statistics there, and
@@ -251,6 +269,7 @@ class EnhancedMoEModel(nn.Module):
             aux_losses, router_stats = {}, []
         else:
             aux_losses, router_stats = self._balancing_terms(routings, B, moe_load_prefix, moe_count_reduce)
+            aux_losses.update(attention_balance_terms(self.config, attention_aux))
         lm_loss = loss = None
         if labels is not None:
             objective = None
@@ -596,12 +615,15 @@ class EnhancedMoEModel(nn.Module):
         from safetensors.torch import load_model
 
         weights_dir = resolve_checkpoint(path)
+        lora = read_lora(weights_dir)
+        if lora is not None:  # a LoRA fine-tune: its base, with the adapters merged in
+            return _load_finetune(cls, weights_dir, lora, device, verify)
         if not verify:
             if (weights_dir / MANIFEST_FILE).exists():
                 logger.warning("%s: not checked against %s (--no-verify / verify=False); a damaged file "
                                "would load without an error", weights_dir / WEIGHTS_FILE, MANIFEST_FILE)
         else:  # the files callers read: the tokenizer too (generate, eval, export); not state.pt
-            verify_files(weights_dir, (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, QUANTIZATION_FILE))
+            verify_files(weights_dir, (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, QUANTIZATION_FILE, LORA_FILE))
         config_path = weights_dir / CONFIG_FILE
         if not config_path.is_file():
             raise AvaCheckpointError(
@@ -621,6 +643,43 @@ class EnhancedMoEModel(nn.Module):
                 f"does not match {config_path} — re-save it or point at another checkpoint"
             ) from err
         return model.to(device).eval()
+
+
+def _load_finetune(cls: type[EnhancedMoEModel], weights_dir: Path, lora: dict[str, Any],
+                   device: str | torch.device, verify: bool) -> EnhancedMoEModel:
+    """A LoRA fine-tune's checkpoint (``lora.json`` + adapters) as a plain model: its base (checked
+    against the size and sha256 recorded at training time), quantized as it was trained on,
+    with the adapters folded in (:func:`~Ava.layers.lora.merge_lora`)."""
+    from safetensors.torch import load_file
+
+    if verify:
+        verify_files(weights_dir, (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, LORA_FILE))
+    base = Path(lora["base"])
+    if not (base / WEIGHTS_FILE).is_file():
+        raise AvaCheckpointError(
+            f"{weights_dir} holds LoRA adapters for the base {base}, which has no {WEIGHTS_FILE}; restore the "
+            "base there (or merge the adapters where it exists: `ava merge-lora`)")
+    if verify and describe_file(base / WEIGHTS_FILE) != lora["base_weights"]:
+        raise AvaCheckpointError(
+            f"{weights_dir}: the base {base / WEIGHTS_FILE} changed since these adapters were trained on it "
+            "(size or sha256 differs); restore that base, or pass --no-verify (verify=False) to merge anyway")
+    model = cls.from_pretrained(base, verify=verify)
+    if lora["base_quant"] != "none":
+        quantize_modules(model, lora["base_quant"], lora.get("base_group_size"))
+    apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+    try:
+        adapters = load_file(str(weights_dir / WEIGHTS_FILE))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise AvaCheckpointError(f"{weights_dir / WEIGHTS_FILE}: cannot load the adapters ({err}); the file "
+                                 "is corrupt, point at another checkpoint") from err
+    params = adapter_state_dict(model)
+    if set(adapters) != set(params):
+        raise AvaCheckpointError(f"{weights_dir / WEIGHTS_FILE}: the adapters do not match {LORA_FILE} "
+                                 f"(e.g. {sorted(set(adapters) ^ set(params))[:2]}); the checkpoint is damaged")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(adapters[name])
+    return merge_lora(model).to(device).eval()
 
 
 def _mark_weights_loaded(model: nn.Module, incompatible_keys: Any) -> None:

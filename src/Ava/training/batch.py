@@ -44,6 +44,67 @@ def predicted_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+class StepBatches(list):
+    """One optimizer step's micro-batches of unpacked rows (``data.packing: false``).
+
+    A list like any step's micro-batches, plus the step's labelled positions over every
+    data-parallel rank (``loss_tokens``, known on the host from the batch plan): the trainer
+    weights each micro-batch's loss by its share of them (:func:`token_loss_weights`); and the
+    step's real (unpadded) tokens over every rank (``real_tokens``), what the token counts and
+    tokens/s report.
+    """
+
+    def __init__(self, batches: list[Batch], loss_tokens: int, real_tokens: int | None = None) -> None:
+        super().__init__(batches)
+        self.loss_tokens = loss_tokens
+        self.real_tokens = real_tokens
+
+
+def token_loss_weights(micro_batches: list[Batch | torch.Tensor], ranks: int) -> list[float] | None:
+    """Per-micro-batch weights of the main loss so the step's gradient is that of the mean loss
+    over all its labelled positions, on every rank together.
+
+    Micro-batch i of a rank gets ``n_i · ranks / N`` (``n_i`` its labelled positions, ``N`` the
+    step's over all ranks; ``ranks`` because the data-parallel gradient is the ranks' mean). The
+    counts come from the host copies of the batches, before any forward.
+
+    Args:
+        micro_batches: the step's micro-batches; a :class:`StepBatches` carries ``N``.
+        ranks: data-parallel ranks.
+
+    Returns:
+        One weight per micro-batch, or None for batches without a step count (packed windows:
+        each micro-batch's mean loss weighs ``1 / len(micro_batches)``, as it always has).
+    """
+    total = getattr(micro_batches, "loss_tokens", None)
+    if total is None:
+        return None
+    counts = [predicted_tokens(as_batch(b)) for b in micro_batches]
+    return [n * ranks / max(int(total), 1) for n in counts]
+
+
+def step_loss_shares(terms: dict[str, torch.Tensor], accum: int, weight: float | None) -> dict[str, torch.Tensor]:
+    """A micro-batch's contribution to the step's loss terms (what its backward differentiates).
+
+    Args:
+        terms: ``{"loss", "lm_loss", **aux}`` of the micro-batch (``loss`` = ``lm_loss`` + the rest).
+        accum: micro-batches in the step.
+        weight: the micro-batch's share of the step's labelled positions
+            (:func:`token_loss_weights`); None = every term ``/ accum``.
+
+    Returns:
+        Every term scaled: with a weight, ``lm_loss · weight`` and the rest of the loss (balancing
+        terms, MTP) ``/ accum``, per micro-batch as before.
+    """
+    if weight is None:
+        return {name: value / accum for name, value in terms.items()}
+    shares = {name: value / accum for name, value in terms.items() if name not in ("loss", "lm_loss")}
+    lm = terms["lm_loss"] * weight
+    shares["lm_loss"] = lm
+    shares["loss"] = lm + (terms["loss"] - terms["lm_loss"]) / accum
+    return shares
+
+
 def cut_rows(batch: Batch | torch.Tensor, t: int) -> Batch | torch.Tensor:
     """Cut each ``(B, T)`` row into ``⌊T/t⌋`` rows of ``t`` tokens (rows of one window adjacent).
 

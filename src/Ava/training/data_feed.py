@@ -4,11 +4,14 @@ An object the trainer holds (registered as the ``data_cursor`` stateful part). I
 memory or prepared shards) is drawn through the progressive schedule's batch sampler; a stream
 (``data.streaming``) through :class:`~Ava.data_streaming.StreamBatcher`. Either way the batches
 depend only on the config and the cursor, never on the worker count; which rows of each batch
-this process reads comes from the :class:`~Ava.training.parallel.Parallelism`.
+this process reads comes from the :class:`~Ava.training.parallel.Parallelism`. Unpacked rows
+(``data.packing: false``) follow the plans of :mod:`Ava.data.dynamic_batching` (fixed rows or a
+token budget per micro-batch), padded per micro-batch by :func:`~Ava.data.rows.pad_rows`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -19,9 +22,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import EnhancedTrainingConfig
 from ..data import PreparedData
+from ..data.dynamic_batching import EpochPlan, fixed_padding_share, plan_epoch
+from ..data.rows import pad_rows
 from ..data_streaming import StreamBatcher, StreamCursor, StreamingDataset
 from ..errors import AvaCheckpointError, AvaDataError
 from .parallel import Parallelism
+from .batch import StepBatches
 from .progressive_training import ProgressiveSchedule
 from .state import TrainProgress
 
@@ -67,6 +73,8 @@ class DataFeed:
         self._step_counts: torch.Tensor | None = None  # this step's per-source tokens on this rank
         self._cursor_source_tokens: dict[str, int] = {}  # the same, after the last completed step
         self.stream_cursor: StreamCursor | None = None  # data.streaming: position after the last step
+        self._plans: dict[int, EpochPlan] = {}  # data.packing false: the batch plans of recent epochs
+        self._positions = [0, 0]  # data.packing false: (real tokens, padded positions) since metrics()
 
     def attach(self, data: PreparedData) -> None:
         """Feed from ``data`` (prepared by the trainer's setup)."""
@@ -96,7 +104,17 @@ class DataFeed:
             "global_batch": self.progressive.batch.size,
             "fingerprint": self._fingerprint(),
             "stream": self.stream_cursor.to_dict() if self.stream_cursor is not None else None,
+            **({"batching": self._batching()} if not self.config.data.packing else {}),
         }
+
+    def _batching(self) -> dict[str, Any]:
+        """How unpacked rows are grouped: what the cursor's unit counts mean (the plan depends on
+        the rows per unit without a budget, and a step on its units; not on how ranks share them)."""
+        data = self.config.data
+        budget = data.max_tokens_per_batch
+        return {"packing": data.packing, "max_tokens_per_batch": budget,
+                "unit_rows": self.progressive.batch.micro_rows if budget is None else None,
+                "units_per_step": self._units_per_step()}
 
     def load_state_dict(self, cursor: dict[str, Any]) -> None:
         """Continue from a saved cursor (warns when the data changed since).
@@ -105,10 +123,21 @@ class DataFeed:
         global batch is the same.
 
         Raises:
-            AvaCheckpointError: the run was saved with another global batch.
+            AvaCheckpointError: the run was saved with another global batch, or grouped its
+                unpacked rows otherwise (``data.packing``, ``data.max_tokens_per_batch``, rows
+                per micro-batch, micro-batches per step).
         """
+        saved_rows = cursor.get("batching", {"packing": True, "max_tokens_per_batch": None})
+        now_rows = self._batching() if not self.config.data.packing else {"packing": True, "max_tokens_per_batch": None}
+        if saved_rows != now_rows:
+            raise AvaCheckpointError(
+                f"the checkpoint grouped its rows as {saved_rows}, this config as {now_rows}, so its data cursor "
+                "points elsewhere; resume with the run's own data.packing, data.max_tokens_per_batch, "
+                "training.batch_size, training.grad_accum_steps and number of ranks"
+            )
         saved_batch, batch = cursor.get("global_batch"), self.progressive.batch
-        if saved_batch is not None and saved_batch != batch.size:
+        # a token budget sizes steps in micro-batches (checked above), not in sequences
+        if saved_batch is not None and saved_batch != batch.size and self.config.data.max_tokens_per_batch is None:
             raise AvaCheckpointError(
                 f"the checkpoint was trained with a global batch of {saved_batch} sequences "
                 f"({cursor.get('world_size', 1)} rank{'s' if cursor.get('world_size', 1) != 1 else ''}), this run has "
@@ -140,8 +169,13 @@ class DataFeed:
         ranks and hands them back (:meth:`add_source_tokens`)."""
         if "source" not in batch or self.data is None:
             return
-        per_row = batch["input_ids"].shape[1]
-        counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
+        if not self.config.data.packing and "document_ids" in batch:  # real tokens of padded rows
+            real_B = (batch["document_ids"].cpu() == 0).sum(dim=1)
+            counts = torch.bincount(batch["source"].cpu(), weights=real_B.double(),
+                                    minlength=len(self.data.source_names)).long()
+        else:
+            per_row = batch["input_ids"].shape[1]
+            counts = torch.bincount(batch["source"].cpu(), minlength=len(self.data.source_names)) * per_row
         self._step_counts = counts if self._step_counts is None else self._step_counts + counts
 
     def take_step_counts(self) -> torch.Tensor | None:
@@ -153,6 +187,15 @@ class DataFeed:
         """Add a step's (sources,) token counts (every rank's) to the run's."""
         for name, count in zip(self.data.source_names, counts.tolist()):
             self.source_tokens[name] = self.source_tokens.get(name, 0) + int(count)
+
+    def metrics(self) -> dict[str, float]:
+        """``data/padding``: share of padded positions in the steps since the last call, over every
+        rank (``data.packing: false``; empty otherwise). Resets the count."""
+        real, padded = self._positions
+        self._positions = [0, 0]
+        if self.config.data.packing or not padded:
+            return {}
+        return {"data/padding": 1.0 - real / padded}
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -174,6 +217,9 @@ class DataFeed:
         if isinstance(self.data.train, StreamingDataset):
             yield from self._stream_steps(total_steps)
             return
+        if not self.config.data.packing:
+            yield from self._row_steps(total_steps)
+            return
         pin = self.parallel.device.type == "cuda"
         while self.progress.step < total_steps:
             sampler = self.progressive.batch_sampler(self.data.train, self.epoch, self.progress.step,
@@ -191,6 +237,105 @@ class DataFeed:
                         return
             self.epoch += 1
             self.batches_in_epoch = 0
+
+    # -- unpacked rows (data.packing: false) ---------------------------------------------------
+
+    def _units_per_step(self) -> int:
+        """Plan units per optimizer step: ``grad_accum × ranks`` with a token budget (a unit is one
+        rank's micro-batch), else ``grad_accum`` (a unit is a global micro-batch, split by rows)."""
+        plan = self.progressive.batch
+        return plan.grad_accum * (plan.ranks if self.config.data.max_tokens_per_batch is not None else 1)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        """The batch plan of ``epoch`` (the last few are kept)."""
+        if epoch not in self._plans:
+            data = self.config.data
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = plan_epoch(self.data.train, self.config.run.seed, epoch,
+                                            self.progressive.batch.micro_rows, data.max_tokens_per_batch)
+        return self._plans[epoch]
+
+    def _row_steps(self, total_steps: int) -> Iterator[StepBatches]:
+        """``grad_accum_steps`` padded micro-batches per step from the epoch plans, from the cursor on.
+
+        Each step carries its labelled positions over every rank (the trainer's per-token loss
+        normalisation); its real and padded positions feed :meth:`metrics`.
+        """
+        plan_b, budget = self.progressive.batch, self.config.data.max_tokens_per_batch
+        ranks, rank, accum = plan_b.ranks, self.parallel.rank if plan_b.ranks > 1 else 0, plan_b.grad_accum
+        per_step = self._units_per_step()
+        split = 1 if budget is not None else ranks  # a fixed unit is split over the ranks by rows
+        collate = functools.partial(pad_rows, pad_id=self.data.tokenizer.pad_id)
+        pin = self.parallel.device.type == "cuda"
+        while self.progress.step < total_steps:
+            plan = self._plan(self.epoch)
+            usable = len(plan) // per_step * per_step
+            if usable == 0:
+                raise AvaDataError(f"epoch {self.epoch + 1} holds fewer micro-batches than one step needs "
+                                   f"({per_step}); lower data.max_tokens_per_batch or training.grad_accum_steps")
+            first = self.batches_in_epoch
+            mine: list[list[int]] = []  # this rank's micro-batches, cursor on
+            for s0 in range(first, usable, per_step):
+                if budget is not None:
+                    mine += [plan.units[s0 + j * ranks + rank] for j in range(accum)]
+                else:
+                    mine += [plan.units[s0 + j][rank::ranks] for j in range(accum)]
+            loader = DataLoader(self.data.train, batch_sampler=mine, num_workers=self.config.data.num_workers,
+                                collate_fn=collate, persistent_workers=False, pin_memory=pin)
+            pending: list[dict[str, torch.Tensor]] = []
+            for batch in loader:
+                pending.append(batch)
+                if len(pending) < accum:
+                    continue
+                units = range(self.batches_in_epoch, self.batches_in_epoch + per_step)
+                step_real = 0
+                for u in units:
+                    real, padded = plan.unit_positions(u, split)
+                    step_real += real
+                    self._positions = [self._positions[0] + real, self._positions[1] + padded]
+                self.batches_in_epoch += per_step
+                yield StepBatches(pending, sum(plan.unit_loss_tokens(u) for u in units), real_tokens=step_real)
+                pending = []
+                if self.progress.step >= total_steps:
+                    return
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def _row_total_steps(self) -> int:
+        """Optimizer steps of the whole run over unpacked rows, and the start-up padding line."""
+        cfg, data = self.config.training, self.config.data
+        per_step = self._units_per_step()
+        plan = self._plan(0)
+        if len(plan) < per_step:
+            how = (f"micro-batches of at most data.max_tokens_per_batch={data.max_tokens_per_batch} tokens"
+                   if data.max_tokens_per_batch is not None else f"micro-batches of {self.progressive.batch.micro_rows} rows")
+            raise AvaDataError(
+                f"the training split has {len(self.data.train)} rows, {len(plan)} {how}, fewer than one step needs "
+                f"({per_step}); lower training.batch_size, data.max_tokens_per_batch or training.grad_accum_steps, "
+                "or add data"
+            )
+        if self.parallel.is_main:
+            ranks = self.progressive.batch.ranks
+            expected = plan.padding_share(1 if data.max_tokens_per_batch is not None else ranks)
+            if data.max_tokens_per_batch is not None:
+                fixed = fixed_padding_share(plan.order_lengths, self.config.training.batch_size)
+                logger.info("data.packing false: %d rows per epoch in %d micro-batches of at most %d tokens; "
+                            "expected padding %.1f%% (fixed micro-batches of %d rows: %.1f%%)",
+                            len(plan.lengths), len(plan), data.max_tokens_per_batch, 100 * expected,
+                            self.config.training.batch_size, 100 * fixed)
+            else:
+                logger.info("data.packing false: %d rows per epoch in %d micro-batches of %d rows; expected "
+                            "padding %.1f%% (set data.max_tokens_per_batch to batch by length)",
+                            len(plan.lengths), len(plan), self.progressive.batch.micro_rows, 100 * expected)
+        if data.max_tokens_per_batch is None or not hasattr(self.data.train, "window_of"):
+            total = (len(plan) // per_step) * cfg.num_epochs  # every epoch plans as many units
+        else:  # a mixture draws other rows each epoch: plan every epoch the run reaches
+            total = 0
+            for epoch in range(cfg.num_epochs):
+                total += len(self._plan(epoch)) // per_step
+                if cfg.max_steps and total >= cfg.max_steps:
+                    break
+        return min(total, cfg.max_steps) if cfg.max_steps else total
 
     def _stream_steps(self, total_steps: int) -> Iterator[list[dict[str, torch.Tensor]]]:
         """``grad_accum_steps`` micro-batches per step from a stream (``data.streaming``).
@@ -223,6 +368,8 @@ class DataFeed:
         if isinstance(train, StreamingDataset):
             assert cfg.max_steps is not None  # a config rule: a stream has no length
             return cfg.max_steps
+        if not self.config.data.packing:
+            return self._row_total_steps()
         num_windows = train if isinstance(train, int) else len(train)
         plan = self.progressive.batch
         if num_windows < plan.size:

@@ -10,6 +10,7 @@ Everything that changes during training is registered once in :attr:`states`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -30,9 +31,11 @@ from ..config.training_config import adopt_tokenizer_vocab
 from ..config.feature_compatibility import raise_on_errors, tokenizer_vocab_issues
 from ..data import PreparedData, prepare_data
 from ..data.records import plural
-from ..errors import AvaError, AvaTrainingError
+from ..errors import AvaConfigError, AvaError, AvaTrainingError
 from ..evaluation.validation import validation_loss
 from ..layers.experts import describe_auto
+from ..layers.lora import LORA_FILE, lora_modules
+from ..memory import build_replay_memory
 from ..models.routing_metrics import accumulate_router_stats, add_loads, moe_diagnostics
 from ..optimization import build_optimizer
 from ..optimization.qat import set_qat_step
@@ -46,9 +49,10 @@ from ..utils.distributed_checkpoint import (
 from ..utils.logging import setup_logging
 from ..utils.output_paths import check_output_dir
 from .adaptive_lr import PlateauLR, build_plateau
-from .batch import GlobalBatch, as_batch, model_inputs, to_device
+from .batch import GlobalBatch, as_batch, model_inputs, step_loss_shares, to_device, token_loss_weights
 from .data_feed import DataFeed
 from .early_stopping import EarlyStopping
+from .finetune import AdapterWeights, adopt_base, base_identity, build_finetune_model, finetune_summary, lora_spec
 from .gradient_health import GradientHealthMonitor, Verdict, layer_grad_norms
 from .gradient_surgery import build_surgery, surgery_backward
 from .lr_manager import build_scheduler
@@ -142,8 +146,20 @@ class EnhancedModularTrainer:
         self._wall_before = 0.0  # training wall time of the run's earlier segments
         # Every part with training state, once; the optimizer, scheduler and plateau LR join
         # when prepare() builds them. Saving, resuming and rolling back walk this registry.
+        one_process_only = ("finetune" if config.finetune is not None
+                            else "precision.param_dtype: bf16" if config.precision.param_dtype == "bf16" else None)
+        if one_process_only and self.parallel.world_size > 1:  # their state is not in the sharded checkpoints yet
+            raise AvaConfigError(f"{one_process_only} trains on one process for now (its checkpoint state is not "
+                                 f"written by the {self.parallel.world_size}-process sharded checkpoints); "
+                                 "run without --nproc / torchrun")
         self.states = StateRegistry()
-        self.states.register(MODEL_KEY, ModelWeights(self.model, self.parallel))
+        # A fine-tune's checkpoints hold its adapters only; lora.json says how to rebuild base + adapters.
+        self._extra_files: dict[str, str] = {}
+        if config.finetune is not None and not lora_modules(self.model):
+            raise AvaConfigError("the config has a finetune section but the model has no LoRA adapters; build the "
+                                 "trainer with EnhancedModularTrainer.from_config(config), which loads the base")
+        self.states.register(MODEL_KEY, AdapterWeights(self.model) if config.finetune is not None
+                             else ModelWeights(self.model, self.parallel))
         self.states.register("progress", self.progress)
         self.states.register("rng", RNGState())
         self.states.register("data_cursor", self.feed)
@@ -156,6 +172,10 @@ class EnhancedModularTrainer:
             self.states.register("surgery", self.surgery, optional=True)
         if self.precision.scaling:
             self.states.register("loss_scaler", self.precision, optional=True)
+        # memory.enabled: episodic replay (rows mixed in before the forward, scored after the backward)
+        self.memory = build_replay_memory(config.memory, config.run.seed, self.parallel.world_size)
+        if self.memory is not None:
+            self.states.register("memory", self.memory, optional=True)
 
     @classmethod
     def from_config(cls, config: EnhancedTrainingConfig) -> "EnhancedModularTrainer":
@@ -168,11 +188,21 @@ class EnhancedModularTrainer:
             The trainer; its model is initialised from ``run.seed``.
         """
         parallel = build_parallelism(config)
+        base = None
+        if config.finetune is not None:  # the base's architecture and tokenizer
+            config, base = adopt_base(config)
         # Before the model is built or a run folder made: a run that cannot fit stops in one line.
         check_fits(config, parallel.device, ranks=parallel.world_size)
-        trainer = cls(parallel.build_model(config), config, parallel)
+        if base is None:
+            model = parallel.build_model(config)
+        else:
+            model = parallel.prepare_model(build_finetune_model(config, base), config)
+        trainer = cls(model, config, parallel)
         trainer._model_prepared = True
-        trainer._owns_model = True
+        trainer._owns_model = base is None  # a fine-tune's vocabulary is the base's
+        if base is not None:
+            spec = lora_spec(config, trainer.model, base_identity(base))
+            trainer._extra_files = {LORA_FILE: json.dumps(spec, indent=2)}
         return trainer
 
     # the run's counters, kept in the registered ``progress`` part
@@ -329,7 +359,10 @@ class EnhancedModularTrainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.training.learning_rate, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.training.learning_rate, total_steps)
         self.plateau = build_plateau(self.scheduler, cfg.scheduler.plateau, cfg.training.learning_rate)
+        master = self.precision.attach(self.optimizer)  # precision.param_dtype bf16: fp32 master weights
         self.states.register("optimizer", self.optimizer)
+        if master is not None:
+            self.states.register("master_weights", master)
         self.states.register("scheduler", self.scheduler)
         if self.plateau is not None:
             self.states.register("plateau", self.plateau, optional=True)
@@ -458,6 +491,7 @@ class EnhancedModularTrainer:
         if len(self.data.source_names) > 1:
             values.update({f"tokens/{name}": float(n) for name, n in self.feed.source_tokens.items()})
         values.update(self.progressive.metrics())
+        values.update(self.feed.metrics())  # data/padding (data.packing false)
         values.update(timer.read())
         if self.config.logging.memory_every == 0:
             values.update(memory_snapshot(self.device))
@@ -501,6 +535,8 @@ class EnhancedModularTrainer:
         coefs = {f"coef/{name}": value
                  for name, value in self.model.balancing_coefficients(scheduled_only=True).items()}
         accum = len(micro_batches)
+        # data.packing false: each micro-batch's loss weighs its share of the step's loss tokens (None: 1/accum)
+        weights = token_loss_weights(micro_batches, self.parallel.dp_size)
         totals: dict[str, torch.Tensor] = {}
         loads: list[torch.Tensor] = []  # routed slots per expert (selection), for the bias update and metrics
         balance_loads: list[torch.Tensor] = []  # the global-batch loss's counts of earlier micro-batches
@@ -510,23 +546,29 @@ class EnhancedModularTrainer:
         # Balancing losses count f over the global micro-batch (every rank's rows).
         count_reduce = self.parallel.all_reduce if self.parallel.world_size > 1 else None
         for i, batch in enumerate(micro_batches):
+            if self.memory is not None:  # replayed rows replace the last rows of the host batch
+                batch = self.memory.mix(as_batch(batch), self.step)
             self.feed.count_source_tokens(as_batch(batch))  # from the host copy: no device read
             batch = to_device(as_batch(batch), self.device)
             input_ids = batch["input_ids"]  # (B, T)
             # Gradients are reduced over the ranks once, in the step's last backward.
             with self.parallel.gradient_sync(self.engine, i == accum - 1):
-                with self.precision.autocast():
+                with self.precision.autocast(), self._memory_capture():
                     out = self.engine(input_ids, **model_inputs(batch, document_mask),
                                       moe_load_prefix=balance_loads or None, moe_count_reduce=count_reduce)
                 timer.mark("forward")
+                terms = {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}
+                shares = None if weights is None else step_loss_shares(terms, accum, weights[i])
                 if self.surgery is None:
-                    self.precision.scale(out.loss / accum).backward()
+                    self.precision.scale(out.loss / accum if shares is None else shares["loss"]).backward()
                 else:
                     surgery_backward(self.model, self.surgery, {"lm_loss": out.lm_loss, **out.aux_losses}, accum)
             timer.mark("backward")
-            terms = {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}
+            if self.memory is not None:  # score the rows just trained on; store the fresh ones
+                self.memory.observe(out, batch["labels"], self.model, accum, self.precision.loss_scale or 1.0)
             for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+                share = value.detach().float() / accum if shares is None else shares[name].detach().float()
+                totals[name] = totals.get(name, 0.0) + share
             loads = add_loads(loads, [stats.tokens_per_expert for stats in out.router_stats])
             # The global-batch loss counts the unbiased top-k (DeepSeek-V3 eq. 18) over the step.
             balance_loads = add_loads(balance_loads, [stats.balance_tokens_per_expert for stats in out.router_stats])
@@ -542,10 +584,12 @@ class EnhancedModularTrainer:
             totals, flags, sources = self._global_totals(totals, sources)
             router_acc = self._global_router_stats(router_acc)
             tokens *= self.parallel.dp_size  # every rank reads as many rows
+        if getattr(micro_batches, "real_tokens", None) is not None:  # unpacked rows: padding is not a token read
+            tokens = micro_batches.real_tokens
 
         self.precision.unscale_(self.optimizer)  # fp16: clip and log the true gradients
         grad_clip = self.config.training.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = self.precision.grad_params(self.model)  # the fp32 masters with precision.param_dtype bf16
         grad_norm = self.parallel.clip_grad_norm(params, grad_clip if grad_clip else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         # The step's one host read (on a GPU, its one synchronisation besides the all-to-all's
@@ -580,7 +624,7 @@ class EnhancedModularTrainer:
         loss_scale = self.precision.loss_scale  # the scale this step used
         self.precision.update()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.zero_grad(self.optimizer)
         if verdict.ok and hasattr(self.optimizer, "update_hessian") \
                 and (self.step + 1) % self.config.optimizer.sophia_hessian_every == 0:
             input_ids = as_batch(micro_batches[-1])["input_ids"].to(self.device, non_blocking=True)
@@ -594,10 +638,16 @@ class EnhancedModularTrainer:
                                    "skipped": 0.0 if verdict.ok else 1.0, **coefs, **extra}
         if self.precision.scaling:
             metrics.update(loss_scale=loss_scale, overflow=float(overflow))
+        if self.memory is not None:
+            metrics.update(self.memory.metrics())
         if loads:
             metrics.update(moe_diagnostics(loads, router_acc))
             self.moe_alarm.on_step(self.step, host_loads, router_acc.get("layers"))
         return metrics
+
+    def _memory_capture(self) -> Any:
+        """The replay memory's capture of the final hidden states (memory.enabled), else a no-op."""
+        return self.memory.capture(self.model) if self.memory is not None else contextlib.nullcontext()
 
     def _global_totals(self, totals: dict[str, torch.Tensor], sources: torch.Tensor | None
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
@@ -667,7 +717,8 @@ class EnhancedModularTrainer:
         else:
             weights = self.states[MODEL_KEY].state_dict()
             path = self.checkpoints.save(self.step, weights, self.config.to_yaml(),
-                                         self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss)
+                                         self.states.state_dict(exclude=(MODEL_KEY,)), self.paths.tokenizer, val_loss,
+                                         extra_files=self._extra_files)
         self._last_good_checkpoint = path
         self._last_save = time.perf_counter()
         return path
@@ -690,7 +741,8 @@ class EnhancedModularTrainer:
             return {**state, "rng": rank_state["rng"]}
         state = load_training_state(checkpoint)
         self.states[MODEL_KEY].load_state_dict(read_weights(checkpoint))
-        self.states.load_state_dict(state, only=("optimizer",), source=str(checkpoint))
+        restored = ("optimizer", "master_weights") if "master_weights" in self.states else ("optimizer",)
+        self.states.load_state_dict(state, only=restored, source=str(checkpoint))
         return state
 
     def _count_wall_time(self) -> float:
@@ -822,11 +874,16 @@ class EnhancedModularTrainer:
             cfg.model.num_layers, "" if cfg.model.num_layers == 1 else "s",
             cfg.model.num_experts, "" if cfg.model.num_experts == 1 else "s", cfg.model.moe.top_k, backend,
         )
+        if cfg.finetune is not None:
+            logger.info(finetune_summary(cfg, model))
         batch = self.progressive.batch
-        per_step = batch.size * cfg.data.seq_len
+        budget = cfg.data.max_tokens_per_batch
+        per_step = (f"up to {budget * batch.grad_accum * batch.ranks:,} padded" if budget is not None
+                    else f"{batch.size * cfg.data.seq_len:,}" if cfg.data.packing
+                    else f"up to {batch.size * cfg.data.seq_len:,} padded")
         logger.info(
             "training: steps %d→%d × %s tokens on %s (%s, %d threads), lr %.2e %s",
-            self.step, total_steps, f"{per_step:,}", self.device, cfg.precision.dtype, torch.get_num_threads(),
+            self.step, total_steps, per_step, self.device, cfg.precision.dtype, torch.get_num_threads(),
             cfg.training.learning_rate, cfg.scheduler.name,
         )
         every_steps, every_minutes = cfg.training.save_every, cfg.checkpoint.every_minutes

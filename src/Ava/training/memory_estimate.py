@@ -160,7 +160,17 @@ def _meta_model(config: EnhancedTrainingConfig) -> torch.nn.Module:
     from ..models import EnhancedMoEModel
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return EnhancedMoEModel(config.model)
+        model = EnhancedMoEModel(config.model)
+        ft = config.finetune
+        if ft is not None:  # LoRA: a frozen (maybe quantized) base, trainable adapters
+            from ..layers.lora import apply_lora
+            from ..layers.quantized import quantize_modules
+
+            if ft.base_quant != "none":
+                quantize_modules(model, ft.base_quant, ft.base_group_size if ft.base_quant == "int4" else None,
+                                 copy_weights=False)
+            apply_lora(model, ft.lora.rank, ft.lora.alpha, ft.lora.dropout, ft.lora.targets)
+        return model
 
 
 def _optimizer_state_bytes(model: torch.nn.Module, config: EnhancedTrainingConfig) -> tuple[dict[str, int], str]:
@@ -289,6 +299,9 @@ def estimate_memory(config: EnhancedTrainingConfig, ranks: int = 1,
                 opt_bytes -= opt_state.get(name, 0) - opt_state.get(name, 0) // ep
     strategy = _resolve_strategy(config, ranks, param_bytes, device)
     grad_bytes = trainable
+    if config.precision.param_dtype == "bf16":  # bf16 weights and gradients, fp32 masters and their gradients
+        param_bytes += trainable - (param_bytes - param_bytes // 2)
+        grad_bytes = trainable // 2 + trainable
     if strategy == "fsdp2":
         param_bytes, grad_bytes, opt_bytes = (math.ceil(x / ranks) for x in (param_bytes, grad_bytes, opt_bytes))
     elif strategy == "ddp":

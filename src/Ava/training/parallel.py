@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..config import EnhancedTrainingConfig
 from ..errors import AvaCheckpointError
 from ..optimization.fp8_training import apply_precision_transforms
+from .precision import cast_parameters
 
 if TYPE_CHECKING:
     from ..models import EnhancedMoEModel
@@ -120,6 +121,8 @@ class Parallelism:
                 and getattr(model, "init_seed", None) != config.run.seed:
             init(config.run.seed)
         model.to(self.device)
+        if config.precision.param_dtype == "bf16":  # bf16 weights; the optimizer keeps fp32 masters (precision.py)
+            cast_parameters(model, torch.bfloat16)
         # precision.fp8 / precision.qat: class swaps of the GEMM modules (same parameters and names).
         apply_precision_transforms(model, config.precision, self.device)
         perf = config.performance

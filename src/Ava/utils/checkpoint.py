@@ -27,7 +27,7 @@ import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class CheckpointSnapshot:
         config_yaml: the resolved config as YAML text.
         tokenizer_file: tokenizer.json to copy in.
         val_loss: validation loss at this step (for keep-best), if known.
+        extra_files: further small text files by name (a fine-tune's ``lora.json``).
     """
 
     step: int
@@ -70,6 +71,7 @@ class CheckpointSnapshot:
     config_yaml: str
     tokenizer_file: Path | None = None
     val_loss: float | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)
 
 
 def take_snapshot(
@@ -81,6 +83,7 @@ def take_snapshot(
     val_loss: float | None = None,
     copy: bool = False,
     buffers: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> CheckpointSnapshot:
     """Capture the model and training state for :func:`write_checkpoint`.
 
@@ -96,7 +99,7 @@ def take_snapshot(
         buffers = {} if buffers is None else buffers
         weights = {k: _copy_into(v, buffers, f"weights/{k}") for k, v in weights.items()}
         state = _copy_tensors(state, buffers, "state")
-    return CheckpointSnapshot(step, weights, state, config_yaml, tokenizer_file, val_loss)
+    return CheckpointSnapshot(step, weights, state, config_yaml, tokenizer_file, val_loss, dict(extra_files or {}))
 
 
 def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
@@ -129,6 +132,9 @@ def write_checkpoint(directory: Path, snap: CheckpointSnapshot) -> Path:
             if snap.tokenizer_file is not None:
                 shutil.copyfile(snap.tokenizer_file, tmp / TOKENIZER_FILE)
                 pending[TOKENIZER_FILE] = pool.submit(describe_and_sync, tmp / TOKENIZER_FILE)
+            for name, text in snap.extra_files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+                pending[name] = pool.submit(describe_and_sync, tmp / name)
             files = {name: pending[name].result() for name in sorted(pending)}
         manifest = {"step": snap.step, "val_loss": snap.val_loss, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -240,11 +246,12 @@ class CheckpointWriter:
         remove_stale_temporaries(directory)
 
     def save(self, step: int, model: torch.nn.Module | dict[str, torch.Tensor], config_yaml: str, state: dict[str, Any],
-             tokenizer_file: Path | None = None, val_loss: float | None = None) -> Path:
+             tokenizer_file: Path | None = None, val_loss: float | None = None,
+             extra_files: dict[str, str] | None = None) -> Path:
         """Save ``step``; returns the folder the checkpoint has (or will have, when async)."""
         self.wait()
         snap = take_snapshot(step, model, config_yaml, state, tokenizer_file, val_loss,
-                             copy=self.asynchronous, buffers=self._buffers)
+                             copy=self.asynchronous, buffers=self._buffers, extra_files=extra_files)
         final = self.directory / f"step_{step}"
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write, args=(snap,), name="ava-checkpoint",

@@ -1,0 +1,1 @@
+"""Seed path ``_archived.data`` (data preparation tools) → :mod:`Ava.data`."""

@@ -1,0 +1,1 @@
+"""Seed path ``_archived.evaluation`` (alternative evaluators) → :mod:`Ava.evaluation`."""

@@ -1,0 +1,1 @@
+"""Seed path ``_archived.layers`` (experimental layer architectures) → :mod:`Ava.layers`."""

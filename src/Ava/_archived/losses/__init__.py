@@ -1,0 +1,1 @@
+"""Seed path ``_archived.losses`` (alternative loss functions) → :mod:`Ava.losses`."""

@@ -1,0 +1,1 @@
+"""Seed path ``_archived.models`` (model wrappers) → :mod:`Ava.models`."""

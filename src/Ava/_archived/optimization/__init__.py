@@ -1,0 +1,2 @@
+"""Seed path ``_archived.optimization`` (experimental optimizations) → :mod:`Ava.layers` and
+:mod:`Ava.optimization`."""

@@ -52,6 +52,9 @@ DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN = "runs/demo_20261124-101500"
 """The sandbox's finished run of configs/demo.yaml (4 steps; checkpoints step_2 and step_4)."""
 
+FT_RUN = "runs/finetune_20261124-103000"
+"""The sandbox's LoRA fine-tune of :data:`RUN` (configs/finetune.yaml, 4 steps)."""
+
 PLACEHOLDERS: dict[str, str] = {
     "runs/demo_<time>": RUN,
     "RUN": RUN,
@@ -63,6 +66,8 @@ PLACEHOLDERS: dict[str, str] = {
     "path/to/hf_model": "{shared}/hf_model",  # an `ava export` of the run
     "hf_model": "{shared}/hf_model",  # as an input; after --out it is the folder to write
     "ava_model": "{shared}/ava_model",  # an `ava import` of that export; after --out: written
+    "finetune.base=runs/demo_<time>": f"finetune.base={RUN}",
+    "runs/finetune_<time>": FT_RUN,
 }
 """Placeholder word in the docs -> sandbox path (``{shared}``: the module's read-only objects)."""
 
@@ -339,6 +344,14 @@ def sandbox(tmp_path_factory, monkeypatch_module) -> tuple[Path, Path]:
         trained.rename(template / RUN)
         assert _run_cli(["export", RUN, "--out", str(shared / "hf_model")]) == 0
         assert _run_cli(["import", str(shared / "hf_model"), "--out", str(shared / "ava_model")]) == 0
+        finetune = yaml.safe_load((REPO / "configs" / "finetune.yaml").read_text(encoding="utf-8"))
+        short = _short_config("finetune", cache)
+        finetune.update(training=short["training"], evaluation=short["evaluation"], run=short["run"],
+                        data={"cache_dir": str(cache)})
+        _write_yaml(template / "configs" / "finetune.yaml", finetune)
+        assert _run_cli(["train", "configs/finetune.yaml", f"finetune.base={RUN}", "data.sources.0.path=corpus.txt"]) == 0
+        (tuned,) = (template / "runs").glob("finetune_*")
+        tuned.rename(template / FT_RUN)
     _save_sharded_run(template / RUN, template / "sharded" / "demo_run")
     _save_mtp_model(template / RUN, shared / "mtp_model")
     return template, shared

@@ -1,4 +1,5 @@
-"""Training precision: tokens/s and peak memory of fp32 / bf16 / fp16 / FP8-emulated / QAT, and
+"""Training precision: tokens/s and peak memory of fp32 / bf16 / bf16 weights with fp32 masters /
+fp16 / FP8-emulated / QAT, and
 what QAT buys over post-training quantization.
 
 Same run, same machine. Training half: the demo model (configs/demo.yaml's model section, random
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[str, ...]] = {
     "fp32": ("precision.dtype=fp32",),
     "bf16": ("precision.dtype=bf16",),
+    "bf16-weights": ("precision.dtype=bf16", "precision.param_dtype=bf16"),
     "fp16": ("precision.dtype=fp16",),
     "fp8-tensorwise": ("precision.dtype=bf16", "precision.fp8.enabled=true", "precision.fp8.emulate=true",
                        "precision.fp8.recipe=tensorwise"),
@@ -63,25 +65,25 @@ def build_step(overrides: tuple[str, ...], batch: torch.Tensor, work: Path):
     model.train()
     optimizer = build_optimizer(model, config.optimizer, config.training.learning_rate, device)
     precision = MixedPrecision(config.precision, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    precision.attach(optimizer)  # precision.param_dtype bf16: fp32 master weights in the optimizer
 
     def step() -> None:
         with precision.autocast():
             loss = model(batch, labels=batch).loss
         precision.scale(loss).backward()
         precision.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(precision.grad_params(model), 1.0)
         precision.step(optimizer)
         precision.update()
-        optimizer.zero_grad(set_to_none=True)
+        precision.zero_grad(optimizer)
 
-    return model, step
+    return model, optimizer, step
 
 
-def peak_mib(model: torch.nn.Module, step) -> float:
+def peak_mib(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step) -> float:
     """Peak MiB of live tensors over one training step (after the optimizer state exists)."""
     tracker = MemTracker()
-    tracker.track_external(model)
+    tracker.track_external(model, optimizer)
     with tracker:
         step()
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20
@@ -95,9 +97,9 @@ def training_half(args: argparse.Namespace, work: Path) -> None:
     batch = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     steps, memory = {}, {}
     for name in args.variants:
-        model, step = build_step(VARIANTS[name], batch, work)
+        model, optimizer, step = build_step(VARIANTS[name], batch, work)
         step()  # optimizer state exists from here on
-        memory[name] = peak_mib(model, step)
+        memory[name] = peak_mib(model, optimizer, step)
 
         def run(step=step) -> None:
             for _ in range(args.steps):

@@ -91,3 +91,19 @@ def assert_bf16_param_grads_close(got: dict, ref: dict) -> None:
     for name, ref_grad in ref.items():
         assert got[name].dtype == torch.float32, name  # master weights stay fp32
         assert (got[name] - ref_grad).abs().max() <= 3e-2 * ref_grad.abs().max() + 1e-6, name
+
+
+def recording_trainer() -> type:
+    """``EnhancedModularTrainer`` that records the token ids of every micro-batch it trains on, by
+    step (``trainer.seen``), and raises at step ``trainer.crash_at`` (a simulated crash)."""
+    from Ava.training import EnhancedModularTrainer
+
+    class RecordingTrainer(EnhancedModularTrainer):
+        def train_step(self, micro_batches, timer=None):
+            self.seen = getattr(self, "seen", {})
+            self.seen[self.step + 1] = [mb["input_ids"].clone() for mb in micro_batches]
+            if self.step + 1 == getattr(self, "crash_at", -1):
+                raise RuntimeError("simulated crash")
+            return super().train_step(micro_batches, timer)
+
+    return RecordingTrainer

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from Ava.models import EnhancedMoEModel
-from Ava.training import EnhancedModularTrainer
 from Ava.training.run_manager import seed_everything
 from Ava.utils.checkpoint import load_training_state
 from tests.conftest import tiny_config
+from tests.helpers import recording_trainer
 
 QUIET = ("logging.tensorboard=false", "evaluation.sample_max_new_tokens=0")
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "ember", "quill", "lumen"]
@@ -24,15 +24,7 @@ def _write_jsonl(path, n_docs, seed, prefix):
             f.write(json.dumps({"text": text}) + "\n")
 
 
-class _Recorder(EnhancedModularTrainer):
-    """Records the token ids of every micro-batch it trains on, by step."""
-
-    def train_step(self, micro_batches, timer=None):
-        self.seen = getattr(self, "seen", {})
-        self.seen[self.step + 1] = [mb["input_ids"].clone() for mb in micro_batches]
-        if self.step + 1 == getattr(self, "crash_at", -1):
-            raise RuntimeError("simulated crash")
-        return super().train_step(micro_batches, timer)
+_Recorder = recording_trainer()
 
 
 def _config(tmp_path, cache, out, *extra):

@@ -19,6 +19,7 @@ from Ava.training.batch import StepBatches, token_loss_weights
 from Ava.training.run_manager import seed_everything
 from Ava.utils.checkpoint import load_training_state
 from tests.conftest import tiny_config
+from tests.helpers import recording_trainer
 
 QUIET = ("logging.tensorboard=false", "evaluation.sample_max_new_tokens=0")
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "ember", "quill", "lumen"]
@@ -122,20 +123,6 @@ def test_packed_micro_batches_keep_one_over_accum_bit_for_bit(tmp_path, corpus_c
             assert torch.equal(grads[name], p.grad), name
 
 
-def _recorder():
-    class Recorder(EnhancedModularTrainer):
-        """Records the token ids of every micro-batch it trains on, by step."""
-
-        def train_step(self, micro_batches, timer=None):
-            self.seen = getattr(self, "seen", {})
-            self.seen[self.step + 1] = [mb["input_ids"].clone() for mb in micro_batches]
-            if self.step + 1 == getattr(self, "crash_at", -1):
-                raise RuntimeError("simulated crash")
-            return super().train_step(micro_batches, timer)
-
-    return Recorder
-
-
 def _train_losses(run_root):
     records = [json.loads(line) for line in (run_root / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in records if r["split"] == "train"}
@@ -146,7 +133,7 @@ def test_dynamic_batching_resumes_exactly_with_workers(tmp_path, corpus_cache, c
     _write_chat(tmp_path / "chat.jsonl", 120, 1)
     extra = ("data.max_tokens_per_batch=128", "training.grad_accum_steps=2", "training.max_steps=12",
              "training.save_every=5", "training.log_every=1")
-    Recorder = _recorder()
+    Recorder = recording_trainer()
     config = _config(tmp_path, corpus_cache, tmp_path / "ref", *extra, "data.num_workers=0")
     seed_everything(config.run.seed)
     reference = Recorder(EnhancedMoEModel(config.model), config)

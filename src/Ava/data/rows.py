@@ -4,7 +4,9 @@ A row is one document of a :class:`~.packing.TokenStream` (its tokens and the EO
 cut to ``seq_len`` tokens when longer. Rows keep the keys of a packed window (``input_ids``,
 ``labels``, ``position_ids``, ``document_ids``, ``source``) but have their own length;
 :func:`pad_rows` right-pads a micro-batch to its longest row. Padding carries no label (so no
-loss) and, with causal attention, no real token attends to it: right padding needs no mask.
+loss) and, with causal attention, no real token attends to it: right padding needs no attention
+mask. The batch's ``token_mask`` marks the real tokens so that the MoE routers leave padding out
+of their statistics (balancing losses, z-loss, expert loads, capacity).
 
 Per-row lengths and loss-token counts are computed once, vectorised, when the dataset is built,
 so the batch planner (:mod:`.dynamic_batching`) and the trainer's loss normalisation know every
@@ -138,7 +140,8 @@ def pad_rows(rows: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
 
     Padding positions get ``pad_id`` as input, ``-100`` as label (no loss), positions continuing
     the row's own (so they stay below ``seq_len``) and document id 1 (a document of their own,
-    for the block-diagonal mask). Real tokens never attend to them under causal attention.
+    for the block-diagonal mask). Real tokens never attend to them under causal attention; the
+    ``token_mask`` keeps them out of the MoE routing statistics (the model's ``token_mask``).
 
     Args:
         rows: samples of :class:`RowDataset` (or packed windows: equal lengths stack as they are).
@@ -146,7 +149,8 @@ def pad_rows(rows: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
 
     Returns:
         ``input_ids``, ``labels``, ``position_ids``, ``document_ids`` (each ``(B, T)`` int64, T the
-        longest row) and ``source`` (``(B,)``).
+        longest row), ``token_mask`` (``(B, T)`` bool, True = a row's own token, False = padding)
+        and ``source`` (``(B,)``).
     """
     width = max(int(r["input_ids"].shape[0]) for r in rows)
     B = len(rows)
@@ -154,14 +158,17 @@ def pad_rows(rows: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.int64)
     positions = torch.arange(width, dtype=torch.int64).repeat(B, 1)
     documents = torch.ones((B, width), dtype=torch.int64)
+    real = torch.zeros((B, width), dtype=torch.bool)
     for b, r in enumerate(rows):
         n = int(r["input_ids"].shape[0])
+        real[b, :n] = True
         input_ids[b, :n] = r["input_ids"]
         labels[b, :n] = r["labels"]
         if "position_ids" in r:
             positions[b, :n] = r["position_ids"]
         documents[b, :n] = r["document_ids"] if "document_ids" in r else 0
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "document_ids": documents}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "document_ids": documents,
+             "token_mask": real}
     if all("source" in r for r in rows):
         batch["source"] = torch.stack([r["source"] for r in rows])
     return batch

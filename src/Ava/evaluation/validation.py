@@ -53,7 +53,8 @@ def validation_loss(
         dataset: samples as the data pipeline yields them (dicts with ``input_ids``, ``labels``
             and optionally ``position_ids`` / ``document_ids``, each (T,)) or bare (T,) id
             tensors (labels = ids). Samples of unequal length are right-padded within a batch
-            (padding carries no label, so causal attention keeps it out of every scored position).
+            (padding carries no label, so causal attention keeps it out of every scored position,
+            and the model's ``token_mask`` keeps it out of the routing metrics).
         batch_size: samples per forward pass.
         max_batches: stop after this many batches; None = the whole dataset.
         device: where to run; None = where the model's parameters are.
@@ -112,10 +113,13 @@ def validation_loss(
 
 
 def _forward_inputs(batch: Batch, document_mask: bool) -> dict[str, Any]:
-    """Keyword arguments of the model's forward for ``batch`` (labels included)."""
+    """Keyword arguments of the model's forward for ``batch`` (labels included; ``token_mask``
+    when the batch was padded)."""
     inputs: dict[str, Any] = {"labels": batch["labels"], "position_ids": batch.get("position_ids")}
     if document_mask and "document_ids" in batch:
         inputs["document_ids"] = batch["document_ids"]
+    if "token_mask" in batch:
+        inputs["token_mask"] = batch["token_mask"]
     return inputs
 
 
@@ -147,7 +151,8 @@ def _collate(samples: Sequence[Batch | torch.Tensor]) -> Batch:
     """Stack samples into a batch; bare id tensors become ``{input_ids, labels}``.
 
     Samples of one length stack as the training loader stacks them; shorter ones are
-    right-padded (ids 0, labels :data:`IGNORE_INDEX`, default positions).
+    right-padded (ids 0, labels :data:`IGNORE_INDEX`, default positions) and the batch gets a
+    ``token_mask`` ((B, T) bool, False = padding) for the model's routing statistics.
     """
     rows = [{"input_ids": s, "labels": s} if isinstance(s, torch.Tensor) else s for s in samples]
     width = max(len(r["input_ids"]) for r in rows)
@@ -159,5 +164,6 @@ def _collate(samples: Sequence[Batch | torch.Tensor]) -> Batch:
         padded.append({
             "input_ids": torch.nn.functional.pad(r["input_ids"], (0, pad), value=0),
             "labels": torch.nn.functional.pad(r["labels"], (0, pad), value=IGNORE_INDEX),
+            "token_mask": torch.arange(width) < len(r["input_ids"]),
         })
     return default_collate(padded)

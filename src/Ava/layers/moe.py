@@ -57,12 +57,16 @@ class MoEBlock(nn.Module):
             if moe.num_shared_experts > 0 else None
         )
 
-    def forward(self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None) -> MoEOutput:
+    def forward(self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None,
+                token_mask_BT: torch.Tensor | None = None) -> MoEOutput:
         """Route and run the experts.
 
         Args:
             x_BTD: (B, T, D) normalised hidden states.
             token_ids_BT: (B, T) token ids of the same positions (the hash router needs them).
+            token_mask_BT: (B, T) bool, True = real token, False = padding (computed like the
+                others, left out of the routing statistics: ``RouterOutput.token_mask_T``);
+                None = every token is real.
 
         Returns:
             :class:`MoEOutput` with (B, T, D) hidden states and the routing over B·T tokens.
@@ -70,7 +74,8 @@ class MoEBlock(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
         token_ids_N = token_ids_BT.reshape(B * T) if token_ids_BT is not None else None
-        routing = self.gate(x_ND, token_ids_N)
+        token_mask_N = token_mask_BT.reshape(B * T) if token_mask_BT is not None else None
+        routing = self.gate(x_ND, token_ids_N, token_mask_N)
         y_ND = self.experts(x_ND, routing)  # (N, D)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)

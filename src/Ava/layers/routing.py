@@ -11,6 +11,11 @@ rules are token-choice (softmax, sigmoid, switch, noisy top-k, hash: each token 
 or expert-choice (each expert picks c tokens); capacity dropping and expert-choice both turn
 slots off, which ``RouterOutput.mask_TK`` records for the expert backends.
 
+Padding (right-padded unpacked rows, ``data.packing: false``) is routed and computed like any
+token, but a router given a token mask records it (``RouterOutput.token_mask_T``): the routing
+statistics (loads, balancing losses, z-loss, metrics) count real tokens only, and under capacity
+or expert-choice a padding slot only takes what the real tokens leave.
+
 Autocast is switched off inside every router: in bf16 the logits of near-tied experts round to the
 same value, top-k then flips between them from step to step, and the softmax/z-loss lose
 precision exactly where balancing needs it (ST-MoE, torchtitan and HF all keep the router in fp32).
@@ -49,6 +54,11 @@ class RouterOutput:
             group limit), which the sequence-wise and global-batch balancing losses count
             (DeepSeek-V3 eq. 18, Megatron's ``compute_routing_scores_for_aux_loss``); None = the
             same as ``indices_TK`` (no bias and no groups, or a router without either).
+        token_mask_T: (T,) bool, True = a real token, which the routing statistics count
+            (:attr:`routed_per_expert_E`, :attr:`balance_per_expert_E`, the balancing losses,
+            the z-loss, the metrics); False = padding, routed and computed like a real token
+            (``tokens_per_expert_E`` and ``mask_TK`` cover it: they are what dispatch computes)
+            but counted nowhere. None = every token is real.
     """
 
     indices_TK: torch.Tensor
@@ -59,6 +69,7 @@ class RouterOutput:
     mask_TK: torch.Tensor | None = None
     dropped_E: torch.Tensor | None = None
     balance_indices_TK: torch.Tensor | None = None
+    token_mask_T: torch.Tensor | None = None
 
     @property
     def unbiased_indices_TK(self) -> torch.Tensor:
@@ -67,26 +78,74 @@ class RouterOutput:
 
     @property
     def routed_per_expert_E(self) -> torch.Tensor:
-        """(E,) long, slots the router sent to each expert before capacity dropping."""
+        """(E,) long, slots the router sent to each expert before capacity dropping, real tokens
+        only (padding is not counted; for expert-choice, the real tokens each expert picked)."""
+        if self.token_mask_T is None:
+            if self.dropped_E is None:
+                return self.tokens_per_expert_E
+            return self.tokens_per_expert_E + self.dropped_E
+        counted_TK = self.token_mask_T.unsqueeze(-1).expand_as(self.indices_TK)  # (T, K)
+        if self.mask_TK is not None and self.dropped_E is None:  # expert-choice: the picked slots only
+            counted_TK = counted_TK & self.mask_TK
+        return count_per_expert(self.indices_TK, self.tokens_per_expert_E.shape[0], counted_TK)
+
+    @property
+    def balance_per_expert_E(self) -> torch.Tensor:
+        """(E,) long, slots per expert in :attr:`unbiased_indices_TK` over the real tokens (what the
+        sequence-wise and global-batch losses count); :attr:`routed_per_expert_E` itself when
+        nothing biases the choice."""
+        if self.balance_indices_TK is None:
+            return self.routed_per_expert_E
+        return count_per_expert(self.balance_indices_TK, self.tokens_per_expert_E.shape[0], self.token_mask_T)
+
+    @property
+    def dropped_slots(self) -> torch.Tensor:
+        """Long scalar, real tokens' slots dropped by capacity (0 when dropless)."""
         if self.dropped_E is None:
-            return self.tokens_per_expert_E
-        return self.tokens_per_expert_E + self.dropped_E
+            return torch.zeros((), dtype=torch.long, device=self.indices_TK.device)
+        if self.token_mask_T is None or self.mask_TK is None:
+            return self.dropped_E.sum()
+        return (~self.mask_TK & self.token_mask_T.unsqueeze(-1)).sum()
+
+    @property
+    def unrouted_tokens(self) -> torch.Tensor:
+        """Long scalar, real tokens none of whose slots is computed (0 when every slot is on)."""
+        if self.mask_TK is None:
+            return torch.zeros((), dtype=torch.long, device=self.indices_TK.device)
+        unrouted_T = ~self.mask_TK.any(dim=-1)
+        return (unrouted_T if self.token_mask_T is None else unrouted_T & self.token_mask_T).sum()
+
+    @property
+    def num_counted_tokens(self) -> int | torch.Tensor:
+        """The tokens the statistics count: T, or with a token mask its real tokens (a long
+        scalar on the device, so reading it needs no host sync)."""
+        return self.indices_TK.shape[0] if self.token_mask_T is None else self.token_mask_T.sum()
 
 
 def _fp32(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def count_per_expert(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def count_per_expert(indices_TK: torch.Tensor, num_experts: int,
+                     counted: torch.Tensor | None = None) -> torch.Tensor:
     """(E,) long, how many of the slots in ``indices_TK`` chose each expert.
 
     An integer scatter-add into E zeros: exact and deterministic, and unlike ``bincount`` (whose
     output size depends on the data) it needs no host sync on a GPU.
+
+    Args:
+        indices_TK: (T, K) long chosen experts.
+        num_experts: E.
+        counted: (T,) or (T, K) bool, the tokens (or slots) to count; None = all.
     """
     flat_S = indices_TK.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.long, device=flat_S.device).scatter_add_(
-        0, flat_S, torch.ones_like(flat_S)
-    )
+    if counted is None:
+        ones_S = torch.ones_like(flat_S)
+    else:
+        if counted.dim() == 1:
+            counted = counted.unsqueeze(-1)
+        ones_S = counted.expand_as(indices_TK).reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat_S.device).scatter_add_(0, flat_S, ones_S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,9 +388,12 @@ def apply_capacity(routing: RouterOutput, capacity_factor: float) -> RouterOutpu
     """Drop the token-slots that overflow each expert's capacity C.
 
     Priority is GShard's: every token's first choice before any second choice, and within a
-    choice rank, earlier tokens first. A dropped slot gets weight 0 and is not computed; a token
-    whose every slot is dropped passes through the residual unchanged. The decision depends only
-    on the routing, so every expert backend drops the same slots.
+    choice rank, earlier tokens first; with a token mask (``routing.token_mask_T``) every real
+    token's slots come before any padding slot, so padding only fills capacity the real tokens
+    leave (C itself counts all T tokens: no host read of the real count). A dropped slot gets
+    weight 0 and is not computed; a token whose every slot is dropped passes through the residual
+    unchanged. The decision depends only on the routing, so every expert backend drops the same
+    slots.
 
     Args:
         routing: a token-choice decision without a mask.
@@ -349,7 +411,10 @@ def apply_capacity(routing: RouterOutput, capacity_factor: float) -> RouterOutpu
         return routing
     # The slots in priority order (choice-major: slot k·T + t), not the token-major S order.
     expert_by_priority = routing.indices_TK.t().reshape(-1)  # (K·T,)
-    order = torch.argsort(expert_by_priority, stable=True)  # (K·T,) grouped by expert, priority kept inside
+    sort_key = expert_by_priority
+    if routing.token_mask_T is not None:  # within an expert's group: real slots, then padding
+        sort_key = expert_by_priority * 2 + (~routing.token_mask_T).long().repeat(K)
+    order = torch.argsort(sort_key, stable=True)  # (K·T,) grouped by expert, priority kept inside
     counts_E = routing.tokens_per_expert_E
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     rank_sorted = torch.arange(order.numel(), device=order.device) - starts_E[expert_by_priority[order]]
@@ -371,12 +436,14 @@ def route_expert_choice(
     top_k: int,
     capacity_factor: float,
     routed_scaling_factor: float = 1.0,
+    token_mask_T: torch.Tensor | None = None,
 ) -> RouterOutput:
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-c tokens.
 
     ``c = min(T, ceil(CF · T · K / E))``, so on average a token gets CF·K experts but any one
     token may get 0..E. The decision is expressed with K = E slots per token (slot e is expert e)
     and ``mask_TK`` marking the chosen ones; the backends compute only those E·c slots.
+    With ``token_mask_T`` an expert picks padding only after every real token.
 
     Args:
         x_TD: (T, D) hidden states.
@@ -384,6 +451,7 @@ def route_expert_choice(
         top_k: K, the average experts per token at CF = 1.
         capacity_factor: CF.
         routed_scaling_factor: multiply the gate weights by this.
+        token_mask_T: (T,) bool, True = real token; None = all real.
 
     Returns:
         :class:`RouterOutput` with (T, E) indices/weights/mask; every expert computes exactly c.
@@ -394,7 +462,8 @@ def route_expert_choice(
     with _fp32(x_TD):
         logits_TE = F.linear(x_TD.float(), weight_ED.float())  # (T, E)
         probs_TE = logits_TE.softmax(dim=-1)
-        token_CE = probs_TE.topk(cap, dim=0).indices  # (c, E): expert e's tokens
+        pick_TE = probs_TE if token_mask_T is None else probs_TE.masked_fill(~token_mask_T.unsqueeze(-1), -1.0)
+        token_CE = pick_TE.topk(cap, dim=0).indices  # (c, E): expert e's tokens
         mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, token_CE, True)
         weights_TE = probs_TE.masked_fill(~mask_TE, 0.0) * routed_scaling_factor
     indices_TE = torch.arange(E, device=x_TD.device).expand(T, E)
@@ -405,6 +474,7 @@ def route_expert_choice(
         probs_TE=probs_TE,
         tokens_per_expert_E=torch.full((E,), cap, dtype=torch.long, device=x_TD.device),
         mask_TK=mask_TE,
+        token_mask_T=token_mask_T,
     )
 
 
@@ -477,19 +547,23 @@ class Router(nn.Module):
         """The capacity factor of the current mode (train or eval)."""
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
+                token_mask_T: torch.Tensor | None = None) -> RouterOutput:
         """Route each token (and apply capacity when a capacity factor is set).
 
         Args:
             x_TD: (T, D) hidden states, any dtype.
             token_ids_T: (T,) token ids; required by the ``hash`` router, ignored by the others.
+            token_mask_T: (T,) bool, True = real token, False = padding: routed like the others
+                but left out of the routing statistics and last in line for capacity
+                (``RouterOutput.token_mask_T``); None = every token is real.
 
         Returns:
             A :class:`RouterOutput`; every float tensor in it is fp32.
         """
         cf = self.active_capacity_factor
         if self.kind == "expert_choice":
-            return route_expert_choice(x_TD, self.weight, self.top_k, cf, self.routed_scaling_factor)
+            return route_expert_choice(x_TD, self.weight, self.top_k, cf, self.routed_scaling_factor, token_mask_T)
         if self.kind == "hash":
             if token_ids_T is None:
                 raise ValueError("the hash router needs the token ids: call the MoE block with token_ids_BT")
@@ -504,6 +578,8 @@ class Router(nn.Module):
                 norm = self.norm_topk_prob and self.kind != "switch"
                 noise = self.noise_weight if self.training else None
                 out = route_topk(x_TD, self.weight, self.top_k, norm, noise_weight_ED=noise, **common)
+        if token_mask_T is not None:
+            out = replace(out, token_mask_T=token_mask_T)
         return out if cf is None else apply_capacity(out, cf)
 
     @torch.no_grad()

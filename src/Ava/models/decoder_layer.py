@@ -135,16 +135,19 @@ class DecoderLayer(nn.Module):
         token_ids_BT: torch.Tensor | None = None,
         context_BSC: torch.Tensor | None = None,
         context_mask_BS: torch.Tensor | None = None,
+        token_mask_BT: torch.Tensor | None = None,
     ) -> LayerOutput:
         """(B, T, D) -> ((B, T, D), this layer's (k, v), routing or None for a dense layer).
 
         ``token_ids_BT`` (B, T) are the input ids, for the hash router. ``context_BSC`` (B, S, C)
         and ``context_mask_BS`` (B, S) feed the cross-attention block, if the layer has one (None
-        or S = 0: the block is skipped). A training forward (train mode, autograd on) goes through
-        the compiled block and/or activation checkpointing when they are switched on; everything
-        else runs :meth:`_block` directly. A routed self-attention's balancing loss is left in
-        :attr:`attention_aux_loss`."""
-        args = (x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, token_ids_BT, context_BSC, context_mask_BS)
+        or S = 0: the block is skipped). ``token_mask_BT`` (B, T) bool marks the real tokens
+        (False = padding) for the MoE router's statistics; None = all real. A training forward
+        (train mode, autograd on) goes through the compiled block and/or activation checkpointing
+        when they are switched on; everything else runs :meth:`_block` directly. A routed
+        self-attention's balancing loss is left in :attr:`attention_aux_loss`."""
+        args = (x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, token_ids_BT, context_BSC, context_mask_BS,
+                token_mask_BT)
         if not (self.training and torch.is_grad_enabled()):
             out = self._block(*args)
         else:
@@ -174,6 +177,7 @@ class DecoderLayer(nn.Module):
         token_ids_BT: torch.Tensor | None,
         context_BSC: torch.Tensor | None = None,
         context_mask_BS: torch.Tensor | None = None,
+        token_mask_BT: torch.Tensor | None = None,
     ) -> _BlockOutput:
         """The block itself (see :meth:`forward`); free of side effects, so it may run twice.
         Returns :data:`LayerOutput` plus the routed attention's balancing loss (or None)."""
@@ -192,7 +196,7 @@ class DecoderLayer(nn.Module):
         h_BTD = self.post_attention_layernorm(x_BTD)
         routing = None
         if self.is_moe:
-            moe_out = self.mlp(h_BTD, token_ids_BT)
+            moe_out = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
             mlp_BTD, routing = moe_out.hidden_states, moe_out.routing
         else:
             mlp_BTD = self.mlp(h_BTD)

@@ -32,7 +32,7 @@ from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, Swi
 from ..layers.cross_attention import CrossAttention, check_context
 from ..layers.lora import LORA_FILE, adapter_state_dict, apply_lora, merge_lora, read_lora
 from ..layers.quantized import QUANTIZATION_FILE, QuantizedParameter, quantize_modules, read_quantization
-from ..layers.routing import RouterOutput, count_per_expert
+from ..layers.routing import RouterOutput
 from ..losses import (
     UncertaintyWeighting,
     assemble_losses,
@@ -178,6 +178,7 @@ class EnhancedMoEModel(nn.Module):
         moe_count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> MoEModelOutput:
         """Run the decoder.
 
@@ -207,13 +208,24 @@ class EnhancedMoEModel(nn.Module):
                 (``model.cross_attention``; C = its ``context_size``); None or S = 0 = no
                 context (the blocks are skipped). Pass the same context at every decoding step.
             context_mask: (B, S) 1 = a real context vector, 0 = padding; None = all real.
+            token_mask: (B, T) bool, True = a real token, False = padding (the right padding of
+                unpacked rows, ``data.packing: false``, which :func:`~Ava.data.rows.pad_rows`
+                marks). The routing statistics count real tokens only: the balancing losses
+                (f and P), the z-loss, ``router_stats`` (loads, dropped and unrouted tokens,
+                router entropy, logit norm) and so the aux-free bias update and the routing
+                metrics; capacity (``moe.capacity_factor``, expert-choice) serves real tokens
+                before padding. Attention and every output are unchanged: padding is still
+                computed, and with dropless routing the real tokens' outputs are the same with
+                or without the mask. The MTP blocks count position i when it is real. None =
+                every token is real.
 
         Returns:
             :class:`MoEModelOutput`.
 
         Raises:
             ValueError: MTP heads requested (labels or ``return_mtp``) together with
-                ``past_key_values``; a context the model has no block for, or of the wrong shape.
+                ``past_key_values``; a context the model has no block for, or of the wrong shape;
+                a ``token_mask`` not of shape (B, T).
         """
         B, T = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
@@ -231,6 +243,10 @@ class EnhancedMoEModel(nn.Module):
                 "past_key_values (or without labels and return_mtp)"
             )
         check_context(context, context_mask, B, self.config)
+        if token_mask is not None:
+            if tuple(token_mask.shape) != (B, T):
+                raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, expected (batch, new) = ({B}, {T})")
+            token_mask = token_mask.to(torch.bool)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         cos_BT1A, sin_BT1A = self.rotary(position_ids)  # (B, T, 1, A), shared by every layer
@@ -243,7 +259,7 @@ class EnhancedMoEModel(nn.Module):
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
             x_BTD, present_kv, routing = layer(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, input_ids,
-                                               context, context_mask)
+                                               context, context_mask, token_mask)
             if layer.routed_attention:
                 attention_aux.append(layer.take_attention_aux_loss())
             if use_cache:
@@ -258,7 +274,7 @@ class EnhancedMoEModel(nn.Module):
         mtp_logits = mtp_normed = None
         if run_mtp:
             mtp_out = self.mtp(x_BTD, input_ids, self.embed_tokens, None if fused else self.lm_head,
-                               cos_BT1A, sin_BT1A, attn_mask_B1TL)
+                               cos_BT1A, sin_BT1A, attn_mask_B1TL, token_mask)
             mtp_logits, mtp_normed = mtp_out.logits or None, mtp_out.normed_hidden
             routings += mtp_out.routings
             attention_aux += [m.block.take_attention_aux_loss() for m in self.mtp if m.block.routed_attention]
@@ -306,6 +322,8 @@ class EnhancedMoEModel(nn.Module):
         The Switch loss counts the slots the router sent (biased, group-limited, before capacity);
         the sequence-wise and global-batch losses count the top-k of the affinities alone
         (DeepSeek-V3 eq. 18), so the bias cannot hide the imbalance they are meant to push on.
+        A routing with a token mask (``RouterOutput.token_mask_T``) counts its real tokens only,
+        in every term and statistic.
 
         Args:
             routings: (layer index, routing) of each MoE layer.
@@ -323,12 +341,10 @@ class EnhancedMoEModel(nn.Module):
             return {}, []
         coef = self.balancing_coefficients()
         reduce = torch.sum if moe.balance_reduction == "sum" else torch.mean
-        routed = [r.routed_per_expert_E for _, r in routings]  # (E,) per layer, before dropping
+        # (E,) per layer, before dropping, real tokens only (RouterOutput.token_mask_T)
+        routed = [r.routed_per_expert_E for _, r in routings]
         # (E,) per layer, the unbiased top-k's counts: the same tensor when nothing biases the choice
-        unbiased = [
-            c if r.balance_indices_TK is None else count_per_expert(r.balance_indices_TK, c.shape[0])
-            for (_, r), c in zip(routings, routed)
-        ]
+        unbiased = [r.balance_per_expert_E for _, r in routings]
         prefix = load_prefix if load_prefix else [None] * len(routings)
         global_counts = [c if before is None else c + before.to(c.device) for c, before in zip(unbiased, prefix)]
         switch_counts = routed
@@ -336,25 +352,26 @@ class EnhancedMoEModel(nn.Module):
             summed = count_reduce(torch.stack([*routed, *global_counts]))
             switch_counts, global_counts = list(summed[:len(routed)]), list(summed[len(routed):])
         aux_per_layer = [
-            load_balancing_loss(r.probs_TE, r.indices_TK, counts, None if count_reduce is None else counts.sum())
+            load_balancing_loss(r.probs_TE, r.indices_TK, counts, None if count_reduce is None else counts.sum(),
+                                token_mask_T=r.token_mask_T)
             for (_, r), counts in zip(routings, switch_counts)
         ]
-        z_per_layer = [router_z_loss(r.logits_TE) for _, r in routings]
+        z_per_layer = [router_z_loss(r.logits_TE, r.token_mask_T) for _, r in routings]
         stats = []
         with torch.no_grad():
             for (i, r), counts, free, aux, z in zip(routings, routed, unbiased, aux_per_layer, z_per_layer):
                 p_TE = r.probs_TE
-                none = torch.zeros((), dtype=torch.long, device=counts.device)  # no slot off / dropped
+                entropy_T = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1)
                 stats.append(RouterStats(
                     layer=i,
                     tokens_per_expert=counts.detach(),
                     aux_loss=aux.detach(),
                     z_loss=z.detach(),
-                    dropped_tokens=r.dropped_E.sum() if r.dropped_E is not None else none,
-                    router_entropy=-(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean(),
-                    logit_norm=r.logits_TE.norm(dim=-1).mean(),
-                    unrouted_tokens=(~r.mask_TK.any(dim=-1)).sum() if r.mask_TK is not None else none,
-                    num_tokens=r.logits_TE.shape[0],
+                    dropped_tokens=r.dropped_slots,
+                    router_entropy=_token_mean(entropy_T, r.token_mask_T),
+                    logit_norm=_token_mean(r.logits_TE.norm(dim=-1), r.token_mask_T),
+                    unrouted_tokens=r.unrouted_tokens,
+                    num_tokens=r.num_counted_tokens,
                     balance_tokens_per_expert=free.detach(),
                 ))
         aux_losses: dict[str, torch.Tensor] = {}
@@ -364,10 +381,12 @@ class EnhancedMoEModel(nn.Module):
         if balance and moe.coef_peak("aux_loss_coef") > 0:
             aux_losses["load_balance"] = coef["aux_loss_coef"] * reduce(torch.stack(aux_per_layer))
         if balance and moe.coef_peak("seq_aux_loss_coef") > 0:
-            seq = [sequence_balancing_loss(r.probs_TE, r.unbiased_indices_TK, batch_size) for _, r in routings]
+            seq = [sequence_balancing_loss(r.probs_TE, r.unbiased_indices_TK, batch_size, r.token_mask_T)
+                   for _, r in routings]
             aux_losses["seq_load_balance"] = coef["seq_aux_loss_coef"] * reduce(torch.stack(seq))
         if balance and moe.coef_peak("global_aux_loss_coef") > 0:
-            glob = [global_balancing_loss(r.probs_TE, counts) for (_, r), counts in zip(routings, global_counts)]
+            glob = [global_balancing_loss(r.probs_TE, counts, r.token_mask_T)
+                    for (_, r), counts in zip(routings, global_counts)]
             aux_losses["global_load_balance"] = coef["global_aux_loss_coef"] * reduce(torch.stack(glob))
         if moe.coef_peak("z_loss_coef") > 0:
             aux_losses["z_loss"] = coef["z_loss_coef"] * reduce(torch.stack(z_per_layer))
@@ -680,6 +699,13 @@ def _load_finetune(cls: type[EnhancedMoEModel], weights_dir: Path, lora: dict[st
         for name, param in params.items():
             param.copy_(adapters[name])
     return merge_lora(model).to(device).eval()
+
+
+def _token_mean(x_T: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (T,) ``x_T`` over the real tokens (all of them without a mask)."""
+    if token_mask_T is None:
+        return x_T.mean()
+    return (x_T * token_mask_T).sum() / token_mask_T.sum().clamp_min(1)
 
 
 def _mark_weights_loaded(model: nn.Module, incompatible_keys: Any) -> None:

@@ -80,6 +80,7 @@ class MTPModule(nn.Module):
         sin_BT1A: torch.Tensor,
         attn_mask_B1TL: torch.Tensor | None,
         token_ids_BT: torch.Tensor,
+        token_mask_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         """Next depth's hidden state.
 
@@ -89,22 +90,26 @@ class MTPModule(nn.Module):
             cos_BT1A, sin_BT1A: RoPE tables of the positions (as in the main stack).
             attn_mask_B1TL: the main stack's attention mask, or None (causal).
             token_ids_BT: (B, T) the ids behind ``emb_BTD`` (for the hash router).
+            token_mask_BT: (B, T) bool, the positions whose routing statistics count (the
+                main stack's real tokens); None = all.
 
         Returns:
             ``(h^j (B, T, D), routing or None for a dense block)``.
         """
         x_BTD, _, routing = self._combine_and_run(h_BTD, emb_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, None,
-                                                  token_ids_BT)
+                                                  token_ids_BT, token_mask_BT)
         return x_BTD, routing
 
     def _combine_and_run(
         self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos_BT1A: torch.Tensor, sin_BT1A: torch.Tensor,
         attn_mask_B1TL: torch.Tensor | None, past_kv: KVCache | None, token_ids_BT: torch.Tensor,
+        token_mask_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache, RouterOutput | None]:
         """eh_proj([enorm(emb); hnorm(h)]) through the block: ``(h^j, (k, v), routing)``."""
         x_BT2D = torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1)  # (B, T, 2D)
         x_BTD = self.eh_proj(x_BT2D)  # (B, T, D)
-        return self.block(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, token_ids_BT)
+        return self.block(x_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, past_kv, token_ids_BT,
+                          token_mask_BT=token_mask_BT)
 
     def forward_cached(
         self,
@@ -157,6 +162,7 @@ class MultiTokenPrediction(nn.ModuleList):
         cos_BT1A: torch.Tensor,
         sin_BT1A: torch.Tensor,
         attn_mask_B1TL: torch.Tensor | None,
+        token_mask_BT: torch.Tensor | None = None,
     ) -> MTPOutput:
         """Run every depth and the shared head.
 
@@ -168,6 +174,8 @@ class MultiTokenPrediction(nn.ModuleList):
                 (the fused loss applies the head itself).
             cos_BT1A, sin_BT1A: the main stack's RoPE tables.
             attn_mask_B1TL: the main stack's attention mask, or None.
+            token_mask_BT: (B, T) bool, the main stack's real tokens: position i of every depth
+                counts in the routing statistics when position i is real; None = all.
 
         Returns:
             :class:`MTPOutput`.
@@ -183,7 +191,7 @@ class MultiTokenPrediction(nn.ModuleList):
             # Tokens j positions ahead; the last j positions (no such token) repeat the last one.
             ids_BT = torch.cat([input_ids_BT[:, j:], input_ids_BT[:, -1:].expand(-1, j)], dim=1)  # (B, T)
             ahead_BTD = torch.cat([emb_BTD[:, j:], emb_BTD[:, -1:].expand(-1, j, -1)], dim=1)  # (B, T, D)
-            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, ids_BT)
+            h_BTD, routing = module(h_BTD, ahead_BTD, cos_BT1A, sin_BT1A, attn_mask_B1TL, ids_BT, token_mask_BT)
             normed.append(module.norm(h_BTD))  # (B, T, D)
             if lm_head is not None:
                 logits.append(lm_head(normed[-1]))  # (B, T, V)

@@ -13,6 +13,9 @@ from ..layers import KVCache
 class RouterStats:
     """Per-MoE-layer routing statistics of one forward pass (all detached).
 
+    Every count and mean is over the real tokens when the forward had a ``token_mask``
+    (padding of unpacked rows is counted nowhere), else over every token.
+
     Attributes:
         layer: decoder layer index.
         tokens_per_expert: (E,) long, token-slots the router sent to each expert, before capacity
@@ -27,7 +30,8 @@ class RouterStats:
         unrouted_tokens: long scalar, tokens none of whose slots is computed (every choice
             dropped by capacity, or no expert picked them under expert-choice): they pass the
             layer on the residual alone.
-        num_tokens: tokens routed in this layer (the denominator of the unrouted rate).
+        num_tokens: tokens routed in this layer (the denominator of the unrouted rate): an
+            int, or with a token mask a long scalar tensor of the real tokens (no host sync).
         balance_tokens_per_expert: (E,) long, slots per expert in the top-k of the affinities
             alone (no aux-free bias, no group limit): what the sequence-wise and global-batch
             losses count, and what ``moe_load_prefix`` should accumulate. The same tensor as
@@ -42,7 +46,7 @@ class RouterStats:
     router_entropy: torch.Tensor | None = None
     logit_norm: torch.Tensor | None = None
     unrouted_tokens: torch.Tensor | None = None
-    num_tokens: int | None = None
+    num_tokens: int | torch.Tensor | None = None
     balance_tokens_per_expert: torch.Tensor | None = None
 
 

@@ -8,7 +8,9 @@ Numeric convention (the same wherever these numbers are shown):
 
 - Inputs are routed token-slot counts per layer (:attr:`RouterStats.tokens_per_expert`, before
   capacity dropping), summed over the batches of interest (a step's micro-batches, an
-  evaluation's batches).
+  evaluation's batches). Padding of unpacked rows, which the model is told of with its
+  ``token_mask``, is in none of them (nor in the router entropy, logit norm, dropped or unrouted
+  tokens).
 - Everything is computed in fp32 on the counts' device and returned as tensors, so the training
   loop pays no host synchronisation until it logs (fp32 counts are exact up to 2^24 per expert;
   above that the ratios keep fp32's ~1e-7 relative precision).
@@ -166,9 +168,11 @@ def accumulate_router_stats(acc: dict[str, Any], router_stats: list[RouterStats]
         "router_logit_norm": torch.stack([s.logit_norm for s in router_stats]),
         "batches": torch.ones(()),
     }
-    if all(s.unrouted_tokens is not None and s.num_tokens for s in router_stats):
+    # num_tokens: an int, or the real tokens of a masked forward as a device scalar (not read here)
+    if all(s.unrouted_tokens is not None and s.num_tokens is not None for s in router_stats):
         new["unrouted"] = torch.stack([s.unrouted_tokens for s in router_stats])
-        new["tokens"] = torch.tensor([s.num_tokens for s in router_stats])
+        new["tokens"] = torch.stack([torch.as_tensor(s.num_tokens, device=s.unrouted_tokens.device)
+                                     for s in router_stats])
     summed = {k: acc[k] + v if k in acc else v for k, v in new.items()}
     return {**summed, "layers": [int(s.layer) for s in router_stats]}
 

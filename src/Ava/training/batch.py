@@ -2,8 +2,11 @@
 
 A batch is ``{"input_ids", "labels", "position_ids", "document_ids"}`` (each ``(B, T)`` int64)
 plus ``"source"`` (``(B,)``, the mixture source of each row) — see
-:func:`Ava.data.packing.window_sample`. A bare ``(B, T)`` tensor of ids is accepted everywhere
-too (labels = ids, default positions, one source), for tests and small scripts.
+:func:`Ava.data.packing.window_sample`. Padded unpacked rows (:func:`Ava.data.rows.pad_rows`)
+also carry ``"token_mask"`` (``(B, T)`` bool, False = padding), which the model's routing
+statistics read; packed windows have none (every token is real). A bare ``(B, T)`` tensor of ids
+is accepted everywhere too (labels = ids, default positions, one source), for tests and small
+scripts.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def model_inputs(batch: Batch, document_mask: bool) -> dict[str, Any]:
-    """Keyword arguments of the model's forward for ``batch`` (labels included)."""
+    """Keyword arguments of the model's forward for ``batch`` (labels included; ``token_mask``
+    when the batch has one, so padding stays out of the routing statistics)."""
     inputs: dict[str, Any] = {"labels": batch["labels"], "position_ids": batch.get("position_ids")}
     if document_mask and "document_ids" in batch:
         inputs["document_ids"] = batch["document_ids"]
+    if "token_mask" in batch:
+        inputs["token_mask"] = batch["token_mask"]
     return inputs
 
 

@@ -26,11 +26,21 @@ def add_cpu_args(parser: argparse.ArgumentParser, allocator_note: str = "") -> N
 
 
 def apply_cpu_args(args: argparse.Namespace) -> None:
-    """Tune the allocator (process-wide) and set the thread count as the flags ask."""
+    """Tune the allocator (process-wide), set the thread count as the flags ask, and print the
+    machine's CPU features that decide low-precision speed (tables from different CPUs differ)."""
     if args.allocator == "tuned":
         tune_cpu_allocator()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def cpu_description() -> str:
+    """The CPU's vector capability and whether it has native bf16/fp16 matmuls (oneDNN), e.g.
+    ``AVX512, native bf16: yes, native fp16: no``."""
+    native = {name: getattr(torch.ops.mkldnn, f"_is_mkldnn_{name}_supported")() for name in ("bf16", "fp16")}
+    return (f"{torch.backends.cpu.get_cpu_capability()}, "
+            + ", ".join(f"native {name}: {'yes' if ok else 'no'}" for name, ok in native.items()))
 
 
 def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> None:

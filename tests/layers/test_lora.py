@@ -114,3 +114,16 @@ def test_dequantize_modules_inverts_quantize_modules_up_to_its_error():
 def test_unknown_target_is_refused():
     with pytest.raises(ValueError, match="unknown LoRA target 'embeddings'"):
         apply_lora(_model(), rank=2, alpha=2, dropout=0.0, targets=["embeddings"])
+
+
+def test_adapt_base_quantizes_then_adapts_and_names_the_key_of_a_bad_setting():
+    from Ava.layers.lora import adapt_base
+
+    model = _model()
+    names = adapt_base(model, "int4", 32, rank=2, alpha=2, dropout=0.0, targets=["attention", "experts"])
+    assert names and all(isinstance(model.get_submodule(n), (LoRALinear, LoRAExperts)) for n in names)
+    assert any(isinstance(m, QuantizedParameter) for m in model.modules())  # the base is quantized
+    with pytest.raises(ValueError, match=r"^finetune\.base_group_size: int4 group size 128 does not divide"):
+        adapt_base(_model(), "int4", 128, rank=2, alpha=2, dropout=0.0, targets=["attention"])
+    with pytest.raises(ValueError, match=r"^finetune\.lora\.targets: unknown LoRA target 'embeddings'"):
+        adapt_base(_model(), "none", None, rank=2, alpha=2, dropout=0.0, targets=["embeddings"])

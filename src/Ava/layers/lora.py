@@ -32,12 +32,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .experts import Experts, compute_dtype, routed_experts
-from .quantized import QuantizedExperts, QuantizedLinear, QuantizedParameter, dequantize_modules
+from .quantized import QuantizedExperts, QuantizedLinear, QuantizedParameter, dequantize_modules, quantize_modules
 from .routing import Router
 
 __all__ = [
     "LORA_FILE", "LORA_TARGETS", "LoRADelta", "LoRAExperts", "LoRALinear", "adapter_state_dict",
-    "apply_lora", "lora_modules", "merge_lora", "read_lora",
+    "adapt_base", "apply_lora", "lora_modules", "merge_lora", "read_lora",
 ]
 
 LORA_FILE = "lora.json"  # in a fine-tune's checkpoint folder: the base, its quantization and the adapters' shape
@@ -224,6 +224,40 @@ def _target_kind(name: str, module: nn.Module) -> str | None:
     if linear and "mlp" in parts:
         return "mlp"
     return None
+
+
+def adapt_base(model: nn.Module, base_quant: str, base_group_size: int | None, rank: int, alpha: float,
+               dropout: float, targets: list[str] | tuple[str, ...], seed: int = 0,
+               copy_weights: bool = True) -> list[str]:
+    """A fine-tune's model from its base, in place: the base quantized as ``finetune.base_quant``
+    asks (QLoRA), then LoRA adapters on ``targets`` (:func:`apply_lora`). The one recipe that
+    training, the memory estimate and loading a fine-tune's checkpoint share.
+
+    Args:
+        model: the base (:class:`~Ava.models.EnhancedMoEModel`), full precision.
+        base_quant: ``none``, ``int8`` or ``int4``.
+        base_group_size: the int4 group size (ignored otherwise).
+        rank, alpha, dropout, targets, seed: as :func:`apply_lora`.
+        copy_weights: quantize the base's weights (False: empty quantized modules, as on the
+            meta device).
+
+    Returns:
+        The adapted modules' names.
+
+    Raises:
+        ValueError: naming the key: ``finetune.base_group_size`` (does not divide a width) or
+            ``finetune.lora.targets`` (unknown, or none in the model).
+    """
+    if base_quant != "none":
+        try:
+            quantize_modules(model, base_quant, base_group_size if base_quant == "int4" else None,
+                             copy_weights=copy_weights)
+        except ValueError as err:
+            raise ValueError(f"finetune.base_group_size: {err}") from None
+    try:
+        return apply_lora(model, rank, alpha, dropout, targets, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"finetune.lora.targets: {err}") from None
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | tuple[str, ...],

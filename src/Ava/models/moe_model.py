@@ -30,7 +30,7 @@ from ..config.feature_compatibility import model_issues
 from ..errors import AvaCheckpointError, AvaConfigError
 from ..layers import Attention, KVCache, MoEBlock, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
 from ..layers.cross_attention import CrossAttention, check_context
-from ..layers.lora import LORA_FILE, adapter_state_dict, apply_lora, merge_lora, read_lora
+from ..layers.lora import LORA_FILE, adapt_base, adapter_state_dict, merge_lora, read_lora
 from ..layers.quantized import QUANTIZATION_FILE, QuantizedParameter, quantize_modules, read_quantization
 from ..layers.routing import RouterOutput
 from ..losses import (
@@ -683,9 +683,8 @@ def _load_finetune(cls: type[EnhancedMoEModel], weights_dir: Path, lora: dict[st
             f"{weights_dir}: the base {base / WEIGHTS_FILE} changed since these adapters were trained on it "
             "(size or sha256 differs); restore that base, or pass --no-verify (verify=False) to merge anyway")
     model = cls.from_pretrained(base, verify=verify)
-    if lora["base_quant"] != "none":
-        quantize_modules(model, lora["base_quant"], lora.get("base_group_size"))
-    apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+    adapt_base(model, lora["base_quant"], lora.get("base_group_size"), lora["rank"], lora["alpha"], 0.0,
+               lora["targets"])
     try:
         adapters = load_file(str(weights_dir / WEIGHTS_FILE))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file

@@ -30,9 +30,8 @@ from ..config.checkpoint_layout import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from ..config.loading import load_yaml
 from ..config.model_config import ModelConfig
 from ..errors import AvaCheckpointError, AvaConfigError
-from ..layers.lora import LORA_FILE, adapter_state_dict, apply_lora, lora_modules
+from ..layers.lora import LORA_FILE, adapt_base, adapter_state_dict, lora_modules
 from ..models import EnhancedMoEModel
-from ..optimization.quantization import quantize_model
 from ..utils.output_paths import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -146,13 +145,12 @@ def build_finetune_model(config: EnhancedTrainingConfig, base: Path) -> Enhanced
     """
     ft = config.finetune
     model = EnhancedMoEModel.from_pretrained(base)
-    if ft.base_quant != "none":
-        quantize_model(model, ft.base_quant, ft.base_group_size if ft.base_quant == "int4" else None)
     lora = ft.lora
     try:
-        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, seed=config.run.seed)
+        adapt_base(model, ft.base_quant, ft.base_group_size, lora.rank, lora.alpha, lora.dropout, lora.targets,
+                   seed=config.run.seed)
     except ValueError as err:
-        raise AvaConfigError(f"finetune.lora.targets: {err}") from None
+        raise AvaConfigError(str(err)) from None
     return model.train()
 
 

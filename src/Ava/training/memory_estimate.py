@@ -163,13 +163,10 @@ def _meta_model(config: EnhancedTrainingConfig) -> torch.nn.Module:
         model = EnhancedMoEModel(config.model)
         ft = config.finetune
         if ft is not None:  # LoRA: a frozen (maybe quantized) base, trainable adapters
-            from ..layers.lora import apply_lora
-            from ..layers.quantized import quantize_modules
+            from ..layers.lora import adapt_base
 
-            if ft.base_quant != "none":
-                quantize_modules(model, ft.base_quant, ft.base_group_size if ft.base_quant == "int4" else None,
-                                 copy_weights=False)
-            apply_lora(model, ft.lora.rank, ft.lora.alpha, ft.lora.dropout, ft.lora.targets)
+            adapt_base(model, ft.base_quant, ft.base_group_size, ft.lora.rank, ft.lora.alpha, ft.lora.dropout,
+                       ft.lora.targets, copy_weights=False)
         return model
 
 

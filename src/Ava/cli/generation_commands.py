@@ -21,6 +21,7 @@ from .arg_types import decode_escapes, non_negative, non_negative_int, positive,
 
 if TYPE_CHECKING:
     from ..data import AvaTokenizer
+    from ..memory import MemoryContext
     from ..models import EnhancedMoEModel
 
 # option name → (type, help); the REPL's `:set` accepts the same names
@@ -83,6 +84,35 @@ def _options(args: argparse.Namespace) -> dict:
         "stop_strings": list(args.stop or []), "speculative": bool(getattr(args, "speculative", False))}
 
 
+def _check_memory_context(memory: MemoryContext, generator) -> MemoryContext:
+    """``--memory-context [K]``: ``memory`` (the run's replay memory), checked against the loaded model.
+
+    Raises:
+        AvaConfigError: the model has no cross-attention block, or its context width is not the memory's.
+    """
+    cfg = generator.model.config
+    if not 1 <= cfg.cross_attention.every <= cfg.num_layers:
+        raise AvaConfigError(f"--memory-context: the model has no cross-attention block (model.cross_attention."
+                             f"every: {cfg.cross_attention.every}); drop --memory-context, or train with "
+                             "model.cross_attention.every: N, memory.enabled: true and memory.context_items: k")
+    width = memory.store.embeddings_ND.shape[1]
+    if cfg.cross_attention.context_size != width:
+        raise AvaConfigError(f"--memory-context: the memory's items have width {width}, the model's context_size is "
+                             f"{cfg.cross_attention.context_size}; drop --memory-context")
+    print(f"memory context: the {plural(memory.k, 'nearest item')} of {len(memory.store)} stored, per prompt",
+          file=sys.stderr)
+    return memory
+
+
+def _context(generator, opts: dict, prompts: list[str]) -> dict:
+    """``context`` / ``context_mask`` keyword arguments for ``prompts`` (``--memory-context``), or {}."""
+    memory = opts.get("memory")
+    if memory is None:
+        return {}
+    context, context_mask = memory(generator.model, [generator.encode(p) for p in prompts])
+    return {} if context is None else {"context": context, "context_mask": context_mask}
+
+
 def _report_speculative(generator, opts: dict) -> None:
     """With ``--speculative``: the acceptance statistics of the last call, on stderr."""
     if not opts.get("speculative"):
@@ -107,6 +137,7 @@ def _run_one(generator, prompt: str, opts: dict, stream_to: TextIO | None, use_c
         no_repeat_ngram_size=opts["no_repeat_ngram_size"], stop_strings=opts["stop_strings"],
         num_beams=opts["num_beams"], length_penalty=opts["length_penalty"],
         on_text=on_text if stream_to is not None else None, speculative=opts.get("speculative", False),
+        **_context(generator, opts, [prompt]),
     )
     return full[len(prompt):]
 
@@ -145,8 +176,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out")
     if prompts is not None and args.num_beams > 1 and args.speculative:
         raise AvaConfigError("--speculative is greedy decoding; it cannot be combined with --num-beams")
+    if args.memory_context is not None and (args.num_beams > 1 or args.speculative):
+        raise AvaConfigError(f"--memory-context is passed by sampling and greedy decoding; drop "
+                             f"{'--num-beams' if args.num_beams > 1 else '--speculative'} or --memory-context")
+    memory = None
+    if args.memory_context is not None:  # read before the model: a checkpoint without a memory fails fast
+        from ..memory import MemoryContext
+
+        memory = MemoryContext.from_checkpoint(args.path, args.memory_context or None)
     generator = TextGenerator.from_pretrained(args.path, device=args.device, verify=not args.no_verify)
     opts = _options(args)
+    if memory is not None:
+        opts["memory"] = _check_memory_context(memory, generator)
     use_cache, stop_at_eos = not args.no_cache, not args.ignore_eos
     try:
         if args.interactive:
@@ -213,7 +254,7 @@ def _generate_file(generator, prompts: list[str], out_path: str | None, batch_si
                     seed = None if opts["seed"] is None else opts["seed"] + start
                     for prompt, result in zip(chunk, generator.generate_batch(
                             chunk, opts["max_new_tokens"], params, seed, use_cache,
-                            speculative=opts["speculative"])):
+                            speculative=opts["speculative"], **_context(generator, opts, chunk))):
                         write(prompt, result)
                     out.flush()
                     bar.update(len(chunk))
@@ -281,7 +322,9 @@ def _repl_command(line: str, opts: dict, stdout: TextIO) -> bool:
     if name == "help":
         stdout.write(_REPL_HELP.format(names=", ".join(_REPL_OPTIONS)) + "\n")
     elif name == "show":
-        stdout.write(json.dumps(opts, ensure_ascii=False) + "\n")
+        shown = {k: v for k, v in opts.items() if k != "memory"} | ({"memory_context": opts["memory"].k}
+                                                                    if opts.get("memory") is not None else {})
+        stdout.write(json.dumps(shown, ensure_ascii=False) + "\n")
     elif name == "set":
         if len(rest) != 2 or rest[0] not in _REPL_OPTIONS:
             raise ValueError(f"usage: :set NAME VALUE with NAME one of {', '.join(_REPL_OPTIONS)}")
@@ -425,6 +468,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                      help="greedy decoding drafted by the model's MTP heads and verified by the model: "
                           "same output as greedy, fewer forward passes (needs model.mtp.num_heads ≥ 1 and "
                           "--temperature 0; acceptance statistics go to stderr)")
+    gen.add_argument("--memory-context", type=positive_int, nargs="?", const=0, default=None, metavar="K",
+                     help="attend to the run's replay memory: each prompt's cross-attention context is the K stored "
+                          "items nearest to its mean input embedding (default K: the run's memory.context_items; "
+                          "needs a run trained with memory.context_items and model.cross_attention)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _add_no_verify(gen)
     gen.set_defaults(func=cmd_generate)

@@ -413,9 +413,11 @@ def _training_rules(config: ConfigSections) -> list[Issue]:
 def _memory_rules(config: ConfigSections) -> list[Issue]:
     """``memory`` (episodic replay) against the batch it mixes into and the backward it reads."""
     memory = getattr(config, "memory", None)
-    if memory is None or not memory.enabled:
+    if memory is None:
         return []
-    issues = []
+    issues = _memory_context_rules(config)
+    if not memory.enabled:
+        return issues
     rows = config.training.batch_size
     replayed = max(0, math.floor(memory.replay_ratio * rows + 0.5))  # Ava.memory.episodic_memory.replay_rows
     if replayed >= rows:
@@ -444,6 +446,28 @@ def _memory_rules(config: ConfigSections) -> list[Issue]:
             "replayed rows change the labelled positions that data.packing: false weighs each micro-batch's loss "
             "by (counted before the step); set memory.enabled: false or data.packing: true",
         ))
+    return issues
+
+
+def _memory_context_rules(config: ConfigSections) -> list[Issue]:
+    """``memory.context_items``: the memory's items as the cross-attention blocks' context."""
+    k = config.memory.context_items
+    if not k:
+        return []
+    issues = []
+    m = config.model
+    if not config.memory.enabled:
+        issues.append(Issue("memory.context_items", f"{k} reads the replay memory's items, and memory.enabled is "
+                            "false; set memory.enabled: true or context_items: 0"))
+    if m.cross_attention.every == 0 or m.cross_attention.every > m.num_layers:
+        issues.append(Issue("memory.context_items", f"{k} is the context of the cross-attention blocks, and "
+                            f"model.cross_attention.every={m.cross_attention.every} gives the {m.num_layers}-layer "
+                            "model none; set model.cross_attention.every: N (1 ≤ N ≤ num_layers) or context_items: 0"))
+    width = m.cross_attention.context_size
+    if width is not None and width != m.hidden_size:
+        issues.append(Issue("model.cross_attention.context_size", f"{width}, and memory.context_items passes "
+                            f"the memory's hidden-state embeddings of width model.hidden_size={m.hidden_size}; set "
+                            "context_size: null (or equal to hidden_size)"))
     return issues
 
 

@@ -516,6 +516,14 @@ class MemoryConfig(AvaSection):
     start_step: int = Field(
         0, ge=0, description="Replay from this optimizer step on; the memory is filled from the first step."
     )
+    context_items: int = Field(
+        0, ge=0,
+        description="0 = off. k > 0: the memory is also the cross-attention context (model.cross_attention): "
+        "each row attends to the stored hidden-state embeddings of the k items whose keys (mean input token "
+        "embeddings) are nearest, by cosine, to the row's own; missing items are masked. Needs "
+        "model.cross_attention.every ≥ 1 and context_size null (= hidden_size); `ava generate --memory-context` "
+        "does the same for a prompt.",
+    )
 
 
 # (section, key) -> value for each performance mode; "balanced" equals the field defaults.

@@ -43,6 +43,7 @@ def validation_loss(
     calibration: CalibrationBins | None = None,
     routing: RoutingTotals | None = None,
     on_batch: Callable[[int], None] | None = None,
+    extra_inputs: Callable[[Batch], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Mean loss over the first batches of ``dataset``, read in order, with the MoE load diagnostics.
 
@@ -67,6 +68,8 @@ def validation_loss(
         routing: when given, every batch's router statistics are also added to it (to total
             several calls, e.g. several sources of ``ava eval``).
         on_batch: called after each batch with its number of samples (a progress bar's update).
+        extra_inputs: more keyword arguments of the forward for a batch (on the device), e.g. the
+            replay memory's cross-attention context (``memory.context_items``).
 
     Returns:
         ``loss`` (nats per predicted token; nan when nothing was scored), ``ppl``
@@ -89,7 +92,8 @@ def validation_loss(
             break
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with _autocast(device, autocast_dtype):
-            out = model(batch["input_ids"], **_forward_inputs(batch, document_mask))
+            out = model(batch["input_ids"], **_forward_inputs(batch, document_mask),
+                        **(extra_inputs(batch) if extra_inputs is not None else {}))
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # positions that carry a label
         loss_sum += out.lm_loss.item() * n
         count += n

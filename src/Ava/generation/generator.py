@@ -10,6 +10,11 @@ Sampling options and their order are in :mod:`.sampling`; beam search is in :mod
 stop strings and incremental decoding in :mod:`.streaming`; greedy decoding drafted by the
 model's MTP heads (``speculative=True``) in :mod:`.speculative`; one prompt's state and result in
 :mod:`.rows`.
+
+A model with cross-attention blocks (``model.cross_attention``) takes a ``context`` (B, S, C) and
+``context_mask`` (B, S), one row per prompt: sampling and greedy decoding pass them to the model
+at the prefill and at every decoding step (e.g. a replay memory's items,
+:class:`~Ava.memory.MemoryContext`).
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class TextGenerator:
         length_penalty: float = 1.0,
         on_text: Callable[[str], None] | None = None,
         speculative: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> str:
         """Continue ``prompt``; returns the prompt followed by the generated text.
 
@@ -113,6 +120,9 @@ class TextGenerator:
                 model (:mod:`Ava.generation.speculative`): the same output as plain greedy in
                 fewer forward passes. Needs MTP heads and the cache; with temperature > 0 it
                 decodes plainly. Statistics land in :attr:`speculative_stats`.
+            context: (1, S, C) vectors for the model's cross-attention blocks, passed at every
+                decoding step; None = none. Not with beam search or ``speculative``.
+            context_mask: (1, S) 1 = a real context vector; None = all.
 
         Returns:
             ``prompt + generated text``.
@@ -120,18 +130,20 @@ class TextGenerator:
         Raises:
             AvaConfigError: ``speculative`` on a model without MTP heads, without the cache or
                 with beam search.
+            ValueError: ``context`` with beam search or ``speculative``.
         """
         params = self.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
                               stop_strings, stop_at_eos)
         if speculative:
             check_speculative(self.model, use_cache, num_beams)
         if num_beams > 1:
+            _check_context_decoding(context, "beam search (num_beams > 1)")
             text = self.beam_search(prompt, num_beams, max_new_tokens, params, length_penalty, use_cache).text
             if on_text is not None and text:
                 on_text(text)
             return prompt + text
         pieces = self.stream(prompt, max_new_tokens, params=params, seed=seed, use_cache=use_cache,
-                             speculative=speculative)
+                             speculative=speculative, context=context, context_mask=context_mask)
         text = ""
         for piece in pieces:
             text += piece
@@ -147,6 +159,8 @@ class TextGenerator:
         seed: int | None = None,
         use_cache: bool = True,
         speculative: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` in text pieces as tokens arrive.
 
@@ -160,13 +174,15 @@ class TextGenerator:
             seed: sampling seed.
             use_cache: reuse keys/values.
             speculative: MTP speculative decoding (see :meth:`generate`).
+            context / context_mask: (1, S, C) / (1, S) cross-attention context (see :meth:`generate`).
 
         Yields:
             Non-empty text pieces.
         """
         params = params or self.sampling_params(stop_at_eos=True)
         row = self._row(prompt, params)
-        for pieces in self._decode_rows([row], max_new_tokens, params, self._generator(seed), use_cache, speculative):
+        for pieces in self._decode_rows([row], max_new_tokens, params, self._generator(seed), use_cache, speculative,
+                                        context, context_mask):
             if pieces[0]:
                 yield pieces[0]
         tail = row.tracker.finish()
@@ -181,6 +197,8 @@ class TextGenerator:
         seed: int | None = None,
         use_cache: bool = True,
         speculative: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> list[GenerationOutput]:
         """Continue several prompts at once (left-padded into one batch).
 
@@ -192,13 +210,16 @@ class TextGenerator:
             use_cache: reuse keys/values.
             speculative: MTP speculative decoding (see :meth:`generate`); the prompts are then
                 decoded one after another (batch size 1), with the same output.
+            context / context_mask: (B, S, C) / (B, S) cross-attention context, row b for prompt
+                b (see :meth:`generate`).
 
         Returns:
             One :class:`GenerationOutput` per prompt, in order.
         """
         params = params or self.sampling_params(stop_at_eos=True)
         rows = [self._row(p, params) for p in prompts]
-        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative):
+        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative,
+                                   context, context_mask):
             pass
         for row in rows:
             row.tracker.finish()
@@ -240,6 +261,8 @@ class TextGenerator:
         use_cache: bool = True,
         eos_id: int | None = None,
         speculative: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
         **options,
     ) -> list[int]:
         """Generate up to ``max_new_tokens`` token ids after ``prompt_ids``.
@@ -256,6 +279,7 @@ class TextGenerator:
             use_cache: reuse keys/values of earlier positions.
             eos_id: stop when this token is generated (it is not returned).
             speculative: MTP speculative decoding (see :meth:`generate`).
+            context / context_mask: (1, S, C) / (1, S) cross-attention context (see :meth:`generate`).
             **options: further :class:`SamplingParams` fields (``min_p``, ``repetition_penalty``,
                 ``no_repeat_ngram_size``).
 
@@ -264,7 +288,7 @@ class TextGenerator:
         """
         return self.generate_ids_batch([prompt_ids], max_new_tokens, SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, **options,
-        ), seed=seed, use_cache=use_cache, speculative=speculative)[0]
+        ), seed=seed, use_cache=use_cache, speculative=speculative, context=context, context_mask=context_mask)[0]
 
     @torch.no_grad()
     def generate_ids_batch(
@@ -275,6 +299,8 @@ class TextGenerator:
         seed: int | None = None,
         use_cache: bool = True,
         speculative: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Id-level batched generation (no tokenizer needed unless ``params.stop_strings``).
 
@@ -285,6 +311,7 @@ class TextGenerator:
             seed: sampling seed.
             use_cache: reuse keys/values.
             speculative: MTP speculative decoding (see :meth:`generate_batch`).
+            context / context_mask: (B, S, C) / (B, S) cross-attention context (see :meth:`generate`).
 
         Returns:
             B lists of generated ids.
@@ -292,7 +319,8 @@ class TextGenerator:
         rows = [GenerationRow(list(p), self._tracker(params)) for p in prompts_ids]
         if any(not row.prompt for row in rows):
             raise ValueError("prompt_ids must not be empty")
-        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative):
+        for _ in self._decode_rows(rows, max_new_tokens, params, self._generator(seed), use_cache, speculative,
+                                   context, context_mask):
             pass
         return [row.new for row in rows]
 
@@ -331,9 +359,12 @@ class TextGenerator:
         generator: torch.Generator,
         use_cache: bool,
         speculative: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> Iterator[list[str]]:
         """Generate for every row until all are finished; yields each step's text pieces."""
         if speculative:
+            _check_context_decoding(context, "speculative decoding")
             check_speculative(self.model, use_cache)
             if params.temperature != 0:
                 logger.info("speculative decoding is greedy only; temperature %s decodes plainly", params.temperature)
@@ -345,7 +376,8 @@ class TextGenerator:
             if speculative:
                 yield from self._speculative_rows(rows, max_new_tokens, params)
             else:
-                yield from self._decode_loop(rows, max_new_tokens, params, generator, use_cache)
+                yield from self._decode_loop(rows, max_new_tokens, params, generator, use_cache,
+                                             _context_inputs(context, context_mask, len(rows), self.device))
 
     @contextlib.contextmanager
     def _inference_scope(self) -> Iterator[None]:
@@ -379,6 +411,7 @@ class TextGenerator:
         params: SamplingParams,
         generator: torch.Generator,
         use_cache: bool,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[list[str]]:
         B = len(rows)
         max_len = self.model.config.max_seq_len
@@ -400,7 +433,7 @@ class TextGenerator:
             return
         for _ in range(max_new_tokens):
             with torch.no_grad():
-                logits_BV, past = self._next_logits(ids_BT, mask_BT, lengths, past, use_cache)
+                logits_BV, past = self._next_logits(ids_BT, mask_BT, lengths, past, use_cache, context)
                 histories = [row.prompt + row.new for row in rows] if params.no_repeat_ngram_size > 0 else None
                 logits_BV = process_logits(logits_BV, params, histories, seen_BV)
                 tokens = choose_tokens(logits_BV, params.temperature, generator).tolist()
@@ -434,6 +467,7 @@ class TextGenerator:
         lengths: list[int],
         past: list | None,
         use_cache: bool,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list | None]:
         """(B, V) logits of every row's next token, and the updated cache.
 
@@ -442,14 +476,16 @@ class TextGenerator:
             lengths: real tokens per row (the last one sits at position ``length - 1``).
             past: the cache of ``ids_BT[:, :-1]``, or None before the first step.
             use_cache: False = recompute the last ``max_seq_len`` positions.
+            context: ``context`` / ``context_mask`` keyword arguments of every forward, or None.
         """
+        context = context or {}
         max_len = self.model.config.max_seq_len
         padded = bool((mask_BT == 0).any())
         if not use_cache:
             window_ids_BT, window_mask_BT = ids_BT[:, -max_len:], mask_BT[:, -max_len:]
             positions_BT = (window_mask_BT.cumsum(-1) - 1).clamp(min=0)
             out = self.model(window_ids_BT, attention_mask=window_mask_BT if padded else None,
-                             position_ids=positions_BT)
+                             position_ids=positions_BT, **context)
             return out.logits[:, -1], None
         if past is None:
             step_ids_BT, positions_BT = ids_BT, (mask_BT.cumsum(-1) - 1).clamp(min=0)
@@ -457,7 +493,7 @@ class TextGenerator:
             step_ids_BT = ids_BT[:, -1:]  # (B, 1)
             positions_BT = torch.tensor([[n - 1] for n in lengths], device=self.device)  # (B, 1)
         out = self.model(step_ids_BT, attention_mask=mask_BT if padded else None, position_ids=positions_BT,
-                         past_key_values=past, use_cache=True)
+                         past_key_values=past, use_cache=True, **context)
         return out.logits[:, -1], out.past_key_values
 
     # -- helpers -----------------------------------------------------------------------------
@@ -487,6 +523,10 @@ class TextGenerator:
             generator.manual_seed(seed)
         return generator
 
+    def encode(self, prompt: str) -> list[int]:
+        """The token ids a text prompt is decoded from (the end-of-text token for an empty one)."""
+        return self._encode(prompt)
+
     def _encode(self, prompt: str) -> list[int]:
         ids = self._require_tokenizer().encode(prompt)
         return ids or [self.tokenizer.eos_id]  # an empty prompt starts from the document separator
@@ -508,3 +548,33 @@ class TextGenerator:
         if self.tokenizer is None:
             raise ValueError("this TextGenerator has no tokenizer; use the *_ids methods or pass one")
         return self.tokenizer
+
+
+def _check_context_decoding(context: torch.Tensor | None, mode: str) -> None:
+    """Refuse a cross-attention context for a decoding mode that does not pass one.
+
+    Raises:
+        ValueError: ``context`` is given.
+    """
+    if context is not None:
+        raise ValueError(f"a cross-attention context is passed by sampling and greedy decoding, not by {mode}; "
+                         "drop the context or use plain decoding")
+
+
+def _context_inputs(context: torch.Tensor | None, context_mask: torch.Tensor | None, batch_size: int,
+                    device: torch.device) -> dict[str, torch.Tensor] | None:
+    """``{context, context_mask}`` on ``device`` for every forward of a B-row decoding, or None.
+
+    Raises:
+        ValueError: a context of another batch size, or a mask without a context.
+    """
+    if context is None:
+        if context_mask is not None:
+            raise ValueError("context_mask given without context; pass context too, or neither")
+        return None
+    if context.dim() != 3 or context.shape[0] != batch_size:
+        raise ValueError(f"context has shape {tuple(context.shape)}, expected ({batch_size}, S, C): one row per prompt")
+    inputs = {"context": context.to(device)}
+    if context_mask is not None:
+        inputs["context_mask"] = context_mask.to(device)
+    return inputs

@@ -27,11 +27,24 @@ Scores (``memory.score``), per row ``b`` of a micro-batch:
   grouped. A cheap proxy for the per-row parameter-gradient norm.
 
 Embeddings are the final hidden states averaged over the row's labelled positions, kept as one
-fp32 vector per item. The memory lives on the CPU; its contents, its sampling generator, the
+fp32 vector per item.
+
+With ``memory.context_items: k`` the memory is also the context of the model's cross-attention
+blocks (``model.cross_attention``). Every item keeps a second vector, its *key*: the row's input
+token embeddings (``embed_tokens``) averaged over the same positions. A row's own key is known
+before the forward (one embedding lookup), so each row of a micro-batch gets, without an extra
+forward pass, the hidden-state embeddings of the k items whose keys are nearest to its key by
+cosine (:meth:`ReplayMemory.context`, :meth:`EpisodicMemory.context_for`); missing items are
+masked. The hidden states are not available before the forward; the input embeddings are, and
+they are what a prompt has too (``ava generate --memory-context``,
+:class:`~Ava.memory.memory_context.MemoryContext`).
+
+The memory lives on the CPU; its contents (keys included), its sampling generator, the
 running mean and the similarity query are saved in every checkpoint, so a resumed run replays
 exactly what an uninterrupted one does.
 
-Shape suffixes: B rows, T positions, D hidden, N stored items, W stored row width.
+Shape suffixes: B rows, T positions, D hidden, N stored items, W stored row width, E key width
+(= D), K context items per row.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ if TYPE_CHECKING:
     from ..config.training_sections import MemoryConfig
 
 SURPRISE_DECAY = 0.99  # running mean of the loss for ``score: surprise``
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the store holds retrieval keys (a version-1 store loads without them)
 _HEAD_CHUNK_ROWS = 8  # rows per LM-head pass when the fused head left no logits
 
 # What padding a stored row to a longer batch puts in each key (labels: no loss there).
@@ -83,6 +96,7 @@ class EpisodicMemory:
         self.source_N = torch.zeros(0, dtype=torch.long)  # mixture source; -1 = none
         self.importance_N = torch.zeros(0, dtype=torch.float64)
         self.embeddings_ND = torch.zeros(0, 0, dtype=torch.float32)
+        self.keys_NE = torch.zeros(0, 0, dtype=torch.float32)  # retrieval keys (context_items); E = 0: none
         self.ids_N = torch.zeros(0, dtype=torch.long)
         self.next_id = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -93,7 +107,7 @@ class EpisodicMemory:
     # -- writing ----------------------------------------------------------------------------
 
     def push(self, rows: dict[str, torch.Tensor], importance: torch.Tensor, embeddings: torch.Tensor,
-             source: torch.Tensor | None = None) -> torch.Tensor:
+             source: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Add B rows, then keep the ``capacity`` items of highest importance.
 
         Ties keep the older item. Rows whose importance is not finite are not stored.
@@ -104,6 +118,8 @@ class EpisodicMemory:
             importance: (B,) scores.
             embeddings: (B, D) vectors.
             source: (B,) mixture source of each row, or None.
+            keys: (B, E) retrieval keys of :meth:`context_for`, or None. Items stored without a
+                key while others have one get a NaN key (never retrieved as context).
 
         Returns:
             (B,) the ids given to the rows (those of rows not stored, or evicted at once, included).
@@ -124,6 +140,7 @@ class EpisodicMemory:
                for k in self.rows}
         old = {k: _pad_right(v, width, _PAD_VALUES.get(k, 0)) for k, v in self.rows.items()}
         source_B = source.detach().cpu().long() if source is not None else torch.full((B,), -1, dtype=torch.long)
+        keys_BE = self._fit_keys(keys, B)
         # Existing items come first and are in id order, new ones have larger ids: a stable sort
         # on importance keeps the older item of equal importance.
         importance_all = torch.cat([self.importance_N, importance_B[keep_B]])
@@ -135,14 +152,17 @@ class EpisodicMemory:
         self.importance_N = importance_all[keep]
         self.embeddings_ND = torch.cat([self.embeddings_ND,
                                         embeddings.detach().to("cpu", torch.float32)[keep_B]])[keep]
+        self.keys_NE = torch.cat([self.keys_NE, keys_BE[keep_B]])[keep]
         self.ids_N = torch.cat([self.ids_N, ids_B[keep_B]])[keep]
         return ids_B
 
-    def update(self, ids: torch.Tensor, importance: torch.Tensor, embeddings: torch.Tensor | None = None) -> None:
+    def update(self, ids: torch.Tensor, importance: torch.Tensor, embeddings: torch.Tensor | None = None,
+               keys: torch.Tensor | None = None) -> None:
         """Rescore the items ``ids`` that are still stored (replayed rows, after their forward).
 
-        Non-finite scores leave the item unchanged.
+        Non-finite scores leave the item unchanged (embedding and key included).
         """
+        keys_KE = self._fit_keys(keys, len(ids)) if keys is not None else None
         for i, item in enumerate(ids.tolist()):
             slot = self._slot(item)
             value = float(importance[i])
@@ -151,6 +171,20 @@ class EpisodicMemory:
             self.importance_N[slot] = value
             if embeddings is not None:
                 self.embeddings_ND[slot] = embeddings[i].detach().to("cpu", torch.float32)
+            if keys_KE is not None:
+                self.keys_NE[slot] = keys_KE[i]
+
+    def _fit_keys(self, keys: torch.Tensor | None, B: int) -> torch.Tensor:
+        """(B, E) fp32 keys to store beside B rows: the first keys given fix E (the stored items
+        get NaN keys then); rows without keys get NaN keys."""
+        if keys is not None:
+            keys_BE = keys.detach().to("cpu", torch.float32)
+            if self.keys_NE.shape[1] == 0:  # the first keys: the items stored so far have none
+                self.keys_NE = torch.full((len(self), keys_BE.shape[1]), float("nan"))
+            elif keys_BE.shape[1] != self.keys_NE.shape[1]:
+                raise ValueError(f"keys of width {keys_BE.shape[1]}, the stored ones have {self.keys_NE.shape[1]}")
+            return keys_BE
+        return torch.full((B, self.keys_NE.shape[1]), float("nan"))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -197,6 +231,78 @@ class EpisodicMemory:
         else:
             raise ValueError(f"unknown metric {metric!r}; use cosine or euclidean")
         return self.ids_N[slots[order[:k]]]
+
+    def nearest_by_key(self, queries_BE: torch.Tensor, k: int, exclude_ids_B: torch.Tensor | None = None,
+                       input_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """For each query, the ids of the ``k`` items whose keys have the highest cosine similarity
+        to it, nearest first (ties go to the older item); -1 where fewer items qualify.
+
+        Items without a key (NaN) never qualify.
+
+        Args:
+            queries_BE: (B, E) one query per row.
+            k: items per row.
+            exclude_ids_B: (B,) an item id each row must not get (its own stored item: a replayed
+                row), -1 = none; or None.
+            input_ids_BT: (B, T) the rows' tokens, or None: an item holding exactly the same T
+                tokens as a row (the same sequence, seen in an earlier epoch) is left out for it.
+
+        Returns:
+            (B, k) long item ids.
+        """
+        slots_BK = self._nearest_key_slots(queries_BE, k, exclude_ids_B, input_ids_BT)
+        if not len(self):
+            return slots_BK
+        return torch.where(slots_BK >= 0, self.ids_N[slots_BK.clamp(min=0)], slots_BK)
+
+    def context_for(self, queries_BE: torch.Tensor, k: int, exclude_ids_B: torch.Tensor | None = None,
+                    input_ids_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention context of B rows: the stored embeddings of :meth:`nearest_by_key`.
+
+        Returns:
+            ``(context_BKD, mask_BK)``: (B, k, D) fp32 embeddings, nearest first, zero where no
+            item qualifies, and (B, k) bool, True = a real item.
+        """
+        slots_BK = self._nearest_key_slots(queries_BE, k, exclude_ids_B, input_ids_BT)
+        mask_BK = slots_BK >= 0
+        B, D = queries_BE.shape[0], self.embeddings_ND.shape[1]
+        if not bool(mask_BK.any()):
+            return torch.zeros(B, k, D), mask_BK
+        context_BKD = self.embeddings_ND[slots_BK.clamp(min=0)] * mask_BK.unsqueeze(-1)
+        return context_BKD, mask_BK
+
+    def _nearest_key_slots(self, queries_BE: torch.Tensor, k: int, exclude_ids_B: torch.Tensor | None,
+                           input_ids_BT: torch.Tensor | None) -> torch.Tensor:
+        """(B, k) slots of :meth:`nearest_by_key`, -1 = none."""
+        B = queries_BE.shape[0]
+        slots_BK = torch.full((B, k), -1, dtype=torch.long)
+        N, E = self.keys_NE.shape
+        if N == 0 or E == 0:
+            return slots_BK
+        q_BE = F.normalize(queries_BE.detach().to("cpu", torch.float32), dim=1)
+        sim_BN = q_BE @ F.normalize(self.keys_NE, dim=1).T  # a NaN key gives NaN
+        ok_BN = torch.isfinite(sim_BN)
+        if exclude_ids_B is not None:
+            ok_BN &= self.ids_N.unsqueeze(0) != exclude_ids_B.cpu().long().unsqueeze(1)
+        if input_ids_BT is not None:
+            ok_BN &= ~self._same_sequence(input_ids_BT.detach().cpu().long())
+        sim_BN = torch.where(ok_BN, sim_BN, torch.full_like(sim_BN, -math.inf))
+        order_BN = torch.sort(sim_BN, dim=1, descending=True, stable=True).indices[:, :k]
+        found_BK = torch.gather(ok_BN, 1, order_BN)
+        slots_BK[:, : order_BN.shape[1]] = torch.where(found_BK, order_BN, -1)
+        return slots_BK
+
+    def _same_sequence(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """(B, N) True where item n holds exactly row b's T tokens (and nothing more)."""
+        B, T = input_ids_BT.shape
+        same_BN = torch.zeros(B, len(self), dtype=torch.bool)
+        stored_NW = self.rows.get("input_ids")
+        if stored_NW is None or stored_NW.shape[1] < T:
+            return same_BN
+        stored_NT, full_N = stored_NW[:, :T], self.lengths_N == T
+        for b in range(B):  # one (N, T) comparison at a time keeps the memory bounded
+            same_BN[b] = full_N & (stored_NT == input_ids_BT[b]).all(dim=1)
+        return same_BN
 
     def rows_for(self, ids: torch.Tensor, length: int, keys: list[str]) -> dict[str, torch.Tensor]:
         """The stored rows of ``ids`` fitted to ``length`` positions, for each of ``keys``.
@@ -258,12 +364,13 @@ class EpisodicMemory:
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything stored, the id counter and the sampling generator's state."""
+        """Everything stored (retrieval keys included), the id counter and the sampling generator's state."""
         return {
             "capacity": self.capacity, "rows": {k: v.clone() for k, v in self.rows.items()},
             "lengths": self.lengths_N.clone(), "source": self.source_N.clone(),
             "importance": self.importance_N.clone(), "embeddings": self.embeddings_ND.clone(),
-            "ids": self.ids_N.clone(), "next_id": self.next_id, "generator": self.generator.get_state(),
+            "keys": self.keys_NE.clone(), "ids": self.ids_N.clone(), "next_id": self.next_id,
+            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,13 +378,15 @@ class EpisodicMemory:
         self.rows = {k: v.clone() for k, v in state["rows"].items()}
         self.lengths_N, self.source_N = state["lengths"].clone(), state["source"].clone()
         self.importance_N, self.embeddings_ND = state["importance"].clone(), state["embeddings"].clone()
+        # a memory saved before retrieval keys existed holds none (E = 0)
+        self.keys_NE = state["keys"].clone() if "keys" in state else torch.zeros(len(state["ids"]), 0)
         self.ids_N, self.next_id = state["ids"].clone(), int(state["next_id"])
         self.generator.set_state(state["generator"])
         if len(self) > self.capacity:
             order = torch.sort(self.importance_N, descending=True, stable=True).indices[: self.capacity]
             keep = torch.sort(order).values
             self.rows = {k: v[keep] for k, v in self.rows.items()}
-            for name in ("lengths_N", "source_N", "importance_N", "embeddings_ND", "ids_N"):
+            for name in ("lengths_N", "source_N", "importance_N", "embeddings_ND", "keys_NE", "ids_N"):
                 setattr(self, name, getattr(self, name)[keep])
 
 
@@ -303,6 +412,7 @@ class ReplayMemory:
         self._replayed_ids = torch.zeros(0, dtype=torch.long)
         self._hidden_BTD: torch.Tensor | None = None  # captured final hidden states
         self._replayed_in_step = 0
+        self._keys_BE: torch.Tensor | None = None  # the retrieval keys of the batch of context()
 
     # -- before the forward -----------------------------------------------------------------
 
@@ -333,6 +443,62 @@ class ReplayMemory:
         self._pending, self._replayed_ids = batch, ids
         self._replayed_in_step += k
         return batch
+
+    def context(self, batch: dict[str, torch.Tensor], model: torch.nn.Module
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The cross-attention context of the batch :meth:`mix` returned (``memory.context_items``).
+
+        Each row's key is its mean input token embedding over its labelled positions
+        (:func:`mean_input_embeddings`): known before the forward, so retrieval needs no extra
+        pass. A row gets the stored hidden-state embeddings of the ``context_items`` items whose
+        keys are nearest (cosine) to its own; a replayed row never gets its own item, and no row
+        gets an item holding exactly its tokens. The keys are kept for :meth:`observe`, which
+        stores them with the fresh rows.
+
+        Args:
+            batch: the mixed micro-batch, on the model's device (``input_ids``, ``labels``).
+            model: the model (its ``embed_tokens``).
+
+        Returns:
+            ``(context_BKD, mask_BK)`` on the batch's device: (B, k, D) fp32 and (B, k) bool
+            (False = no item: the memory holds fewer); ``(None, None)`` with ``context_items`` 0
+            or while no row has an item (the blocks are then skipped).
+        """
+        k = self.config.context_items
+        if not k:
+            return None, None
+        input_ids_BT = batch["input_ids"]
+        self._keys_BE = mean_input_embeddings(model, input_ids_BT, real_tokens(batch.get("labels"), input_ids_BT))
+        B, r = input_ids_BT.shape[0], len(self._replayed_ids)
+        exclude_B = torch.full((B,), -1, dtype=torch.long)
+        exclude_B[B - r:] = self._replayed_ids  # the last r rows are the replayed items
+        host_ids_BT = self._pending["input_ids"] if self._pending is not None else input_ids_BT
+        return self._context(self._keys_BE, exclude_B, host_ids_BT, input_ids_BT.device)
+
+    def validation_context(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The forward's ``context`` / ``context_mask`` for a validation batch (``memory.context_items``),
+        or ``{}`` (0, or no item yet): what ``validation_loss`` adds per batch, so the validation
+        loss is that of the model with its context.
+
+        Rows are keyed as in :meth:`context`, without excluding an item: validation rows are not
+        stored (an item holding exactly a row's tokens is still left out).
+        """
+        if not self.config.context_items:
+            return {}
+        input_ids_BT = batch["input_ids"]
+        keys_BE = mean_input_embeddings(model, input_ids_BT, real_tokens(batch.get("labels"), input_ids_BT))
+        context_BKD, mask_BK = self._context(keys_BE, None, input_ids_BT, input_ids_BT.device)
+        return {} if context_BKD is None else {"context": context_BKD, "context_mask": mask_BK}
+
+    def _context(self, keys_BE: torch.Tensor, exclude_B: torch.Tensor | None, input_ids_BT: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`EpisodicMemory.context_for` on ``device``; ``(None, None)`` when no row has an item."""
+        if not len(self.store):
+            return None, None
+        context_BKD, mask_BK = self.store.context_for(keys_BE, self.config.context_items, exclude_B, input_ids_BT)
+        if not bool(mask_BK.any()):
+            return None, None
+        return context_BKD.to(device, non_blocking=True), mask_BK.to(device, non_blocking=True)
 
     def _retrieve(self, k: int) -> torch.Tensor:
         if self.config.retrieval == "importance":
@@ -373,8 +539,8 @@ class ReplayMemory:
             accum: micro-batches of this optimizer step (``grad_norm`` rescaling).
             loss_scale: the fp16 loss scale of this backward (1 otherwise).
         """
-        hidden_BTD, batch = self._hidden_BTD, self._pending
-        self._hidden_BTD = self._pending = None
+        hidden_BTD, batch, keys_BE = self._hidden_BTD, self._pending, self._keys_BE
+        self._hidden_BTD = self._pending = self._keys_BE = None
         if hidden_BTD is None or batch is None:
             raise RuntimeError("ReplayMemory.observe needs a forward run inside capture() of a batch from mix()")
         with torch.no_grad():
@@ -394,12 +560,14 @@ class ReplayMemory:
                 self.loss_mean = (float(finite.mean()) if self.loss_mean is None
                                   else SURPRISE_DECAY * self.loss_mean + (1 - SURPRISE_DECAY) * float(finite.mean()))
         if k:
-            self.store.update(self._replayed_ids, importance_B[fresh:], embeddings_BD[fresh:])
+            self.store.update(self._replayed_ids, importance_B[fresh:], embeddings_BD[fresh:],
+                              None if keys_BE is None else keys_BE[fresh:])
         self.query = embeddings_BD[:fresh].mean(dim=0)
         self.recent_from = self.store.next_id
         rows = {key: v[:fresh] for key, v in batch.items() if v.dim() == 2}
         self.store.push(rows, importance_B[:fresh], embeddings_BD[:fresh],
-                        batch["source"][:fresh] if "source" in batch else None)
+                        batch["source"][:fresh] if "source" in batch else None,
+                        None if keys_BE is None else keys_BE[:fresh])
 
     def _losses_and_embeddings(self, out: Any, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor,
                                model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,6 +637,35 @@ def build_replay_memory(config: MemoryConfig, seed: int, world_size: int = 1) ->
         raise AvaConfigError(f"memory.enabled: the replay memory runs in one process, this run has {world_size}; "
                              "set memory.enabled: false or train on one process")
     return ReplayMemory(config, seed)
+
+
+def real_tokens(labels_BT: torch.Tensor | None, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions a row's key averages over, its labelled ones (every position of a
+    row without labels or without any labelled position), as the stored embeddings do."""
+    if labels_BT is None:
+        return torch.ones_like(input_ids_BT, dtype=torch.bool)
+    real_BT = labels_BT != IGNORE_INDEX
+    return torch.where(real_BT.any(dim=1, keepdim=True), real_BT, torch.ones_like(real_BT))
+
+
+@torch.no_grad()
+def mean_input_embeddings(model: torch.nn.Module, input_ids_BT: torch.Tensor,
+                          real_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, D) fp32 on the CPU: each row's input token embeddings (``model.embed_tokens``, the
+    decoder's first activations) averaged over its ``real_BT`` positions (None = all): the
+    retrieval key of ``memory.context_items``.
+
+    Raises:
+        TypeError: the model has no ``embed_tokens`` module.
+    """
+    embed = getattr(model, "embed_tokens", None)
+    if not isinstance(embed, torch.nn.Module):
+        raise TypeError(f"{type(model).__name__} has no token embedding `embed_tokens`: the memory's keys read it")
+    x_BTD = embed(input_ids_BT).float()
+    if real_BT is None:
+        return x_BTD.mean(dim=1).cpu()
+    weights_BT1 = real_BT.to(x_BTD.device).unsqueeze(-1).float()
+    return ((x_BTD * weights_BT1).sum(dim=1) / weights_BT1.sum(dim=1).clamp(min=1)).cpu()
 
 
 def _row_values(rows: dict[str, torch.Tensor], key: str, B: int, T: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ Everything that changes during training is registered once in :attr:`states`
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -551,10 +552,11 @@ class EnhancedModularTrainer:
             self.feed.count_source_tokens(as_batch(batch))  # from the host copy: no device read
             batch = to_device(as_batch(batch), self.device)
             input_ids = batch["input_ids"]  # (B, T)
+            context = self._memory_context(batch)  # memory.context_items: retrieved before the forward
             # Gradients are reduced over the ranks once, in the step's last backward.
             with self.parallel.gradient_sync(self.engine, i == accum - 1):
                 with self.precision.autocast(), self._memory_capture():
-                    out = self.engine(input_ids, **model_inputs(batch, document_mask),
+                    out = self.engine(input_ids, **model_inputs(batch, document_mask), **context,
                                       moe_load_prefix=balance_loads or None, moe_count_reduce=count_reduce)
                 timer.mark("forward")
                 terms = {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}
@@ -649,6 +651,13 @@ class EnhancedModularTrainer:
         """The replay memory's capture of the final hidden states (memory.enabled), else a no-op."""
         return self.memory.capture(self.model) if self.memory is not None else contextlib.nullcontext()
 
+    def _memory_context(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``context`` / ``context_mask`` of the forward from the replay memory (memory.context_items), else {}."""
+        if self.memory is None:
+            return {}
+        context, context_mask = self.memory.context(batch, self.model)
+        return {} if context is None else {"context": context, "context_mask": context_mask}
+
     def _global_totals(self, totals: dict[str, torch.Tensor], sources: torch.Tensor | None
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """The step's loss terms averaged over the ranks, in one all-reduce (fp64, so counts stay
@@ -696,10 +705,12 @@ class EnhancedModularTrainer:
         ``ava eval`` runs too)."""
         cfg = self.config
         assert self.data is not None and self.data.val is not None
+        # memory.context_items: validation rows attend to the memory's items as training rows do
+        context = None if self.memory is None else functools.partial(self.memory.validation_context, model=self.model)
         return validation_loss(self.model, self.data.val, batch_size=cfg.training.batch_size,
                                max_batches=cfg.training.eval_batches, device=self.device,
-                               autocast_dtype=self.precision.dtype,
-                               document_mask=cfg.data.document_mask)
+                               autocast_dtype=self.precision.dtype, document_mask=cfg.data.document_mask,
+                               extra_inputs=context)
 
     # ------------------------------------------------------------------------------------
     # state: checkpoints, resume, rollback

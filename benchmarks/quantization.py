@@ -15,8 +15,8 @@ validation split (as ``ava quantize`` does), otherwise configs/tiny.yaml is trai
     python benchmarks/quantization.py --crossover      # packed kernel vs dequantize+matmul per row count
 
 ``--crossover`` times one quantized matmul per row count on the demo model's weight shapes:
-the packed CPU kernel (bf16 activations) against dequantize-then-matmul, with the plain bf16
-matmul for reference and the int8 kernel on fp32 inputs against rounding them to bf16 first, and prints the largest row count at which the packed kernel still wins
+the packed CPU kernel (bf16 activations) against dequantize-then-matmul, with the plain fp32 and bf16
+matmuls for reference and the int8 kernel on fp32 inputs against rounding them to bf16 first, and prints the largest row count at which the packed kernel still wins
 on every shape: the value of ``PACKED_MAX_ROWS`` in ``Ava.layers.quantized``.
 """
 
@@ -52,7 +52,7 @@ def crossover(args: argparse.Namespace) -> None:
               "attention q/o (256, 256)": (256, 256), "lm_head (8192, 256)": (8192, 256)}
     rows_list = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     wins: dict[str, dict[int, bool]] = {"int8": {}, "int4": {}}
-    print(f"{'shape':28s} {'rows':>5s} {'bf16 us':>9s} " + " ".join(
+    print(f"{'shape':28s} {'rows':>5s} {'fp32 us':>9s} {'bf16 us':>9s} " + " ".join(
         f"{s + ' ' + p:>14s}" for s in wins for p in ("packed", "dequant")) + f" {'i8 fp32-in':>11s} {'i8 via bf16':>11s}")
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k) * 0.05
@@ -63,7 +63,7 @@ def crossover(args: argparse.Namespace) -> None:
             x = torch.randn(rows, k, dtype=torch.bfloat16)
             x32 = x.float()
             int8_ops = quant["int8"]._operands(None)
-            variants = {"bf16": lambda x=x: F.linear(x, w_bf16),
+            variants = {"fp32": lambda x32=x32: F.linear(x32, w), "bf16": lambda x=x: F.linear(x, w_bf16),
                         # the int8 kernel on fp32 inputs, against rounding them to bf16 (what Ava does)
                         "int8 fp32-in": lambda x32=x32: torch._weight_int8pack_mm(x32, int8_ops[0], quant["int8"].scale),
                         "int8 via bf16": lambda x32=x32: torch._weight_int8pack_mm(
@@ -76,7 +76,7 @@ def crossover(args: argparse.Namespace) -> None:
             us = {key: statistics.median(t) * 1e6 for key, t in times.items()}
             for scheme in wins:
                 wins[scheme][rows] = wins[scheme].get(rows, True) and us[f"{scheme} packed"] < us[f"{scheme} dequant"]
-            print(f"{name:28s} {rows:5d} {us['bf16']:9.0f} " + " ".join(
+            print(f"{name:28s} {rows:5d} {us['fp32']:9.0f} {us['bf16']:9.0f} " + " ".join(
                 f"{us[f'{s} {p}']:14.0f}" for s in wins for p in ("packed", "dequant"))
                 + f" {us['int8 fp32-in']:11.0f} {us['int8 via bf16']:11.0f}")
     for scheme, by_rows in wins.items():

@@ -180,3 +180,23 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time(tmp_path, corpus_c
     assert min(rates) > 0.1 * max(rates), rates
     excluded = [r["excluded_time_s"] for r in records if r["split"] == "train"]
     assert excluded[0] < 1.0 and all(e >= 1000.0 for e in excluded[1:])  # each window after a save or eval
+
+
+def test_matmul_peak_is_one_call_when_a_call_is_already_slow():
+    from torch.overrides import TorchFunctionMode
+
+    class CountMatmuls(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__matmul__", "matmul"):
+                CountMatmuls.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():  # seconds=0: the first call already took that long (an emulated dtype)
+        peak = measure_matmul_peak(torch.device("cpu"), size=64, seconds=0.0)
+    assert CountMatmuls.calls == 1 and peak > 0
+    CountMatmuls.calls = 0
+    with CountMatmuls():  # a fast call: warm-up, then timed calls until `seconds` have passed
+        measure_matmul_peak(torch.device("cpu"), size=64, seconds=0.01)
+    assert CountMatmuls.calls >= 4

@@ -171,21 +171,30 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     """Achieved FLOP/s of a square matmul on ``device`` (the MFU denominator; REFERENCES.md).
 
     Measured in the same process as the run it normalises, so machine speed and thread count
-    cancel out of MFU.
+    cancel out of MFU. The first call is timed too: when it alone takes ``seconds`` or more (a
+    dtype the CPU only emulates, such as bf16 without AVX512-BF16, where one call takes seconds)
+    it is the measurement, so the start of a run is not held up by it.
     """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
+
+    def timed(calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return 2.0 * size**3 * n / (time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    first = timed(1)
+    if first >= seconds:
+        return 2.0 * size**3 / first
+    timed(2)  # warm-up
+    n, elapsed = 0, 0.0
+    while elapsed < seconds:
+        elapsed += timed(1)
+        n += 1
+    return 2.0 * size**3 * n / elapsed
 
 
 # --------------------------------------------------------------------------------------------

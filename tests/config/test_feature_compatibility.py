@@ -75,3 +75,21 @@ def test_resume_changes_allow_observation_keys_and_refuse_the_rest():
     with pytest.raises(AvaConfigError, match=r"^cannot resume runs/x with a changed training\.learning_rate: "
                                              r"0\.001 -> 0\.5: these change what training computes"):
         resume_changes(saved, changed, "runs/x")
+
+
+def test_a_cpu_low_precision_without_native_matmuls_is_warned_about(monkeypatch):
+    import torch
+
+    from Ava.config import EnhancedTrainingConfig, check_compatibility
+
+    for dtype, native, warned in (("bf16", False, True), ("bf16", True, False), ("fp16", False, True),
+                                  ("fp32", False, False)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda native=native: native)
+        cfg = EnhancedTrainingConfig.from_dict({"precision": {"dtype": dtype}, "run": {"device": "cpu"}})
+        issues = [i for i in check_compatibility(cfg, environment=True) if i.key == "precision.dtype"]
+        assert len(issues) == int(warned), (dtype, native)
+        if warned:
+            assert issues[0].severity == "warning"
+            assert f"no native {dtype} matmuls" in issues[0].message
+            assert "use precision.dtype: fp32" in issues[0].message

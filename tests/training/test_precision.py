@@ -81,18 +81,3 @@ def test_fp16_with_an_extra_backward_is_refused_naming_the_key(override, key, tm
     with pytest.raises(AvaConfigError, match=rf"{key}: .*fp16 loss scaling does not cover"):
         tiny_config(tmp_path, corpus_cache, "precision.dtype=fp16", override, *extra)
 
-
-@pytest.mark.parametrize("dtype, native, warned", [("bf16", False, True), ("bf16", True, False),
-                                                   ("fp16", False, True), ("fp32", False, False)])
-def test_a_low_precision_without_native_cpu_matmuls_is_warned_about(monkeypatch, caplog, dtype, native, warned):
-    from Ava.config.training_sections import PrecisionConfig
-    from Ava.training import precision
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: native)
-    with caplog.at_level("WARNING", logger="Ava.training.precision"):
-        precision.MixedPrecision(PrecisionConfig(dtype=dtype), torch.device("cpu"))
-    messages = [r.getMessage() for r in caplog.records if r.name == "Ava.training.precision"]
-    assert bool(messages) == warned
-    if warned:
-        assert f"precision.dtype={dtype}" in messages[0] and "use precision.dtype: fp32" in messages[0]

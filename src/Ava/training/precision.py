@@ -24,7 +24,6 @@ checkpointed (``state.pt``, key ``master_weights``), so resume is exact.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 
 import torch
@@ -35,28 +34,6 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bf
 
 
 PARAM_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
-
-logger = logging.getLogger(__name__)
-
-
-def cpu_lacks_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU has no native matmuls for ``dtype`` (bf16: AVX512-BF16 or AMX; fp16:
-    AVX512-FP16 or AMX-FP16), so that oneDNN is bypassed and the GEMMs run emulated, many times
-    slower than fp32 (``benchmarks/precision.py`` prints the CPU's capability beside its table)."""
-    if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
-
-
-def warn_if_emulated(dtype: torch.dtype | None, device: torch.device, what: str) -> None:
-    """A warning when ``dtype`` has no native matmuls on this CPU (``what``: the setting that asked for it)."""
-    if dtype is not None and device.type == "cpu" and cpu_lacks_native(dtype):
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        logger.warning("%s: this CPU (%s) has no native %s matmuls, so they run emulated, many times slower "
-                       "than fp32; use precision.dtype: fp32 on this machine (docs/precision.md)",
-                       what, torch.backends.cpu.get_cpu_capability(), name)
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -143,7 +120,6 @@ class MixedPrecision:
         )
         self.param_dtype = PARAM_DTYPES[config.param_dtype]
         self.master: MasterWeights | None = None  # precision.param_dtype bf16: set by attach()
-        warn_if_emulated(self.dtype, device, f"precision.dtype={config.dtype}")
 
     def attach(self, optimizer: torch.optim.Optimizer) -> MasterWeights | None:
         """With low-precision weights: fp32 master copies for ``optimizer`` (returned, to be checkpointed)."""

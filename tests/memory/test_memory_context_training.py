@@ -2,7 +2,6 @@
 context, and a resumed run with the context is bit-exact."""
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from Ava.training import EnhancedModularTrainer
 from Ava.training.run_manager import seed_everything
 from Ava.utils.checkpoint import load_training_state
 from tests.conftest import tiny_config
+from tests.helpers import rewound_copy
 
 CONTEXT = ["evaluation.sample_max_new_tokens=0", "training.log_every=1", "memory.enabled=true",
            "memory.capacity=12", "memory.replay_ratio=0.25", "model.cross_attention.every=1"]
@@ -47,17 +47,7 @@ def test_a_resumed_run_with_memory_context_is_bit_exact(tmp_path, corpus_cache):
     overrides = ["memory.context_items=3", "training.max_steps=6", "training.save_every=3", "training.eval_every=3",
                  "training.eval_batches=1", "checkpoint.keep_last=null"]
     run_a = Path(_trainer(tmp_path / "a", corpus_cache, *overrides).train().run_dir)
-    run_b = tmp_path / "b" / run_a.name
-    shutil.copytree(run_a, run_b, symlinks=True)
-    for name in ("step_6", "latest", "best"):
-        target = run_b / "checkpoints" / name
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.is_dir():
-            shutil.rmtree(target)
-    metrics = run_b / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
-                               if json.loads(line)["step"] <= 3))
+    run_b = rewound_copy(run_a, tmp_path / "b", ["step_6"], last_step=3)
     resumed = _trainer(tmp_path / "b", corpus_cache, *overrides).train(resume=run_b)
     assert resumed.resumed_from.endswith("step_3") and resumed.steps == 6
     for split, keys in (("train", ("loss", "grad_norm", "memory/size")), ("val", ("loss",))):

@@ -1,7 +1,6 @@
 """Replay memory in the trainer: YAML runs, the replay ratio, exact resume, config errors."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from Ava.training import EnhancedModularTrainer
 from Ava.training.run_manager import seed_everything
 from Ava.utils.checkpoint import load_training_state
 from tests.conftest import REPO, tiny_config
+from tests.helpers import rewound_copy
 
 QUIET = ["evaluation.sample_max_new_tokens=0", "training.eval_every=100", "training.log_every=1"]
 MEMORY = ["memory.enabled=true", "memory.capacity=12", "memory.replay_ratio=0.25"]
@@ -62,17 +62,7 @@ def test_memory_state_survives_resume_bit_exactly(tmp_path, corpus_cache, retrie
 
     reference = trainer(tmp_path / "a").train()
     run_a = Path(reference.run_dir)
-    run_b = tmp_path / "b" / run_a.name
-    shutil.copytree(run_a, run_b, symlinks=True)
-    for name in ("step_8", "latest", "best"):
-        target = run_b / "checkpoints" / name
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.is_dir():
-            shutil.rmtree(target)
-    metrics = run_b / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
-                               if json.loads(line)["step"] <= 4))
+    run_b = rewound_copy(run_a, tmp_path / "b", ["step_8"], last_step=4)
     resumed = trainer(tmp_path / "b").train(resume=run_b)
     assert resumed.resumed_from.endswith("step_4") and resumed.steps == 8
     want, got = _train_records(run_a), _train_records(run_b)

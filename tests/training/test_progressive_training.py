@@ -2,7 +2,6 @@
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from Ava.training import EnhancedModularTrainer
 from Ava.training.progressive_training import ProgressiveSchedule, window_difficulty
 from Ava.training.run_manager import seed_everything
 from tests.conftest import tiny_config
+from tests.helpers import rewound_copy
 
 # tiny.yaml: data.seq_len 64, batch_size 8; the fake corpus gives 102 training windows.
 WARMUP = ["progressive.seq_len_warmup.start=16", "progressive.seq_len_warmup.steps=10"]
@@ -199,14 +199,7 @@ def test_resume_mid_schedule_is_bit_exact(tmp_path, corpus_cache):
     reference = trainer(tmp_path / "a").train()
     assert reference.steps == 18
     run_a = Path(reference.run_dir)
-    run_b = tmp_path / "b" / run_a.name
-    shutil.copytree(run_a, run_b, symlinks=True)
-    for name in ("step_12", "step_18", "latest", "best"):
-        target = run_b / "checkpoints" / name
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.is_dir():
-            shutil.rmtree(target)
+    run_b = rewound_copy(run_a, tmp_path / "b", ["step_12", "step_18"])
     resumed = trainer(tmp_path / "b").train(resume=run_b)
     assert resumed.resumed_from.endswith("step_6") and resumed.steps == 18
     assert resumed.tokens == reference.tokens

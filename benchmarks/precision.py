@@ -135,27 +135,16 @@ def quantization_half(args: argparse.Namespace, checkpoint: Path, work: Path) ->
     ratios against fp32 and bf16 (benchmarks/quantization.py's measurements on a trained model)."""
     import quantization as q
     from Ava.models import EnhancedMoEModel
-    from Ava.optimization.quantization import quantize_model, save_quantized
 
     fp32 = EnhancedMoEModel.from_pretrained(checkpoint).eval()
-    fp32.save_pretrained(work / "fp32")
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    bf16.save_pretrained(work / "bf16")
-    sizes = {"fp32": q.file_mib(work / "fp32"), "bf16": q.file_mib(work / "bf16")}
-    # Decode: every quantized model in bf16 compute (packed kernels' native input) and in fp32
-    # compute (inputs rounded to bf16 for the packed kernels only): which wins depends on the CPU.
-    models: dict[str, torch.nn.Module] = {"fp32": fp32, "bf16": bf16}
-    for scheme, group in q.SCHEMES:
-        name = q.label(scheme, group)
-        model = copy.deepcopy(fp32)
-        spec = quantize_model(model, scheme, group)
-        save_quantized(model, spec, work / name, checkpoint)
-        sizes[name] = q.file_mib(work / name)
-        models[name] = model
-        models[f"{name}+bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+    sizes, models = q.saved_variants(fp32, work, checkpoint)
+    # Decode: every quantized model in fp32 compute (inputs rounded to bf16 for the packed kernels
+    # only) and in bf16 compute (their native input): which wins depends on the CPU.
+    for name in [n for n in models if n not in ("fp32", "bf16")]:
+        models[f"{name}+bf16"] = copy.deepcopy(models[name]).to(torch.bfloat16)
     speed = q.decode_tokens_per_s(models, argparse.Namespace(**{**vars(args), "repeats": args.decode_repeats}),
                                   fp32.config.vocab_size)
-    del models, bf16
+    del models
     ppl = q.perplexities(checkpoint, args.ppl_tokens)
     print(f"\nQuantization of {checkpoint} ({sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters): "
           f"validation perplexity on {args.ppl_tokens:,} tokens at most (quantized models with fp32 activations); "

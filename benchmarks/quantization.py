@@ -107,6 +107,36 @@ def file_mib(folder: Path) -> float:
     return (folder / "model.safetensors").stat().st_size / 2**20
 
 
+def saved_variants(fp32: torch.nn.Module, work: Path, source: Path | None = None
+                   ) -> tuple[dict[str, float], dict[str, torch.nn.Module]]:
+    """``fp32``, its bf16 copy and one quantized copy per scheme (fp32 compute; a scheme whose group
+    size does not divide the model's widths is left out), each saved under ``work`` as its
+    checkpoint folder would hold it: ``model.safetensors`` MiB and the models.
+
+    ``source`` is the checkpoint whose config and tokenizer the quantized folders copy (default:
+    the fp32 folder written here).
+    """
+    from Ava.errors import AvaConfigError
+    from Ava.optimization.quantization import quantize_model, save_quantized
+
+    fp32.save_pretrained(work / "fp32")
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    bf16.save_pretrained(work / "bf16")
+    sizes = {"fp32": file_mib(work / "fp32"), "bf16": file_mib(work / "bf16")}
+    models: dict[str, torch.nn.Module] = {"fp32": fp32, "bf16": bf16}
+    for scheme, group in SCHEMES:
+        name = label(scheme, group)
+        model = copy.deepcopy(fp32)
+        try:
+            spec = quantize_model(model, scheme, group)
+        except AvaConfigError:  # the group size does not divide the model's widths: left out
+            continue
+        save_quantized(model, spec, work / name, source or work / "fp32")
+        sizes[name] = file_mib(work / name)
+        models[name] = model
+    return sizes, models
+
+
 def trained_checkpoint(args: argparse.Namespace, work: Path) -> Path:
     """``--run``'s checkpoint, or configs/tiny.yaml trained briefly into ``work``."""
     from Ava.config import load_config
@@ -168,25 +198,14 @@ def main() -> None:
 
     from Ava.config import load_config
     from Ava.models import EnhancedMoEModel
-    from Ava.optimization.quantization import quantize_model, save_quantized
 
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs" / "demo.yaml").model
     fp32 = EnhancedMoEModel(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fp32.save_pretrained(work / "fp32")
-        bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-        bf16.save_pretrained(work / "bf16")
-        sizes = {"fp32": file_mib(work / "fp32"), "bf16": file_mib(work / "bf16")}
-        models: dict[str, torch.nn.Module] = {"fp32": fp32, "bf16": bf16}
-        for scheme, group in SCHEMES:
-            name = label(scheme, group)
-            model = copy.deepcopy(fp32)
-            spec = quantize_model(model, scheme, group)
-            save_quantized(model, spec, work / name, work / "fp32")
-            sizes[name] = file_mib(work / name)
-            models[name] = model.to(torch.bfloat16)
+        sizes, models = saved_variants(fp32, work)
+        models = {name: m if name in ("fp32", "bf16") else m.to(torch.bfloat16) for name, m in models.items()}
         print(f"demo model ({sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters), "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode: batch 1, "
               f"{args.prompt_len}-token prompt, {args.new_tokens} new tokens, median of {args.repeats}")

@@ -85,16 +85,13 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _check_memory_context(memory: MemoryContext, generator) -> MemoryContext:
-    """``--memory-context [K]``: ``memory`` (the run's replay memory), checked against the loaded model.
+    """``--memory-context [K]``: ``memory`` (the run's replay memory), checked against the loaded model
+    (:meth:`MemoryContext.from_checkpoint` has already refused a model without cross-attention blocks).
 
     Raises:
-        AvaConfigError: the model has no cross-attention block, or its context width is not the memory's.
+        AvaConfigError: the model's context width is not the memory's.
     """
     cfg = generator.model.config
-    if not 1 <= cfg.cross_attention.every <= cfg.num_layers:
-        raise AvaConfigError(f"--memory-context: the model has no cross-attention block (model.cross_attention."
-                             f"every: {cfg.cross_attention.every}); drop --memory-context, or train with "
-                             "model.cross_attention.every: N, memory.enabled: true and memory.context_items: k")
     width = memory.store.embeddings_ND.shape[1]
     if cfg.cross_attention.context_size != width:
         raise AvaConfigError(f"--memory-context: the memory's items have width {width}, the model's context_size is "
